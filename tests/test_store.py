@@ -1,0 +1,199 @@
+"""The storage contract, against real SQLite: CAS transitions, lanes, idempotency, history."""
+
+from __future__ import annotations
+
+import sqlite3
+import uuid
+
+import pytest
+
+from tracker import clock
+from tracker.errors import Unavailable
+from tracker.migrations import LATEST, MIGRATIONS
+from tracker.states import WATCHED, State
+from tracker.store import Event, NewRun, RunFilter, open_store
+
+A1 = "agent-11111111-1111-4111-8111-111111111111"
+A2 = "agent-22222222-2222-4222-8222-222222222222"
+
+
+def new_run(agent=A1, kind="message", user="user-1", key=None, digest="h"):
+    return NewRun(id=f"run-{uuid.uuid4()}", user_id=user, agent_id=agent, kind=kind,
+                  request={"messages": [{"role": "user", "content": "hi", "otid": "o1"}]},
+                  request_config={}, callback_url=None, idempotency_key=key, request_hash=digest)
+
+
+async def submit(store, **kw):
+    run, created = await store.submit(new_run(**kw), Event("api", "submit"))
+    assert created
+    return run
+
+
+async def test_new_database_is_at_latest_schema(store):
+    assert await store.schema_version() == LATEST
+
+
+async def test_v1_database_is_upgraded_in_place_without_losing_rows(tmp_path):
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.executescript(MIGRATIONS[0])
+    db.execute("INSERT INTO runs (id, user_id, agent_id, state, request, created_at)"
+               " VALUES ('run-old', 'u', ?, 'done', '{}', '2026-01-01T00:00:00.000000Z')", (A1,))
+    db.execute("INSERT INTO run_events (run_id, at, source, kind) VALUES ('run-old', 'x', 'api',"
+               " 'submit')")
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+    s = open_store(f"sqlite:///{path}")
+    await s.open()
+    try:
+        assert await s.schema_version() == LATEST
+        run = await s.get_run("run-old")
+        assert run is not None and run.state is State.DONE and run.agent_id == A1
+        assert len(await s.events("run-old")) == 1
+        assert (await s.table_counts())["users"] == 0
+    finally:
+        await s.close()
+
+
+async def test_submit_records_run_and_event(store):
+    run = await submit(store)
+    assert run.state is State.QUEUED and run.status == "created"
+    assert run.request["messages"][0]["otid"] == "o1"
+    assert [e.kind for e in await store.events(run.id)] == ["submit"]
+
+
+async def test_idempotency_key_returns_the_first_run(store):
+    first = await submit(store, key="k1")
+    again, created = await store.submit(new_run(key="k1"), Event("api", "submit"))
+    assert not created and again.id == first.id
+    # keys are per user
+    other, created = await store.submit(new_run(key="k1", user="user-2"), Event("api", "s"))
+    assert created and other.id != first.id
+
+
+async def test_transition_is_compare_and_set(store):
+    run = await submit(store)
+    [claimed] = await store.claim(serial=True, now=clock.now())
+    assert claimed.id == run.id and claimed.state is State.SUBMITTING
+    moved = await store.transition(run.id, State.SUBMITTED, (State.SUBMITTING,),
+                                   {"letta_run_id": "run-x"}, Event("dispatch", "submitted"))
+    assert moved.state is State.SUBMITTED
+    # a second observer racing the first finds the guard closed
+    assert await store.transition(run.id, State.SUBMITTED, (State.SUBMITTING,), {},
+                                  Event("dispatch", "submitted")) is None
+    assert [e.kind for e in await store.events(run.id)] == ["submit", "submitted"]
+
+
+async def test_serial_lanes_send_one_run_per_agent_in_order(store):
+    a1 = [await submit(store, agent=A1) for _ in range(3)]
+    a2 = await submit(store, agent=A2)
+    claimed = await store.claim(serial=True, now=clock.now())
+    assert sorted(r.id for r in claimed) == sorted([a1[0].id, a2.id])
+    assert await store.claim(serial=True, now=clock.now()) == []
+    await store.transition(a1[0].id, State.DONE, (State.SUBMITTING,), {}, None)
+    [nxt] = await store.claim(serial=True, now=clock.now())
+    assert nxt.id == a1[1].id
+
+
+async def test_paused_lane_lets_only_the_answer_through_ahead_of_others(store):
+    first = await submit(store)
+    await store.claim(serial=True, now=clock.now())
+    await store.transition(first.id, State.PAUSED, (State.SUBMITTING,), {}, None)
+    waiting = await submit(store)
+    assert await store.claim(serial=True, now=clock.now()) == []
+    answer = await submit(store, kind="answer")
+    [claimed] = await store.claim(serial=True, now=clock.now())
+    assert claimed.id == answer.id
+    assert (await store.get_run(waiting.id)).state is State.QUEUED
+
+
+async def test_parallel_claims_everything_due(store):
+    runs = [await submit(store) for _ in range(3)]
+    claimed = await store.claim(serial=False, now=clock.now())
+    assert [r.id for r in claimed] == [r.id for r in runs]
+
+
+async def test_retry_time_holds_the_lane_head(store):
+    run = await submit(store)
+    await store.claim(serial=True, now=clock.now())
+    await store.transition(run.id, State.QUEUED, (State.SUBMITTING,),
+                           {"next_check_at": clock.now() + 60}, None)
+    await submit(store)
+    assert await store.claim(serial=True, now=clock.now()) == []
+    assert [r.id for r in await store.claim(serial=True, now=clock.now() + 61)] == [run.id]
+
+
+async def test_lookup_by_letta_id_and_user_scope(store):
+    run = await submit(store)
+    await store.transition(run.id, None, (State.QUEUED,), {"letta_run_id": "run-letta"}, None)
+    assert (await store.get_run("run-letta")).id == run.id
+    assert await store.get_run(run.id, user_id="someone-else") is None
+
+
+async def test_list_pagination_is_stable_and_filters(store):
+    runs = [await submit(store, agent=A1 if i % 2 else A2) for i in range(7)]
+    page1 = await store.list_runs(RunFilter(limit=3))
+    assert [r.id for r in page1] == [r.id for r in reversed(runs)][:3]
+    await submit(store, agent=A2)  # a new run arrives between pages
+    page2 = await store.list_runs(RunFilter(limit=3, before=page1[-1].id))
+    assert [r.id for r in page2] == [r.id for r in reversed(runs)][3:6]
+    by_agent = await store.list_runs(RunFilter(agent_id=A1))
+    assert {r.agent_id for r in by_agent} == {A1} and len(by_agent) == 3
+    asc = await store.list_runs(RunFilter(ascending=True, limit=2, after=runs[0].id))
+    assert [r.id for r in asc] == [runs[1].id, runs[2].id]
+
+
+@pytest.mark.parametrize("flt", [
+    RunFilter(agent_id=A1), RunFilter(statuses=["completed"]), RunFilter(states=["queued"]),
+    RunFilter(user_id="u"), RunFilter(created_after="2026-01-01", created_before="2026-02-01"),
+    RunFilter(agent_id=A1, before="run-x"), RunFilter(completed_via="poll"),
+    RunFilter(callback_missed=True), RunFilter(agent_id=A1, statuses=["failed"]),
+    RunFilter(active=True), RunFilter(),
+])
+async def test_every_history_filter_uses_an_index(store, flt):
+    plan = " ".join(await store.explain(flt))
+    assert "USING INDEX" in plan or "USING COVERING INDEX" in plan, plan
+    assert "USE TEMP B-TREE FOR ORDER BY" not in plan, plan
+
+
+async def test_watched_runs_come_due(store):
+    run = await submit(store)
+    await store.claim(serial=True, now=clock.now())
+    await store.transition(run.id, State.SUBMITTED, (State.SUBMITTING,),
+                           {"next_check_at": clock.now() + 5}, None)
+    assert await store.due(WATCHED, clock.now(), 10) == []
+    assert [r.id for r in await store.due(WATCHED, clock.now() + 6, 10)] == [run.id]
+
+
+async def test_write_failure_is_unavailable_and_leaves_nothing(tmp_path, store):
+    await submit(store)
+    await store._w.execute("PRAGMA query_only = 1")
+    with pytest.raises(Unavailable):
+        await store.submit(new_run(), Event("api", "submit"))
+    await store._w.execute("PRAGMA query_only = 0")
+    assert (await store.table_counts())["runs"] == 1
+    await submit(store)  # recovers once the fault is gone
+
+
+async def test_prune_removes_old_finished_runs_only(store):
+    old = await submit(store)
+    await store.transition(old.id, State.CANCELLED, (State.QUEUED,),
+                           {"created_at": "2020-01-01T00:00:00.000000Z"}, Event("api", "x"))
+    live = await submit(store)
+    dry = await store.prune("2021-01-01T00:00:00.000000Z", 10, dry_run=True)
+    assert dry["runs"] == 1 and await store.get_run(old.id) is not None
+    removed = await store.prune("2021-01-01T00:00:00.000000Z", 10)
+    assert removed["runs"] == 1 and removed["run_events"] == 2
+    assert await store.get_run(old.id) is None and await store.get_run(live.id) is not None
+
+
+async def test_backup_is_a_consistent_copy(tmp_path, store):
+    run = await submit(store)
+    await store.backup(str(tmp_path / "copy.db"))
+    copy = open_store(f"sqlite:///{tmp_path / 'copy.db'}")
+    await copy.open()
+    try:
+        assert (await copy.get_run(run.id)).id == run.id
+    finally:
+        await copy.close()

@@ -1,0 +1,155 @@
+"""Configuration: TOML file, then ``TRACKER_<SECTION>__<KEY>`` environment overrides."""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from tracker.errors import ConfigError
+
+ENV_PREFIX = "TRACKER_"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ServerConfig(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    public_url: str = ""
+    max_body_bytes: int = Field(1_048_576, ge=1024)
+
+
+class LettaConfig(Section):
+    base_url: str = "http://localhost:8283"
+    api_key: str = ""
+    timeout_s: float = Field(30.0, gt=0)
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return v.rstrip("/")
+
+
+class DatabaseConfig(Section):
+    url: str = "sqlite:///tracker.db"
+    # NORMAL in WAL mode survives any process crash; FULL also survives power loss
+    synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
+
+
+class CallbacksConfig(Section):
+    secret: str = ""
+
+
+class PollingConfig(Section):
+    grace_s: float = Field(2.0, ge=0)
+    min_interval_s: float = Field(2.0, gt=0)
+    max_interval_s: float = Field(300.0, gt=0)
+    backoff: float = Field(1.5, ge=1.0)
+    deadline_s: float = Field(3600.0, gt=0)
+    concurrency: int = Field(8, ge=1)
+    callback_wait_s: float = Field(1.0, ge=0)
+    cancel_confirm_s: float = Field(30.0, ge=0)
+    sweep_min: int = Field(3, ge=1)
+
+
+class DispatchConfig(Section):
+    per_agent: Literal["serial", "parallel"] = "serial"
+    concurrency: int = Field(32, ge=1)
+    retry_min_s: float = Field(1.0, gt=0)
+    retry_max_s: float = Field(60.0, gt=0)
+    inline_timeout_s: float = Field(10.0, gt=0)
+
+
+class AuthConfig(Section):
+    required: bool = True
+
+
+class RelayConfig(Section):
+    timeout_s: float = Field(15.0, gt=0)
+    retry_schedule_s: list[float] = [0, 5, 300, 1800, 7200, 18000, 36000, 36000]
+    allow_private: bool = False
+    concurrency: int = Field(16, ge=1)
+    per_destination: int = Field(4, ge=1)
+
+
+class LoggingConfig(Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"
+
+
+class RetentionConfig(Section):
+    keep_days: float | None = Field(None, gt=0)
+    interval_s: float = Field(3600.0, gt=0)
+    batch_size: int = Field(500, ge=1)
+
+
+class Config(Section):
+    """The whole configuration; every key has a default."""
+
+    server: ServerConfig = ServerConfig()
+    letta: LettaConfig = LettaConfig()
+    database: DatabaseConfig = DatabaseConfig()
+    callbacks: CallbacksConfig = CallbacksConfig()
+    polling: PollingConfig = PollingConfig()
+    dispatch: DispatchConfig = DispatchConfig()
+    auth: AuthConfig = AuthConfig()
+    relay: RelayConfig = RelayConfig()
+    logging: LoggingConfig = LoggingConfig()
+    retention: RetentionConfig = RetentionConfig()
+
+    def public_base(self) -> str:
+        """The base URL Letta uses to reach us."""
+        if self.server.public_url:
+            return self.server.public_url.rstrip("/")
+        return f"http://{self.server.host}:{self.server.port}"
+
+
+def _env_value(raw: str) -> Any:
+    # JSON first so lists, numbers and booleans work; anything else is a plain string
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
+def _apply_env(data: dict[str, Any], environ: dict[str, str]) -> None:
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        section, _, key = name[len(ENV_PREFIX) :].lower().partition("__")
+        value = raw if key in ("api_key", "secret", "url", "base_url") else _env_value(raw)
+        data.setdefault(section, {})[key] = value
+
+
+def _first_error(err: ValidationError, origin: str) -> ConfigError:
+    e = err.errors()[0]
+    key = ".".join(str(p) for p in e["loc"])
+    return ConfigError(f"invalid config key {key!r} ({origin}): {e['msg']}")
+
+
+def load_config(path: str | Path | None = None, environ: dict[str, str] | None = None) -> Config:
+    """Load config from an optional TOML file, then apply environment overrides."""
+    data: dict[str, Any] = {}
+    origin = "defaults"
+    if path:
+        origin = str(path)
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    _apply_env(data, dict(os.environ if environ is None else environ))
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise _first_error(e, origin + " + environment") from None

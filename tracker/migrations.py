@@ -1,0 +1,134 @@
+"""Schema migrations for the SQLite store: version N is ``MIGRATIONS[N - 1]``.
+
+A migration is appended, never edited: databases in the field were built from the old text.
+``PRAGMA user_version`` holds the version a database is at.
+"""
+
+from __future__ import annotations
+
+V1 = """
+CREATE TABLE settings (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+
+CREATE TABLE runs (
+    seq                  INTEGER PRIMARY KEY AUTOINCREMENT,
+    id                   TEXT NOT NULL UNIQUE,
+    user_id              TEXT NOT NULL,
+    agent_id             TEXT NOT NULL,
+    kind                 TEXT NOT NULL DEFAULT 'message',
+    state                TEXT NOT NULL,
+    status               TEXT NOT NULL DEFAULT 'created',
+    stop_reason          TEXT,
+    letta_run_id         TEXT UNIQUE,
+    request              TEXT NOT NULL,
+    request_config       TEXT,
+    callback_url         TEXT,
+    created_at           TEXT NOT NULL,
+    submitted_at         TEXT,
+    completed_at         TEXT,
+    recorded_at          TEXT,
+    completed_via        TEXT,
+    conversation_id      TEXT,
+    base_template_id     TEXT,
+    background           INTEGER,
+    metadata             TEXT,
+    callback_sent_at     TEXT,
+    callback_status_code INTEGER,
+    callback_error       TEXT,
+    ttft_ns              INTEGER,
+    total_duration_ns    INTEGER,
+    messages             TEXT,
+    usage                TEXT,
+    error                TEXT,
+    error_code           INTEGER,
+    attempts             INTEGER NOT NULL DEFAULT 0,
+    poll_count           INTEGER NOT NULL DEFAULT 0,
+    next_check_at        REAL,
+    deadline_at          REAL,
+    needs_lookup         INTEGER NOT NULL DEFAULT 0
+);
+
+-- history queries: newest first by (created_at, seq) under each filter
+CREATE INDEX runs_created ON runs (created_at);
+CREATE INDEX runs_agent ON runs (agent_id, created_at);
+CREATE INDEX runs_status ON runs (status, created_at);
+CREATE INDEX runs_state ON runs (state, created_at);
+-- the dispatcher's queue (a partial index: it stays as small as the queue)
+CREATE INDEX runs_queue ON runs (agent_id, seq) WHERE state = 'queued';
+-- the poller's and dispatcher's due lists
+CREATE INDEX runs_check ON runs (state, next_check_at);
+
+CREATE TABLE run_events (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id  TEXT NOT NULL,
+    at      TEXT NOT NULL,
+    source  TEXT NOT NULL,
+    kind    TEXT NOT NULL,
+    state   TEXT,
+    status  TEXT,
+    detail  TEXT
+);
+CREATE INDEX run_events_run ON run_events (run_id, id);
+"""
+
+V2 = """
+CREATE TABLE users (
+    id                  TEXT PRIMARY KEY,
+    name                TEXT NOT NULL UNIQUE,
+    is_admin            INTEGER NOT NULL DEFAULT 0,
+    created_at          TEXT NOT NULL,
+    webhook_secret      TEXT NOT NULL,
+    webhook_secret_old  TEXT
+);
+
+CREATE TABLE api_keys (
+    id          TEXT PRIMARY KEY,
+    user_id     TEXT NOT NULL REFERENCES users (id),
+    key_hash    TEXT NOT NULL UNIQUE,
+    prefix      TEXT NOT NULL,
+    created_at  TEXT NOT NULL,
+    revoked_at  TEXT
+);
+
+ALTER TABLE runs ADD COLUMN idempotency_key TEXT;
+ALTER TABLE runs ADD COLUMN request_hash TEXT;
+CREATE UNIQUE INDEX runs_idempotency ON runs (user_id, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+CREATE INDEX runs_user ON runs (user_id, created_at);
+CREATE INDEX runs_via ON runs (completed_via, created_at);
+CREATE INDEX runs_letta_status ON runs (agent_id, status, created_at);
+-- two multi-value filters, as partial indexes so their pages need no sort
+CREATE INDEX runs_missed ON runs (created_at) WHERE completed_via IN ('poll', 'reconcile');
+CREATE INDEX runs_active ON runs (created_at) WHERE status IN ('created', 'running');
+
+CREATE TABLE deliveries (
+    id              TEXT PRIMARY KEY,
+    run_id          TEXT NOT NULL,
+    user_id         TEXT NOT NULL,
+    url             TEXT NOT NULL,
+    state           TEXT NOT NULL DEFAULT 'pending',
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL,
+    created_at      TEXT NOT NULL,
+    finished_at     TEXT,
+    last_status     INTEGER,
+    last_error      TEXT
+);
+CREATE INDEX deliveries_run ON deliveries (run_id);
+CREATE INDEX deliveries_due ON deliveries (next_attempt_at) WHERE state = 'pending';
+
+CREATE TABLE delivery_attempts (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    delivery_id TEXT NOT NULL,
+    at          TEXT NOT NULL,
+    status_code INTEGER,
+    latency_ms  REAL,
+    error       TEXT
+);
+CREATE INDEX delivery_attempts_delivery ON delivery_attempts (delivery_id, id);
+"""
+
+MIGRATIONS: list[str] = [V1, V2]
+LATEST = len(MIGRATIONS)

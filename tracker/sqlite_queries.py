@@ -1,0 +1,103 @@
+"""SQL text for the SQLite store's history and stats queries, kept apart from the I/O."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tracker.states import LETTA_ACTIVE
+from tracker.store import RunFilter
+
+SUMMARY_COLS = ", ".join([
+    "seq", "id", "user_id", "agent_id", "kind", "state", "status", "stop_reason", "letta_run_id",
+    "request_config", "callback_url", "created_at", "submitted_at", "completed_at", "recorded_at",
+    "completed_via", "conversation_id", "base_template_id", "background", "metadata",
+    "callback_sent_at", "callback_status_code", "callback_error", "ttft_ns", "total_duration_ns",
+    "error", "error_code", "attempts", "poll_count", "next_check_at", "deadline_at",
+    "needs_lookup", "idempotency_key", "request_hash",
+])
+FULL_COLS = SUMMARY_COLS + ", request, messages, usage"
+DELIVERY_COLS = ("id, run_id, user_id, url, state, attempts, next_attempt_at, created_at,"
+                 " finished_at, last_status, last_error")
+
+
+def _in(column: str, values: Any, where: list[str], params: list[Any]) -> None:
+    values = list(values)
+    where.append(f"{column} IN ({','.join('?' * len(values))})")
+    params.extend(values)
+
+
+def _filters(flt: RunFilter) -> tuple[list[str], list[Any]]:
+    where: list[str] = []
+    params: list[Any] = []
+    for column, value in (
+        ("user_id", flt.user_id), ("agent_id", flt.agent_id), ("stop_reason", flt.stop_reason),
+        ("conversation_id", flt.conversation_id), ("completed_via", flt.completed_via),
+    ):
+        if value is not None:
+            where.append(f"{column} = ?")
+            params.append(value)
+    if flt.statuses:
+        _in("status", flt.statuses, where, params)
+    if flt.states:
+        _in("state", flt.states, where, params)
+    if flt.active is not None:
+        # the same text as the partial index runs_active, so SQLite can use it
+        where.append(("" if flt.active else "NOT ") + "status IN ('created', 'running')")
+    if flt.background is not None:
+        where.append("background = ?")
+        params.append(int(flt.background))
+    if flt.callback_missed is not None:
+        # missed: Letta's callback never told us; the poller or reconcile did (runs_missed)
+        where.append("completed_via IN ('poll', 'reconcile')" if flt.callback_missed
+                     else "completed_via = 'callback'")
+    if flt.created_after:
+        where.append("created_at >= ?")
+        params.append(flt.created_after)
+    if flt.created_before:
+        where.append("created_at < ?")
+        params.append(flt.created_before)
+    return where, params
+
+
+def _hint(flt: RunFilter) -> str:
+    """Without statistics SQLite prefers an equality index and then sorts; for the two
+    multi-value filters the partial index already yields pages in order."""
+    if flt.agent_id or flt.user_id or flt.statuses or flt.states:
+        return ""
+    if flt.active:
+        return " INDEXED BY runs_active"
+    if flt.callback_missed:
+        return " INDEXED BY runs_missed"
+    return ""
+
+
+def list_query(flt: RunFilter, cursor: tuple[str, int] | None) -> tuple[str, list[Any]]:
+    """Keyset-paginated history query, newest (or oldest) first by (created_at, seq)."""
+    where, params = _filters(flt)
+    if cursor and flt.before:
+        where.append("(created_at, seq) < (?, ?)")
+        params.extend(cursor)
+    elif cursor and flt.after:
+        where.append("(created_at, seq) > (?, ?)")
+        params.extend(cursor)
+    direction = "ASC" if flt.ascending else "DESC"
+    sql = (f"SELECT {SUMMARY_COLS} FROM runs{_hint(flt)}"
+           + (" WHERE " + " AND ".join(where) if where else "")
+           + f" ORDER BY created_at {direction}, seq {direction} LIMIT ?")
+    return sql, [*params, flt.limit]
+
+
+def stats_queries(user_id: str | None) -> tuple[str, str, list[Any]]:
+    """Counts per agent, status and state; and durations of the most recent finished runs."""
+    scope = "WHERE user_id = ?" if user_id else ""
+    params = [user_id] if user_id else []
+    counts = (f"SELECT agent_id, status, state, completed_via, count(*) AS n FROM runs {scope}"
+              " GROUP BY agent_id, status, state, completed_via")
+    finished = "recorded_at IS NOT NULL AND submitted_at IS NOT NULL"
+    active = ", ".join(f"'{s}'" for s in LETTA_ACTIVE)
+    durations = (
+        "SELECT submitted_at, completed_at, created_at, recorded_at FROM runs"
+        f" {scope + ' AND' if scope else 'WHERE'} {finished} AND status NOT IN ({active})"
+        " ORDER BY recorded_at DESC LIMIT 10000"
+    )
+    return counts, durations, params

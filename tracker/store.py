@@ -1,0 +1,219 @@
+"""The storage protocol: domain operations every backend implements, and ``open_store(url)``.
+
+Callers never see SQL. State changes go through ``transition``, a compare-and-set guarded by
+the state machine in ``tracker.states``, which also appends the event and (when asked) the
+relay's outbox row in the same transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from tracker.states import State
+
+
+@dataclass
+class RunRecord:
+    """One run as stored. ``request``, ``messages`` and ``usage`` are loaded on demand."""
+
+    seq: int
+    id: str
+    user_id: str
+    agent_id: str
+    kind: str
+    state: State
+    status: str
+    created_at: str
+    stop_reason: str | None = None
+    letta_run_id: str | None = None
+    request_config: dict | None = None
+    callback_url: str | None = None
+    submitted_at: str | None = None
+    completed_at: str | None = None
+    recorded_at: str | None = None
+    completed_via: str | None = None
+    conversation_id: str | None = None
+    base_template_id: str | None = None
+    background: bool | None = None
+    metadata: dict | None = None
+    callback_sent_at: str | None = None
+    callback_status_code: int | None = None
+    callback_error: str | None = None
+    ttft_ns: int | None = None
+    total_duration_ns: int | None = None
+    error: str | None = None
+    error_code: int | None = None
+    attempts: int = 0
+    poll_count: int = 0
+    next_check_at: float | None = None
+    deadline_at: float | None = None
+    needs_lookup: bool = False
+    idempotency_key: str | None = None
+    request_hash: str | None = None
+    request: dict | None = None
+    messages: list | None = None
+    usage: dict | None = None
+
+
+@dataclass
+class NewRun:
+    """What submit stores: the run is queued, nothing has been sent yet."""
+
+    id: str
+    user_id: str
+    agent_id: str
+    kind: str
+    request: dict
+    request_config: dict
+    callback_url: str | None
+    idempotency_key: str | None = None
+    request_hash: str | None = None
+
+
+@dataclass
+class Event:
+    """One observation on a run's timeline."""
+
+    source: str
+    kind: str
+    detail: dict | None = None
+    state: str | None = None
+    status: str | None = None
+    at: str | None = None
+    run_id: str | None = None
+    id: int | None = None
+
+
+@dataclass
+class RunFilter:
+    """History query: Letta's list parameters plus the tracker's own."""
+
+    user_id: str | None = None
+    agent_id: str | None = None
+    statuses: Sequence[str] = ()
+    states: Sequence[str] = ()
+    stop_reason: str | None = None
+    conversation_id: str | None = None
+    background: bool | None = None
+    active: bool | None = None
+    completed_via: str | None = None
+    callback_missed: bool | None = None
+    created_after: str | None = None
+    created_before: str | None = None
+    before: str | None = None
+    after: str | None = None
+    limit: int = 100
+    ascending: bool = False
+
+
+@dataclass
+class User:
+    """A tracker user; every run and key belongs to one."""
+
+    id: str
+    name: str
+    is_admin: bool
+    created_at: str
+    webhook_secret: str = ""
+    webhook_secret_old: str | None = None
+
+
+@dataclass
+class ApiKey:
+    """An API key as listed (never the key itself, which is stored only as a hash)."""
+
+    id: str
+    user_id: str
+    user_name: str
+    prefix: str
+    created_at: str
+    revoked_at: str | None
+    is_admin: bool = False
+
+
+@dataclass
+class Delivery:
+    """One relay delivery of a run's outcome to the user's callback_url."""
+
+    id: str
+    run_id: str
+    user_id: str
+    url: str
+    state: str
+    attempts: int
+    next_attempt_at: float | None
+    created_at: str
+    finished_at: str | None = None
+    last_status: int | None = None
+    last_error: str | None = None
+    attempt_log: list[dict] = field(default_factory=list)
+
+
+class Store(Protocol):
+    """Domain operations on runs, events, users and deliveries."""
+
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def ping(self) -> bool: ...
+    async def schema_version(self) -> int: ...
+    async def migrate(self) -> list[int]: ...
+    async def table_counts(self) -> dict[str, int]: ...
+    async def setting(self, key: str, default: str) -> str: ...
+
+    # runs
+    async def submit(self, new: NewRun, event: Event) -> tuple[RunRecord, bool]: ...
+    async def get_run(self, run_id: str, user_id: str | None = None,
+                      full: bool = False) -> RunRecord | None: ...
+    async def claim(self, serial: bool, now: float, agent_id: str | None = None,
+                    limit: int = 100) -> list[RunRecord]: ...
+    async def transition(self, run_id: str, to: State | None, expect: Iterable[State],
+                         fields: dict[str, Any], event: Event | None,
+                         relay: bool = False) -> RunRecord | None: ...
+    async def reschedule(self, checks: Sequence[tuple[str, float, int]]) -> None: ...
+    async def due(self, states: Iterable[State], now: float, limit: int) -> list[RunRecord]: ...
+    async def in_states(self, states: Iterable[State], limit: int = 10_000) -> list[RunRecord]: ...
+    async def next_due(self, states: Iterable[State]) -> float | None: ...
+    async def list_runs(self, flt: RunFilter) -> list[RunRecord]: ...
+    async def events(self, run_id: str) -> list[Event]: ...
+    async def stats(self, user_id: str | None) -> dict[str, Any]: ...
+
+    # users and keys
+    async def create_user(self, name: str, is_admin: bool, webhook_secret: str) -> User: ...
+    async def user_by_name(self, name: str) -> User | None: ...
+    async def add_key(self, user_id: str, key_id: str, key_hash: str, prefix: str) -> None: ...
+    async def user_for_key(self, key_hash: str) -> User | None: ...
+    async def list_keys(self) -> list[ApiKey]: ...
+    async def revoke_key(self, key_id_or_prefix: str) -> int: ...
+    async def count_keys(self) -> int: ...
+    async def rotate_webhook_secret(self, user_id: str, new_secret: str) -> None: ...
+    async def get_user(self, user_id: str) -> User | None: ...
+
+    # relay outbox
+    async def due_deliveries(self, now: float, limit: int) -> list[Delivery]: ...
+    async def next_delivery_due(self) -> float | None: ...
+    async def record_attempt(self, delivery_id: str, attempt: dict, state: str,
+                             next_attempt_at: float | None) -> None: ...
+    async def deliveries(self, run_id: str) -> list[Delivery]: ...
+    async def redeliver(self, run_id: str, now: float) -> Delivery | None: ...
+
+    # operations
+    async def prune(self, before: str, batch: int, dry_run: bool = False) -> dict[str, int]: ...
+    async def backup(self, path: str) -> None: ...
+
+
+def open_store(url: str) -> Store:
+    """Pick the backend by URL scheme (``sqlite:///path`` or ``sqlite:///:memory:``)."""
+    if url.startswith("sqlite://"):
+        from tracker.store_sqlite import SQLiteStore
+
+        return SQLiteStore(url.removeprefix("sqlite://").removeprefix("/") or ":memory:")
+    raise ValueError(f"unsupported database URL {url!r}: only sqlite:/// is available")
+
+
+@dataclass(frozen=True)
+class Add:
+    """A field update that adds to the stored value (``poll_count = poll_count + n``)."""
+
+    n: int = 1

@@ -1,0 +1,542 @@
+"""The SQLite store: the only module that imports aiosqlite. WAL, one writer, one reader."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import uuid
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import fields as dc_fields
+from typing import Any
+
+import aiosqlite
+
+from tracker import clock
+from tracker.errors import Conflict, Unavailable
+from tracker.migrations import LATEST, MIGRATIONS
+from tracker.sqlite_queries import (
+    DELIVERY_COLS,
+    FULL_COLS,
+    SUMMARY_COLS,
+    list_query,
+    stats_queries,
+)
+from tracker.states import FINAL, LANE_BUSY, State
+from tracker.store import (
+    Add,
+    ApiKey,
+    Delivery,
+    Event,
+    NewRun,
+    RunFilter,
+    RunRecord,
+    User,
+)
+
+JSON_COLS = frozenset({"request", "request_config", "metadata", "messages", "usage"})
+RUN_FIELDS = {f.name for f in dc_fields(RunRecord)}
+
+
+def _encode(value: Any) -> Any:
+    return json.dumps(value) if isinstance(value, dict | list) else value
+
+
+def _run(row: sqlite3.Row) -> RunRecord:
+    # sqlite3.Row iterates over values, so keys() is needed
+    data = {k: row[k] for k in row.keys() if k in RUN_FIELDS}  # noqa: SIM118
+    for k in JSON_COLS & data.keys():
+        data[k] = json.loads(data[k]) if data[k] is not None else None
+    data["state"] = State(data["state"])
+    data["needs_lookup"] = bool(data.get("needs_lookup"))
+    if data.get("background") is not None:
+        data["background"] = bool(data["background"])
+    return RunRecord(**data)
+
+
+def _marks(n: int) -> str:
+    return ",".join("?" * n)
+
+
+class SQLiteStore:
+    """Store backed by one SQLite file (see ``tracker.store.Store`` for the operations)."""
+
+    def __init__(self, path: str, synchronous: str = "NORMAL") -> None:
+        self.path = path
+        self.synchronous = synchronous
+        self._w: aiosqlite.Connection | None = None
+        self._r: aiosqlite.Connection | None = None
+        self._lock = asyncio.Lock()
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def _connect(self) -> aiosqlite.Connection:
+        db = await aiosqlite.connect(self.path, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        await db.execute("PRAGMA busy_timeout = 10000")
+        await db.execute("PRAGMA journal_mode = WAL")
+        await db.execute(f"PRAGMA synchronous = {self.synchronous}")
+        await db.execute("PRAGMA foreign_keys = ON")
+        return db
+
+    async def open(self) -> None:
+        """Connect, and bring the schema to the latest version."""
+        try:
+            self._w = await self._connect()
+            await self.migrate()
+            # a second connection for reads: WAL readers never wait for the writer
+            self._r = self._w if self.path == ":memory:" else await self._connect()
+        except sqlite3.Error as e:
+            raise Unavailable(f"cannot open database {self.path}: {e}") from e
+
+    async def close(self) -> None:
+        for db in {id(c): c for c in (self._r, self._w) if c}.values():
+            await db.close()
+        self._w = self._r = None
+
+    @asynccontextmanager
+    async def _tx(self) -> AsyncIterator[aiosqlite.Connection]:
+        """One write transaction at a time; storage faults become ``Unavailable`` (503)."""
+        assert self._w is not None, "store is not open"
+        async with self._lock:
+            try:
+                await self._w.execute("BEGIN IMMEDIATE")
+                yield self._w
+                await self._w.execute("COMMIT")
+            except BaseException as e:
+                if self._w.in_transaction:
+                    await self._w.execute("ROLLBACK")
+                if isinstance(e, sqlite3.OperationalError | sqlite3.DatabaseError) and not (
+                    isinstance(e, sqlite3.IntegrityError)
+                ):
+                    raise Unavailable(f"database write failed: {e}") from e
+                raise
+
+    async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        assert self._r is not None, "store is not open"
+        try:
+            async with self._r.execute(sql, params) as cur:
+                return list(await cur.fetchall())
+        except sqlite3.DatabaseError as e:
+            raise Unavailable(f"database read failed: {e}") from e
+
+    async def ping(self) -> bool:
+        return bool(await self._read("SELECT 1"))
+
+    async def schema_version(self) -> int:
+        return (await self._read("PRAGMA user_version"))[0][0]
+
+    async def migrate(self) -> list[int]:
+        """Apply pending migrations in order, each in its own transaction."""
+        assert self._w is not None
+        async with self._w.execute("PRAGMA user_version") as cur:
+            current = (await cur.fetchone())[0]
+        if current > LATEST:
+            raise Unavailable(f"database schema v{current} is newer than this tracker (v{LATEST})")
+        applied = []
+        for version in range(current + 1, LATEST + 1):
+            async with self._tx() as db:
+                for statement in MIGRATIONS[version - 1].split(";\n"):
+                    if statement.strip():
+                        await db.execute(statement)
+                await db.execute(f"PRAGMA user_version = {version}")
+            applied.append(version)
+        return applied
+
+    async def table_counts(self) -> dict[str, int]:
+        tables = ["runs", "run_events", "users", "api_keys", "deliveries", "delivery_attempts"]
+        return {t: (await self._read(f"SELECT count(*) FROM {t}"))[0][0] for t in tables}
+
+    async def setting(self, key: str, default: str) -> str:
+        """The stored value, storing ``default`` first when there is none."""
+        async with self._tx() as db:
+            await db.execute("INSERT OR IGNORE INTO settings VALUES (?, ?)", (key, default))
+            async with db.execute("SELECT value FROM settings WHERE key = ?", (key,)) as cur:
+                return (await cur.fetchone())[0]
+
+    # --- runs ------------------------------------------------------------------------------
+
+    async def submit(self, new: NewRun, event: Event) -> tuple[RunRecord, bool]:
+        """Insert a queued run; with an idempotency key already used, return the first run."""
+        now = clock.iso()
+        try:
+            async with self._tx() as db:
+                await db.execute(
+                    "INSERT INTO runs (id, user_id, agent_id, kind, state, request, request_config,"
+                    " callback_url, created_at, next_check_at, idempotency_key, request_hash)"
+                    " VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, 0, ?, ?)",
+                    (new.id, new.user_id, new.agent_id, new.kind, json.dumps(new.request),
+                     json.dumps(new.request_config), new.callback_url, now,
+                     new.idempotency_key, new.request_hash),
+                )
+                await self._add_event(db, new.id, event, State.QUEUED, "created", now)
+        except sqlite3.IntegrityError:
+            if not new.idempotency_key:
+                raise
+            rows = await self._read(
+                f"SELECT {FULL_COLS} FROM runs WHERE user_id = ? AND idempotency_key = ?",
+                (new.user_id, new.idempotency_key),
+            )
+            return _run(rows[0]), False
+        return await self.get_run(new.id, full=True), True
+
+    async def get_run(self, run_id: str, user_id: str | None = None,
+                      full: bool = False) -> RunRecord | None:
+        """A run by tracker id or Letta run id, optionally only if it is ``user_id``'s."""
+        cols = FULL_COLS if full else SUMMARY_COLS
+        where = "(id = ? OR letta_run_id = ?)" + (" AND user_id = ?" if user_id else "")
+        params = (run_id, run_id, user_id) if user_id else (run_id, run_id)
+        rows = await self._read(f"SELECT {cols} FROM runs WHERE {where} LIMIT 1", params)
+        return _run(rows[0]) if rows else None
+
+    async def claim(self, serial: bool, now: float, agent_id: str | None = None,
+                    limit: int = 100) -> list[RunRecord]:
+        """Move the next sendable queued runs to ``submitting`` and return them."""
+        async with self._tx() as db:
+            ids = await (self._lane_heads(db, now, agent_id) if serial
+                         else self._due_queued(db, now, agent_id, limit))
+            claimed = []
+            for run_id in ids[:limit]:
+                async with db.execute(
+                    f"UPDATE runs SET state = 'submitting', attempts = attempts + 1 "
+                    f"WHERE id = ? AND state = 'queued' RETURNING {FULL_COLS}", (run_id,)
+                ) as cur:
+                    row = await cur.fetchone()
+                if row:
+                    claimed.append(_run(row))
+            return claimed
+
+    async def _due_queued(self, db: aiosqlite.Connection, now: float, agent_id: str | None,
+                          limit: int) -> list[str]:
+        sql = "SELECT id FROM runs WHERE state = 'queued' AND next_check_at <= ?"
+        params: list[Any] = [now]
+        if agent_id:
+            sql += " AND agent_id = ?"
+            params.append(agent_id)
+        async with db.execute(sql + " ORDER BY seq LIMIT ?", (*params, limit)) as cur:
+            return [r[0] for r in await cur.fetchall()]
+
+    async def _lane_heads(self, db: aiosqlite.Connection, now: float,
+                          agent_id: str | None) -> list[str]:
+        """Per agent with a free lane, the run to send next: its oldest queued, or, when the
+        agent is paused for an approval, the oldest queued answer (which goes ahead)."""
+        busy_states = (*LANE_BUSY, State.PAUSED)
+        agent_sql = " AND agent_id = ?" if agent_id else ""
+        agent_arg = (agent_id,) if agent_id else ()
+        async with db.execute(
+            f"SELECT agent_id, state FROM runs WHERE state IN ({_marks(len(busy_states))})"
+            + agent_sql, (*busy_states, *agent_arg)
+        ) as cur:
+            lanes: dict[str, set[str]] = {}
+            for a, s in await cur.fetchall():
+                lanes.setdefault(a, set()).add(s)
+        async with db.execute(
+            "SELECT agent_id, min(seq) FROM runs WHERE state = 'queued'" + agent_sql
+            + " GROUP BY agent_id", agent_arg
+        ) as cur:
+            heads = {a: seq for a, seq in await cur.fetchall()}
+        ids = []
+        for agent, seq in heads.items():
+            held = lanes.get(agent, set())
+            if held - {State.PAUSED}:
+                continue
+            where = "agent_id = ? AND state = 'queued'"
+            where += " AND kind = 'answer'" if held else " AND seq = ?"
+            args = (agent,) if held else (agent, seq)
+            async with db.execute(
+                f"SELECT id, next_check_at FROM runs WHERE {where} ORDER BY seq LIMIT 1", args
+            ) as cur:
+                row = await cur.fetchone()
+            if row and row[1] <= now:
+                ids.append(row[0])
+        return ids
+
+    async def transition(self, run_id: str, to: State | None, expect: Iterable[State],
+                         fields: dict[str, Any], event: Event | None,
+                         relay: bool = False) -> RunRecord | None:
+        """Compare-and-set: update the run only if its state is in ``expect``; append the
+        event, and the relay's outbox row when ``relay``, in the same transaction."""
+        expect = tuple(expect)
+        sets = dict(fields, **({"state": to} if to else {}))
+        assign = ", ".join(f"{k} = {k} + ?" if isinstance(v, Add) else f"{k} = ?"
+                           for k, v in sets.items())
+        values = [v.n if isinstance(v, Add) else _encode(v) for v in sets.values()]
+        sql = (f"UPDATE runs SET {assign} WHERE id = ? AND state IN ({_marks(len(expect))}) "
+               f"RETURNING {FULL_COLS}")
+        async with self._tx() as db:
+            try:
+                async with db.execute(sql, (*values, run_id, *expect)) as cur:
+                    row = await cur.fetchone()
+            except sqlite3.IntegrityError:
+                raise Conflict("that Letta run belongs to another tracker run") from None
+            if row is None:
+                return None
+            run = _run(row)
+            if event:
+                await self._add_event(db, run_id, event, run.state, run.status, clock.iso())
+            if relay and run.callback_url:
+                await self._enqueue_delivery(db, run)
+        return run
+
+    async def _add_event(self, db: aiosqlite.Connection, run_id: str, event: Event,
+                         state: str, status: str, at: str) -> None:
+        await db.execute(
+            "INSERT INTO run_events (run_id, at, source, kind, state, status, detail)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (run_id, at, event.source, event.kind, event.state or state,
+             event.status or status, json.dumps(event.detail) if event.detail else None),
+        )
+
+    async def _enqueue_delivery(self, db: aiosqlite.Connection, run: RunRecord) -> None:
+        await db.execute(
+            "INSERT INTO deliveries (id, run_id, user_id, url, next_attempt_at, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (f"msg_{uuid.uuid4().hex}", run.id, run.user_id, run.callback_url, clock.now(),
+             clock.iso()),
+        )
+
+    async def add_event(self, run_id: str, event: Event) -> None:
+        """Append an observation that changes nothing on the run."""
+        async with self._tx() as db:
+            await self._add_event(db, run_id, event, event.state or "", event.status or "",
+                                  clock.iso())
+
+    async def reschedule(self, checks: Sequence[tuple[str, float, int]]) -> None:
+        """Set (next_check_at, poll_count) for many watched runs at once."""
+        if checks:
+            async with self._tx() as db:
+                await db.executemany(
+                    "UPDATE runs SET next_check_at = ?, poll_count = ? WHERE id = ?",
+                    [(at, count, run_id) for run_id, at, count in checks],
+                )
+
+    async def due(self, states: Iterable[State], now: float, limit: int) -> list[RunRecord]:
+        states = tuple(states)
+        rows = await self._read(
+            f"SELECT {SUMMARY_COLS} FROM runs WHERE state IN ({_marks(len(states))})"
+            " AND next_check_at <= ? ORDER BY next_check_at LIMIT ?", (*states, now, limit)
+        )
+        return [_run(r) for r in rows]
+
+    async def in_states(self, states: Iterable[State], limit: int = 10_000) -> list[RunRecord]:
+        states = tuple(states)
+        rows = await self._read(
+            f"SELECT {FULL_COLS} FROM runs WHERE state IN ({_marks(len(states))})"
+            " ORDER BY seq LIMIT ?", (*states, limit)
+        )
+        return [_run(r) for r in rows]
+
+    async def next_due(self, states: Iterable[State]) -> float | None:
+        states = tuple(states)
+        rows = await self._read(
+            f"SELECT min(next_check_at) FROM runs WHERE state IN ({_marks(len(states))})",
+            states,
+        )
+        return rows[0][0]
+
+    async def list_runs(self, flt: RunFilter) -> list[RunRecord]:
+        cursor = None
+        for ref in (flt.before, flt.after):
+            if ref:
+                rows = await self._read(
+                    "SELECT created_at, seq FROM runs WHERE id = ? OR letta_run_id = ?", (ref, ref)
+                )
+                cursor = tuple(rows[0]) if rows else ("", 0) if ref == flt.after else ("~", 0)
+        sql, params = list_query(flt, cursor)
+        return [_run(r) for r in await self._read(sql, params)]
+
+    async def explain(self, flt: RunFilter) -> list[str]:
+        """The query plan of a history query (tests assert it uses an index)."""
+        sql, params = list_query(flt, ("2026-01-01", 1) if flt.before or flt.after else None)
+        return [r[3] for r in await self._read("EXPLAIN QUERY PLAN " + sql, params)]
+
+    async def events(self, run_id: str) -> list[Event]:
+        rows = await self._read(
+            "SELECT id, run_id, at, source, kind, state, status, detail FROM run_events"
+            " WHERE run_id = ? ORDER BY id", (run_id,)
+        )
+        return [Event(id=r["id"], run_id=r["run_id"], at=r["at"], source=r["source"],
+                      kind=r["kind"], state=r["state"], status=r["status"],
+                      detail=json.loads(r["detail"]) if r["detail"] else None) for r in rows]
+
+    async def stats(self, user_id: str | None) -> dict[str, Any]:
+        counts_sql, durations_sql, params = stats_queries(user_id)
+        counts = [dict(r) for r in await self._read(counts_sql, params)]
+        durations = [tuple(r) for r in await self._read(durations_sql, params)]
+        return {"counts": counts, "durations": durations}
+
+    # --- users and keys --------------------------------------------------------------------
+
+    async def create_user(self, name: str, is_admin: bool, webhook_secret: str) -> User:
+        user = User(id=f"user-{uuid.uuid4()}", name=name, is_admin=is_admin,
+                    created_at=clock.iso(), webhook_secret=webhook_secret)
+        async with self._tx() as db:
+            await db.execute(
+                "INSERT INTO users (id, name, is_admin, created_at, webhook_secret)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (user.id, name, int(is_admin), user.created_at, webhook_secret),
+            )
+        return user
+
+    async def _user(self, where: str, arg: str) -> User | None:
+        rows = await self._read(
+            "SELECT u.id, u.name, u.is_admin, u.created_at, u.webhook_secret,"
+            f" u.webhook_secret_old FROM users u {where}", (arg,)
+        )
+        if not rows:
+            return None
+        r = rows[0]
+        return User(id=r[0], name=r[1], is_admin=bool(r[2]), created_at=r[3],
+                    webhook_secret=r[4], webhook_secret_old=r[5])
+
+    async def get_user(self, user_id: str) -> User | None:
+        return await self._user("WHERE u.id = ?", user_id)
+
+    async def user_by_name(self, name: str) -> User | None:
+        return await self._user("WHERE u.name = ?", name)
+
+    async def user_for_key(self, key_hash: str) -> User | None:
+        return await self._user(
+            "JOIN api_keys k ON k.user_id = u.id WHERE k.key_hash = ? AND k.revoked_at IS NULL",
+            key_hash,
+        )
+
+    async def add_key(self, user_id: str, key_id: str, key_hash: str, prefix: str) -> None:
+        async with self._tx() as db:
+            await db.execute(
+                "INSERT INTO api_keys (id, user_id, key_hash, prefix, created_at)"
+                " VALUES (?, ?, ?, ?, ?)", (key_id, user_id, key_hash, prefix, clock.iso())
+            )
+
+    async def list_keys(self) -> list[ApiKey]:
+        rows = await self._read(
+            "SELECT k.id, k.user_id, u.name, k.prefix, k.created_at, k.revoked_at, u.is_admin"
+            " FROM api_keys k JOIN users u ON u.id = k.user_id ORDER BY k.created_at"
+        )
+        return [ApiKey(*r[:6], is_admin=bool(r[6])) for r in rows]
+
+    async def revoke_key(self, key_id_or_prefix: str) -> int:
+        async with self._tx() as db:
+            cur = await db.execute(
+                "UPDATE api_keys SET revoked_at = ? WHERE (id = ? OR prefix = ?)"
+                " AND revoked_at IS NULL", (clock.iso(), key_id_or_prefix, key_id_or_prefix)
+            )
+            return cur.rowcount
+
+    async def count_keys(self) -> int:
+        return (await self._read("SELECT count(*) FROM api_keys"))[0][0]
+
+    async def rotate_webhook_secret(self, user_id: str, new_secret: str) -> None:
+        async with self._tx() as db:
+            await db.execute(
+                "UPDATE users SET webhook_secret_old = webhook_secret, webhook_secret = ?"
+                " WHERE id = ?", (new_secret, user_id)
+            )
+
+    # --- relay outbox ----------------------------------------------------------------------
+
+    async def due_deliveries(self, now: float, limit: int) -> list[Delivery]:
+        rows = await self._read(
+            f"SELECT {DELIVERY_COLS} FROM deliveries WHERE state = 'pending'"
+            " AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?", (now, limit)
+        )
+        return [Delivery(**dict(r)) for r in rows]
+
+    async def next_delivery_due(self) -> float | None:
+        rows = await self._read(
+            "SELECT min(next_attempt_at) FROM deliveries WHERE state = 'pending'"
+        )
+        return rows[0][0]
+
+    async def record_attempt(self, delivery_id: str, attempt: dict, state: str,
+                             next_attempt_at: float | None) -> None:
+        finished = clock.iso() if state != "pending" else None
+        async with self._tx() as db:
+            await db.execute(
+                "INSERT INTO delivery_attempts (delivery_id, at, status_code, latency_ms, error)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (delivery_id, attempt["at"], attempt.get("status_code"),
+                 attempt.get("latency_ms"), attempt.get("error")),
+            )
+            await db.execute(
+                "UPDATE deliveries SET attempts = attempts + 1, state = ?, next_attempt_at = ?,"
+                " last_status = ?, last_error = ?, finished_at = ? WHERE id = ?",
+                (state, next_attempt_at, attempt.get("status_code"), attempt.get("error"),
+                 finished, delivery_id),
+            )
+
+    async def deliveries(self, run_id: str) -> list[Delivery]:
+        rows = await self._read(
+            f"SELECT {DELIVERY_COLS} FROM deliveries WHERE run_id = ? ORDER BY created_at",
+            (run_id,),
+        )
+        out = [Delivery(**dict(r)) for r in rows]
+        for d in out:
+            d.attempt_log = [dict(a) for a in await self._read(
+                "SELECT at, status_code, latency_ms, error FROM delivery_attempts"
+                " WHERE delivery_id = ? ORDER BY id", (d.id,))]
+        return out
+
+    async def redeliver(self, run_id: str, now: float) -> Delivery | None:
+        """Send the run's latest delivery again (same webhook id, so receivers can dedupe)."""
+        async with self._tx() as db:
+            await db.execute(
+                "UPDATE deliveries SET state = 'pending', next_attempt_at = ?, finished_at = NULL"
+                " WHERE id = (SELECT id FROM deliveries WHERE run_id = ?"
+                " ORDER BY created_at DESC LIMIT 1)", (now, run_id)
+            )
+        found = await self.deliveries(run_id)
+        return found[-1] if found else None
+
+    # --- operations ------------------------------------------------------------------------
+
+    async def prune(self, before: str, batch: int, dry_run: bool = False) -> dict[str, int]:
+        """Delete finished runs created before ``before`` with their events and deliveries,
+        ``batch`` runs per transaction so that requests are never held up for long."""
+        final = tuple(FINAL)
+        where = f"state IN ({_marks(len(final))}) AND created_at < ?"
+        totals = {"runs": 0, "run_events": 0, "deliveries": 0, "delivery_attempts": 0}
+        if dry_run:
+            return await self._prune_counts(where, (*final, before))
+        while True:
+            async with self._tx() as db:
+                async with db.execute(
+                    f"SELECT id FROM runs WHERE {where} LIMIT ?", (*final, before, batch)
+                ) as cur:
+                    ids = [r[0] for r in await cur.fetchall()]
+                if not ids:
+                    return totals
+                for table, n in (await self._delete_runs(db, ids)).items():
+                    totals[table] += n
+            await asyncio.sleep(0)  # let requests in between batches
+
+    async def _prune_counts(self, where: str, params: tuple) -> dict[str, int]:
+        sub = f"SELECT id FROM runs WHERE {where}"
+        q = {
+            "runs": f"SELECT count(*) FROM runs WHERE {where}",
+            "run_events": f"SELECT count(*) FROM run_events WHERE run_id IN ({sub})",
+            "deliveries": f"SELECT count(*) FROM deliveries WHERE run_id IN ({sub})",
+            "delivery_attempts": "SELECT count(*) FROM delivery_attempts WHERE delivery_id IN"
+                                 f" (SELECT id FROM deliveries WHERE run_id IN ({sub}))",
+        }
+        return {t: (await self._read(sql, params))[0][0] for t, sql in q.items()}
+
+    async def _delete_runs(self, db: aiosqlite.Connection, ids: list[str]) -> dict[str, int]:
+        m = _marks(len(ids))
+        deleted = {}
+        for table, sql in (
+            ("delivery_attempts", "DELETE FROM delivery_attempts WHERE delivery_id IN"
+                                  f" (SELECT id FROM deliveries WHERE run_id IN ({m}))"),
+            ("deliveries", f"DELETE FROM deliveries WHERE run_id IN ({m})"),
+            ("run_events", f"DELETE FROM run_events WHERE run_id IN ({m})"),
+            ("runs", f"DELETE FROM runs WHERE id IN ({m})"),
+        ):
+            deleted[table] = (await db.execute(sql, ids)).rowcount
+        return deleted
+
+    async def backup(self, path: str) -> None:
+        """A consistent copy of the live database (SQLite's online backup API)."""
+        assert self._r is not None
+        async with aiosqlite.connect(path) as target:
+            await self._r.backup(target)
