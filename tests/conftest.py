@@ -51,3 +51,88 @@ async def eventually(check: Callable[[], Any], timeout: float = 10.0, every: flo
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         await asyncio.sleep(every)
+
+
+class Tracker:
+    """A running tracker app under test, with its admin key and the simulator behind it."""
+
+    def __init__(self, client, app, key: str, sim) -> None:
+        self.client = client
+        self.app = app
+        self.key = key
+        self.sim = sim
+
+    @property
+    def svc(self):
+        from tracker.wiring import SERVICES
+
+        return self.app[SERVICES]
+
+    def _headers(self, key: str | None, extra: dict | None) -> dict:
+        return {"Authorization": f"Bearer {key or self.key}", **(extra or {})}
+
+    async def post(self, path: str, body: Any = None, key: str | None = None,
+                   headers: dict | None = None):
+        return await self.client.post(path, json=body, headers=self._headers(key, headers))
+
+    async def get(self, path: str, key: str | None = None, **params: Any):
+        return await self.client.get(path, params=params or None,
+                                     headers=self._headers(key, None))
+
+    async def submit(self, agent_id: str, text: str = "hi", **body: Any) -> dict:
+        resp = await self.post(f"/v1/agents/{agent_id}/messages/async",
+                               {"messages": [{"role": "user", "content": text}], **body})
+        assert resp.status == 200, await resp.text()
+        return await resp.json()
+
+    async def run(self, run_id: str) -> dict:
+        resp = await self.get(f"/v1/runs/{run_id}")
+        assert resp.status == 200, await resp.text()
+        return await resp.json()
+
+    async def wait_state(self, run_id: str, *states: str, timeout: float = 10.0) -> dict:
+        async def check():
+            run = await self.run(run_id)
+            return run if run["tracker"]["state"] in states else None
+
+        return await eventually(check, timeout)
+
+
+@pytest.fixture
+async def sim(aiohttp_server):
+    from tracker.simulator import Faults, Simulator
+
+    s = Simulator(seed=7, faults=Faults(run_duration_s=(0.05, 0.15), callback_lag_s=0.05))
+    server = await aiohttp_server(s.app())
+    s.url = str(server.make_url("")).rstrip("/")
+    s.server = server
+    return s
+
+
+@pytest.fixture
+def agent(sim) -> str:
+    return sim.create_agent("test")["id"]
+
+
+@pytest.fixture
+def start_tracker(aiohttp_client, unused_tcp_port_factory, sim, tmp_path):
+    """Start a tracker on the simulator; call again (same tmp db) to model a restart."""
+
+    async def start(**sections: dict[str, Any]) -> Tracker:
+        from tracker.app import FIRST_KEY, create_app
+
+        port = unused_tcp_port_factory()
+        server = {"host": "127.0.0.1", "port": port, **sections.pop("server", {})}
+        letta = {"base_url": sim.url, **sections.pop("letta", {})}
+        cfg = make_config(tmp_path, server=server, letta=letta, **sections)
+        app = create_app(cfg)
+        client = await aiohttp_client(app, server_kwargs={"port": port})
+        key = app[FIRST_KEY][0] if app[FIRST_KEY] else start.key
+        start.key = key
+        tracker = Tracker(client, app, key, sim)
+        # start-up reconcile done and the loop asleep: tests then see inline dispatch
+        await asyncio.wait_for(tracker.svc.dispatcher.idle.wait(), 10)
+        return tracker
+
+    start.key = None
+    return start

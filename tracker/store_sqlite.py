@@ -205,7 +205,19 @@ class SQLiteStore:
                     row = await cur.fetchone()
                 if row:
                     claimed.append(_run(row))
+                    if row["kind"] == "answer":
+                        await self._answer_pause(db, row["agent_id"], row["id"])
             return claimed
+
+    async def _answer_pause(self, db: aiosqlite.Connection, agent_id: str, by: str) -> None:
+        """The approval or tool return goes out: the run that paused for it is done."""
+        async with db.execute(
+            "UPDATE runs SET state = 'done' WHERE agent_id = ? AND state = 'paused'"
+            " RETURNING id, status", (agent_id,)
+        ) as cur:
+            for run_id, status in await cur.fetchall():
+                await self._add_event(db, run_id, Event("dispatch", "answered", {"by": by}),
+                                      State.DONE, status, clock.iso())
 
     async def _due_queued(self, db: aiosqlite.Connection, now: float, agent_id: str | None,
                           limit: int) -> list[str]:

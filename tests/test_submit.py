@@ -1,0 +1,223 @@
+"""Submit: recorded first, sent exactly once, in order per agent, idempotent."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from tests.conftest import eventually
+
+FULL_BODY = {
+    "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "look", "signature": "s"},
+                                     {"type": "image", "source": {"type": "url",
+                                                                  "url": "https://x/y.png"}}],
+         "name": "ann", "sender_id": "user-1", "group_id": "g", "batch_item_id": "b",
+         "otid": "my-otid", "type": "message"},
+        {"role": "system", "content": "be brief"},
+    ],
+    "max_steps": 7,
+    "include_return_message_types": ["assistant_message", "reasoning_message"],
+    "callback_url": "https://example.com/hook",
+    "client_tools": [{"name": "lookup", "description": "d", "parameters": {"type": "object"}}],
+    "client_skills": [{"name": "s", "description": "d", "location": "skills/s/SKILL.md"}],
+    "enable_thinking": "True",
+    "include_compaction_messages": True,
+    "override_model": "openai/gpt-4o",
+    "override_system": "sys",
+    "return_logprobs": True,
+    "return_token_ids": False,
+    "top_logprobs": 3,
+    "use_assistant_message": False,
+    "assistant_message_tool_name": "say",
+    "assistant_message_tool_kwarg": "text",
+    "some_future_field": {"kept": [1, 2]},
+}
+
+
+async def test_every_body_field_reaches_letta_unchanged(start_tracker, sim, agent):
+    t = await start_tracker()
+    resp = await t.post(f"/v1/agents/{agent}/messages/async", FULL_BODY)
+    assert resp.status == 200, await resp.text()
+    run = await resp.json()
+    [received] = sim.received
+    sent = received.body
+    for key, value in FULL_BODY.items():
+        if key not in ("callback_url", "messages"):
+            assert sent[key] == value, key
+    assert sent["messages"][0] == FULL_BODY["messages"][0]
+    # the second message had no otid: the tracker gave it one
+    assert sent["messages"][1]["otid"] and sent["messages"][1]["content"] == "be brief"
+    # Letta calls back the tracker, which keeps the user's URL for its relay
+    assert sent["callback_url"].startswith(f"http://127.0.0.1:{t.svc.cfg.server.port}/callbacks")
+    assert run["callback_url"] == "https://example.com/hook"
+    assert run["request_config"]["use_assistant_message"] is False
+    assert run["id"].startswith("run-") and run["id"] != run["tracker"]["letta_run_id"]
+    assert run["tracker"]["state"] == "submitted"
+
+
+async def test_run_is_committed_before_letta_is_called(start_tracker, sim, agent):
+    t = await start_tracker()
+    seen = []
+    original = sim.submit
+
+    def spy(agent_id, body, raw):
+        # at the moment Letta gets the message, the tracker's row exists already
+        seen.append(body["callback_url"].rsplit("/", 1)[1].rpartition(".")[0])
+        return original(agent_id, body, raw)
+
+    sim.submit = spy
+    run = await t.submit(agent)
+    assert seen == [run["id"]]
+    events = await (await t.get(f"/v1/runs/{run['id']}/events")).json()
+    assert [e["kind"] for e in events][:2] == ["submit", "submitted"]
+
+
+async def test_refusals_record_and_send_nothing(start_tracker, sim, agent):
+    t = await start_tracker(server={"max_body_bytes": 2048})
+    cases = [
+        ({"messages": [{"role": "robot", "content": "x"}]}, 422),
+        ({"callback_url": "x"}, 422),
+        ({"input": "x", "messages": [{"role": "user", "content": "y"}]}, 422),
+        ({"input": "x", "top_logprobs": 30, "return_logprobs": True}, 422),
+        ({"input": "x" * 5000}, 413),
+    ]
+    for body, status in cases:
+        resp = await t.post(f"/v1/agents/{agent}/messages/async", body)
+        assert resp.status == status, (body, await resp.text())
+        detail = (await resp.json())["detail"]
+        if status == 422:
+            assert isinstance(detail, list) and {"loc", "msg", "type"} <= detail[0].keys()
+    resp = await t.client.post(f"/v1/agents/{agent}/messages/async", data=b"{not json",
+                               headers={"Authorization": f"Bearer {t.key}",
+                                        "Content-Type": "application/json"})
+    assert resp.status == 400
+    resp = await t.post("/v1/agents/not-an-agent/messages/async", {"input": "x"})
+    assert resp.status == 422
+    assert (await resp.json())["detail"][0]["loc"] == ["path", "agent_id"]
+    assert sim.received == []
+    listing = await (await t.get("/v1/runs")).json()
+    assert listing == []
+
+
+async def test_letta_4xx_fails_the_run_and_reaches_the_submitter(start_tracker, sim):
+    t = await start_tracker()
+    unknown = "agent-00000000-0000-4000-8000-000000000000"
+    resp = await t.post(f"/v1/agents/{unknown}/messages/async", {"input": "x"})
+    assert resp.status == 404
+    assert await resp.json() == {"detail": "Agent not found"}
+    [run] = await (await t.get("/v1/runs")).json()
+    assert run["status"] == "failed" and run["tracker"]["state"] == "rejected"
+    assert run["tracker"]["error_code"] == 404 and run["tracker"]["error"] == "Agent not found"
+
+
+async def test_letta_down_then_back_nothing_lost_nothing_doubled(start_tracker, sim, agent):
+    t = await start_tracker()
+    sim.go_down()
+    runs = [await t.submit(agent, f"m{i}") for i in range(3)]
+    assert all(r["tracker"]["state"] in ("queued", "submitting") for r in runs)
+    await asyncio.sleep(0.3)
+    sim.come_up()
+    for r in runs:
+        await t.wait_state(r["id"], "done")
+    assert len(sim.received) == 3
+    assert [rec.body["messages"][0]["content"] for rec in sim.received] == ["m0", "m1", "m2"]
+    assert max(sim.otid_counts().values()) == 1
+
+
+async def test_5xx_and_429_are_retried_without_doubling(start_tracker, sim, agent):
+    t = await start_tracker()
+    sim.set_faults(api_5xx_rate=1.0)
+    run = await t.submit(agent)
+    assert run["tracker"]["state"] == "queued"
+    sim.set_faults(api_5xx_rate=0.0, api_429_rate=1.0, retry_after_s=0.2)
+    await asyncio.sleep(0.3)
+    sim.set_faults(api_429_rate=0.0)
+    await t.wait_state(run["id"], "done")
+    assert max(sim.otid_counts().values()) == 1
+
+
+async def test_lost_response_is_found_again_not_resent(start_tracker, sim, agent):
+    t = await start_tracker()
+    sim.set_faults(response_drop=1.0)
+    run = await t.submit(agent)
+    sim.set_faults(response_drop=0.0)
+    done = await t.wait_state(run["id"], "done")
+    assert len(sim.received) == 1 and done["tracker"]["letta_run_id"]
+    kinds = [e["kind"] for e in await (await t.get(f"/v1/runs/{run['id']}/events")).json()]
+    assert "found_in_letta" in kinds
+
+
+async def test_serial_lanes_keep_order_across_agents(start_tracker, sim):
+    t = await start_tracker()
+    agents = [sim.create_agent(f"a{i}")["id"] for i in range(3)]
+    runs = [await t.submit(a, f"{a}-{i}") for i in range(4) for a in agents]
+    for r in runs:
+        await t.wait_state(r["id"], "done", timeout=20)
+    for a in agents:
+        sent = [rec for rec in sim.received if rec.agent_id == a]
+        contents = [rec.body["messages"][0]["content"] for rec in sent]
+        assert contents == [f"{a}-{i}" for i in range(4)]
+        letta_runs = [sim.store.get(rec.run_id) for rec in sent]
+        # never two runs of one agent at Letta at the same time
+        for prev, nxt in zip(letta_runs, letta_runs[1:], strict=False):
+            assert prev.completed_at <= nxt.created_at
+
+
+async def test_parallel_sends_at_once(start_tracker, sim, agent):
+    t = await start_tracker(dispatch={"per_agent": "parallel"})
+    runs = await asyncio.gather(*(t.submit(agent, f"[[delay=0.5]] p{i}") for i in range(3)))
+    for r in runs:
+        await t.wait_state(r["id"], "done")
+    letta_runs = [sim.store.get(rec.run_id) for rec in sim.received]
+    # all three ran at Letta at the same time
+    assert max(r.created_at for r in letta_runs) < min(r.completed_at for r in letta_runs)
+
+
+async def test_queue_survives_a_restart_in_order(start_tracker, sim, agent):
+    t = await start_tracker()
+    sim.go_down()
+    runs = [await t.submit(agent, f"q{i}") for i in range(3)]
+    await t.client.close()
+    sim.come_up()
+    t2 = await start_tracker()
+    for r in runs:
+        await t2.wait_state(r["id"], "done")
+    assert [rec.body["messages"][0]["content"] for rec in sim.received] == ["q0", "q1", "q2"]
+    assert max(sim.otid_counts().values()) == 1
+
+
+async def test_idempotency_key(start_tracker, sim, agent):
+    t = await start_tracker()
+    path = f"/v1/agents/{agent}/messages/async"
+    body = {"input": "once"}
+    first, second = await asyncio.gather(
+        t.post(path, body, headers={"Idempotency-Key": "k-1"}),
+        t.post(path, body, headers={"Idempotency-Key": "k-1"}))
+    a, b = await first.json(), await second.json()
+    assert first.status == second.status == 200 and a["id"] == b["id"]
+    again = await t.post(path, body, headers={"Idempotency-Key": "k-1"})
+    assert (await again.json())["id"] == a["id"]
+    other = await t.post(path, {"input": "different"}, headers={"Idempotency-Key": "k-1"})
+    assert other.status == 409
+    await eventually(lambda: len(sim.received) == 1)
+    await asyncio.sleep(0.2)
+    assert len(sim.received) == 1
+
+
+async def test_requires_approval_holds_the_lane_for_the_answer(start_tracker, sim, agent):
+    t = await start_tracker()
+    paused = await t.submit(agent, "[[approval]] do it")
+    await t.wait_state(paused["id"], "paused")
+    waiting = await t.submit(agent, "after")
+    await asyncio.sleep(0.3)
+    assert (await t.run(waiting["id"]))["tracker"]["state"] == "queued"
+    resp = await t.post(f"/v1/agents/{agent}/messages/async", {"messages": [
+        {"type": "approval", "approvals": [{"type": "approval", "approve": True,
+                                            "tool_call_id": "call-1"}]}]})
+    answer = await resp.json()
+    await t.wait_state(answer["id"], "done")
+    await t.wait_state(waiting["id"], "done")
+    order = [json.dumps(rec.body["messages"][0]) for rec in sim.received]
+    assert "approval" in order[1] and "after" in order[2]
+    assert (await t.run(paused["id"]))["tracker"]["state"] == "done"

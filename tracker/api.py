@@ -1,0 +1,233 @@
+"""The REST API: one route table, thin handlers over the manager and the store."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from tracker import __version__, callbacks, clock, parsing
+from tracker.errors import Invalid, LettaError, NotFound, TrackerError
+from tracker.letta_request import AsyncMessageRequest
+from tracker.middleware import USER
+from tracker.models import (
+    CancelRequest,
+    EventOut,
+    HealthOut,
+    MessageListParams,
+    RunListParams,
+    RunOut,
+    UsageOut,
+)
+from tracker.serialize import delivery_out, event_out, page, run_out
+from tracker.states import State
+from tracker.stats import summarize
+from tracker.store import RunFilter, RunRecord, User
+from tracker.wiring import SERVICES, Services
+
+
+@dataclass(frozen=True)
+class Route:
+    """One route, with what the OpenAPI document says of it."""
+
+    method: str
+    path: str
+    handler: Any
+    summary: str
+    body: Any = None
+    query: Any = None
+    response: Any = None
+    public: bool = False
+
+
+def _svc(request: web.Request) -> Services:
+    return request.app[SERVICES]
+
+
+def _user(request: web.Request) -> User:
+    return request[USER]
+
+
+def _scope(request: web.Request) -> str | None:
+    """Admins see every run; anyone else only their own."""
+    user = _user(request)
+    return None if user.is_admin else user.id
+
+
+async def _run_or_404(request: web.Request, full: bool = False) -> RunRecord:
+    run_id = request.match_info["run_id"]
+    run = await _svc(request).store.get_run(run_id, _scope(request), full=full)
+    if run is None:
+        raise NotFound(f"Run not found with id={run_id}")
+    return run
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(text=json.dumps(data, separators=(",", ":")), status=status,
+                        content_type="application/json")
+
+
+# --- submit and cancel ---------------------------------------------------------------------
+
+async def submit(request: web.Request) -> web.Response:
+    agent_id = parsing.agent_id(request)
+    body = await parsing.read_json(request)
+    parsing.validate(AsyncMessageRequest, body)
+    svc = _svc(request)
+    key = request.headers.get("Idempotency-Key") or None
+    run, created = await svc.manager.submit(_user(request), agent_id, body, key)
+    if created:
+        run = await svc.dispatcher.dispatch_inline(run)
+    if run.state is State.REJECTED:
+        raise LettaError(run.error_code or 400, _detail(run.error))
+    return _json(run_out(run))
+
+
+def _detail(text: str | None) -> Any:
+    try:
+        return json.loads(text or "")
+    except ValueError:
+        return text
+
+
+async def cancel(request: web.Request) -> web.Response:
+    agent_id = parsing.agent_id(request)
+    body = parsing.validate(CancelRequest, await parsing.read_json(request, optional=True) or {})
+    answers = await _svc(request).manager.cancel(_user(request), agent_id, body.run_ids)
+    return _json(answers)
+
+
+# --- history -------------------------------------------------------------------------------
+
+def run_filter(request: web.Request, p: RunListParams) -> RunFilter:
+    scope = _scope(request)
+    if p.user_id and scope and p.user_id != scope:
+        raise NotFound("no such user")
+    return RunFilter(
+        user_id=scope or p.user_id, agent_id=p.agent_id or (p.agent_ids or [None])[0],
+        statuses=p.statuses or (), states=[s.value for s in p.state or ()],
+        stop_reason=p.stop_reason, conversation_id=p.conversation_id, background=p.background,
+        active=p.active, completed_via=p.completed_via, callback_missed=p.callback_missed,
+        created_after=_iso(p.created_after, "created_after"),
+        created_before=_iso(p.created_before, "created_before"),
+        before=p.before, after=p.after, limit=p.limit,
+        ascending=p.ascending if p.ascending is not None else p.order == "asc")
+
+
+def _iso(value: str | None, name: str) -> str | None:
+    try:
+        return clock.iso(clock.epoch(value)) if value else None
+    except ValueError:
+        raise Invalid([{"loc": ["query", name], "msg": "Input should be an ISO 8601 datetime",
+                        "type": "datetime_parsing"}]) from None
+
+
+async def list_runs(request: web.Request) -> web.Response:
+    flt = run_filter(request, parsing.query(request, RunListParams))
+    runs = await _svc(request).store.list_runs(flt)
+    return _json([run_out(r) for r in runs])
+
+
+async def get_run(request: web.Request) -> web.Response:
+    run = await _run_or_404(request)
+    deliveries = await _svc(request).store.deliveries(run.id) if run.callback_url else []
+    return _json(run_out(run, deliveries[-1].state if deliveries else None))
+
+
+async def run_messages(request: web.Request) -> web.Response:
+    p = parsing.query(request, MessageListParams)
+    run = await _run_or_404(request, full=True)
+    return _json(page(run.messages or [], p.before, p.after, p.limit, p.order == "asc"))
+
+
+async def run_usage(request: web.Request) -> web.Response:
+    run = await _run_or_404(request, full=True)
+    usage = run.usage or {"completion_tokens": 0, "prompt_tokens": 0, "total_tokens": 0,
+                          "prompt_tokens_details": None, "completion_tokens_details": None}
+    return _json(usage)
+
+
+async def run_events(request: web.Request) -> web.Response:
+    run = await _run_or_404(request)
+    return _json([event_out(e) for e in await _svc(request).store.events(run.id)])
+
+
+async def run_deliveries(request: web.Request) -> web.Response:
+    run = await _run_or_404(request)
+    return _json([delivery_out(d) for d in await _svc(request).store.deliveries(run.id)])
+
+
+async def redeliver(request: web.Request) -> web.Response:
+    run = await _run_or_404(request)
+    delivery = await _svc(request).store.redeliver(run.id, clock.now())
+    if delivery is None:
+        raise NotFound("this run has no delivery to send again")
+    _svc(request).manager.relay_wakeup.set()
+    return _json(delivery_out(delivery), status=202)
+
+
+async def stats(request: web.Request) -> web.Response:
+    return _json(summarize(await _svc(request).store.stats(_scope(request))))
+
+
+# --- Letta's callback and operations -------------------------------------------------------
+
+async def letta_callback(request: web.Request) -> web.Response:
+    svc = _svc(request)
+    return _json(await callbacks.receive(request, svc.signer, svc.manager))
+
+
+async def healthz(request: web.Request) -> web.Response:
+    try:
+        ok = await _svc(request).store.ping()
+    except TrackerError:
+        ok = False
+    body = {"status": "ok" if ok else "degraded", "database": ok, "version": __version__}
+    return _json(body, status=200 if ok else 503)
+
+
+async def openapi(request: web.Request) -> web.Response:
+    from tracker.openapi import document
+
+    return _json(document(ROUTES))
+
+
+RUN = "/v1/runs/{run_id}"
+ROUTES: list[Route] = [
+    Route("POST", "/v1/agents/{agent_id}/messages/async", submit,
+          "Submit a message (Letta's body); returns the run", body=AsyncMessageRequest,
+          response=RunOut),
+    Route("POST", "/v1/agents/{agent_id}/messages/cancel", cancel,
+          "Cancel runs (Letta's shape)", body=CancelRequest, response=dict[str, str]),
+    Route("GET", "/v1/runs", list_runs, "List runs", query=RunListParams, response=list[RunOut]),
+    Route("GET", "/v1/runs/", list_runs, "List runs", query=RunListParams,
+          response=list[RunOut]),
+    Route("GET", RUN, get_run, "One run, by tracker or Letta run id", response=RunOut),
+    Route("GET", RUN + "/messages", run_messages, "The run's result messages",
+          query=MessageListParams, response=list[dict[str, Any]]),
+    Route("GET", RUN + "/usage", run_usage, "The run's token usage", response=UsageOut),
+    Route("GET", RUN + "/events", run_events, "The run's timeline", response=list[EventOut]),
+    Route("GET", RUN + "/deliveries", run_deliveries, "Relay deliveries of the run",
+          response=list[dict[str, Any]]),
+    Route("POST", RUN + "/deliveries/redeliver", redeliver, "Send the run's delivery again",
+          response=dict[str, Any]),
+    Route("GET", "/v1/stats", stats, "Counts, percentiles and completion sources",
+          response=dict[str, Any]),
+    Route("POST", callbacks.PATH, letta_callback, "Letta's completion callback lands here",
+          response=dict[str, Any], public=True),
+    Route("GET", "/healthz", healthz, "Liveness and database check", response=HealthOut,
+          public=True),
+    Route("GET", "/openapi.json", openapi, "This document", response=dict[str, Any],
+          public=True),
+]
+
+
+def add_routes(app: web.Application) -> None:
+    for r in ROUTES:
+        app.router.add_route(r.method, r.path, r.handler)
+
+
+def is_public(path: str) -> bool:
+    return path in ("/healthz", "/openapi.json", "/metrics") or path.startswith("/callbacks/")

@@ -1,0 +1,113 @@
+"""``create_app(config)``: the aiohttp application, every resource owned by a cleanup context."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
+
+from aiohttp import web
+
+from tracker import api, auth
+from tracker.callbacks import CallbackSigner
+from tracker.config import Config
+from tracker.dispatcher import Dispatcher
+from tracker.letta import LettaClient
+from tracker.manager import Manager
+from tracker.middleware import error_middleware, make_auth_middleware
+from tracker.poller import Poller
+from tracker.store import Store, open_store
+from tracker.wiring import SERVICES, Services
+
+log = logging.getLogger("tracker")
+
+STORE: web.AppKey[Store] = web.AppKey("store", Store)
+LETTA: web.AppKey[LettaClient] = web.AppKey("letta", LettaClient)
+FIRST_KEY: web.AppKey[list] = web.AppKey("first_key", list)
+
+
+def create_app(cfg: Config) -> web.Application:
+    """Build the tracker application for ``cfg`` (nothing runs until it is started)."""
+    app = web.Application(
+        client_max_size=cfg.server.max_body_bytes,
+        middlewares=[error_middleware, make_auth_middleware(
+            lambda key: _authenticate(app, key), api.is_public)],
+    )
+    app[FIRST_KEY] = []
+    api.add_routes(app)
+    app.cleanup_ctx.extend([
+        lambda a: _store_ctx(a, cfg),
+        lambda a: _letta_ctx(a, cfg),
+        lambda a: _services_ctx(a, cfg),
+        _background_ctx,
+    ])
+    return app
+
+
+async def _authenticate(app: web.Application, key: str | None) -> Any:
+    svc = app[SERVICES]
+    if not svc.cfg.auth.required:
+        return await auth.anonymous_user(svc.store)
+    return await auth.authenticate(svc.store, key)
+
+
+async def _store_ctx(app: web.Application, cfg: Config) -> AsyncIterator[None]:
+    store = open_store(cfg.database.url)
+    if hasattr(store, "synchronous"):
+        store.synchronous = cfg.database.synchronous
+    await store.open()
+    if cfg.auth.required:
+        key = await auth.first_start_key(store)
+        if key:
+            app[FIRST_KEY].append(key)
+            log.warning("first start: created admin API key (shown once): %s", key)
+    app[STORE] = store
+    yield
+    await store.close()
+
+
+async def _letta_ctx(app: web.Application, cfg: Config) -> AsyncIterator[None]:
+    letta = LettaClient(cfg.letta.base_url, cfg.letta.api_key, cfg.letta.timeout_s)
+    await letta.start()
+    app[LETTA] = letta
+    yield
+    await letta.close()
+
+
+async def _services_ctx(app: web.Application, cfg: Config) -> AsyncIterator[None]:
+    store, letta = app[STORE], app[LETTA]
+    # an empty secret in config: one is generated on first start and kept in the database
+    secret = cfg.callbacks.secret or await store.setting("callback_secret",
+                                                         secrets.token_urlsafe(32))
+    signer = CallbackSigner(secret, cfg.public_base())
+    manager = Manager(cfg, store, letta, signer.url)
+    app[SERVICES] = Services(cfg=cfg, store=store, letta=letta, signer=signer, manager=manager,
+                             dispatcher=Dispatcher(cfg, manager, letta),
+                             poller=Poller(cfg, manager, letta))
+    yield
+
+
+async def _background_ctx(app: web.Application) -> AsyncIterator[None]:
+    svc = app[SERVICES]
+    tasks = [_task(_reconcile_then_run(svc), "dispatcher"), _task(svc.poller.run(), "poller")]
+    yield
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await svc.dispatcher.stop()
+
+
+def _task(coro: Coroutine, name: str) -> asyncio.Task:
+    return asyncio.create_task(coro, name=f"tracker-{name}")
+
+
+async def _reconcile_then_run(svc: Services) -> None:
+    """Heal what a crash left half-done before sending anything new."""
+    with contextlib.suppress(Exception):
+        counts = await svc.manager.reconcile()
+        if any(counts.values()):
+            log.info("reconciled after start: %s", counts)
+    await svc.dispatcher.run()

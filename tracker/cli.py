@@ -1,0 +1,98 @@
+"""The ``tracker`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Callable
+
+from aiohttp import web
+
+from tracker import __version__, logs
+from tracker.config import Config, load_config
+from tracker.errors import ConfigError, TrackerError
+
+
+def _serve(cfg: Config, args: argparse.Namespace) -> int:
+    from tracker.app import create_app
+
+    if args.host:
+        cfg.server.host = args.host
+    if args.port is not None:
+        cfg.server.port = args.port
+    logs.setup(cfg.logging.level, cfg.logging.format)
+    import logging
+
+    logging.getLogger("tracker").info(
+        "tracker %s listening on http://%s:%s, database %s, Letta at %s", __version__,
+        cfg.server.host, cfg.server.port, cfg.database.url, cfg.letta.base_url)
+    # run_app handles SIGINT/SIGTERM: stops accepting, lets requests finish, runs cleanups
+    web.run_app(create_app(cfg), host=cfg.server.host, port=cfg.server.port,
+                print=None, shutdown_timeout=10.0, access_log=None)
+    return 0
+
+
+def _simulate(cfg: Config, args: argparse.Namespace) -> int:
+    from tracker import simulator
+
+    logs.setup(cfg.logging.level, cfg.logging.format)
+    simulator.run_from_args(args)
+    return 0
+
+
+def _with_store(fn: Callable) -> Callable[[Config, argparse.Namespace], int]:
+    """Run ``fn(store, args)`` against the configured database, then close it."""
+
+    def run(cfg: Config, args: argparse.Namespace) -> int:
+        from tracker.store import open_store
+
+        async def go() -> int:
+            store = open_store(cfg.database.url)
+            await store.open()
+            try:
+                return await fn(store, args) or 0
+            finally:
+                await store.close()
+
+        return asyncio.run(go())
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from tracker import cli_commands as c
+
+    p = argparse.ArgumentParser(prog="tracker", description=__doc__)
+    p.add_argument("--version", action="version", version=f"tracker {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def cmd(name: str, fn: Callable, help: str) -> argparse.ArgumentParser:
+        s = sub.add_parser(name, help=help)
+        s.add_argument("--config", help="TOML config file (TRACKER_* variables override it)")
+        s.set_defaults(fn=fn)
+        return s
+
+    serve = cmd("serve", _serve, "run the tracker service")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    from tracker import simulator
+
+    simulator.add_arguments(cmd("simulate", _simulate, "run the Letta simulator"))
+    c.add_commands(cmd, _with_store)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+        return args.fn(cfg, args)
+    except ConfigError as e:
+        print(f"tracker: {e}", file=sys.stderr)
+        return 2
+    except TrackerError as e:
+        print(f"tracker: {e.detail}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

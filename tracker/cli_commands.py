@@ -1,0 +1,75 @@
+"""Commands that work on the database directly: keys and db."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+from rich.console import Console
+from rich.table import Table
+
+from tracker import auth
+from tracker.migrations import LATEST
+from tracker.store import Store
+
+console = Console()
+
+
+async def keys_create(store: Store, args: argparse.Namespace) -> int:
+    user, key = await auth.create_key(store, args.name, args.admin)
+    role = "admin" if user.is_admin else "user"
+    print(f"created a key for {role} {user.name!r} ({user.id}); it is shown only once:")
+    print(key)
+    return 0
+
+
+async def keys_list(store: Store, args: argparse.Namespace) -> int:
+    table = Table("key id", "prefix", "user", "admin", "created", "revoked")
+    for k in await store.list_keys():
+        table.add_row(k.id, k.prefix + "…", k.user_name, "yes" if k.is_admin else "",
+                      k.created_at, k.revoked_at or "")
+    console.print(table)
+    return 0
+
+
+async def keys_revoke(store: Store, args: argparse.Namespace) -> int:
+    n = await store.revoke_key(args.key)
+    print(f"revoked {n} key(s)" if n else f"no active key matches {args.key!r}")
+    return 0 if n else 1
+
+
+async def db_status(store: Store, args: argparse.Namespace) -> int:
+    version = await store.schema_version()
+    print(f"schema version {version} (latest {LATEST})")
+    for table, n in (await store.table_counts()).items():
+        print(f"  {table:<18} {n}")
+    return 0
+
+
+async def db_migrate(store: Store, args: argparse.Namespace) -> int:
+    # open() already applied pending migrations; say what the database is at now
+    print(f"schema is at version {await store.schema_version()} (latest {LATEST})")
+    return 0
+
+
+def add_commands(cmd: Callable, with_store: Callable) -> None:
+    keys = cmd("keys", None, "manage API keys").add_subparsers(dest="keys_cmd", required=True)
+    create = keys.add_parser("create", help="create a key (printed once, last line)")
+    create.add_argument("name")
+    create.add_argument("--admin", action="store_true")
+    create.add_argument("--config")
+    create.set_defaults(fn=with_store(keys_create))
+    lst = keys.add_parser("list", help="list keys")
+    lst.add_argument("--config")
+    lst.set_defaults(fn=with_store(keys_list))
+    revoke = keys.add_parser("revoke", help="revoke a key by id or prefix")
+    revoke.add_argument("key")
+    revoke.add_argument("--config")
+    revoke.set_defaults(fn=with_store(keys_revoke))
+    db = cmd("db", None, "database").add_subparsers(dest="db_cmd", required=True)
+    st = db.add_parser("status", help="schema version and row counts")
+    st.add_argument("--config")
+    st.set_defaults(fn=with_store(db_status))
+    mg = db.add_parser("migrate", help="apply pending migrations")
+    mg.add_argument("--config")
+    mg.set_defaults(fn=with_store(db_migrate))

@@ -1,0 +1,118 @@
+"""The dispatcher: sends queued runs to Letta, one active run per agent (serial) or at once.
+
+A run is claimed (queued -> submitting) in the database before Letta is called, so two
+dispatch paths (the background loop, an inline submit) can never send the same run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+
+from tracker import clock
+from tracker.config import Config
+from tracker.errors import LettaError, LettaUnavailable, NotFound
+from tracker.letta import LettaClient
+from tracker.manager import Manager
+from tracker.states import Source, State
+from tracker.store import RunRecord
+
+log = logging.getLogger("tracker.dispatcher")
+
+
+class Dispatcher:
+    """Background sender of queued runs; also used inline by the submit handler."""
+
+    def __init__(self, cfg: Config, manager: Manager, letta: LettaClient) -> None:
+        self.cfg = cfg
+        self.manager = manager
+        self.store = manager.store
+        self.letta = letta
+        self.serial = cfg.dispatch.per_agent == "serial"
+        self._slots = asyncio.Semaphore(cfg.dispatch.concurrency)
+        self._tasks: set[asyncio.Task] = set()
+        self.idle = asyncio.Event()  # set once the loop has started and found nothing to do
+
+    async def run(self) -> None:
+        """Loop: claim what can be sent, send it, sleep until woken or the next retry."""
+        wakeup = self.manager.dispatch_wakeup
+        while True:
+            wakeup.clear()
+            try:
+                for run in await self.store.claim(self.serial, clock.now()):
+                    self._spawn(run)
+            except Exception:
+                log.exception("dispatch loop error; retrying")
+            self.idle.set()
+            await self._sleep(wakeup)
+
+    async def _sleep(self, wakeup: asyncio.Event) -> None:
+        nxt = await self.store.next_due((State.QUEUED,))
+        await clock.nap(wakeup, 60.0 if nxt is None else max(0.01, min(nxt - clock.now(), 60.0)))
+
+    def _spawn(self, run: RunRecord) -> asyncio.Task:
+        task = asyncio.create_task(self.send(run))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def stop(self) -> None:
+        """Wait for sends in flight: a send cut off here would be healed by reconcile, but
+        finishing it is cheaper."""
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=self.cfg.letta.timeout_s)
+
+    async def dispatch_inline(self, run: RunRecord) -> RunRecord:
+        """Send ``run`` now if its lane is free; otherwise leave it to the loop."""
+        claimed = await self.store.claim(self.serial, clock.now(), agent_id=run.agent_id)
+        mine = None
+        for other in claimed:
+            if other.id == run.id:
+                mine = self._spawn(other)
+            else:
+                self._spawn(other)
+        if mine is None:
+            self.manager.dispatch_wakeup.set()
+            return run
+        # shielded: a slow Letta must not cancel the send; the client gets the run as it is
+        done, _ = await asyncio.wait({mine}, timeout=self.cfg.dispatch.inline_timeout_s)
+        if mine in done:
+            mine.result()
+        return await self.store.get_run(run.id) or run
+
+    async def send(self, run: RunRecord) -> None:
+        """Send one claimed run to Letta and record Letta's answer."""
+        async with self._slots:
+            try:
+                if run.needs_lookup and await self.manager.attach_or_requeue(run, Source.DISPATCH):
+                    return
+                if run.needs_lookup:
+                    return  # requeued without the flag: the loop sends it next
+                letta_run = await self.letta.send_async(run.agent_id, self._body(run))
+            except LettaUnavailable as e:
+                await self._retry(run, e)
+                return
+            except (LettaError, NotFound) as e:
+                await self.manager.reject(run, e.status, e.detail)
+                return
+            await self.manager.mark_submitted(run, letta_run, Source.DISPATCH)
+            log.info("run submitted", extra={"run_id": run.id, "agent_id": run.agent_id,
+                                             "letta_run_id": letta_run.get("id")})
+
+    def _body(self, run: RunRecord) -> dict:
+        """The body as the user gave it, but with our callback URL (theirs goes to the relay)."""
+        body = dict(run.request or {})
+        body["callback_url"] = self.manager.callback_url(run.id)
+        return body
+
+    async def _retry(self, run: RunRecord, e: LettaUnavailable) -> None:
+        """Back off and queue the run again; when Letta may have got it, look before resending."""
+        delay = min(self.cfg.dispatch.retry_max_s,
+                    self.cfg.dispatch.retry_min_s * 2 ** max(0, run.attempts - 1))
+        delay = e.retry_after if e.retry_after is not None else delay * random.uniform(0.8, 1.2)
+        log.warning("Letta unavailable, run requeued in %.1fs: %s", delay, e,
+                    extra={"run_id": run.id, "agent_id": run.agent_id})
+        # once a send may have reached Letta, every later try must look before resending
+        await self.manager.requeue(run, clock.now() + delay,
+                                   needs_lookup=e.sent or run.needs_lookup, error=str(e))

@@ -1,0 +1,139 @@
+"""The Letta client: every call the tracker makes to Letta, on one aiohttp session."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from typing import Any
+
+import aiohttp
+
+from tracker.errors import LettaError, LettaUnavailable, NotFound
+
+log = logging.getLogger("tracker.letta")
+
+TERMINAL_FILTER = [("statuses", "completed"), ("statuses", "failed"), ("statuses", "cancelled")]
+PAGE = 1000
+
+
+def _retry_after(headers: Any) -> float | None:
+    try:
+        return max(0.0, float(headers.get("Retry-After", "")))
+    except ValueError:
+        return None
+
+
+class LettaClient:
+    """Letta's REST API as the tracker uses it; errors are typed, calls are counted."""
+
+    def __init__(self, base_url: str, api_key: str = "", timeout_s: float = 30.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._session: aiohttp.ClientSession | None = None
+        self.calls: Counter[tuple[str, int | str]] = Counter()
+        self.on_call: Any = None  # metrics hook: (endpoint, status) -> None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=100, ttl_dns_cache=300)
+        self._session = aiohttp.ClientSession(
+            connector=connector, headers=self._headers, timeout=self._timeout
+        )
+
+    async def close(self) -> None:
+        if self._session:
+            await self._session.close()
+            self._session = None
+
+    def _count(self, endpoint: str, status: int | str) -> None:
+        self.calls[(endpoint, status)] += 1
+        if self.on_call:
+            self.on_call(endpoint, status)
+
+    async def _request(self, method: str, path: str, endpoint: str, **kw: Any) -> Any:
+        """One call; 2xx returns the JSON, 4xx raises LettaError/NotFound, the rest
+        (connection errors, timeouts, 5xx, 429) raise LettaUnavailable."""
+        assert self._session is not None, "client is not started"
+        try:
+            async with self._session.request(method, self.base_url + path, **kw) as resp:
+                self._count(endpoint, resp.status)
+                body = await self._body(resp)
+                if resp.status < 300:
+                    return body
+                detail = body.get("detail", body) if isinstance(body, dict) else body
+                if resp.status == 429 or resp.status >= 500:
+                    # a 429 was refused at the door; a 5xx may have created the run
+                    raise LettaUnavailable(f"Letta answered {resp.status}: {detail}",
+                                           _retry_after(resp.headers), sent=resp.status != 429)
+                if resp.status == 404:
+                    raise NotFound(detail)
+                raise LettaError(resp.status, detail)
+        except aiohttp.ClientConnectorError as e:
+            self._count(endpoint, "unreachable")
+            raise LettaUnavailable(f"Letta unreachable: {e}", sent=False) from e
+        except (aiohttp.ClientError, TimeoutError) as e:
+            self._count(endpoint, "error")
+            raise LettaUnavailable(f"Letta call failed: {e!r}") from e
+
+    @staticmethod
+    async def _body(resp: aiohttp.ClientResponse) -> Any:
+        text = await resp.text()
+        try:
+            return json.loads(text) if text else None
+        except ValueError:
+            return {"detail": text}
+
+    async def send_async(self, agent_id: str, body: dict) -> dict:
+        """POST messages/async; returns Letta's Run."""
+        return await self._request("POST", f"/v1/agents/{agent_id}/messages/async",
+                                   "messages_async", json=body)
+
+    async def get_run(self, run_id: str) -> dict:
+        return await self._request("GET", f"/v1/runs/{run_id}", "get_run")
+
+    async def list_runs(self, params: list[tuple[str, str]]) -> list[dict]:
+        return await self._request("GET", "/v1/runs/", "list_runs", params=params)
+
+    async def active_run_ids(self) -> set[str]:
+        """Ids of every run Letta still works on (one call per thousand)."""
+        ids: set[str] = set()
+        after = None
+        while True:
+            params = [("active", "true"), ("limit", str(PAGE)), ("order", "asc")]
+            page = await self.list_runs(params + ([("after", after)] if after else []))
+            ids.update(r["id"] for r in page)
+            if len(page) < PAGE:
+                return ids
+            after = page[-1]["id"]
+
+    async def recent_terminal(self, limit: int, before: str | None = None) -> list[dict]:
+        """Finished runs, newest first, older than ``before`` (one call for many runs)."""
+        params = [*TERMINAL_FILTER, ("limit", str(min(PAGE, limit))), ("order", "desc")]
+        return await self.list_runs(params + ([("before", before)] if before else []))
+
+    async def run_messages(self, run_id: str) -> list[dict]:
+        """All of a run's messages, following Letta's cursor pagination."""
+        out: list[dict] = []
+        after = None
+        while True:
+            params = [("limit", str(PAGE)), ("order", "asc")] + (
+                [("after", after)] if after else [])
+            page = await self._request("GET", f"/v1/runs/{run_id}/messages", "run_messages",
+                                       params=params)
+            out.extend(page)
+            if len(page) < PAGE:
+                return out
+            after = page[-1]["id"]
+
+    async def run_usage(self, run_id: str) -> dict:
+        return await self._request("GET", f"/v1/runs/{run_id}/usage", "run_usage")
+
+    async def cancel(self, agent_id: str, run_ids: list[str]) -> dict[str, str]:
+        return await self._request("POST", f"/v1/agents/{agent_id}/messages/cancel", "cancel",
+                                   json={"run_ids": run_ids})
+
+    async def agent_runs(self, agent_id: str, limit: int = 100) -> list[dict]:
+        """An agent's most recent runs, newest first (used to find a run again by otid)."""
+        return await self.list_runs([("agent_id", agent_id), ("limit", str(limit)),
+                                     ("order", "desc")])

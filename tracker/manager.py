@@ -1,0 +1,369 @@
+"""The business operations: submit, apply what was learnt about a run, cancel, reconcile.
+
+Whatever the source (callback, poll, reconcile), ``apply_remote`` is the one place where an
+observation of a Letta run becomes a state change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tracker import clock
+from tracker.config import Config
+from tracker.errors import Conflict, LettaUnavailable, NotFound
+from tracker.letta import LettaClient
+from tracker.letta_request import answers_pause, ensure_otids
+from tracker.states import (
+    FINAL,
+    REPORTED,
+    WATCHED,
+    Source,
+    State,
+    Status,
+    may_overwrite,
+    sources_of,
+    state_for,
+)
+from tracker.store import Event, NewRun, RunRecord, Store, User
+
+log = logging.getLogger("tracker.manager")
+
+LETTA_FIELDS = ("conversation_id", "base_template_id", "background", "metadata",
+                "callback_sent_at", "callback_status_code", "callback_error", "ttft_ns",
+                "total_duration_ns")
+USAGE_KEYS = ("completion_tokens", "prompt_tokens", "total_tokens", "prompt_tokens_details",
+              "completion_tokens_details")
+REQUEST_CONFIG_DEFAULTS = {"use_assistant_message": True,
+                           "assistant_message_tool_name": "send_message",
+                           "assistant_message_tool_kwarg": "message",
+                           "include_return_message_types": None}
+
+
+def letta_usage(usage: dict | None) -> dict | None:
+    """Usage in the shape Letta's ``/usage`` serves (the callback sends a longer one)."""
+    return {k: usage.get(k) for k in USAGE_KEYS} if usage is not None else None
+
+
+@dataclass
+class Observation:
+    """What one look at a Letta run (its callback, or a poll) told us."""
+
+    letta_run_id: str
+    status: str
+    stop_reason: str | None = None
+    completed_at: str | None = None
+    fields: dict[str, Any] = field(default_factory=dict)
+    messages: list | None = None
+    usage: dict | None = None
+
+    @classmethod
+    def from_run(cls, run: dict, messages: list | None = None,
+                 usage: dict | None = None) -> Observation:
+        """From Letta's Run object (a poll), with the result fetched beside it."""
+        return cls(letta_run_id=run["id"], status=run.get("status") or Status.CREATED,
+                   stop_reason=run.get("stop_reason"), completed_at=run.get("completed_at"),
+                   fields={k: run.get(k) for k in LETTA_FIELDS if k in run},
+                   messages=messages, usage=letta_usage(usage))
+
+    @classmethod
+    def from_callback(cls, body: Any) -> Observation:
+        """From Letta's callback body (a validated ``LettaCallback``)."""
+        meta = body.metadata.model_dump() if body.metadata else {}
+        result = meta.pop("result", None) or {}
+        stop = (result.get("stop_reason") or {}).get("stop_reason")
+        return cls(letta_run_id=body.run_id, status=body.status, stop_reason=stop,
+                   completed_at=body.completed_at, fields={"metadata": meta},
+                   messages=result.get("messages"), usage=letta_usage(result.get("usage")))
+
+
+def request_hash(agent_id: str, body: dict) -> str:
+    """Fingerprint of a submit, to tell a retried request from a different one."""
+    canonical = json.dumps([agent_id, body], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class Manager:
+    """Submit, apply_remote, cancel and reconcile, over the store and the Letta client."""
+
+    def __init__(self, cfg: Config, store: Store, letta: LettaClient,
+                 callback_url: Callable[[str], str]) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.letta = letta
+        self.callback_url = callback_url
+        self.dispatch_wakeup = asyncio.Event()
+        self.relay_wakeup = asyncio.Event()
+        self.poll_wakeup = asyncio.Event()
+        self.on_applied: Callable[[RunRecord, str], None] | None = None  # metrics hook
+
+    # --- submit ----------------------------------------------------------------------------
+
+    async def submit(self, user: User, agent_id: str, body: dict,
+                     idempotency_key: str | None = None) -> tuple[RunRecord, bool]:
+        """Record a queued run (committed before anything is sent); returns (run, created)."""
+        digest = request_hash(agent_id, body)
+        forwarded = ensure_otids(body)
+        config = {k: forwarded.get(k, v) for k, v in REQUEST_CONFIG_DEFAULTS.items()}
+        new = NewRun(id=f"run-{uuid.uuid4()}", user_id=user.id, agent_id=agent_id,
+                     kind="answer" if answers_pause(forwarded) else "message",
+                     request=forwarded, request_config=config,
+                     callback_url=forwarded.get("callback_url"),
+                     idempotency_key=idempotency_key, request_hash=digest)
+        run, created = await self.store.submit(new, Event(Source.API, "submit", {
+            "idempotency_key": idempotency_key} if idempotency_key else None))
+        if not created and run.request_hash != digest:
+            raise Conflict("Idempotency-Key was already used with a different request")
+        if created:
+            log.info("run queued", extra={"run_id": run.id, "agent_id": agent_id})
+        return run, created
+
+    # --- what Letta told us ----------------------------------------------------------------
+
+    async def apply_remote(self, run: RunRecord, obs: Observation, source: str) -> RunRecord:
+        """Apply one observation of the Letta run; safe against duplicates and races."""
+        target = state_for(obs.status, obs.stop_reason)
+        fields = {"status": obs.status, "stop_reason": obs.stop_reason,
+                  "letta_run_id": obs.letta_run_id, **obs.fields}
+        if target is None:
+            updated = await self.store.transition(run.id, None, (State.SUBMITTING, *WATCHED),
+                                                  fields, None)
+            return updated or run
+        if target is State.CONFIRMING and self._confirmed(run, source):
+            target = State.DONE
+        fields.update(self._final_fields(target, obs, source))
+        expect = tuple(s for s in sources_of(target) if s is not State.PAUSED)
+        event = Event(source, "completed" if target in REPORTED else "cancel_seen",
+                      {"status": obs.status, "stop_reason": obs.stop_reason})
+        updated = await self.store.transition(run.id, target, expect, fields, event,
+                                              relay=target in REPORTED)
+        if updated is None:
+            updated = await self._settled(run, obs, source, fields)
+        else:
+            self._after_change(updated, source)
+        return updated
+
+    def _confirmed(self, run: RunRecord, source: str) -> bool:
+        """A cancelled outcome is final once a poll sees it after the confirm window."""
+        if run.state is not State.CONFIRMING or source == Source.CALLBACK:
+            return False
+        seen = clock.epoch(run.recorded_at) or 0
+        return clock.now() >= seen + self.cfg.polling.cancel_confirm_s
+
+    def _final_fields(self, target: State, obs: Observation, source: str) -> dict[str, Any]:
+        now = clock.now()
+        fields: dict[str, Any] = {"completed_at": clock.to_iso(obs.completed_at),
+                                  "recorded_at": clock.iso(now), "completed_via": source}
+        if obs.messages is not None:
+            fields["messages"] = obs.messages
+        if obs.usage is not None:
+            fields["usage"] = obs.usage
+        if target is State.CONFIRMING:
+            fields["next_check_at"] = now + self.cfg.polling.cancel_confirm_s
+        error = (obs.fields.get("metadata") or {}).get("error")
+        if error:
+            fields["error"] = str(error)
+        return fields
+
+    async def _settled(self, run: RunRecord, obs: Observation, source: str,
+                       fields: dict[str, Any]) -> RunRecord:
+        """The CAS found the run already moved on: a duplicate, late or overwriting report."""
+        current = await self.store.get_run(run.id)
+        if current is None:
+            raise NotFound(f"Run not found with id={run.id}")
+        if may_overwrite(current.state, current.status, obs.status):
+            updated = await self.store.transition(
+                run.id, State.DONE, (State.DONE,), fields,
+                Event(source, "overwritten", {"status": obs.status, "was": current.status}),
+                relay=True)
+            if updated:
+                self._after_change(updated, source)
+                return updated
+        same = (current.status, current.stop_reason) == (obs.status, obs.stop_reason)
+        await self.store.add_event(run.id, Event(source, "confirmed" if same else "ignored", {
+            "status": obs.status, "stop_reason": obs.stop_reason, "state": current.state}))
+        return current
+
+    def _after_change(self, run: RunRecord, source: str) -> None:
+        log.info("run %s", run.state, extra={"run_id": run.id, "agent_id": run.agent_id,
+                                             "source": source, "status": run.status})
+        self.dispatch_wakeup.set()
+        if run.state in REPORTED and run.callback_url:
+            self.relay_wakeup.set()
+        if self.on_applied:
+            self.on_applied(run, source)
+
+    # --- cancel ----------------------------------------------------------------------------
+
+    async def cancel(self, user: User, agent_id: str,
+                     run_ids: list[str] | None) -> dict[str, str]:
+        """Letta's cancel: queued runs locally, submitted ones at Letta; {id: outcome}."""
+        scope = None if user.is_admin else user.id
+        targets = await self._cancel_targets(scope, agent_id, run_ids)
+        answers: dict[str, str] = {}
+        at_letta: dict[str, str] = {}
+        for ref, run in targets.items():
+            if run is None or run.agent_id != agent_id:
+                answers[ref] = "failed"
+            elif run.state is State.QUEUED and await self._cancel_queued(run):
+                answers[ref] = "cancelled"
+            elif run.state is State.PAUSED:
+                answers[ref] = await self._release_pause(run)
+            elif run.letta_run_id and run.state in WATCHED:
+                at_letta[run.letta_run_id] = ref
+            else:
+                answers[ref] = "cancelled" if run.state is State.DONE else "failed"
+        if at_letta:
+            answers.update(await self._cancel_at_letta(agent_id, at_letta, targets))
+        return answers
+
+    async def _cancel_targets(self, scope: str | None, agent_id: str,
+                              run_ids: list[str] | None) -> dict[str, RunRecord | None]:
+        if run_ids is not None:
+            return {r: await self.store.get_run(r, scope) for r in run_ids}
+        from tracker.store import RunFilter
+
+        live = [s.value for s in (State.QUEUED, State.SUBMITTING, *WATCHED, State.PAUSED)]
+        runs = await self.store.list_runs(RunFilter(user_id=scope, agent_id=agent_id,
+                                                    states=live, limit=1000))
+        if not runs:
+            raise Conflict(f"CONFLICT: No active runs to cancel for agent {agent_id}")
+        return {r.id: r for r in runs}
+
+    async def _cancel_queued(self, run: RunRecord) -> bool:
+        fields = {"status": Status.CANCELLED, "stop_reason": "cancelled",
+                  "recorded_at": clock.iso(), "completed_via": Source.API}
+        done = await self.store.transition(run.id, State.CANCELLED, (State.QUEUED,), fields,
+                                           Event(Source.API, "cancelled"), relay=True)
+        if done:
+            self._after_change(done, Source.API)
+        return done is not None
+
+    async def _release_pause(self, run: RunRecord) -> str:
+        done = await self.store.transition(run.id, State.DONE, (State.PAUSED,), {},
+                                           Event(Source.API, "pause_cancelled"))
+        if done:
+            self.dispatch_wakeup.set()
+        return "cancelled"
+
+    async def _cancel_at_letta(self, agent_id: str, at_letta: dict[str, str],
+                               targets: dict[str, RunRecord | None]) -> dict[str, str]:
+        answer = await self.letta.cancel(agent_id, list(at_letta))
+        soon = clock.now() + self.cfg.polling.min_interval_s
+        out = {}
+        for letta_id, ref in at_letta.items():
+            out[ref] = answer.get(letta_id, "failed")
+            run = targets[ref]
+            assert run is not None
+            # confirmed by the next observation (callback or a poll soon)
+            await self.store.transition(run.id, None, WATCHED, {"next_check_at": soon},
+                                        Event(Source.API, "cancel_requested",
+                                              {"letta": out[ref]}))
+        self.poll_wakeup.set()
+        return out
+
+    # --- recovery --------------------------------------------------------------------------
+
+    async def find_in_letta(self, run: RunRecord) -> dict | None:
+        """Find the Letta run this run became, if it did: by our callback URL, else by otid."""
+        candidates = await self.letta.agent_runs(run.agent_id)
+        ours = self.callback_url(run.id)
+        for r in candidates:
+            if r.get("callback_url") == ours:
+                return r
+        otids = {m.get("otid") for m in (run.request or {}).get("messages") or []} - {None}
+        created = clock.epoch(run.created_at) or 0
+        for r in candidates[:10]:
+            if otids and (clock.epoch(r.get("created_at")) or 0) >= created - 5:
+                messages = await self.letta.run_messages(r["id"])
+                if otids & {m.get("otid") for m in messages}:
+                    return r
+        return None
+
+    async def reconcile(self) -> dict[str, int]:
+        """On start-up: re-find runs cut off mid-send, and check submitted runs at once."""
+        counts = {"attached": 0, "requeued": 0, "checked": 0}
+        for run in await self.store.in_states((State.SUBMITTING,)):
+            try:
+                attached = await self.attach_or_requeue(run, Source.RECONCILE)
+            except LettaUnavailable as e:
+                log.warning("reconcile: Letta unavailable (%s); run requeued for lookup", e)
+                await self.requeue(run, clock.now(), needs_lookup=True, error=str(e))
+                attached = False
+            counts["attached" if attached else "requeued"] += 1
+        watched = await self.store.in_states(WATCHED)
+        await self.store.reschedule([(r.id, clock.now(), r.poll_count) for r in watched])
+        counts["checked"] = len(watched)
+        self.poll_wakeup.set()
+        self.dispatch_wakeup.set()
+        return counts
+
+    async def attach_or_requeue(self, run: RunRecord, source: str) -> bool:
+        """For a run that may have reached Letta: attach it to its Letta run, or queue it to
+        be sent again (it never arrived, so this is not a second send)."""
+        found = await self.find_in_letta(run)
+        if found is None:
+            await self.requeue(run, clock.now(), needs_lookup=False, error=None,
+                               kind="not_found_in_letta", source=source)
+            return False
+        await self.mark_submitted(run, found, source, "found_in_letta")
+        return True
+
+    async def mark_submitted(self, run: RunRecord, letta_run: dict, source: str,
+                             kind: str = "submitted") -> RunRecord | None:
+        """Letta has the run: watch it (grace period first, then polls)."""
+        now = clock.now()
+        fields = {"letta_run_id": letta_run["id"], "submitted_at": clock.iso(now),
+                  "status": letta_run.get("status") or Status.CREATED,
+                  "next_check_at": now + self.cfg.polling.grace_s,
+                  "deadline_at": now + self.cfg.polling.deadline_s, "needs_lookup": 0,
+                  **{k: letta_run.get(k) for k in LETTA_FIELDS if k in letta_run}}
+        fields["status"] = fields["status"] if fields["status"] in (
+            Status.CREATED, Status.RUNNING) else Status.CREATED
+        done = await self.store.transition(run.id, State.SUBMITTED, (State.SUBMITTING,),
+                                           fields, Event(source, kind,
+                                                         {"letta_run_id": letta_run["id"]}))
+        if done is None:
+            # a callback got here first and already moved the run on: keep what it recorded
+            await self.store.transition(run.id, None, tuple(State), {
+                "submitted_at": fields["submitted_at"]}, Event(source, kind, {
+                    "letta_run_id": letta_run["id"], "after": "callback"}))
+        elif letta_run.get("status") not in (None, Status.CREATED, Status.RUNNING):
+            self.poll_wakeup.set()
+        return done
+
+    async def requeue(self, run: RunRecord, at: float, needs_lookup: bool, error: str | None,
+                      kind: str = "retry", source: str = Source.DISPATCH) -> None:
+        await self.store.transition(run.id, State.QUEUED, (State.SUBMITTING,), {
+            "next_check_at": at, "needs_lookup": int(needs_lookup), "error": error},
+            Event(source, kind, {"error": error, "retry_in_s": round(at - clock.now(), 3)}))
+        self.dispatch_wakeup.set()
+
+    async def reject(self, run: RunRecord, status: int, detail: Any) -> RunRecord | None:
+        """Letta refused the request: the run ends failed with Letta's status and detail."""
+        text = detail if isinstance(detail, str) else json.dumps(detail)
+        done = await self.store.transition(run.id, State.REJECTED, (State.SUBMITTING,), {
+            "status": Status.FAILED, "stop_reason": "error", "error": text, "error_code": status,
+            "recorded_at": clock.iso(), "completed_via": Source.DISPATCH},
+            Event(Source.DISPATCH, "rejected", {"status_code": status, "detail": detail}),
+            relay=True)
+        if done:
+            self._after_change(done, Source.DISPATCH)
+        return done
+
+    async def mark_lost(self, run: RunRecord, reason: str) -> None:
+        done = await self.store.transition(run.id, State.LOST, tuple(WATCHED), {
+            "status": Status.FAILED, "stop_reason": "error", "error": reason,
+            "recorded_at": clock.iso(), "completed_via": Source.POLL},
+            Event(Source.POLL, "lost", {"reason": reason}), relay=True)
+        if done:
+            self._after_change(done, Source.POLL)
+
+    def is_final(self, run: RunRecord) -> bool:
+        return run.state in FINAL

@@ -1,0 +1,92 @@
+"""HTTP middlewares: errors in Letta's shape (never a traceback), and access by API key."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from tracker.errors import TrackerError, Unauthorized, error_body
+
+log = logging.getLogger("tracker.api")
+
+USER: web.RequestKey = web.RequestKey("user", object)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _json_error(status: int, detail: object) -> web.Response:
+    return web.json_response(error_body(status, detail), status=status)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Map every error to its status and a ``{"detail": ...}`` body."""
+    try:
+        return await handler(request)
+    except TrackerError as e:
+        if e.status >= 500:
+            log.error("%s %s: %s", request.method, request.path, e)
+        return _json_error(e.status, e.detail)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        detail = "Request Entity Too Large" if e.status == 413 else e.reason
+        return _json_error(e.status, detail)
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return _json_error(500, "Internal Server Error")
+
+
+def bearer(request: web.Request) -> str | None:
+    """The key from ``Authorization: Bearer <key>`` (also accepted: ``X-API-Key``)."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    return request.headers.get("X-API-Key") or None
+
+
+def make_auth_middleware(authenticate: Callable, public: Callable[[str], bool]):
+    """Resolve the caller's user from the key; public paths need none."""
+
+    @web.middleware
+    async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if public(request.path):
+            return await handler(request)
+        user = await authenticate(bearer(request))
+        if user is None:
+            raise Unauthorized("Unauthorized")
+        request[USER] = user
+        return await handler(request)
+
+    return auth_middleware
+
+
+def timing_middleware(observe: Callable[[str, str, int, float], None]):
+    """Report each request's route, status and latency to ``observe`` (metrics)."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        start = time.perf_counter()
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as e:
+            status = e.status
+            raise
+        finally:
+            route = request.match_info.route.resource
+            name = route.canonical if route is not None else "unmatched"
+            observe(request.method, name, status, time.perf_counter() - start)
+
+    return middleware
+
+
+def dumps(obj: object) -> str:
+    return json.dumps(obj, separators=(",", ":"))

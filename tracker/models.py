@@ -1,0 +1,160 @@
+"""Pydantic models of what the tracker serves and receives (besides the submit body, which is
+``tracker.letta_request``): Letta's Run plus the ``tracker`` object, Letta's callback, query
+parameters, and the small bodies of the other routes. The OpenAPI document is built from them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tracker.states import State
+
+StatusLit = Literal["created", "running", "completed", "failed", "cancelled"]
+RUN_ID_RE = r"^run-[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$"
+
+
+class TrackerInfo(BaseModel):
+    """What only the tracker knows about a run."""
+
+    state: State = Field(description="the tracker's lifecycle state")
+    letta_run_id: str | None = Field(None, description="Letta's run id once Letta has the run")
+    user_id: str = Field(description="the user the run belongs to")
+    queued_at: str = Field(description="when the tracker recorded the submit")
+    submitted_at: str | None = Field(None, description="when Letta accepted the run")
+    completed_at: str | None = Field(None, description="when Letta finished the run")
+    recorded_at: str | None = Field(None, description="when the tracker learnt the outcome")
+    completed_via: str | None = Field(None, description="callback, poll or reconcile")
+    poll_count: int = Field(0, description="how many times the poller checked the run")
+    attempts: int = Field(0, description="how many times the run was sent to Letta")
+    error: str | None = Field(None, description="why the run was refused, failed or lost")
+    error_code: int | None = Field(None, description="Letta's HTTP status when it refused")
+    relay: str | None = Field(None, description="delivery state to the user's callback_url")
+
+
+class RunOut(BaseModel):
+    """Letta's Run schema, with the tracker's run id, plus the ``tracker`` object."""
+
+    id: str = Field(description="the tracker's run id (run-<uuid4>)")
+    status: StatusLit
+    created_at: str | None = None
+    completed_at: str | None = None
+    agent_id: str
+    conversation_id: str | None = None
+    base_template_id: str | None = None
+    background: bool | None = None
+    metadata: dict[str, Any] | None = None
+    request_config: dict[str, Any] | None = None
+    stop_reason: str | None = None
+    callback_url: str | None = None
+    callback_sent_at: str | None = None
+    callback_status_code: int | None = None
+    callback_error: str | None = None
+    ttft_ns: int | None = None
+    total_duration_ns: int | None = None
+    tracker: TrackerInfo
+
+
+class CallbackResult(BaseModel):
+    """``metadata.result`` of Letta's callback."""
+
+    model_config = ConfigDict(extra="allow")
+    messages: list[dict[str, Any]] = []
+    stop_reason: dict[str, Any] | None = None
+    usage: dict[str, Any] | None = None
+
+
+class CallbackMetadata(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    result: CallbackResult | None = None
+    error: Any = None
+
+
+class LettaCallback(BaseModel):
+    """The body Letta POSTs to ``callback_url`` when a run ends."""
+
+    model_config = ConfigDict(extra="allow")
+    run_id: str = Field(pattern=r"^run-[0-9a-fA-F-]{8,}$")
+    status: StatusLit
+    completed_at: str | None = None
+    metadata: CallbackMetadata | None = None
+
+
+class CancelRequest(BaseModel):
+    """Letta's cancel body: the runs to cancel, or none for all the agent's active runs."""
+
+    model_config = ConfigDict(extra="forbid")
+    run_ids: list[str] | None = None
+
+
+class RunListParams(BaseModel):
+    """``GET /v1/runs``: Letta's filters plus the tracker's."""
+
+    model_config = ConfigDict(extra="forbid")
+    agent_id: str | None = None
+    agent_ids: list[str] | None = Field(None, description="Letta's older, repeatable filter")
+    statuses: list[StatusLit] | None = None
+    background: bool | None = None
+    stop_reason: str | None = None
+    conversation_id: str | None = None
+    before: str | None = Field(None, description="runs created before this run id")
+    after: str | None = Field(None, description="runs created after this run id")
+    limit: int = Field(100, ge=1, le=1000)
+    order: Literal["asc", "desc"] = "desc"
+    order_by: Literal["created_at"] = "created_at"
+    active: bool | None = None
+    ascending: bool | None = Field(None, description="deprecated Letta alias of order")
+    state: list[State] | None = Field(None, description="tracker states")
+    created_after: str | None = Field(None, description="ISO 8601 lower bound (inclusive)")
+    created_before: str | None = Field(None, description="ISO 8601 upper bound (exclusive)")
+    completed_via: Literal["callback", "poll", "reconcile", "api", "dispatch"] | None = None
+    callback_missed: bool | None = Field(
+        None, description="true: learnt by poll or reconcile; false: learnt by callback")
+    user_id: str | None = Field(None, description="admin only: one user's runs")
+
+
+class MessageListParams(BaseModel):
+    """``GET /v1/runs/{id}/messages``: Letta's pagination."""
+
+    model_config = ConfigDict(extra="forbid")
+    before: str | None = None
+    after: str | None = None
+    limit: int = Field(100, ge=1, le=1000)
+    order: Literal["asc", "desc"] = "asc"
+
+
+class EventOut(BaseModel):
+    """One entry of a run's timeline."""
+
+    id: int
+    at: str
+    source: str
+    kind: str
+    state: str | None = None
+    status: str | None = None
+    detail: dict[str, Any] | None = None
+
+
+class UsageOut(BaseModel):
+    """Letta's run usage."""
+
+    model_config = ConfigDict(extra="allow")
+    completion_tokens: int | None = None
+    prompt_tokens: int | None = None
+    total_tokens: int | None = None
+    prompt_tokens_details: dict[str, Any] | None = None
+    completion_tokens_details: dict[str, Any] | None = None
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok", "degraded"]
+    database: bool
+    version: str
+
+
+class ErrorOut(BaseModel):
+    """Error body, as Letta (FastAPI) answers."""
+
+    detail: Any
+

@@ -1,0 +1,69 @@
+"""Reading requests: JSON bodies and query strings, refused in Letta's (FastAPI's) shapes."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from tracker.errors import BadRequest, Invalid, TrackerError
+from tracker.letta_request import AGENT_ID_PATTERN
+
+M = TypeVar("M", bound=BaseModel)
+_AGENT_RE = re.compile(AGENT_ID_PATTERN)
+
+
+class UnsupportedMediaType(TrackerError):
+    status = 415
+
+
+def errors_of(e: ValidationError, where: str) -> list[dict]:
+    """FastAPI's 422 detail list: loc, msg, type."""
+    return [{"loc": [where, *err["loc"]], "msg": err["msg"], "type": err["type"]}
+            for err in e.errors(include_url=False, include_context=False, include_input=False)]
+
+
+async def read_json(request: web.Request, optional: bool = False) -> Any:
+    """The body as JSON: 415 for a non-JSON content type, 400 when malformed."""
+    ctype = request.headers.get("Content-Type", "application/json").split(";")[0].strip()
+    raw = await request.read()
+    if optional and not raw.strip():
+        return None
+    if ctype and ctype != "application/json" and not ctype.endswith("+json"):
+        raise UnsupportedMediaType(f"Content-Type must be application/json, not {ctype}")
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        raise BadRequest("request body is not valid JSON") from None
+
+
+def validate(model: type[M], data: Any, where: str = "body") -> M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise Invalid(errors_of(e, where)) from None
+
+
+def agent_id(request: web.Request) -> str:
+    """The path's agent id, 422 when it is not ``agent-<uuid4>`` (as Letta answers)."""
+    value = request.match_info["agent_id"]
+    if not _AGENT_RE.match(value):
+        raise Invalid([{"loc": ["path", "agent_id"], "type": "string_pattern_mismatch",
+                        "msg": f"String should match pattern '{AGENT_ID_PATTERN}'"}])
+    return value
+
+
+def query(request: web.Request, model: type[M]) -> M:
+    """Query parameters into ``model``; list fields take repeated keys (``?statuses=a&...``)."""
+    data: dict[str, Any] = {}
+    for name in set(request.query):
+        if name not in model.model_fields:
+            raise Invalid([{"loc": ["query", name], "msg": "Unknown query parameter",
+                            "type": "extra_forbidden"}])
+        field = model.model_fields[name]
+        many = "list" in str(field.annotation)
+        data[name] = request.query.getall(name) if many else request.query[name]
+    return validate(model, data, "query")

@@ -1,0 +1,187 @@
+"""The poller: learns the outcome of runs whose callback is overdue.
+
+Each watched run has a next-check time (the grace period after submit, then backoff with
+jitter). When several runs are due at once, one ``GET /v1/runs/?active=true`` tells which are
+still running, and one listing of finished runs gives the rest, so that the cost per run stays
+near the two calls needed for its result (messages and usage).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+
+from tracker import clock
+from tracker.config import Config
+from tracker.errors import LettaUnavailable, NotFound
+from tracker.letta import PAGE, LettaClient
+from tracker.manager import Manager, Observation
+from tracker.states import LETTA_ACTIVE, WATCHED, Source, State
+from tracker.store import Add, Event, RunRecord
+
+log = logging.getLogger("tracker.poller")
+
+BATCH = 2000
+
+
+class Poller:
+    """Background checker of watched runs, bounded in concurrency, polite to Letta."""
+
+    def __init__(self, cfg: Config, manager: Manager, letta: LettaClient) -> None:
+        self.p = cfg.polling
+        self.manager = manager
+        self.store = manager.store
+        self.letta = letta
+        self._slots = asyncio.Semaphore(self.p.concurrency)
+        self._paused_until = 0.0
+        self._failures = 0
+
+    async def run(self) -> None:
+        wakeup = self.manager.poll_wakeup
+        while True:
+            wakeup.clear()
+            try:
+                await self.tick()
+            except Exception:
+                log.exception("poll loop error; retrying")
+            await self._sleep(wakeup)
+
+    async def _sleep(self, wakeup: asyncio.Event) -> None:
+        nxt = await self.store.next_due(WATCHED)
+        at = max(nxt if nxt is not None else clock.now() + 30.0, self._paused_until)
+        await clock.nap(wakeup, max(0.02, min(at - clock.now(), 30.0)))
+
+    async def tick(self) -> int:
+        """Check every due run once; returns how many were due."""
+        if clock.now() < self._paused_until:
+            return 0
+        due = await self.store.due(WATCHED, clock.now(), BATCH)
+        if not due:
+            return 0
+        try:
+            finished, known = await self._triage(due)
+        except LettaUnavailable as e:
+            self._back_off(e)
+            return len(due)
+        self._failures = 0
+        await asyncio.gather(*(self.check(r, known.get(r.letta_run_id or "")) for r in finished))
+        return len(due)
+
+    async def _triage(self, due: list[RunRecord]) -> tuple[list[RunRecord], dict[str, dict]]:
+        """Split due runs into finished ones (with their Letta run when a listing had it) and
+        still-active ones, which are rescheduled here without a call each."""
+        if len(due) < self.p.sweep_min:
+            return due, {}
+        async with self._slots:
+            active = await self.letta.active_run_ids()
+        running = [r for r in due if r.letta_run_id in active]
+        await self._reschedule_active(running)
+        finished = [r for r in due if r.letta_run_id not in active]
+        if len(finished) < self.p.sweep_min:
+            return finished, {}
+        return finished, await self._finished_runs({r.letta_run_id for r in finished})
+
+    async def _finished_runs(self, wanted: set) -> dict[str, dict]:
+        """Page through Letta's finished runs, newest first, until all wanted are seen."""
+        found: dict[str, dict] = {}
+        before = None
+        for _ in range(len(wanted) // PAGE + 2):
+            async with self._slots:
+                page = await self.letta.recent_terminal(PAGE, before)
+            found.update({r["id"]: r for r in page if r["id"] in wanted})
+            if len(page) < PAGE or wanted <= found.keys():
+                break
+            before = page[-1]["id"]
+        return found
+
+    async def check(self, run: RunRecord, letta_run: dict | None = None) -> None:
+        """One run: fetch it unless a listing had it, then apply or reschedule."""
+        try:
+            if letta_run is None:
+                async with self._slots:
+                    letta_run = await self.letta.get_run(run.letta_run_id or "")
+            if letta_run.get("status") in LETTA_ACTIVE:
+                await self._still_active(run, letta_run)
+            elif self._callback_pending(letta_run):
+                await self._wait_for_callback(run)
+            else:
+                await self._finish(run, letta_run)
+        except NotFound:
+            await self.manager.mark_lost(run, f"Letta no longer knows run {run.letta_run_id}")
+        except LettaUnavailable as e:
+            self._back_off(e)
+            await self.store.reschedule([(run.id, self._paused_until, run.poll_count)])
+
+    async def _finish(self, run: RunRecord, letta_run: dict) -> None:
+        async with self._slots:
+            messages = await self.letta.run_messages(letta_run["id"])
+        async with self._slots:
+            usage = await self.letta.run_usage(letta_run["id"])
+        obs = Observation.from_run(letta_run, messages, usage)
+        obs.fields["poll_count"] = Add(1)
+        updated = await self.manager.apply_remote(run, obs, Source.POLL)
+        if updated.state in WATCHED:
+            await self.store.reschedule([(run.id, self._confirm_at(updated), updated.poll_count)])
+
+    def _confirm_at(self, run: RunRecord) -> float:
+        """Next look at a run still watched after a finished poll (a cancel to confirm)."""
+        at = self._next(run)["next_check_at"]
+        if run.state is State.CONFIRMING:
+            seen = clock.epoch(run.recorded_at) or clock.now()
+            at = max(min(at, seen + self.manager.cfg.polling.cancel_confirm_s), clock.now())
+        return at
+
+    def _callback_pending(self, letta_run: dict) -> bool:
+        """Letta shows a run finished ~0.2 s before it sends the callback: give it a moment
+        rather than pay two calls for a result that is on its way."""
+        if not letta_run.get("callback_url") or letta_run.get("callback_sent_at"):
+            return False
+        finished = clock.epoch(letta_run.get("completed_at")) or 0
+        return clock.now() - finished < self.p.callback_wait_s
+
+    async def _wait_for_callback(self, run: RunRecord) -> None:
+        await self.store.reschedule([(run.id, clock.now() + self.p.callback_wait_s,
+                                      run.poll_count)])
+
+    async def _still_active(self, run: RunRecord, letta_run: dict) -> None:
+        fields = {"status": letta_run.get("status"), **self._next(run)}
+        stuck = run.state is State.SUBMITTED and clock.now() > (run.deadline_at or float("inf"))
+        if stuck:
+            fields["next_check_at"] = clock.now() + self.p.max_interval_s
+            await self.store.transition(run.id, State.STUCK, (State.SUBMITTED,), fields,
+                                        Event(Source.POLL, "stuck", {"deadline_s":
+                                                                     self.p.deadline_s}))
+            log.warning("run stuck past its deadline", extra={"run_id": run.id,
+                                                               "agent_id": run.agent_id})
+            return
+        await self.store.transition(run.id, None, WATCHED, fields,
+                                    Event(Source.POLL, "still_active",
+                                          {"status": letta_run.get("status")}))
+
+    async def _reschedule_active(self, runs: list[RunRecord]) -> None:
+        past = [r for r in runs if r.state is State.SUBMITTED
+                and clock.now() > (r.deadline_at or float("inf"))]
+        for r in past:
+            await self._still_active(r, {"status": r.status})
+        rest = [r for r in runs if r not in past]
+        await self.store.reschedule([(r.id, self._next(r)["next_check_at"], r.poll_count + 1)
+                                     for r in rest])
+
+    def _next(self, run: RunRecord) -> dict:
+        """Next check: exponential backoff with jitter, capped; stuck runs at the cap."""
+        if run.state is State.STUCK:
+            interval = self.p.max_interval_s
+        else:
+            interval = min(self.p.max_interval_s,
+                           self.p.min_interval_s * self.p.backoff ** run.poll_count)
+        jittered = interval * random.uniform(0.8, 1.0)
+        return {"next_check_at": clock.now() + jittered, "poll_count": run.poll_count + 1}
+
+    def _back_off(self, e: LettaUnavailable) -> None:
+        """Letta is down or rate-limiting: pause all polling (Retry-After when given)."""
+        self._failures += 1
+        delay = e.retry_after if e.retry_after is not None else min(
+            self.p.max_interval_s, self.p.min_interval_s * 2 ** (self._failures - 1))
+        self._paused_until = max(self._paused_until, clock.now() + delay)
+        log.warning("Letta unavailable to the poller; pausing %.1fs: %s", delay, e)
