@@ -7,6 +7,7 @@ dispatch paths (the background loop, an inline submit) can never send the same r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 
@@ -61,7 +62,9 @@ class Dispatcher:
         """Wait for sends in flight: a send cut off here would be healed by reconcile, but
         finishing it is cheaper."""
         if self._tasks:
-            await asyncio.wait(self._tasks, timeout=self.cfg.letta.timeout_s)
+            _, pending = await asyncio.wait(self._tasks, timeout=self.cfg.letta.timeout_s)
+            for task in pending:
+                task.cancel()  # left `submitting`: reconcile finds it again at the next start
 
     async def dispatch_inline(self, run: RunRecord) -> RunRecord:
         """Send ``run`` now if its lane is free; otherwise leave it to the loop."""
@@ -96,9 +99,27 @@ class Dispatcher:
             except (LettaError, NotFound) as e:
                 await self.manager.reject(run, e.status, e.detail)
                 return
+            except Exception as e:
+                await self._unexpected(run, e)
+                return
+            await self._submitted(run, letta_run)
+
+    async def _submitted(self, run: RunRecord, letta_run: dict) -> None:
+        try:
             await self.manager.mark_submitted(run, letta_run, Source.DISPATCH)
+        except Exception as e:
+            await self._unexpected(run, e)
+            return
             log.info("run submitted", extra={"run_id": run.id, "agent_id": run.agent_id,
                                              "letta_run_id": letta_run.get("id")})
+
+    async def _unexpected(self, run: RunRecord, e: Exception) -> None:
+        """A fault after the claim (storage, a bug): Letta may have the run, so look first."""
+        log.error("send failed unexpectedly: %r", e, extra={"run_id": run.id,
+                                                              "agent_id": run.agent_id})
+        with contextlib.suppress(Exception):  # if this fails too, start-up reconcile heals it
+            await self.manager.requeue(run, clock.now() + self.cfg.dispatch.retry_min_s,
+                                       needs_lookup=True, error=repr(e))
 
     def _body(self, run: RunRecord) -> dict:
         """The body as the user gave it, but with our callback URL (theirs goes to the relay)."""

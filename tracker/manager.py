@@ -334,8 +334,8 @@ class Manager:
             await self.store.transition(run.id, None, tuple(State), {
                 "submitted_at": fields["submitted_at"]}, Event(source, kind, {
                     "letta_run_id": letta_run["id"], "after": "callback"}))
-        elif letta_run.get("status") not in (None, Status.CREATED, Status.RUNNING):
-            self.poll_wakeup.set()
+        # the poller may be asleep until later than this run's first check
+        self.poll_wakeup.set()
         return done
 
     async def requeue(self, run: RunRecord, at: float, needs_lookup: bool, error: str | None,

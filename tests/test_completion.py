@@ -1,0 +1,208 @@
+"""Completion: Letta's callback, the polling fallback, and recovery after a crash."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tests.conftest import eventually
+from tracker.states import State
+
+
+def via(runs: list[dict]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for r in runs:
+        out[r["tracker"]["completed_via"]] = out.get(r["tracker"]["completed_via"], 0) + 1
+    return out
+
+
+async def kinds(t, run_id: str) -> list[str]:
+    return [e["kind"] for e in await (await t.get(f"/v1/runs/{run_id}/events")).json()]
+
+
+@pytest.mark.parametrize("drop", [0.0, 0.5, 1.0])
+async def test_every_run_is_recorded_whatever_the_callbacks(start_tracker, sim, drop):
+    t = await start_tracker(dispatch={"per_agent": "parallel"})
+    sim.set_faults(callback_drop=drop)
+    agents = [sim.create_agent(f"a{i}")["id"] for i in range(4)]
+    runs = [await t.submit(a, f"m{i}") for i in range(3) for a in agents]
+    done = [await t.wait_state(r["id"], "done") for r in runs]
+    for r in done:
+        assert r["status"] == "completed" and r["stop_reason"] == "end_turn"
+        messages = await (await t.get(f"/v1/runs/{r['id']}/messages")).json()
+        assert [m["message_type"] for m in messages] == ["user_message", "assistant_message"]
+        usage = await (await t.get(f"/v1/runs/{r['id']}/usage")).json()
+        assert usage["total_tokens"] > 0
+    counts = via(done)
+    if drop == 0.0:
+        assert counts == {"callback": 12}
+    elif drop == 1.0:
+        assert counts == {"poll": 12}
+        # why the callback was missed is kept from Letta's run
+        assert all(r["callback_error"] for r in done)
+    else:
+        assert counts.get("callback") and counts.get("poll")
+
+
+async def test_poll_before_a_late_callback_is_no_error(start_tracker, sim, agent):
+    t = await start_tracker()
+    sim.set_faults(callback_delay_s=1.2)
+    run = await t.submit(agent)
+    done = await t.wait_state(run["id"], "done")
+    assert done["tracker"]["completed_via"] == "poll"
+    # the callback that follows confirms the same outcome: an event, no change
+    await eventually(lambda: _has(t, run["id"], "confirmed"), timeout=5)
+    after = await t.run(run["id"])
+    assert after["status"] == "completed" and after["tracker"]["completed_via"] == "poll"
+
+
+async def _has(t, run_id, kind):
+    return kind in await kinds(t, run_id)
+
+
+async def test_duplicate_and_replayed_callbacks_change_nothing(start_tracker, sim, agent):
+    t = await start_tracker()
+    run = await t.submit(agent)
+    done = await t.wait_state(run["id"], "done")
+    letta_run = sim.store.get(done["tracker"]["letta_run_id"])
+    url = letta_run.callback_url.split("127.0.0.1", 1)[1].split("/", 1)[1]
+    body = {"run_id": letta_run.id, "status": "failed", "completed_at": "2026-01-01T00:00:00",
+            "metadata": {"result": {"messages": [], "stop_reason": {"stop_reason": "error"}}}}
+    for _ in range(2):
+        resp = await t.client.post("/" + url, json=body)
+        assert resp.status == 200
+    after = await t.run(run["id"])
+    assert after["status"] == "completed" and after["stop_reason"] == "end_turn"
+    assert (await kinds(t, run["id"])).count("ignored") == 2
+
+
+async def test_forged_callbacks_are_refused(start_tracker, sim, agent):
+    t = await start_tracker()
+    a = await t.wait_state((await t.submit(agent, "a"))["id"], "done")
+    b = await t.wait_state((await t.submit(agent, "b"))["id"], "done")
+    signer = t.svc.signer
+    body = {"run_id": a["tracker"]["letta_run_id"], "status": "failed"}
+    bad_mac = signer.token(a["id"])[:-4] + "AAAA"
+    assert (await t.client.post(f"/callbacks/letta/{bad_mac}", json=body)).status == 401
+    assert (await t.client.post("/callbacks/letta/nonsense", json=body)).status == 404
+    # a valid token for run b, with a body naming run a's Letta run
+    resp = await t.client.post(f"/callbacks/letta/{signer.token(b['id'])}", json=body)
+    assert resp.status == 409
+    resp = await t.client.post(f"/callbacks/letta/{signer.token(a['id'])}", data=b"{x")
+    assert resp.status == 400
+    resp = await t.client.post(f"/callbacks/letta/{signer.token(a['id'])}",
+                               json={"run_id": a["tracker"]["letta_run_id"], "status": "done"})
+    assert resp.status == 422
+    for r in (a, b):
+        now = await t.run(r["id"])
+        assert now["status"] == "completed" and now["tracker"]["state"] == "done"
+
+
+async def test_callback_before_the_submit_is_recorded(start_tracker, sim, agent):
+    t = await start_tracker()
+    sim.set_faults(run_duration_s=(0.0, 0.0), callback_lag_s=0.0)
+    manager = t.svc.manager
+    original = manager.mark_submitted
+
+    async def slow(*args, **kwargs):
+        await asyncio.sleep(0.4)  # Letta's answer reaches our database after its callback
+        return await original(*args, **kwargs)
+
+    manager.mark_submitted = slow
+    run = await t.submit(agent)
+    after = await t.run(run["id"])
+    assert after["tracker"]["state"] == "done" and after["tracker"]["completed_via"] == "callback"
+    assert after["tracker"]["letta_run_id"] and after["tracker"]["submitted_at"]
+
+
+async def test_stuck_run_is_flagged_and_can_be_cancelled(start_tracker, sim, agent):
+    t = await start_tracker(polling={"deadline_s": 0.5})
+    run = await t.submit(agent, "[[never]] forever")
+    stuck = await t.wait_state(run["id"], "stuck")
+    assert stuck["status"] == "created"  # Letta's status is not invented
+    polls = stuck["tracker"]["poll_count"]
+    await asyncio.sleep(1.5)
+    assert (await t.run(run["id"]))["tracker"]["poll_count"] > polls
+    resp = await t.post(f"/v1/agents/{agent}/messages/cancel", {"run_ids": [run["id"]]})
+    assert await resp.json() == {run["id"]: "cancelled"}
+    final = await t.wait_state(run["id"], "done", timeout=10)
+    assert final["status"] == "cancelled"
+
+
+async def test_run_deleted_upstream_is_lost(start_tracker, sim, agent):
+    t = await start_tracker()
+    sim.set_faults(callback_drop=1.0)
+    run = await t.submit(agent, "[[delay=1]] slow")
+    sim.delete_run(run["tracker"]["letta_run_id"])
+    lost = await t.wait_state(run["id"], "lost")
+    assert "no longer knows" in lost["tracker"]["error"]
+
+
+async def test_cancelled_then_overwritten_settles_on_completed(start_tracker, sim, agent):
+    t = await start_tracker()
+    run = await t.submit(agent, "[[delay=0.8]] slow")
+    resp = await t.post(f"/v1/agents/{agent}/messages/cancel", {"run_ids": [run["id"]]})
+    assert (await resp.json()) == {run["id"]: "cancelled"}
+    await t.wait_state(run["id"], "confirming")
+    final = await t.wait_state(run["id"], "done", timeout=10)
+    assert final["status"] == "completed" and final["stop_reason"] == "end_turn"
+    timeline = await kinds(t, run["id"])
+    assert "cancel_seen" in timeline and "completed" in timeline
+
+
+async def test_cancel_of_a_finished_step_settles_on_cancelled(start_tracker, sim, agent):
+    t = await start_tracker(polling={"cancel_confirm_s": 0.5})
+    run = await t.submit(agent, "[[never]] forever")
+    await t.post(f"/v1/agents/{agent}/messages/cancel", {"run_ids": [run["id"]]})
+    final = await t.wait_state(run["id"], "done", timeout=10)
+    assert final["status"] == "cancelled"
+
+
+async def test_letta_down_makes_the_poller_back_off_then_finish(start_tracker, sim, agent):
+    t = await start_tracker()
+    sim.set_faults(callback_drop=1.0)
+    run = await t.submit(agent, "[[delay=0.3]] x")
+    sim.down_for(1.0)
+    done = await t.wait_state(run["id"], "done", timeout=10)
+    assert done["tracker"]["completed_via"] == "poll"
+
+
+async def test_callback_wakes_the_next_message_of_the_lane(start_tracker, sim, agent):
+    t = await start_tracker(polling={"grace_s": 30})
+    first = await t.submit(agent, "one")
+    second = await t.submit(agent, "two")
+    await t.wait_state(second["id"], "done", timeout=3)
+    a = sim.store.get((await t.run(first["id"]))["tracker"]["letta_run_id"])
+    b = sim.store.get((await t.run(second["id"]))["tracker"]["letta_run_id"])
+    assert (b.created_at - a.completed_at).total_seconds() < 0.5
+
+
+async def hang(*args, **kwargs):
+    await asyncio.Event().wait()  # the process "dies" here: nothing after it ever runs
+
+
+async def test_crash_between_letta_answer_and_our_write(start_tracker, sim, agent):
+    t = await start_tracker(letta={"timeout_s": 0.5}, dispatch={"inline_timeout_s": 0.3})
+    t.svc.manager.mark_submitted = hang
+    sim.set_faults(callback_drop=1.0)  # a dead tracker hears no callback either
+    run = await t.submit(agent)
+    assert (await t.run(run["id"]))["tracker"]["state"] == "submitting"
+    await t.client.close()
+    t2 = await start_tracker()
+    done = await t2.wait_state(run["id"], "done")
+    assert len(sim.received) == 1 and max(sim.otid_counts().values()) == 1
+    assert done["tracker"]["letta_run_id"] == sim.received[0].run_id
+    assert "found_in_letta" in await kinds(t2, run["id"])
+
+
+async def test_crash_before_letta_got_it_is_sent_again(start_tracker, sim, agent):
+    t = await start_tracker(letta={"timeout_s": 0.5}, dispatch={"inline_timeout_s": 0.3})
+    t.svc.letta.send_async = hang
+    run = await t.submit(agent)
+    assert (await t.run(run["id"]))["tracker"]["state"] == "submitting"
+    await t.client.close()
+    t2 = await start_tracker()
+    await t2.wait_state(run["id"], "done")
+    assert len(sim.received) == 1
+    assert State.SUBMITTING.value not in [r["tracker"]["state"] for r in [await t2.run(run["id"])]]
