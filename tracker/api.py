@@ -21,6 +21,7 @@ from tracker.models import (
     RunOut,
     UsageOut,
 )
+from tracker.relay_guard import RefusedDestination, check_url
 from tracker.serialize import delivery_out, event_out, page, run_out
 from tracker.states import State
 from tracker.stats import summarize
@@ -76,6 +77,7 @@ async def submit(request: web.Request) -> web.Response:
     body = await parsing.read_json(request)
     parsing.validate(AsyncMessageRequest, body)
     svc = _svc(request)
+    _check_callback_url(body, svc.cfg.relay.allow_private)
     key = request.headers.get("Idempotency-Key") or None
     run, created = await svc.manager.submit(_user(request), agent_id, body, key)
     if created:
@@ -83,6 +85,18 @@ async def submit(request: web.Request) -> web.Response:
     if run.state is State.REJECTED:
         raise LettaError(run.error_code or 400, _detail(run.error))
     return _json(run_out(run))
+
+
+def _check_callback_url(body: dict, allow_private: bool) -> None:
+    """The user's callback_url gets our relay's POST: it must be a URL we may deliver to."""
+    url = body.get("callback_url")
+    if url is None:
+        return
+    try:
+        check_url(url, allow_private)
+    except RefusedDestination as e:
+        raise Invalid([{"loc": ["body", "callback_url"], "msg": str(e),
+                        "type": "url_refused"}]) from None
 
 
 def _detail(text: str | None) -> Any:

@@ -19,6 +19,7 @@ from tracker.letta import LettaClient
 from tracker.manager import Manager
 from tracker.middleware import error_middleware, make_auth_middleware
 from tracker.poller import Poller
+from tracker.relay import Relay
 from tracker.store import Store, open_store
 from tracker.wiring import SERVICES, Services
 
@@ -86,18 +87,22 @@ async def _services_ctx(app: web.Application, cfg: Config) -> AsyncIterator[None
     manager = Manager(cfg, store, letta, signer.url)
     app[SERVICES] = Services(cfg=cfg, store=store, letta=letta, signer=signer, manager=manager,
                              dispatcher=Dispatcher(cfg, manager, letta),
-                             poller=Poller(cfg, manager, letta))
+                             poller=Poller(cfg, manager, letta),
+                             relay=Relay(cfg, store, manager.relay_wakeup))
     yield
 
 
 async def _background_ctx(app: web.Application) -> AsyncIterator[None]:
     svc = app[SERVICES]
-    tasks = [_task(_reconcile_then_run(svc), "dispatcher"), _task(svc.poller.run(), "poller")]
+    await svc.relay.start()
+    tasks = [_task(_reconcile_then_run(svc), "dispatcher"), _task(svc.poller.run(), "poller"),
+             _task(svc.relay.run(), "relay")]
     yield
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     await svc.dispatcher.stop()
+    await svc.relay.stop()
 
 
 def _task(coro: Coroutine, name: str) -> asyncio.Task:

@@ -166,7 +166,11 @@ class SummarizedReasoningContent(TaggedModel):
         description="Summaries of the reasoning content."
     )
     # Letta types this `str` with a None default: absent is fine, an explicit null is refused.
-    encrypted_content: str = Field(None, description="The encrypted reasoning content.")
+    # The schema leaves the default out: a null default on a string field is invalid OpenAPI.
+    encrypted_content: str = Field(
+        None, description="The encrypted reasoning content.",
+        json_schema_extra=lambda schema: schema.pop("default", None),
+    )
 
 
 # Letta's LettaMessageContentUnion: its pydantic type includes SummarizedReasoningContent, so

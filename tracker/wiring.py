@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from tracker.letta import LettaClient
     from tracker.manager import Manager
     from tracker.poller import Poller
+    from tracker.relay import Relay
     from tracker.store import Store
 
 
@@ -28,6 +29,7 @@ class Services:
     manager: Manager
     dispatcher: Dispatcher
     poller: Poller
+    relay: Relay
 
 
 SERVICES: web.AppKey[Services] = web.AppKey("services", Services)

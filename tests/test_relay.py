@@ -1,0 +1,425 @@
+"""The relay against real SQLite and real HTTP receivers: shape, signatures, retries, safety,
+restart, isolation of slow destinations."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+
+import pytest
+from aiohttp import web
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+from tests import samples
+from tests.conftest import eventually, make_config
+from tracker import clock
+from tracker.auth import new_webhook_secret
+from tracker.relay import Relay, rotate_secret
+from tracker.relay_guard import RefusedDestination, check_url, refusal
+from tracker.relay_policy import (
+    MAX_RETRY_AFTER_S,
+    DeliveryState,
+    Outcome,
+    jittered,
+    next_step,
+    parse_retry_after,
+)
+from tracker.states import State
+from tracker.store import Event, NewRun, open_store
+
+LETTA_CALLBACK = samples.body("async_basic__callback")
+LETTA_RESULT = LETTA_CALLBACK["metadata"]["result"]
+USAGE = {k: v for k, v in LETTA_RESULT["usage"].items() if k != "message_type"}
+
+
+# --- receivers ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Reply:
+    """How a receiver answers one request."""
+
+    status: int = 200
+    delay: float = 0.0
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Seen:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    at: float
+
+    def json(self) -> dict:
+        return json.loads(self.body)
+
+
+class Receiver:
+    """A scripted webhook endpoint: request n gets reply n (the last reply repeats)."""
+
+    def __init__(self, *replies: Reply) -> None:
+        self.replies = list(replies) or [Reply()]
+        self.seen: list[Seen] = []
+        self.active = self.max_active = 0
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.seen.append(Seen(request.path, dict(request.headers), await request.read(),
+                              time.monotonic()))
+        reply = self.replies[min(len(self.seen), len(self.replies)) - 1]
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        try:
+            await asyncio.sleep(reply.delay)
+        finally:
+            self.active -= 1
+        return web.Response(status=reply.status, headers=reply.headers)
+
+
+@pytest.fixture
+def serve(aiohttp_server):
+    """Serve a Receiver; returns its callback URL on 127.0.0.1."""
+    async def _serve(receiver: Receiver, host: str = "127.0.0.1") -> str:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", receiver.handle)
+        server = await aiohttp_server(app)
+        return f"http://{host}:{server.port}/hook"
+    return _serve
+
+
+# --- runs and relays ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def user(store):
+    return await store.create_user("alice", False, new_webhook_secret())
+
+
+async def final_run(store, user, url):
+    """A run with ``callback_url`` that reached ``done``: the outbox row is written with it."""
+    agent = f"agent-{uuid.uuid4()}"
+    new = NewRun(id=f"run-{uuid.uuid4()}", user_id=user.id, agent_id=agent, kind="message",
+                 request={"messages": [{"role": "user", "content": "hi"}]}, request_config={},
+                 callback_url=url)
+    await store.submit(new, Event("api", "submit"))
+    await store.claim(serial=False, now=clock.now(), agent_id=agent)
+    return await store.transition(new.id, State.DONE, (State.SUBMITTING,), {
+        "status": "completed", "stop_reason": "end_turn", "letta_run_id": f"run-{uuid.uuid4()}",
+        "completed_at": clock.iso(), "recorded_at": clock.iso(), "completed_via": "callback",
+        "metadata": {"run_type": "send_message_async", "lettuce": None},
+        "messages": LETTA_RESULT["messages"], "usage": USAGE,
+    }, Event("callback", "completed"), relay=True)
+
+
+@pytest.fixture
+async def relays():
+    """Start Relays running their loop; every one is stopped at teardown."""
+    running: list[tuple[Relay, asyncio.Task]] = []
+
+    async def _start(cfg, store, resolver=None) -> Relay:
+        relay = Relay(cfg, store, asyncio.Event(), resolver)
+        await relay.start()
+        running.append((relay, asyncio.create_task(relay.run())))
+        return relay
+
+    yield _start
+    for relay, task in running:
+        task.cancel()
+        await relay.stop(grace_s=0)
+
+
+def cfg_with(tmp_path, **relay):
+    return make_config(tmp_path, relay=relay)
+
+
+async def finished(store, run_id):
+    """The run's delivery once it is no longer pending."""
+    [d] = await store.deliveries(run_id)
+    return d if d.state != DeliveryState.PENDING else None
+
+
+# --- what is sent ------------------------------------------------------------------------------
+
+
+async def test_body_keeps_lettas_callback_shape_plus_tracker_object(store, user, serve, relays,
+                                                                    tmp_path):
+    rx = Receiver()
+    run = await final_run(store, user, await serve(rx))
+    await relays(cfg_with(tmp_path), store)
+    d = await eventually(lambda: finished(store, run.id))
+    body = rx.seen[0].json()
+    tracker = body.pop("tracker")
+    samples.assert_same_shape(body, LETTA_CALLBACK)
+    assert body["run_id"] == run.id and body["status"] == "completed"
+    assert body["metadata"]["result"] == LETTA_RESULT
+    assert tracker["state"] == "done" and tracker["letta_run_id"] == run.letta_run_id
+    assert d.state == "delivered" and d.attempts == 1
+    [attempt] = d.attempt_log
+    assert attempt["status_code"] == 200 and attempt["error"] is None
+    assert attempt["latency_ms"] > 0
+
+
+async def test_signature_verifies_with_the_standardwebhooks_package(store, user, serve, relays,
+                                                                     tmp_path):
+    rx = Receiver()
+    run = await final_run(store, user, await serve(rx))
+    await relays(cfg_with(tmp_path), store)
+    await eventually(lambda: finished(store, run.id))
+    seen = rx.seen[0]
+    assert Webhook(user.webhook_secret).verify(seen.body, seen.headers)["run_id"] == run.id
+    assert seen.headers["webhook-id"].startswith("msg_")
+    with pytest.raises(WebhookVerificationError):
+        Webhook(new_webhook_secret()).verify(seen.body, seen.headers)
+
+
+async def test_rotation_sends_both_signatures_and_each_verifies(store, user, serve, relays,
+                                                                tmp_path):
+    old = user.webhook_secret
+    new = await rotate_secret(store, user.id)
+    rx = Receiver()
+    run = await final_run(store, user, await serve(rx))
+    await relays(cfg_with(tmp_path), store)
+    await eventually(lambda: finished(store, run.id))
+    seen = rx.seen[0]
+    assert len(seen.headers["webhook-signature"].split(" ")) == 2
+    for secret in (new, old):
+        Webhook(secret).verify(seen.body, seen.headers)
+
+
+# --- retries -----------------------------------------------------------------------------------
+
+
+async def test_failures_are_retried_under_one_webhook_id(store, user, serve, relays, tmp_path):
+    rx = Receiver(Reply(500), Reply(503), Reply(200))
+    run = await final_run(store, user, await serve(rx))
+    await relays(cfg_with(tmp_path), store)
+    d = await eventually(lambda: finished(store, run.id))
+    assert d.state == "delivered"
+    assert [a["status_code"] for a in d.attempt_log] == [500, 503, 200]
+    assert {s.headers["webhook-id"] for s in rx.seen} == {d.id}
+    for seen in rx.seen:
+        Webhook(user.webhook_secret).verify(seen.body, seen.headers)
+
+
+async def test_after_the_last_attempt_the_delivery_is_failed(store, user, serve, relays,
+                                                             tmp_path):
+    rx = Receiver(Reply(500))
+    run = await final_run(store, user, await serve(rx))
+    await relays(cfg_with(tmp_path), store)
+    d = await eventually(lambda: finished(store, run.id))
+    await asyncio.sleep(0.5)
+    assert d.state == "failed" and d.attempts == 3 and len(rx.seen) == 3
+
+
+async def test_slow_receiver_times_out_and_is_retried(store, user, serve, relays, tmp_path):
+    rx = Receiver(Reply(delay=1.0), Reply())
+    run = await final_run(store, user, await serve(rx))
+    await relays(cfg_with(tmp_path, timeout_s=0.3), store)
+    d = await eventually(lambda: finished(store, run.id))
+    first, second = d.attempt_log
+    assert first["status_code"] is None and "no answer within 0.3s" in first["error"]
+    assert 250 < first["latency_ms"] < 900
+    assert second["status_code"] == 200 and d.state == "delivered"
+
+
+async def test_410_gone_stops_retries(store, user, serve, relays, tmp_path):
+    rx = Receiver(Reply(410))
+    run = await final_run(store, user, await serve(rx))
+    await relays(cfg_with(tmp_path), store)
+    d = await eventually(lambda: finished(store, run.id))
+    await asyncio.sleep(0.5)
+    assert d.state == "failed" and d.attempts == 1 and len(rx.seen) == 1
+
+
+async def test_retry_after_is_honoured(store, user, serve, relays, tmp_path):
+    rx = Receiver(Reply(503, headers={"Retry-After": "1"}), Reply())
+    run = await final_run(store, user, await serve(rx))
+    await relays(cfg_with(tmp_path), store)
+    await eventually(lambda: finished(store, run.id))
+    # the schedule alone would have waited 0.2 s +/- 20%
+    assert rx.seen[1].at - rx.seen[0].at >= 0.95
+
+
+async def test_redirect_is_not_followed(store, user, serve, relays, tmp_path):
+    rx = Receiver(Reply(302, headers={"Location": "/elsewhere"}))
+    run = await final_run(store, user, await serve(rx))
+    await relays(cfg_with(tmp_path), store)
+    d = await eventually(lambda: finished(store, run.id))
+    assert d.state == "failed" and [s.path for s in rx.seen] == ["/hook"] * 3
+    assert d.attempt_log[0]["status_code"] == 302
+    assert "not followed" in d.attempt_log[0]["error"]
+
+
+async def test_redeliver_sends_again_under_the_same_webhook_id(store, user, serve, relays,
+                                                               tmp_path):
+    rx = Receiver()
+    run = await final_run(store, user, await serve(rx))
+    relay = await relays(cfg_with(tmp_path), store)
+    await eventually(lambda: finished(store, run.id))
+    await store.redeliver(run.id, clock.now())
+    relay.wakeup.set()
+    await eventually(lambda: len(rx.seen) == 2)
+    d = await eventually(lambda: finished(store, run.id))
+    assert d.state == "delivered" and d.attempts == 2
+    assert rx.seen[0].headers["webhook-id"] == rx.seen[1].headers["webhook-id"]
+
+
+# --- durability and isolation ------------------------------------------------------------------
+
+
+async def test_pending_delivery_is_sent_after_a_restart(store, user, serve, relays, tmp_path):
+    rx = Receiver(Reply(503), Reply())
+    run = await final_run(store, user, await serve(rx))
+    cfg = cfg_with(tmp_path, retry_schedule_s=[0, 0.5, 0.5])
+    first = await relays(cfg, store)
+    await eventually(lambda: len(rx.seen) == 1)
+    await first.stop(grace_s=0)
+    await store.close()
+    reopened = open_store(f"sqlite:///{store.path}")
+    await reopened.open()
+    try:
+        [pending] = await reopened.deliveries(run.id)
+        assert pending.state == "pending" and pending.attempts == 1
+        await relays(cfg, reopened)
+        d = await eventually(lambda: finished(reopened, run.id))
+        assert [a["status_code"] for a in d.attempt_log] == [503, 200]
+        assert rx.seen[0].headers["webhook-id"] == rx.seen[1].headers["webhook-id"]
+    finally:
+        await reopened.close()
+
+
+async def test_delivery_in_flight_is_not_picked_up_twice(store, user, serve, relays, tmp_path):
+    rx = Receiver(Reply(delay=0.5))
+    run = await final_run(store, user, await serve(rx))
+    relay = await relays(cfg_with(tmp_path), store)
+    await eventually(lambda: rx.seen)
+    for _ in range(20):  # every wakeup is a loop that sees the row still pending and due
+        relay.wakeup.set()
+        await asyncio.sleep(0.01)
+    await eventually(lambda: finished(store, run.id))
+    assert len(rx.seen) == 1
+
+
+async def test_slow_destination_does_not_delay_a_fast_one(store, user, serve, relays, tmp_path):
+    slow, fast = Receiver(Reply(delay=1.0)), Receiver()
+    slow_url, fast_url = await serve(slow), await serve(fast)
+    # the slow destination's deliveries are older, so they come first in the outbox
+    slow_runs = [await final_run(store, user, slow_url) for _ in range(6)]
+    fast_runs = [await final_run(store, user, fast_url) for _ in range(5)]
+    started = time.monotonic()
+    await relays(cfg_with(tmp_path, concurrency=4, per_destination=2, timeout_s=5), store)
+    for run in fast_runs:
+        await eventually(lambda run=run: finished(store, run.id))
+    fast_done = time.monotonic() - started
+    print(f"\nfast destination: 5 deliveries in {fast_done * 1000:.0f} ms while the slow one"
+          f" (1 s per answer) held {slow.max_active} of 4 slots")
+    assert fast_done < 0.5
+    assert slow.max_active == 2 and len(slow.seen) == 2
+    assert [await finished(store, r.id) for r in slow_runs] == [None] * 6
+
+
+# --- SSRF guard --------------------------------------------------------------------------------
+
+
+async def test_private_destination_is_refused_by_default(store, user, serve, relays, tmp_path):
+    rx = Receiver()
+    literal = await serve(rx)
+    by_name = literal.replace("127.0.0.1", "localhost")  # checked on the resolved address
+    runs = [await final_run(store, user, url) for url in (literal, by_name)]
+    await relays(make_config(tmp_path, relay={"allow_private": False}), store)
+    for run in runs:
+        d = await eventually(lambda run=run: finished(store, run.id))
+        assert d.state == "failed" and d.attempts == 1
+        assert "destination refused" in d.attempt_log[0]["error"]
+    assert rx.seen == []
+
+
+class FixedResolver:
+    """DNS that answers 127.0.0.1 for every name (what a rebinding attacker's DNS does)."""
+
+    async def resolve(self, host, port=0, family=socket.AF_INET):
+        return [{"hostname": host, "host": "127.0.0.1", "port": port, "family": socket.AF_INET,
+                 "proto": 0, "flags": 0}]
+
+    async def close(self):
+        pass
+
+
+@pytest.mark.parametrize("allow_private", [False, True])
+async def test_the_address_dialled_is_the_address_checked(store, user, serve, relays, tmp_path,
+                                                          allow_private):
+    rx = Receiver()
+    run = await final_run(store, user, await serve(rx, host="hooks.example.com"))
+    cfg = make_config(tmp_path, relay={"allow_private": allow_private})
+    await relays(cfg, store, resolver=FixedResolver())
+    d = await eventually(lambda: finished(store, run.id))
+    if allow_private:
+        assert d.state == "delivered" and len(rx.seen) == 1
+    else:
+        assert d.state == "failed" and rx.seen == []
+        assert "127.0.0.1 is private" in d.attempt_log[0]["error"]
+
+
+@pytest.mark.parametrize("address", [
+    "127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "100.64.0.1", "169.254.10.10",
+    "::1", "fe80::1", "fc00::1", "::ffff:127.0.0.1", "2002:7f00:1::1", "240.0.0.1",
+])
+def test_private_addresses_are_refused_unless_allowed(address):
+    assert refusal(address, allow_private=False)
+    assert refusal(address, allow_private=True) is None
+
+
+@pytest.mark.parametrize("address", ["169.254.169.254", "fd00:ec2::254", "0.0.0.0", "::",
+                                     "224.0.0.1", "ff02::1"])
+def test_metadata_unspecified_and_multicast_are_always_refused(address):
+    assert refusal(address, allow_private=True)
+
+
+@pytest.mark.parametrize("address", ["93.184.216.34", "2606:4700:4700::1111"])
+def test_public_addresses_are_allowed(address):
+    assert refusal(address, allow_private=False) is None
+
+
+@pytest.mark.parametrize("url", ["ftp://example.com/x", "file:///etc/passwd", "example.com/x",
+                                 "http:///nohost", "http://169.254.169.254/latest/meta-data"])
+def test_bad_callback_urls_are_refused(url):
+    with pytest.raises(RefusedDestination):
+        check_url(url, allow_private=True)
+
+
+# --- retry policy ------------------------------------------------------------------------------
+
+
+def test_retry_after_seconds_and_http_date():
+    now = time.time()
+    later = format_datetime(datetime.now(UTC) + timedelta(seconds=120), usegmt=True)
+    assert parse_retry_after("30", now) == 30.0
+    assert 110 < parse_retry_after(later, now) <= 121
+    assert parse_retry_after("soon", now) is None and parse_retry_after(None, now) is None
+
+
+def test_jitter_stays_within_20_percent_and_never_negative():
+    rng = random.Random(1)
+    delays = [jittered(10.0, rng) for _ in range(1000)]
+    assert 8.0 <= min(delays) < 8.2 and 11.8 < max(delays) <= 12.0
+    assert jittered(0.0, rng) == 0.0
+
+
+def test_next_step_follows_the_schedule():
+    schedule = [0, 5, 300]
+    assert next_step(1, Outcome(status_code=204), schedule, 0) == ("delivered", None)
+    state, at = next_step(1, Outcome(status_code=500), schedule, 1000)
+    assert state == "pending" and 1004 <= at <= 1006
+    assert next_step(3, Outcome(status_code=500), schedule, 0) == ("failed", None)
+    assert next_step(1, Outcome(status_code=410, final=True), schedule, 0) == ("failed", None)
+    _, at = next_step(1, Outcome(status_code=503, retry_after=60), schedule, 0)
+    assert at == 60
+    _, at = next_step(1, Outcome(status_code=503, retry_after=1e9), schedule, 0)
+    assert at == MAX_RETRY_AFTER_S

@@ -1,0 +1,191 @@
+"""The relay: delivers each run's outcome to the user's own callback_url, signed and retried.
+
+Deliveries come from the outbox table, written in the same transaction as the run's state
+change, so a crash loses none. An attempt cut off by a crash or a stop stays pending and is sent
+again on the next start with the same ``webhook-id``, so receivers can drop the duplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+
+import aiohttp
+from aiohttp.abc import AbstractResolver
+
+from tracker import clock
+from tracker.auth import new_webhook_secret
+from tracker.config import Config
+from tracker.relay_guard import GuardedResolver, RefusedDestination, check_url, destination
+from tracker.relay_message import callback_body, encode, secrets_of, signed_headers
+from tracker.relay_policy import Outcome, from_response, next_step
+from tracker.store import Delivery, Store
+
+log = logging.getLogger("tracker.relay")
+
+#: rows read per loop beyond those in flight; rows of a destination at its limit are skipped,
+#: so the window must reach past a slow destination's backlog to the others
+CLAIM_WINDOW_PER_SLOT = 16
+IDLE_S = 30.0
+ERROR_PAUSE_S = 5.0
+STOP_GRACE_S = 2.0
+
+
+class Relay:
+    """Background sender of outbox deliveries, bounded globally and per destination."""
+
+    def __init__(self, cfg: Config, store: Store, wakeup: asyncio.Event,
+                 resolver: AbstractResolver | None = None) -> None:
+        self.r = cfg.relay
+        self.store = store
+        self.wakeup = wakeup
+        self._dns = resolver  # where names are looked up (default: getaddrinfo); checked after
+        self._session: aiohttp.ClientSession | None = None
+        self._inflight: dict[str, asyncio.Task] = {}
+        self._busy: Counter[str] = Counter()
+        self._loop_task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        """Open the relay's own HTTP session, whose resolver enforces the SSRF guard."""
+        connector = aiohttp.TCPConnector(
+            resolver=GuardedResolver(self.r.allow_private, self._dns),
+            limit=self.r.concurrency, limit_per_host=self.r.per_destination)
+        self._session = aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=self.r.timeout_s),
+            # no proxy from the environment: the guard must see the address really dialled;
+            # no cookies: one user's endpoint must not set cookies sent to another's
+            trust_env=False, cookie_jar=aiohttp.DummyCookieJar())
+
+    async def run(self) -> None:
+        """Loop: start the due deliveries, sleep until woken or the next one is due."""
+        if self._session is None:
+            await self.start()
+        self._loop_task = asyncio.current_task()
+        while True:
+            self.wakeup.clear()
+            try:
+                self._claim(await self.store.due_deliveries(clock.now(), self._window()))
+                wait = await self._idle_for()
+            except Exception:
+                log.exception("relay loop error; retrying")
+                wait = ERROR_PAUSE_S
+            await clock.nap(self.wakeup, wait)
+
+    def _window(self) -> int:
+        return len(self._inflight) + self.r.concurrency * CLAIM_WINDOW_PER_SLOT
+
+    def _claim(self, due: list[Delivery]) -> None:
+        """Start what the limits allow; the rest stays pending for a later loop."""
+        # admission here rather than tasks parked on semaphores: a parked task would hold its
+        # row, and a dead destination's backlog would pile up as tasks
+        for d in due:
+            if len(self._inflight) >= self.r.concurrency:
+                return
+            dest = destination(d.url)
+            if d.id not in self._inflight and self._busy[dest] < self.r.per_destination:
+                self._start(d, dest)
+
+    def _start(self, d: Delivery, dest: str) -> None:
+        task = asyncio.create_task(self._send(d), name=f"tracker-relay-{d.id}")
+        self._inflight[d.id] = task
+        self._busy[dest] += 1
+        task.add_done_callback(lambda _: self._finished(d.id, dest))
+
+    def _finished(self, delivery_id: str, dest: str) -> None:
+        # only now, with the attempt recorded (its row rescheduled or closed), may the loop
+        # see this delivery again: this is what keeps one in flight from being picked twice
+        del self._inflight[delivery_id]
+        self._busy[dest] -= 1
+        if not self._busy[dest]:
+            del self._busy[dest]
+        self.wakeup.set()
+
+    async def _idle_for(self) -> float:
+        nxt = await self.store.next_delivery_due()
+        if nxt is None or nxt <= clock.now():
+            # nothing pending, or all that is due waits for a slot: a finishing attempt (or a
+            # new delivery) sets the wakeup
+            return IDLE_S
+        return min(nxt - clock.now(), IDLE_S)
+
+    async def _send(self, d: Delivery) -> None:
+        try:
+            await self.deliver(d)
+        except Exception:
+            log.exception("delivery %s: attempt not recorded; retrying later", d.id)
+            # holding the row a while keeps a failing store from being hammered (and the
+            # receiver from being sent the same delivery in a tight loop)
+            await asyncio.sleep(ERROR_PAUSE_S)
+
+    async def deliver(self, d: Delivery) -> None:
+        """One attempt at ``d``: check, sign, POST; record it, then schedule the next or finish."""
+        at = clock.iso()
+        outcome = await self._attempt(d)
+        state, next_at = next_step(d.attempts + 1, outcome, self.r.retry_schedule_s, clock.now())
+        await self.store.record_attempt(d.id, outcome.record(at), state, next_at)
+        log.info("delivery %s: attempt %d -> %s (%s)", d.id, d.attempts + 1, state,
+                 outcome.status_code or outcome.error, extra={"run_id": d.run_id})
+
+    async def _attempt(self, d: Delivery) -> Outcome:
+        try:
+            check_url(d.url, self.r.allow_private)
+        except RefusedDestination as e:
+            return Outcome(error=str(e), final=True)
+        run = await self.store.get_run(d.run_id, full=True)
+        secrets = secrets_of(await self.store.get_user(d.user_id))
+        if run is None or not secrets:
+            return Outcome(error="the run or its user's webhook secret is gone", final=True)
+        body = encode(callback_body(run, d.state))
+        return await self._post(d.url, body, signed_headers(secrets, d.id, int(clock.now()), body))
+
+    async def _post(self, url: str, body: bytes, headers: dict[str, str]) -> Outcome:
+        assert self._session is not None, "Relay.start() was not called"
+        started = time.monotonic()
+        try:
+            async with self._session.post(url, data=body, headers=headers,
+                                          allow_redirects=False) as resp:
+                return from_response(resp.status, resp.headers.get("Retry-After"),
+                                     resp.headers.get("Location"), _ms(started), clock.now())
+        except TimeoutError:
+            return Outcome(latency_ms=_ms(started),
+                           error=f"no answer within {self.r.timeout_s:g}s")
+        except aiohttp.ClientError as e:
+            return _client_error(e, _ms(started))
+
+    async def stop(self, grace_s: float = STOP_GRACE_S) -> None:
+        """Stop the loop, give attempts in flight ``grace_s`` to finish, cancel the rest."""
+        if self._loop_task and self._loop_task is not asyncio.current_task():
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        tasks = list(self._inflight.values())
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=grace_s)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self._session:
+            await self._session.close()
+            self._session = None
+
+
+def _ms(started: float) -> float:
+    return round((time.monotonic() - started) * 1000, 1)
+
+
+def _client_error(e: aiohttp.ClientError, latency_ms: float) -> Outcome:
+    """A failed request; a refused destination or a broken URL is not worth retrying."""
+    if isinstance(e, aiohttp.ClientConnectorError) and isinstance(e.os_error,
+                                                                  RefusedDestination):
+        return Outcome(latency_ms=latency_ms, error=str(e.os_error), final=True)
+    final = isinstance(e, aiohttp.InvalidURL)
+    return Outcome(latency_ms=latency_ms, error=f"{type(e).__name__}: {e}", final=final)
+
+
+async def rotate_secret(store: Store, user_id: str) -> str:
+    """Give the user a new signing secret and return it; deliveries are signed with both the
+    new and the previous one until the next rotation, so receivers can switch at leisure."""
+    secret = new_webhook_secret()
+    await store.rotate_webhook_secret(user_id, secret)
+    return secret

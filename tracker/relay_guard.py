@@ -1,0 +1,108 @@
+"""The relay's SSRF guard: which destinations a user's callback_url may reach.
+
+The check is made on the address actually dialled, at delivery time. Names are checked inside
+the relay session's resolver (``GuardedResolver``), so the connector connects only to the
+addresses that passed: there is no window between check and connect for DNS rebinding, and,
+unlike connecting by IP with a Host header, TLS still verifies the certificate against the
+name. aiohttp skips the resolver for IP literals, so ``check_url`` checks those itself (a
+literal cannot rebind).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import ThreadedResolver
+from yarl import URL
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+#: cloud metadata services (AWS, GCP, Azure, OpenStack: 169.254.169.254; AWS IPv6: fd00:ec2::254)
+METADATA = frozenset(ipaddress.ip_address(a) for a in ("169.254.169.254", "fd00:ec2::254"))
+
+
+class RefusedDestination(OSError):
+    """The callback URL may not be reached (scheme, or a forbidden address)."""
+
+
+def _unwrap(ip: IPAddress) -> IPAddress:
+    """The IPv4 address an IPv6 one carries (mapped or 6to4), which is what gets reached."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        return ip.ipv4_mapped or ip.sixtofour or ip
+    return ip
+
+
+def refusal(address: str, allow_private: bool) -> str | None:
+    """Why ``address`` may not be dialled, or None when it may."""
+    try:
+        ip = _unwrap(ipaddress.ip_address(address))
+    except ValueError:
+        return f"unparsable address {address!r}"
+    # never useful to a webhook, and the metadata service hands out credentials
+    if ip in METADATA or ip.is_multicast or ip.is_unspecified:
+        return f"address {ip} is never allowed"
+    if allow_private or (ip.is_global and not ip.is_reserved):
+        return None
+    return f"address {ip} is private, loopback, link-local or reserved"
+
+
+def check_address(address: str, allow_private: bool) -> None:
+    """Raise ``RefusedDestination`` unless ``address`` may be dialled."""
+    reason = refusal(address, allow_private)
+    if reason:
+        raise RefusedDestination(f"destination refused: {reason}")
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def check_url(url: str, allow_private: bool) -> None:
+    """Refuse a URL that is not http(s), has no host, or names a forbidden IP literally."""
+    try:
+        parsed = URL(url)
+    except (TypeError, ValueError):
+        raise RefusedDestination("destination refused: not a URL") from None
+    if parsed.scheme not in ("http", "https"):
+        raise RefusedDestination("destination refused: the scheme must be http or https")
+    if not parsed.host:
+        raise RefusedDestination("destination refused: the URL has no host")
+    if _is_ip_literal(parsed.host):
+        check_address(parsed.host, allow_private)
+
+
+def destination(url: str) -> str:
+    """The host:port a delivery goes to (the unit of per-destination limits)."""
+    try:
+        parsed = URL(url)
+        return f"{parsed.host}:{parsed.port}"
+    except (TypeError, ValueError):
+        return url
+
+
+class GuardedResolver(AbstractResolver):
+    """A resolver that refuses a name if any of its addresses is forbidden."""
+
+    def __init__(self, allow_private: bool, inner: AbstractResolver | None = None) -> None:
+        self.allow_private = allow_private
+        self._inner = inner or ThreadedResolver()  # loop.getaddrinfo in the default executor
+
+    async def resolve(self, host: str, port: int = 0,
+                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        """Resolve ``host``; refuse it outright when one address is forbidden."""
+        # all or nothing: a name that mixes public and private addresses is an attack, not a
+        # misconfiguration to route around
+        infos = await self._inner.resolve(host, port, family)
+        for info in infos:
+            check_address(info["host"].partition("%")[0], self.allow_private)
+        return infos
+
+    async def close(self) -> None:
+        """Release the inner resolver."""
+        await self._inner.close()
