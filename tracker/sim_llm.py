@@ -1,0 +1,151 @@
+"""The fake LLM behind the simulator: how long a turn takes, how it ends, what it says.
+
+Text markers work like the fake LLM used to record the samples: `[[delay=N]]` makes the turn
+take N seconds, `[[fail]]` / `[[fail=429]]` fails it, `[[approval]]` pauses it for a tool
+approval, `[[never]]` loses it (the run stays `created`).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from tracker.sim_faults import Faults, chance
+from tracker.sim_shapes import llm_error, message_json, new_id, otid_from_id
+from tracker.sim_store import SimAgent, SimRun
+
+REPLY = "Hello from fake LLM."
+_MARKER = re.compile(r"\[\[(delay|fail|approval|never)(?:=([^\]]*))?\]\]")
+_INPUT_TYPES = {
+    "user": "user_message",
+    "system": "system_message",
+    "assistant": "assistant_message",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class TurnPlan:
+    """What a run's turn will do, decided when the run is created."""
+
+    duration_s: float
+    outcome: str  # "ok", "fail", "approval" or "never"
+    fail_status: int = 500
+
+
+@dataclass(frozen=True, slots=True)
+class TurnResult:
+    """What the finished turn leaves on the run."""
+
+    status: str
+    stop_reason: str
+    messages: list[dict[str, Any]]
+    usage: tuple[int, int]
+    error: str | None = None
+
+
+def plan_turn(inputs: list[dict[str, Any]], faults: Faults, rng: random.Random) -> TurnPlan:
+    """Decide duration and outcome: markers first, then the fault rates."""
+    markers = dict(_MARKER.findall(" ".join(_texts(inputs))))
+    duration = _duration(markers.get("delay"), faults, rng)
+    if "never" in markers:
+        return TurnPlan(duration, "never")
+    if "fail" in markers:
+        return TurnPlan(duration, "fail", _status(markers["fail"]))
+    if "approval" in markers:
+        return TurnPlan(duration, "approval")
+    if chance(rng, faults.never_finish_rate):
+        return TurnPlan(duration, "never")
+    if chance(rng, faults.fail_rate):
+        return TurnPlan(duration, "fail")
+    return TurnPlan(duration, "ok")
+
+
+def turn_result(plan: TurnPlan, run: SimRun, agent: SimAgent, now: datetime) -> TurnResult:
+    """The messages, usage and status the turn ends with."""
+    if plan.outcome == "fail":
+        # Letta keeps no messages of a failed turn, not even the user's.
+        return TurnResult("failed", "error", [], (0, 0), llm_error(plan.fail_status))
+    inputs = [_input_message(m, run) for m in run.inputs]
+    prompt = 2051 + 60 * agent.turns + sum(len(t) for t in _texts(run.inputs)) // 4
+    if plan.outcome == "approval":
+        reply = [_approval_request(run, new_id("message"), now, new_id("call"))]
+        return TurnResult("completed", "requires_approval", inputs + reply, (20, prompt))
+    reply = _reply(run, new_id("message"), now, legacy=agent.agent_type != "letta_v1_agent")
+    return TurnResult("completed", "end_turn", inputs + reply, (5 + 43 * (len(reply) > 1), prompt))
+
+
+
+def _duration(marker: str | None, faults: Faults, rng: random.Random) -> float:
+    if marker is not None:
+        try:
+            return max(0.0, float(marker))
+        except ValueError:
+            pass
+    low, high = faults.run_duration_s
+    return low if low == high else rng.uniform(low, high)
+
+
+def _status(marker: str) -> int:
+    return int(marker) if marker.isdigit() else 500
+
+
+def _texts(inputs: list[dict[str, Any]]) -> list[str]:
+    texts: list[str] = []
+    for message in inputs:
+        content = message.get("content")
+        if isinstance(content, str):
+            texts.append(content)
+        elif isinstance(content, list):
+            texts.extend(p["text"] for p in content if isinstance(p, dict) and "text" in p)
+    return texts
+
+
+def _input_message(message: dict[str, Any], run: SimRun) -> dict[str, Any]:
+    """A message the run was given, as Letta lists it back."""
+    if message.get("type", "message") == "message":
+        return message_json(
+            new_id("message"),
+            run.created_at,
+            _INPUT_TYPES.get(message.get("role"), "user_message"),
+            message["otid"],
+            run,
+            name=message.get("name"),
+            sender_id=message.get("sender_id"),
+            content=message.get("content"),
+        )
+    approvals = message.get("approvals") or message.get("tool_returns")
+    return message_json(
+        new_id("message"),
+        run.created_at,
+        "approval_response_message",
+        message["otid"],
+        run,
+        approve=message.get("approve"),
+        approval_request_id=message.get("approval_request_id"),
+        reason=message.get("reason"),
+        approvals=approvals,
+    )
+
+
+def _reply(run: SimRun, message_id: str, now: datetime, *, legacy: bool) -> list[dict[str, Any]]:
+    # Legacy agents answer through send_message: a reasoning and an assistant message cut
+    # from one stored message, sharing its id, with otids indexed 0 and 1.
+    parts: list[tuple[str, dict[str, Any]]] = [("assistant_message", {"content": REPLY})]
+    if legacy:
+        thought = {"source": "non_reasoner_model", "reasoning": "fake inner thought"}
+        parts.insert(0, ("reasoning_message", thought | {"signature": None}))
+    return [
+        message_json(message_id, now, kind, otid_from_id(message_id, i), run, **fields)
+        for i, (kind, fields) in enumerate(parts)
+    ]
+
+
+def _approval_request(run: SimRun, message_id: str, now: datetime, call_id: str) -> dict:
+    call = {"name": "fake_client_tool", "arguments": "{}", "tool_call_id": call_id}
+    otid = otid_from_id(message_id, 0)
+    return message_json(
+        message_id, now, "approval_request_message", otid, run, tool_call=call, tool_calls=[call]
+    )

@@ -1,0 +1,135 @@
+"""Query parameters of Letta's run listings, parsed and rejected the way FastAPI does."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from multidict import MultiMapping
+
+from tracker.sim_errors import ErrorItem, choices_text, invalid, query_item
+from tracker.sim_shapes import ACTIVE_STATUSES, RUN_STATUSES, STOP_REASONS
+from tracker.sim_store import RunQuery
+
+_TRUE = frozenset({"1", "on", "t", "true", "y", "yes"})
+_FALSE = frozenset({"0", "off", "f", "false", "n", "no"})
+
+
+@dataclass(frozen=True, slots=True)
+class MessagePage:
+    """The pagination of `GET /v1/runs/{id}/messages`."""
+
+    before: str | None
+    after: str | None
+    limit: int
+    ascending: bool
+
+
+def run_query(query: MultiMapping[str]) -> RunQuery:
+    """Parse `GET /v1/runs/` filters; a bad one is Letta's 422."""
+    read = _Reader(query)
+    statuses = read.statuses()
+    if statuses is None and read.boolean("active"):
+        statuses = ACTIVE_STATUSES  # Letta: `active` only applies when no statuses are given
+    order = read.choice("order", ("asc", "desc"), "desc")
+    agent_ids = query.getall("agent_ids", [])  # deprecated; one agent supported
+    parsed = RunQuery(
+        agent_id=query.get("agent_id") or (agent_ids[0] if agent_ids else None),
+        statuses=statuses,
+        background=read.boolean("background"),
+        stop_reason=read.choice("stop_reason", STOP_REASONS, None, kind="enum"),
+        conversation_id=query.get("conversation_id"),
+        before=query.get("before"),
+        after=query.get("after"),
+        limit=read.integer("limit", 100, low=1, high=1000),
+        # The deprecated `ascending=true` wins over `order`, as in Letta's router.
+        ascending=bool(read.boolean("ascending")) or order == "asc",
+    )
+    read.choice("order_by", ("created_at",), "created_at")
+    read.done()
+    return parsed
+
+
+def message_page(query: MultiMapping[str]) -> MessagePage:
+    """Parse the pagination of a run's messages; a bad value is Letta's 422."""
+    read = _Reader(query)
+    page = MessagePage(
+        before=query.get("before"),
+        after=query.get("after"),
+        limit=read.integer("limit", 100),
+        ascending=read.choice("order", ("asc", "desc"), "asc") == "asc",
+    )
+    read.choice("order_by", ("created_at",), "created_at")
+    read.done()
+    return page
+
+
+def paginate(messages: list[dict[str, Any]], page: MessagePage) -> list[dict[str, Any]]:
+    """A page of messages; cursors (message ids) are positional in the order, as in Letta."""
+    ordered = messages if page.ascending else messages[::-1]
+    ids = [m["id"] for m in ordered]
+    # One stored message can yield several LettaMessages sharing its id: skip them all.
+    start = len(ids) - ids[::-1].index(page.after) if page.after in ids else 0
+    stop = ids.index(page.before) if page.before in ids else len(ids)
+    return ordered[start:stop][: max(page.limit, 0)]
+
+
+class _Reader:
+    """Typed reads of query parameters that collect pydantic-style errors."""
+
+    def __init__(self, query: MultiMapping[str]) -> None:
+        self.query = query
+        self.errors: list[ErrorItem] = []
+
+    def done(self) -> None:
+        if self.errors:
+            raise invalid(self.errors)
+
+    def integer(
+        self, name: str, default: int, low: int | None = None, high: int | None = None
+    ) -> int:
+        text = self.query.get(name)
+        if text is None:
+            return default
+        try:
+            value = int(text)
+        except ValueError:
+            msg = "Input should be a valid integer, unable to parse string as an integer"
+            self.errors.append(query_item("int_parsing", name, text, msg))
+            return default
+        if high is not None and value > high:
+            msg = f"Input should be less than or equal to {high}"
+            self.errors.append(query_item("less_than_equal", name, text, msg, le=high))
+        if low is not None and value < low:
+            msg = f"Input should be greater than or equal to {low}"
+            self.errors.append(query_item("greater_than_equal", name, text, msg, ge=low))
+        return value
+
+    def boolean(self, name: str) -> bool | None:
+        text = self.query.get(name)
+        if text is None or text.lower() in _TRUE | _FALSE:
+            return None if text is None else text.lower() in _TRUE
+        msg = "Input should be a valid boolean, unable to interpret input"
+        self.errors.append(query_item("bool_parsing", name, text, msg))
+        return None
+
+    def choice(
+        self, name: str, options: tuple[str, ...], default: str | None, kind: str = "literal_error"
+    ) -> str | None:
+        text = self.query.get(name)
+        if text is None or text in options:
+            return default if text is None else text
+        expected = choices_text(options)
+        msg = f"Input should be {expected}"
+        self.errors.append(query_item(kind, name, text, msg, expected=expected))
+        return default
+
+    def statuses(self) -> frozenset[str] | None:
+        values = self.query.getall("statuses", [])
+        expected = choices_text(RUN_STATUSES)
+        for i, value in enumerate(values):
+            if value not in RUN_STATUSES:
+                item = query_item("enum", "statuses", value, f"Input should be {expected}",
+                                  expected=expected)
+                self.errors.append({**item, "loc": ("query", "statuses", i)})
+        return frozenset(values) if values else None

@@ -1,0 +1,200 @@
+"""In-memory state of the simulated Letta server: agents, runs and the indexes that keep
+lookups and listings cheap with tens of thousands of runs."""
+
+from __future__ import annotations
+
+import itertools
+from bisect import bisect_left, bisect_right
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from tracker.sim_faults import Faults
+from tracker.sim_shapes import ACTIVE_STATUSES
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """One accepted messages/async request, as it arrived."""
+
+    agent_id: str
+    body: dict[str, Any]
+    raw: bytes
+    run_id: str
+    at: float  # time.time() of acceptance
+
+
+@dataclass(slots=True, eq=False)
+class SimAgent:
+    """An agent: its served JSON plus what the simulator needs to play it."""
+
+    id: str
+    agent_type: str
+    json: dict[str, Any]
+    faults: Faults | None = None
+    turns: int = 0
+
+
+@dataclass(slots=True, eq=False)
+class SimRun:
+    """One run and everything Letta would have stored about it."""
+
+    id: str
+    agent_id: str
+    seq: int
+    created_at: datetime
+    start_ns: int
+    step_id: str
+    request_config: dict[str, Any]
+    callback_url: str | None
+    inputs: list[dict[str, Any]]
+    status: str = "created"
+    stop_reason: str | None = None
+    completed_at: datetime | None = None
+    metadata: dict[str, Any] = field(
+        default_factory=lambda: {"run_type": "send_message_async", "lettuce": None}
+    )
+    callback_sent_at: datetime | None = None
+    callback_status_code: int | None = None
+    callback_error: str | None = None
+    run_ns: int | None = None
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    usage: tuple[int, int] = (0, 0)  # (completion_tokens, prompt_tokens)
+    deleted: bool = False
+
+    @property
+    def otids(self) -> list[str]:
+        """The otids of the messages this run was given."""
+        return [m["otid"] for m in self.inputs]
+
+    def visible_messages(self) -> list[dict[str, Any]]:
+        """The run's messages, filtered by the request's include_return_message_types."""
+        kinds = self.request_config.get("include_return_message_types")
+        if not kinds:
+            return list(self.messages)
+        return [m for m in self.messages if m["message_type"] in kinds]
+
+
+@dataclass(frozen=True, slots=True)
+class RunQuery:
+    """The filters of `GET /v1/runs/`, already parsed."""
+
+    agent_id: str | None = None
+    statuses: frozenset[str] | None = None
+    background: bool | None = None
+    stop_reason: str | None = None
+    conversation_id: str | None = None
+    before: str | None = None
+    after: str | None = None
+    limit: int = 100
+    ascending: bool = False
+
+    def matches(self, run: SimRun) -> bool:
+        """Whether `run` passes every filter but the cursors."""
+        if run.deleted or (self.statuses is not None and run.status not in self.statuses):
+            return False
+        if self.stop_reason is not None and run.stop_reason != self.stop_reason:
+            return False
+        # Every simulated run is a background run with no conversation.
+        return self.background is not False and not self.conversation_id
+
+
+class RunStore:
+    """Runs by id, per agent and by activity; lists are in creation order."""
+
+    def __init__(self) -> None:
+        self.agents: dict[str, SimAgent] = {}
+        self._runs: dict[str, SimRun] = {}
+        self._all: list[SimRun] = []
+        self._by_agent: dict[str, list[SimRun]] = {}
+        # Insertion-ordered, so iteration is creation order like the lists.
+        self._active: dict[str, SimRun] = {}
+        self._active_by_agent: dict[str, dict[str, SimRun]] = {}
+        self._otids: Counter[str] = Counter()
+        self._seq = itertools.count()
+
+    def next_seq(self) -> int:
+        """The creation rank of the next run (Letta's created_at, id tie-break)."""
+        return next(self._seq)
+
+    def add(self, run: SimRun) -> None:
+        """Store a new, active run."""
+        self._runs[run.id] = run
+        self._all.append(run)
+        self._by_agent.setdefault(run.agent_id, []).append(run)
+        self._active[run.id] = run
+        self._active_by_agent.setdefault(run.agent_id, {})[run.id] = run
+        self._otids.update(run.otids)
+
+    def get(self, run_id: str) -> SimRun | None:
+        """The run with this id, if it exists."""
+        return self._runs.get(run_id)
+
+    def runs(self) -> Iterator[SimRun]:
+        """Every live run, oldest first."""
+        return (r for r in self._all if not r.deleted)
+
+    def delete(self, run_id: str) -> SimRun | None:
+        """Forget a run; listings skip its tombstone."""
+        run = self._runs.pop(run_id, None)
+        if run is not None:
+            run.deleted = True
+            self.deactivate(run)
+        return run
+
+    def deactivate(self, run: SimRun) -> None:
+        """Take a run out of the active indexes once it left created/running."""
+        self._active.pop(run.id, None)
+        self._active_by_agent.get(run.agent_id, {}).pop(run.id, None)
+
+    def active_for(self, agent_id: str) -> list[SimRun]:
+        """The agent's created/running runs, oldest first."""
+        return list(self._active_by_agent.get(agent_id, {}).values())
+
+    def otid_counts(self) -> Counter[str]:
+        """How many runs were created carrying each otid."""
+        return Counter(self._otids)
+
+    def select(self, query: RunQuery) -> list[SimRun]:
+        """Runs matching `query`, in its order, at most `query.limit`."""
+        # Cursors are positional in the listing's order, as in Letta (`_cursor_filter` with
+        # forward=ascending for `after`): in a newest-first list `after` means older.
+        after, before = self._seq_of(query.after), self._seq_of(query.before)
+        low, high = (after, before) if query.ascending else (before, after)
+        walk = self._walk(self._source(query), low, high, query.ascending)
+        return list(itertools.islice((r for r in walk if query.matches(r)), query.limit))
+
+    def _seq_of(self, run_id: str | None) -> int | None:
+        # Letta ignores a cursor naming no run.
+        run = self._runs.get(run_id) if run_id else None
+        return None if run is None else run.seq
+
+    def _source(self, query: RunQuery) -> list[SimRun] | dict[str, SimRun]:
+        # Only-active queries walk the (small) active index instead of all history.
+        active_only = query.statuses is not None and query.statuses <= ACTIVE_STATUSES
+        if query.agent_id is None:
+            return self._active if active_only else self._all
+        if active_only:
+            return self._active_by_agent.get(query.agent_id, {})
+        return self._by_agent.get(query.agent_id, [])
+
+    @staticmethod
+    def _walk(
+        source: list[SimRun] | dict[str, SimRun], low: int | None, high: int | None, asc: bool
+    ) -> Iterable[SimRun]:
+        # `low`/`high` bound the seqs; the order decides which end the page starts from.
+        if isinstance(source, dict):
+            runs = source.values() if asc else reversed(source.values())
+            return (
+                r for r in runs if (low is None or r.seq > low) and (high is None or r.seq < high)
+            )
+        start = 0 if low is None else bisect_right(source, low, key=_seq)
+        stop = len(source) if high is None else bisect_left(source, high, key=_seq)
+        indices = range(start, stop) if asc else range(stop - 1, start - 1, -1)
+        return (source[i] for i in indices)
+
+
+def _seq(run: SimRun) -> int:
+    return run.seq
