@@ -136,12 +136,17 @@ async def test_list_pagination_is_stable_and_filters(store):
     page1 = await store.list_runs(RunFilter(limit=3))
     assert [r.id for r in page1] == [r.id for r in reversed(runs)][:3]
     await submit(store, agent=A2)  # a new run arrives between pages
-    page2 = await store.list_runs(RunFilter(limit=3, before=page1[-1].id))
+    page2 = await store.list_runs(RunFilter(limit=3, after=page1[-1].id))
     assert [r.id for r in page2] == [r.id for r in reversed(runs)][3:6]
     by_agent = await store.list_runs(RunFilter(agent_id=A1))
     assert {r.agent_id for r in by_agent} == {A1} and len(by_agent) == 3
     asc = await store.list_runs(RunFilter(ascending=True, limit=2, after=runs[0].id))
     assert [r.id for r in asc] == [runs[1].id, runs[2].id]
+    # cursors are positional in the order, as Letta's: after = the next page, either way
+    desc_next = await store.list_runs(RunFilter(limit=2, after=runs[3].id))
+    assert [r.id for r in desc_next] == [runs[2].id, runs[1].id]
+    back = await store.list_runs(RunFilter(ascending=True, limit=2, before=runs[3].id))
+    assert [r.id for r in back] == [runs[0].id, runs[1].id]
 
 
 @pytest.mark.parametrize("flt", [

@@ -107,10 +107,10 @@ class LettaClient:
                 return ids
             after = page[-1]["id"]
 
-    async def recent_terminal(self, limit: int, before: str | None = None) -> list[dict]:
-        """Finished runs, newest first, older than ``before`` (one call for many runs)."""
+    async def recent_terminal(self, limit: int, after: str | None = None) -> list[dict]:
+        """Finished runs, newest first, past ``after`` in that order (one call for many)."""
         params = [*TERMINAL_FILTER, ("limit", str(min(PAGE, limit))), ("order", "desc")]
-        return await self.list_runs(params + ([("before", before)] if before else []))
+        return await self.list_runs(params + ([("after", after)] if after else []))
 
     async def run_messages(self, run_id: str) -> list[dict]:
         """All of a run's messages, following Letta's cursor pagination."""

@@ -98,8 +98,8 @@ class RunListParams(BaseModel):
     background: bool | None = None
     stop_reason: str | None = None
     conversation_id: str | None = None
-    before: str | None = Field(None, description="runs created before this run id")
-    after: str | None = Field(None, description="runs created after this run id")
+    before: str | None = Field(None, description="cursor: runs before this run id in the order")
+    after: str | None = Field(None, description="cursor: runs after this run id in the order")
     limit: int = Field(100, ge=1, le=1000)
     order: Literal["asc", "desc"] = "desc"
     order_by: Literal["created_at"] = "created_at"

@@ -85,14 +85,14 @@ class Poller:
     async def _finished_runs(self, wanted: set) -> dict[str, dict]:
         """Page through Letta's finished runs, newest first, until all wanted are seen."""
         found: dict[str, dict] = {}
-        before = None
+        after = None
         for _ in range(len(wanted) // PAGE + 2):
             async with self._slots:
-                page = await self.letta.recent_terminal(PAGE, before)
+                page = await self.letta.recent_terminal(PAGE, after)
             found.update({r["id"]: r for r in page if r["id"] in wanted})
             if len(page) < PAGE or wanted <= found.keys():
                 break
-            before = page[-1]["id"]
+            after = page[-1]["id"]
         return found
 
     async def check(self, run: RunRecord, letta_run: dict | None = None) -> None:

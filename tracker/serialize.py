@@ -65,11 +65,11 @@ def delivery_out(d: Delivery) -> dict[str, Any]:
 
 def page(items: list, before: str | None, after: str | None, limit: int,
          ascending: bool) -> list:
-    """Letta's cursor pagination over an in-memory list of messages (by message id)."""
-    ids = [m.get("id") for m in items]
-    if after in ids:
-        items = items[ids.index(after) + 1:]
-    if before in ids:
-        items = items[: [m.get("id") for m in items].index(before)]
-    ordered = items if ascending else list(reversed(items))
-    return ordered[:limit]
+    """Letta's cursor pagination over a run's messages: cursors are message ids, positional
+    in the requested order (``after`` = further along it)."""
+    ordered = items if ascending else items[::-1]
+    ids = [m.get("id") for m in ordered]
+    # several messages of one step can share an id: skip past the last of them
+    start = len(ids) - ids[::-1].index(after) if after in ids else 0
+    stop = ids.index(before) if before in ids else len(ids)
+    return ordered[start:stop][:limit]

@@ -74,11 +74,11 @@ def _hint(flt: RunFilter) -> str:
 def list_query(flt: RunFilter, cursor: tuple[str, int] | None) -> tuple[str, list[Any]]:
     """Keyset-paginated history query, newest (or oldest) first by (created_at, seq)."""
     where, params = _filters(flt)
-    if cursor and flt.before:
-        where.append("(created_at, seq) < (?, ?)")
-        params.extend(cursor)
-    elif cursor and flt.after:
-        where.append("(created_at, seq) > (?, ?)")
+    if cursor:
+        # Letta's cursors are positional in the listing's order (as its SDK pages with
+        # after=<last id>): `after` is further along, `before` is back towards the start
+        further = (flt.after is not None) == flt.ascending
+        where.append(f"(created_at, seq) {'>' if further else '<'} (?, ?)")
         params.extend(cursor)
     direction = "ASC" if flt.ascending else "DESC"
     sql = (f"SELECT {SUMMARY_COLS} FROM runs{_hint(flt)}"

@@ -9,6 +9,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import fields as dc_fields
+from dataclasses import replace
 from typing import Any
 
 import aiosqlite
@@ -349,12 +350,13 @@ class SQLiteStore:
 
     async def list_runs(self, flt: RunFilter) -> list[RunRecord]:
         cursor = None
-        for ref in (flt.before, flt.after):
-            if ref:
-                rows = await self._read(
-                    "SELECT created_at, seq FROM runs WHERE id = ? OR letta_run_id = ?", (ref, ref)
-                )
-                cursor = tuple(rows[0]) if rows else ("", 0) if ref == flt.after else ("~", 0)
+        ref = flt.after or flt.before
+        if ref:
+            rows = await self._read(
+                "SELECT created_at, seq FROM runs WHERE id = ? OR letta_run_id = ?", (ref, ref))
+            # Letta ignores a cursor naming no run
+            cursor = tuple(rows[0]) if rows else None
+            flt = flt if rows else replace(flt, before=None, after=None)
         sql, params = list_query(flt, cursor)
         return [_run(r) for r in await self._read(sql, params)]
 

@@ -1,0 +1,158 @@
+"""History over REST: Letta's list semantics, tracker filters, per-user access, stats."""
+
+from __future__ import annotations
+
+from openapi_spec_validator import validate as validate_openapi
+
+from tracker import auth
+
+
+async def user_key(t, name: str, admin: bool = False) -> str:
+    _, key = await auth.create_key(t.svc.store, name, admin)
+    return key
+
+
+async def test_users_see_only_their_own_runs(start_tracker, sim, agent):
+    t = await start_tracker()
+    alice, bob = await user_key(t, "alice"), await user_key(t, "bob")
+    mine = await (await t.post(f"/v1/agents/{agent}/messages/async", {"input": "a"},
+                               key=alice)).json()
+    await t.wait_state(mine["id"], "done")
+    letta_id = (await t.run(mine["id"]))["tracker"]["letta_run_id"]
+    for path in (f"/v1/runs/{mine['id']}", f"/v1/runs/{letta_id}",
+                 f"/v1/runs/{mine['id']}/messages", f"/v1/runs/{mine['id']}/usage",
+                 f"/v1/runs/{mine['id']}/events", f"/v1/runs/{mine['id']}/deliveries"):
+        assert (await t.get(path, key=bob)).status == 404, path
+        assert (await t.get(path, key=alice)).status == 200, path
+    assert await (await t.get("/v1/runs", key=bob)).json() == []
+    assert await (await t.get("/v1/runs", key=bob, agent_id=agent)).json() == []
+    assert (await (await t.get("/v1/stats", key=bob)).json())["total"] == 0
+    cancel = await t.post(f"/v1/agents/{agent}/messages/cancel", {"run_ids": [mine["id"]]},
+                          key=bob)
+    assert await cancel.json() == {mine["id"]: "failed"}
+    # the admin sees everyone's
+    assert [r["id"] for r in await (await t.get("/v1/runs")).json()] == [mine["id"]]
+
+
+async def test_no_key_bad_key_revoked_key(start_tracker, sim):
+    t = await start_tracker()
+    assert (await t.client.get("/v1/runs")).status == 401
+    assert (await t.get("/v1/runs", key="tk_nope")).status == 401
+    key = await user_key(t, "carol")
+    assert (await t.get("/v1/runs", key=key)).status == 200
+    [listed] = [k for k in await t.svc.store.list_keys() if k.user_name == "carol"]
+    assert await t.svc.store.revoke_key(listed.id) == 1
+    assert (await t.get("/v1/runs", key=key)).status == 401
+    # public routes need no key
+    assert (await t.client.get("/healthz")).status == 200
+    assert (await t.client.get("/openapi.json")).status == 200
+
+
+async def test_filters_and_letta_list_semantics(start_tracker, sim):
+    t = await start_tracker()
+    a1, a2 = sim.create_agent("a1")["id"], sim.create_agent("a2")["id"]
+    ok = [await t.submit(a1, f"ok{i}") for i in range(3)]
+    failed = await t.submit(a2, "[[fail]] boom")
+    for r in [*ok, failed]:
+        await t.wait_state(r["id"], "done")
+
+    async def ids(**params):
+        resp = await t.get("/v1/runs", **params)
+        assert resp.status == 200, await resp.text()
+        return [r["id"] for r in await resp.json()]
+
+    assert await ids(agent_id=a1) == [r["id"] for r in reversed(ok)]
+    assert await ids(agent_id=a1, order="asc") == [r["id"] for r in ok]
+    assert await ids(statuses="failed") == [failed["id"]]
+    assert await ids(stop_reason="error") == [failed["id"]]
+    assert await ids(active="true") == []
+    assert await ids(state="done", agent_id=a2) == [failed["id"]]
+    assert await ids(completed_via="callback", agent_id=a2) == [failed["id"]]
+    assert await ids(callback_missed="true") == []
+    assert len(await ids(created_after="2020-01-01T00:00:00Z")) == 4
+    assert await ids(created_before="2020-01-01T00:00:00Z") == []
+    assert await ids(agent_id="agent-00000000-0000-4000-8000-000000000000") == []
+    page = await ids(limit=2)
+    rest = await ids(limit=10, after=page[-1])
+    assert page + rest == await ids(limit=10)
+    resp = await t.client.get("/v1/runs", params=[("statuses", "completed"),
+                                                  ("statuses", "failed")],
+                              headers={"Authorization": f"Bearer {t.key}"})
+    assert len(await resp.json()) == 4
+
+
+async def test_bad_parameters_get_422_naming_them(start_tracker, sim):
+    t = await start_tracker()
+    for params, name in (({"limit": "0"}, "limit"), ({"limit": "abc"}, "limit"),
+                         ({"order": "sideways"}, "order"), ({"statuses": "done"}, "statuses"),
+                         ({"created_after": "yesterday"}, "created_after"),
+                         ({"bogus": "1"}, "bogus"), ({"active": "maybe"}, "active")):
+        resp = await t.get("/v1/runs", **params)
+        assert resp.status == 422, params
+        assert (await resp.json())["detail"][0]["loc"][:2] == ["query", name]
+    assert (await t.get("/v1/runs/run-00000000-0000-4000-8000-000000000000")).status == 404
+    assert (await t.get("/v1/runs/nonsense/events")).status == 404
+
+
+async def test_messages_pagination_and_timeline(start_tracker, sim, agent):
+    t = await start_tracker()
+    run = await t.submit(agent, "page me")
+    await t.wait_state(run["id"], "done")
+    path = f"/v1/runs/{run['id']}/messages"
+    every = await (await t.get(path)).json()
+    assert len(every) == 2
+    assert await (await t.get(path, limit=1)).json() == every[:1]
+    assert await (await t.get(path, after=every[0]["id"])).json() == every[1:]
+    assert await (await t.get(path, order="desc")).json() == every[::-1]
+    events = await (await t.get(f"/v1/runs/{run['id']}/events")).json()
+    assert [(e["source"], e["kind"]) for e in events] == [
+        ("api", "submit"), ("dispatch", "submitted"), ("callback", "completed")]
+
+
+async def test_cancel_queued_locally_and_all_active(start_tracker, sim, agent):
+    t = await start_tracker()
+    first = await t.submit(agent, "[[delay=1]] busy")
+    queued = await t.submit(agent, "waits")
+    resp = await t.post(f"/v1/agents/{agent}/messages/cancel", {"run_ids": [queued["id"]]})
+    assert await resp.json() == {queued["id"]: "cancelled"}
+    gone = await t.run(queued["id"])
+    assert gone["status"] == "cancelled" and gone["tracker"]["state"] == "cancelled"
+    assert len(sim.received) == 1  # never sent
+    resp = await t.post(f"/v1/agents/{agent}/messages/cancel", None)
+    assert await resp.json() == {first["id"]: "cancelled"}
+    await t.wait_state(first["id"], "done", timeout=10)
+    await t.client.post(f"/v1/agents/{agent}/messages/cancel",
+                        headers={"Authorization": f"Bearer {t.key}"})
+    resp = await t.post(f"/v1/agents/{agent}/messages/cancel", {})
+    assert resp.status == 409
+    assert (await resp.json())["detail"].startswith("CONFLICT: No active runs")
+
+
+async def test_stats(start_tracker, sim, agent):
+    t = await start_tracker()
+    sim.set_faults(callback_drop=1.0)
+    runs = [await t.submit(agent, f"s{i}") for i in range(3)]
+    for r in runs:
+        await t.wait_state(r["id"], "done")
+    stats = await (await t.get("/v1/stats")).json()
+    assert stats["total"] == 3 and stats["by_status"] == {"completed": 3}
+    assert stats["by_agent"][agent]["state"] == {"done": 3}
+    assert stats["completed_via"] == {"poll": 3} and stats["callback_share"] == 0.0
+    assert stats["run_duration_s"]["count"] == 3 and stats["run_duration_s"]["p50"] > 0
+
+
+async def test_openapi_describes_every_route(start_tracker):
+    t = await start_tracker()
+    doc = await (await t.client.get("/openapi.json")).json()
+    validate_openapi(doc)
+    from tracker.api import ROUTES
+
+    for route in ROUTES:
+        assert route.method.lower() in doc["paths"][route.path], route.path
+    submit = doc["paths"]["/v1/agents/{agent_id}/messages/async"]["post"]
+    body = submit["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": "#/components/schemas/AsyncMessageRequest"}
+    fields = doc["components"]["schemas"]["AsyncMessageRequest"]["properties"]
+    assert {"messages", "input", "max_steps", "callback_url", "top_logprobs"} <= fields.keys()
+    names = {p["name"] for p in doc["paths"]["/v1/runs"]["get"]["parameters"]}
+    assert {"agent_id", "statuses", "before", "after", "state", "callback_missed"} <= names
