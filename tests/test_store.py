@@ -52,6 +52,9 @@ async def test_v1_database_is_upgraded_in_place_without_losing_rows(tmp_path):
         assert run is not None and run.state is State.DONE and run.agent_id == A1
         assert len(await s.events("run-old")) == 1
         assert (await s.table_counts())["users"] == 0
+        # v3 backfilled the trigger-kept counts from the rows already there
+        counts = (await s.stats(None))["counts"]
+        assert [(c["agent_id"], c["state"], c["n"]) for c in counts] == [(A1, "done", 1)]
     finally:
         await s.close()
 
@@ -202,3 +205,28 @@ async def test_backup_is_a_consistent_copy(tmp_path, store):
         assert (await copy.get_run(run.id)).id == run.id
     finally:
         await copy.close()
+
+
+async def test_counts_kept_by_triggers_match_the_rows(store):
+    runs = [await submit(store, agent=A1 if i % 2 else A2, user=f"u{i % 3}") for i in range(9)]
+    await store.claim(serial=False, now=clock.now())
+    for r in runs[:4]:
+        await store.transition(r.id, State.DONE, (State.SUBMITTING,),
+                               {"status": "completed", "completed_via": "poll"}, None)
+    await store.transition(runs[4].id, State.REJECTED, (State.SUBMITTING,),
+                           {"status": "failed"}, None)
+    await store.prune("9999", 100)  # deletes the finished ones: counts follow deletes too
+    await submit(store)
+
+    def grouped(rows):
+        out = {}
+        for r in rows:
+            key = (r["agent_id"], r["status"], r["state"], r["completed_via"])
+            out[key] = out.get(key, 0) + r["n"]
+        return out
+
+    truth = await store._read("SELECT agent_id, status, state, completed_via, count(*) AS n"
+                              " FROM runs GROUP BY 1, 2, 3, 4")
+    assert grouped((await store.stats(None))["counts"]) == grouped([dict(r) for r in truth])
+    mine = await store._read("SELECT count(*) FROM runs WHERE user_id = 'u1'")
+    assert sum(c["n"] for c in (await store.stats("u1"))["counts"]) == mine[0][0]

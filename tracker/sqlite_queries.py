@@ -87,17 +87,24 @@ def list_query(flt: RunFilter, cursor: tuple[str, int] | None) -> tuple[str, lis
     return sql, [*params, flt.limit]
 
 
+#: percentiles are over this many most recently finished runs
+DURATION_SAMPLE = 5000
+
+
 def stats_queries(user_id: str | None) -> tuple[str, str, list[Any]]:
     """Counts per agent, status and state; and durations of the most recent finished runs."""
     scope = "WHERE user_id = ?" if user_id else ""
     params = [user_id] if user_id else []
-    counts = (f"SELECT agent_id, status, state, completed_via, count(*) AS n FROM runs {scope}"
+    counts = ("SELECT agent_id, status, state, nullif(completed_via, '') AS completed_via,"
+              f" sum(n) AS n FROM run_counts {scope + ' AND' if scope else 'WHERE'} n > 0"
               " GROUP BY agent_id, status, state, completed_via")
     finished = "recorded_at IS NOT NULL AND submitted_at IS NOT NULL"
     active = ", ".join(f"'{s}'" for s in LETTA_ACTIVE)
+    seconds = "(julianday({}) - julianday({})) * 86400.0"
     durations = (
-        "SELECT submitted_at, completed_at, created_at, recorded_at FROM runs"
+        f"SELECT {seconds.format('completed_at', 'submitted_at')} AS run_s,"
+        f" {seconds.format('recorded_at', 'created_at')} AS to_completion_s FROM runs"
         f" {scope + ' AND' if scope else 'WHERE'} {finished} AND status NOT IN ({active})"
-        " ORDER BY recorded_at DESC LIMIT 10000"
+        f" ORDER BY recorded_at DESC LIMIT {DURATION_SAMPLE}"
     )
     return counts, durations, params

@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from tracker import clock
-
 
 def percentiles(values: list[float]) -> dict[str, float | None]:
     """p50, p90, p99 and max of ``values`` (nearest rank), in seconds."""
@@ -19,11 +17,6 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
 
     return {"p50": rank(0.5), "p90": rank(0.9), "p99": rank(0.99), "max": round(ordered[-1], 3),
             "count": len(ordered)}
-
-
-def _span(start: str | None, end: str | None) -> float | None:
-    a, b = clock.epoch(start), clock.epoch(end)
-    return b - a if a is not None and b is not None else None
 
 
 def summarize(raw: dict[str, Any]) -> dict[str, Any]:
@@ -42,8 +35,8 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
                                                      "state": defaultdict(int)})
         agent["status"][row["status"]] += n
         agent["state"][row["state"]] += n
-    durations = [d for s, c, _, _ in raw["durations"] if (d := _span(s, c)) is not None]
-    to_completion = [d for _, _, q, r in raw["durations"] if (d := _span(q, r)) is not None]
+    durations = [r for r, _ in raw["durations"] if r is not None]
+    to_completion = [t for _, t in raw["durations"] if t is not None]
     learnt = via.get("callback", 0) + via.get("poll", 0) + via.get("reconcile", 0)
     return {
         "total": sum(by_status.values()),

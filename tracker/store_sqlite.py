@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
 import uuid
@@ -92,6 +93,10 @@ class SQLiteStore:
             raise Unavailable(f"cannot open database {self.path}: {e}") from e
 
     async def close(self) -> None:
+        if self._w is not None:
+            # keeps the planner's statistics fresh, as SQLite recommends before closing
+            with contextlib.suppress(sqlite3.Error):
+                await self._w.execute("PRAGMA optimize")
         for db in {id(c): c for c in (self._r, self._w) if c}.values():
             await db.close()
         self._w = self._r = None
@@ -137,11 +142,16 @@ class SQLiteStore:
             raise Unavailable(f"database schema v{current} is newer than this tracker (v{LATEST})")
         applied = []
         for version in range(current + 1, LATEST + 1):
-            async with self._tx() as db:
-                for statement in MIGRATIONS[version - 1].split(";\n"):
-                    if statement.strip():
-                        await db.execute(statement)
-                await db.execute(f"PRAGMA user_version = {version}")
+            # one script per version, atomic: triggers hold ";" so it is not split
+            script = (f"BEGIN IMMEDIATE;\n{MIGRATIONS[version - 1]}\n"
+                      f"PRAGMA user_version = {version};\nCOMMIT;")
+            async with self._lock:
+                try:
+                    await self._w.executescript(script)
+                except sqlite3.Error as e:
+                    if self._w.in_transaction:
+                        await self._w.execute("ROLLBACK")
+                    raise Unavailable(f"migration to schema v{version} failed: {e}") from e
             applied.append(version)
         return applied
 
@@ -375,6 +385,7 @@ class SQLiteStore:
                       detail=json.loads(r["detail"]) if r["detail"] else None) for r in rows]
 
     async def stats(self, user_id: str | None) -> dict[str, Any]:
+        """Raw figures for /v1/stats: counts (kept by triggers) and recent durations."""
         counts_sql, durations_sql, params = stats_queries(user_id)
         counts = [dict(r) for r in await self._read(counts_sql, params)]
         durations = [tuple(r) for r in await self._read(durations_sql, params)]
