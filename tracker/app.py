@@ -68,6 +68,7 @@ async def _store_ctx(app: web.Application, cfg: Config) -> AsyncIterator[None]:
     app[STORE] = store
     yield
     await store.close()
+    log.info("tracker stopped; database closed")
 
 
 async def _letta_ctx(app: web.Application, cfg: Config) -> AsyncIterator[None]:

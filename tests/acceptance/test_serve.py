@@ -1,0 +1,105 @@
+"""Acceptance: the real ``tracker`` command in a subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sqlite3
+import sys
+from pathlib import Path
+
+import aiohttp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACKER_")}
+    env.update(extra)
+    return env
+
+
+async def wait_healthy(url: str, timeout: float = 15.0) -> dict:
+    deadline = asyncio.get_running_loop().time() + timeout
+    async with aiohttp.ClientSession() as http:
+        while True:
+            try:
+                async with http.get(url + "/healthz") as resp:
+                    if resp.status == 200:
+                        return await resp.json()
+            except aiohttp.ClientError:
+                pass
+            assert asyncio.get_running_loop().time() < deadline, "tracker did not start"
+            await asyncio.sleep(0.1)
+
+
+async def test_serve_starts_with_no_config_and_stops_cleanly(tmp_path: Path):
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tracker", "serve", "--port", str(port), cwd=tmp_path,
+        env=clean_env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    try:
+        health = await wait_healthy(f"http://127.0.0.1:{port}")
+        assert health["database"] is True and health["version"]
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{port}/v1/runs") as resp:
+                assert resp.status == 401
+        proc.send_signal(signal.SIGTERM)
+        out = (await asyncio.wait_for(proc.communicate(), 20))[0].decode()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert f"listening on http://127.0.0.1:{port}" in out
+    assert "database sqlite:///tracker.db" in out and "Letta at http://localhost:8283" in out
+    assert "first start: created admin API key" in out
+    assert "tracker stopped; database closed" in out
+    assert "Traceback" not in out
+    # the default database sits in the working directory and was closed cleanly
+    db = sqlite3.connect(tmp_path / "tracker.db")
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert not (tmp_path / "tracker.db-wal").exists() or \
+        (tmp_path / "tracker.db-wal").stat().st_size == 0
+
+
+async def test_bad_config_stops_startup_with_one_line(tmp_path: Path):
+    (tmp_path / "bad.toml").write_text('[polling]\nmin_interval_s = "often"\n')
+    for args, env in ((["--config", "bad.toml"], {}),
+                      ([], {"TRACKER_SERVER__PORT": "not-a-port"}),
+                      (["--config", "missing.toml"], {})):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tracker", "serve", *args, cwd=tmp_path,
+            env=clean_env(**env), stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 20)
+        lines = err.decode().strip().splitlines()
+        assert proc.returncode == 2, err
+        assert len(lines) == 1 and lines[0].startswith("tracker: "), lines
+        assert "Traceback" not in err.decode()
+
+
+async def test_keys_create_prints_the_key_last_and_db_status(tmp_path: Path):
+    env = clean_env(TRACKER_DATABASE__URL=f"sqlite:///{tmp_path / 't.db'}")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tracker", "keys", "create", "ops", "--admin", env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0
+    key = out.decode().strip().splitlines()[-1]
+    assert key.startswith("tk_") and len(key) > 30
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tracker", "db", "status", env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, _ = await proc.communicate()
+    text = out.decode()
+    assert "schema version 3" in text and "api_keys" in text
+    # only the hash is stored
+    db = sqlite3.connect(tmp_path / "t.db")
+    stored = [r[0] for r in db.execute("SELECT key_hash FROM api_keys")]
+    assert key not in stored and all(len(h) == 64 for h in stored)
