@@ -19,6 +19,7 @@ from tracker.letta import LettaClient
 from tracker.manager import Manager
 from tracker.middleware import error_middleware, make_auth_middleware
 from tracker.poller import Poller
+from tracker.reconcile import reconcile
 from tracker.relay import Relay
 from tracker.store import Store, open_store
 from tracker.wiring import SERVICES, Services
@@ -113,7 +114,7 @@ def _task(coro: Coroutine, name: str) -> asyncio.Task:
 async def _reconcile_then_run(svc: Services) -> None:
     """Heal what a crash left half-done before sending anything new."""
     with contextlib.suppress(Exception):
-        counts = await svc.manager.reconcile()
+        counts = await reconcile(svc.manager)
         if any(counts.values()):
             log.info("reconciled after start: %s", counts)
     await svc.dispatcher.run()

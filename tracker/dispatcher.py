@@ -16,6 +16,7 @@ from tracker.config import Config
 from tracker.errors import LettaError, LettaUnavailable, NotFound
 from tracker.letta import LettaClient
 from tracker.manager import Manager
+from tracker.reconcile import attach_or_requeue
 from tracker.states import Source, State
 from tracker.store import RunRecord
 
@@ -88,7 +89,7 @@ class Dispatcher:
         """Send one claimed run to Letta and record Letta's answer."""
         async with self._slots:
             try:
-                if run.needs_lookup and await self.manager.attach_or_requeue(run, Source.DISPATCH):
+                if run.needs_lookup and await attach_or_requeue(self.manager, run, Source.DISPATCH):
                     return
                 if run.needs_lookup:
                     return  # requeued without the flag: the loop sends it next

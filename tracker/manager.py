@@ -17,11 +17,10 @@ from typing import Any
 
 from tracker import clock
 from tracker.config import Config
-from tracker.errors import Conflict, LettaUnavailable, NotFound
+from tracker.errors import Conflict, NotFound
 from tracker.letta import LettaClient
 from tracker.letta_request import answers_pause, ensure_otids
 from tracker.states import (
-    FINAL,
     REPORTED,
     WATCHED,
     Source,
@@ -31,7 +30,7 @@ from tracker.states import (
     sources_of,
     state_for,
 )
-from tracker.store import Event, NewRun, RunRecord, Store, User
+from tracker.store import Event, NewRun, RunFilter, RunRecord, Store, User
 
 log = logging.getLogger("tracker.manager")
 
@@ -227,8 +226,6 @@ class Manager:
                               run_ids: list[str] | None) -> dict[str, RunRecord | None]:
         if run_ids is not None:
             return {r: await self.store.get_run(r, scope) for r in run_ids}
-        from tracker.store import RunFilter
-
         live = [s.value for s in (State.QUEUED, State.SUBMITTING, *WATCHED, State.PAUSED)]
         runs = await self.store.list_runs(RunFilter(user_id=scope, agent_id=agent_id,
                                                     states=live, limit=1000))
@@ -268,52 +265,7 @@ class Manager:
         self.poll_wakeup.set()
         return out
 
-    # --- recovery --------------------------------------------------------------------------
-
-    async def find_in_letta(self, run: RunRecord) -> dict | None:
-        """Find the Letta run this run became, if it did: by our callback URL, else by otid."""
-        candidates = await self.letta.agent_runs(run.agent_id)
-        ours = self.callback_url(run.id)
-        for r in candidates:
-            if r.get("callback_url") == ours:
-                return r
-        otids = {m.get("otid") for m in (run.request or {}).get("messages") or []} - {None}
-        created = clock.epoch(run.created_at) or 0
-        for r in candidates[:10]:
-            if otids and (clock.epoch(r.get("created_at")) or 0) >= created - 5:
-                messages = await self.letta.run_messages(r["id"])
-                if otids & {m.get("otid") for m in messages}:
-                    return r
-        return None
-
-    async def reconcile(self) -> dict[str, int]:
-        """On start-up: re-find runs cut off mid-send, and check submitted runs at once."""
-        counts = {"attached": 0, "requeued": 0, "checked": 0}
-        for run in await self.store.in_states((State.SUBMITTING,)):
-            try:
-                attached = await self.attach_or_requeue(run, Source.RECONCILE)
-            except LettaUnavailable as e:
-                log.warning("reconcile: Letta unavailable (%s); run requeued for lookup", e)
-                await self.requeue(run, clock.now(), needs_lookup=True, error=str(e))
-                attached = False
-            counts["attached" if attached else "requeued"] += 1
-        watched = await self.store.in_states(WATCHED)
-        await self.store.reschedule([(r.id, clock.now(), r.poll_count) for r in watched])
-        counts["checked"] = len(watched)
-        self.poll_wakeup.set()
-        self.dispatch_wakeup.set()
-        return counts
-
-    async def attach_or_requeue(self, run: RunRecord, source: str) -> bool:
-        """For a run that may have reached Letta: attach it to its Letta run, or queue it to
-        be sent again (it never arrived, so this is not a second send)."""
-        found = await self.find_in_letta(run)
-        if found is None:
-            await self.requeue(run, clock.now(), needs_lookup=False, error=None,
-                               kind="not_found_in_letta", source=source)
-            return False
-        await self.mark_submitted(run, found, source, "found_in_letta")
-        return True
+    # --- recording what happened at Letta ----------------------------------------------
 
     async def mark_submitted(self, run: RunRecord, letta_run: dict, source: str,
                              kind: str = "submitted") -> RunRecord | None:
@@ -364,6 +316,3 @@ class Manager:
             Event(Source.POLL, "lost", {"reason": reason}), relay=True)
         if done:
             self._after_change(done, Source.POLL)
-
-    def is_final(self, run: RunRecord) -> bool:
-        return run.state in FINAL

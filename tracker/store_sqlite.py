@@ -334,6 +334,15 @@ class SQLiteStore:
                     [(at, count, run_id) for run_id, at, count in checks],
                 )
 
+    async def check_now(self, states: Iterable[State], now: float) -> int:
+        """Make every run in ``states`` due for a check at ``now``; returns how many."""
+        states = tuple(states)
+        async with self._tx() as db:
+            cur = await db.execute(
+                f"UPDATE runs SET next_check_at = ? WHERE state IN ({_marks(len(states))})",
+                (now, *states))
+            return cur.rowcount
+
     async def due(self, states: Iterable[State], now: float, limit: int) -> list[RunRecord]:
         states = tuple(states)
         rows = await self._read(
