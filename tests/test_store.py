@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import uuid
 
 import pytest
 
 from tracker import clock
-from tracker.errors import Unavailable
+from tracker.errors import Conflict, Unavailable
 from tracker.migrations import LATEST, MIGRATIONS
 from tracker.states import WATCHED, State
 from tracker.store import Event, NewRun, RunFilter, open_store
@@ -230,3 +231,24 @@ async def test_counts_kept_by_triggers_match_the_rows(store):
     assert grouped((await store.stats(None))["counts"]) == grouped([dict(r) for r in truth])
     mine = await store._read("SELECT count(*) FROM runs WHERE user_id = 'u1'")
     assert sum(c["n"] for c in (await store.stats("u1"))["counts"]) == mine[0][0]
+
+
+async def test_concurrent_transitions_share_commits_and_fail_alone(store):
+    runs = [await submit(store) for _ in range(50)]
+    await store.claim(serial=False, now=clock.now())
+    await store.transition(runs[0].id, None, (State.SUBMITTING,),
+                           {"letta_run_id": "run-taken"}, None)
+
+    async def attach(i: int):
+        # run 7 tries to take a Letta run id that belongs to run 0: only it must fail
+        letta_id = "run-taken" if i == 7 else f"run-l{i}"
+        return await store.transition(runs[i].id, State.SUBMITTED, (State.SUBMITTING,),
+                                      {"letta_run_id": letta_id}, Event("dispatch", "sub"))
+
+    results = await asyncio.gather(*(attach(i) for i in range(1, 50)), return_exceptions=True)
+    failures = [r for r in results if isinstance(r, Exception)]
+    assert len(failures) == 1 and isinstance(failures[0], Conflict)
+    assert all(r.state is State.SUBMITTED for r in results if not isinstance(r, Exception))
+    assert (await store.get_run(runs[7].id)).state is State.SUBMITTING
+    events = await store._read("SELECT count(*) FROM run_events WHERE kind = 'sub'")
+    assert events[0][0] == 48

@@ -9,8 +9,8 @@ import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
 from dataclasses import fields as dc_fields
-from dataclasses import replace
 from typing import Any
 
 import aiosqlite
@@ -61,6 +61,29 @@ def _marks(n: int) -> str:
     return ",".join("?" * n)
 
 
+#: most transitions committed together
+BATCH_MAX = 256
+EVENT_SQL = ("INSERT INTO run_events (run_id, at, source, kind, state, status, detail)"
+             " VALUES (?, ?, ?, ?, ?, ?, ?)")
+
+
+@dataclass
+class _Batch:
+    """What the operations of one group commit leave to be written at its end."""
+
+    events: list[tuple] = field(default_factory=list)
+
+
+def _event_row(run_id: str, event: Event, state: str, status: str) -> tuple:
+    return (run_id, event.at or clock.iso(), event.source, event.kind, event.state or state,
+            event.status or status, json.dumps(event.detail) if event.detail else None)
+
+
+async def _insert_events(db: aiosqlite.Connection, rows: list[tuple]) -> None:
+    if rows:
+        await db.executemany(EVENT_SQL, rows)
+
+
 class SQLiteStore:
     """Store backed by one SQLite file (see ``tracker.store.Store`` for the operations)."""
 
@@ -70,6 +93,8 @@ class SQLiteStore:
         self._w: aiosqlite.Connection | None = None
         self._r: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
+        self._queue: list[tuple[Any, asyncio.Future]] = []
+        self._drainer: asyncio.Task | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -93,6 +118,8 @@ class SQLiteStore:
             raise Unavailable(f"cannot open database {self.path}: {e}") from e
 
     async def close(self) -> None:
+        if self._drainer is not None:
+            await asyncio.gather(self._drainer, return_exceptions=True)
         if self._w is not None:
             # keeps the planner's statistics fresh, as SQLite recommends before closing
             with contextlib.suppress(sqlite3.Error):
@@ -122,8 +149,8 @@ class SQLiteStore:
     async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         assert self._r is not None, "store is not open"
         try:
-            async with self._r.execute(sql, params) as cur:
-                return list(await cur.fetchall())
+            # execute_fetchall: one trip to the connection's thread instead of three
+            return list(await self._r.execute_fetchall(sql, params))
         except sqlite3.DatabaseError as e:
             raise Unavailable(f"database read failed: {e}") from e
 
@@ -163,8 +190,8 @@ class SQLiteStore:
         """The stored value, storing ``default`` first when there is none."""
         async with self._tx() as db:
             await db.execute("INSERT OR IGNORE INTO settings VALUES (?, ?)", (key, default))
-            async with db.execute("SELECT value FROM settings WHERE key = ?", (key,)) as cur:
-                return (await cur.fetchone())[0]
+            rows = await db.execute_fetchall("SELECT value FROM settings WHERE key = ?", (key,))
+            return rows[0][0]
 
     # --- runs ------------------------------------------------------------------------------
 
@@ -209,12 +236,11 @@ class SQLiteStore:
                          else self._due_queued(db, now, agent_id, limit))
             claimed = []
             for run_id in ids[:limit]:
-                async with db.execute(
+                rows = await db.execute_fetchall(
                     f"UPDATE runs SET state = 'submitting', attempts = attempts + 1 "
-                    f"WHERE id = ? AND state = 'queued' RETURNING {FULL_COLS}", (run_id,)
-                ) as cur:
-                    row = await cur.fetchone()
-                if row:
+                    f"WHERE id = ? AND state = 'queued' RETURNING {FULL_COLS}", (run_id,))
+                if rows:
+                    row = rows[0]
                     claimed.append(_run(row))
                     if row["kind"] == "answer":
                         await self._answer_pause(db, row["agent_id"], row["id"])
@@ -222,13 +248,12 @@ class SQLiteStore:
 
     async def _answer_pause(self, db: aiosqlite.Connection, agent_id: str, by: str) -> None:
         """The approval or tool return goes out: the run that paused for it is done."""
-        async with db.execute(
+        rows = await db.execute_fetchall(
             "UPDATE runs SET state = 'done' WHERE agent_id = ? AND state = 'paused'"
-            " RETURNING id, status", (agent_id,)
-        ) as cur:
-            for run_id, status in await cur.fetchall():
-                await self._add_event(db, run_id, Event("dispatch", "answered", {"by": by}),
-                                      State.DONE, status, clock.iso())
+            " RETURNING id, status", (agent_id,))
+        for run_id, status in rows:
+            await self._add_event(db, run_id, Event("dispatch", "answered", {"by": by}),
+                                  State.DONE, status, clock.iso())
 
     async def _due_queued(self, db: aiosqlite.Connection, now: float, agent_id: str | None,
                           limit: int) -> list[str]:
@@ -237,8 +262,8 @@ class SQLiteStore:
         if agent_id:
             sql += " AND agent_id = ?"
             params.append(agent_id)
-        async with db.execute(sql + " ORDER BY seq LIMIT ?", (*params, limit)) as cur:
-            return [r[0] for r in await cur.fetchall()]
+        rows = await db.execute_fetchall(sql + " ORDER BY seq LIMIT ?", (*params, limit))
+        return [r[0] for r in rows]
 
     async def _lane_heads(self, db: aiosqlite.Connection, now: float,
                           agent_id: str | None) -> list[str]:
@@ -247,18 +272,15 @@ class SQLiteStore:
         busy_states = (*LANE_BUSY, State.PAUSED)
         agent_sql = " AND agent_id = ?" if agent_id else ""
         agent_arg = (agent_id,) if agent_id else ()
-        async with db.execute(
+        lanes: dict[str, set[str]] = {}
+        for a, st in await db.execute_fetchall(
             f"SELECT agent_id, state FROM runs WHERE state IN ({_marks(len(busy_states))})"
             + agent_sql, (*busy_states, *agent_arg)
-        ) as cur:
-            lanes: dict[str, set[str]] = {}
-            for a, s in await cur.fetchall():
-                lanes.setdefault(a, set()).add(s)
-        async with db.execute(
+        ):
+            lanes.setdefault(a, set()).add(st)
+        heads = dict(await db.execute_fetchall(
             "SELECT agent_id, min(seq) FROM runs WHERE state = 'queued'" + agent_sql
-            + " GROUP BY agent_id", agent_arg
-        ) as cur:
-            heads = {a: seq for a, seq in await cur.fetchall()}
+            + " GROUP BY agent_id", agent_arg))
         ids = []
         for agent, seq in heads.items():
             held = lanes.get(agent, set())
@@ -267,12 +289,10 @@ class SQLiteStore:
             where = "agent_id = ? AND state = 'queued'"
             where += " AND kind = 'answer'" if held else " AND seq = ?"
             args = (agent,) if held else (agent, seq)
-            async with db.execute(
-                f"SELECT id, next_check_at FROM runs WHERE {where} ORDER BY seq LIMIT 1", args
-            ) as cur:
-                row = await cur.fetchone()
-            if row and row[1] <= now:
-                ids.append(row[0])
+            rows = await db.execute_fetchall(
+                f"SELECT id, next_check_at FROM runs WHERE {where} ORDER BY seq LIMIT 1", args)
+            if rows and rows[0][1] <= now:
+                ids.append(rows[0][0])
         return ids
 
     async def transition(self, run_id: str, to: State | None, expect: Iterable[State],
@@ -287,29 +307,67 @@ class SQLiteStore:
         values = [v.n if isinstance(v, Add) else _encode(v) for v in sets.values()]
         sql = (f"UPDATE runs SET {assign} WHERE id = ? AND state IN ({_marks(len(expect))}) "
                f"RETURNING {FULL_COLS}")
-        async with self._tx() as db:
+
+        async def op(db: aiosqlite.Connection, batch: _Batch) -> RunRecord | None:
             try:
-                async with db.execute(sql, (*values, run_id, *expect)) as cur:
-                    row = await cur.fetchone()
+                rows = await db.execute_fetchall(sql, (*values, run_id, *expect))
             except sqlite3.IntegrityError:
                 raise Conflict("that Letta run belongs to another tracker run") from None
-            if row is None:
+            if not rows:
                 return None
-            run = _run(row)
+            run = _run(rows[0])
             if event:
-                await self._add_event(db, run_id, event, run.state, run.status, clock.iso())
+                batch.events.append(_event_row(run_id, event, run.state, run.status))
             if relay and run.callback_url:
                 await self._enqueue_delivery(db, run)
-        return run
+            return run
+
+        return await self._batched(op)
+
+    async def _batched(self, op: Any) -> Any:
+        """Group commit: concurrent writers share one transaction, each still committed
+        before its caller returns. Under load this turns N commits into one."""
+        fut = asyncio.get_running_loop().create_future()
+        self._queue.append((op, fut))
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.create_task(self._drain())
+        return await fut
+
+    async def _drain(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue[:BATCH_MAX], self._queue[BATCH_MAX:]
+            try:
+                results = await self._commit_batch([op for op, _ in batch])
+            except BaseException:
+                # nothing of the batch was committed: run each alone, so only a bad one fails
+                for op, fut in batch:
+                    await self._commit_alone(op, fut)
+                continue
+            for (_, fut), result in zip(batch, results, strict=True):
+                if not fut.done():
+                    fut.set_result(result)
+
+    async def _commit_batch(self, ops: list) -> list:
+        batch = _Batch()
+        async with self._tx() as db:
+            results = [await op(db, batch) for op in ops]
+            await _insert_events(db, batch.events)
+        return results
+
+    async def _commit_alone(self, op: Any, fut: asyncio.Future) -> None:
+        try:
+            [result] = await self._commit_batch([op])
+        except BaseException as e:  # the caller gets the error, the drain goes on
+            if not fut.done():
+                fut.set_exception(e)
+            return
+        if not fut.done():
+            fut.set_result(result)
 
     async def _add_event(self, db: aiosqlite.Connection, run_id: str, event: Event,
                          state: str, status: str, at: str) -> None:
-        await db.execute(
-            "INSERT INTO run_events (run_id, at, source, kind, state, status, detail)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (run_id, at, event.source, event.kind, event.state or state,
-             event.status or status, json.dumps(event.detail) if event.detail else None),
-        )
+        event.at = event.at or at
+        await db.execute_fetchall(EVENT_SQL, _event_row(run_id, event, state, status))
 
     async def _enqueue_delivery(self, db: aiosqlite.Connection, run: RunRecord) -> None:
         await db.execute(
