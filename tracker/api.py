@@ -11,6 +11,7 @@ from aiohttp import web
 from tracker import __version__, callbacks, clock, parsing
 from tracker.errors import Invalid, LettaError, NotFound, TrackerError
 from tracker.letta_request import AsyncMessageRequest
+from tracker.metrics import METRICS, metrics_handler
 from tracker.middleware import USER
 from tracker.models import (
     CancelRequest,
@@ -81,6 +82,7 @@ async def submit(request: web.Request) -> web.Response:
     key = request.headers.get("Idempotency-Key") or None
     run, created = await svc.manager.submit(_user(request), agent_id, body, key)
     if created:
+        request.app[METRICS].submitted()
         run = await svc.dispatcher.dispatch_inline(run)
     if run.state is State.REJECTED:
         raise LettaError(run.error_code or 400, _detail(run.error))
@@ -232,6 +234,8 @@ ROUTES: list[Route] = [
     Route("POST", callbacks.PATH, letta_callback, "Letta's completion callback lands here",
           response=dict[str, Any], public=True),
     Route("GET", "/healthz", healthz, "Liveness and database check", response=HealthOut,
+          public=True),
+    Route("GET", "/metrics", metrics_handler, "Prometheus metrics (text format)", response=str,
           public=True),
     Route("GET", "/openapi.json", openapi, "This document", response=dict[str, Any],
           public=True),

@@ -11,16 +11,18 @@ from typing import Any
 
 from aiohttp import web
 
-from tracker import api, auth
+from tracker import api, auth, logs_redact
 from tracker.callbacks import CallbackSigner
 from tracker.config import Config
 from tracker.dispatcher import Dispatcher
 from tracker.letta import LettaClient
 from tracker.manager import Manager
-from tracker.middleware import error_middleware, make_auth_middleware
+from tracker.metrics import METRICS, Metrics
+from tracker.middleware import error_middleware, make_auth_middleware, timing_middleware
 from tracker.poller import Poller
 from tracker.reconcile import reconcile
 from tracker.relay import Relay
+from tracker.retention import Retention
 from tracker.store import Store, open_store
 from tracker.wiring import SERVICES, Services
 
@@ -33,11 +35,15 @@ FIRST_KEY: web.AppKey[list] = web.AppKey("first_key", list)
 
 def create_app(cfg: Config) -> web.Application:
     """Build the tracker application for ``cfg`` (nothing runs until it is started)."""
+    logs_redact.register(cfg.letta.api_key, cfg.callbacks.secret)
+    metrics = Metrics()
     app = web.Application(
         client_max_size=cfg.server.max_body_bytes,
-        middlewares=[error_middleware, make_auth_middleware(
-            lambda key: _authenticate(app, key), api.is_public)],
+        # timing first: it sees the status error_middleware finally answers with
+        middlewares=[timing_middleware(metrics.request), error_middleware,
+                     make_auth_middleware(lambda key: _authenticate(app, key), api.is_public)],
     )
+    app[METRICS] = metrics
     app[FIRST_KEY] = []
     api.add_routes(app)
     app.cleanup_ctx.extend([
@@ -65,7 +71,8 @@ async def _store_ctx(app: web.Application, cfg: Config) -> AsyncIterator[None]:
         key = await auth.first_start_key(store)
         if key:
             app[FIRST_KEY].append(key)
-            log.warning("first start: created admin API key (shown once): %s", key)
+            # printed, not logged: log lines are redacted, and this is the one time it shows
+            print(f"first start: created admin API key (shown once): {key}", flush=True)
     app[STORE] = store
     yield
     await store.close()
@@ -74,6 +81,7 @@ async def _store_ctx(app: web.Application, cfg: Config) -> AsyncIterator[None]:
 
 async def _letta_ctx(app: web.Application, cfg: Config) -> AsyncIterator[None]:
     letta = LettaClient(cfg.letta.base_url, cfg.letta.api_key, cfg.letta.timeout_s)
+    letta.on_call = app[METRICS].letta_call
     await letta.start()
     app[LETTA] = letta
     yield
@@ -85,21 +93,27 @@ async def _services_ctx(app: web.Application, cfg: Config) -> AsyncIterator[None
     # an empty secret in config: one is generated on first start and kept in the database
     secret = cfg.callbacks.secret or await store.setting("callback_secret",
                                                          secrets.token_urlsafe(32))
+    logs_redact.register(secret)
     signer = CallbackSigner(secret, cfg.public_base())
     manager = Manager(cfg, store, letta, signer.url)
+    manager.on_applied = app[METRICS].applied
     app[SERVICES] = Services(cfg=cfg, store=store, letta=letta, signer=signer, manager=manager,
                              dispatcher=Dispatcher(cfg, manager, letta),
                              poller=Poller(cfg, manager, letta),
                              relay=Relay(cfg, store, manager.relay_wakeup))
+    app[SERVICES].poller.on_poll = app[METRICS].polled
+    app[SERVICES].relay.on_outcome = app[METRICS].relay_outcome
     yield
 
 
 async def _background_ctx(app: web.Application) -> AsyncIterator[None]:
     svc = app[SERVICES]
     await svc.relay.start()
+    retention = Retention(svc.cfg.retention, svc.store)
     tasks = [_task(_reconcile_then_run(svc), "dispatcher"), _task(svc.poller.run(), "poller"),
-             _task(svc.relay.run(), "relay")]
+             _task(svc.relay.run(), "relay"), _task(retention.run(), "retention")]
     yield
+    retention.stop()
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)

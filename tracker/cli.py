@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     simulator.add_arguments(cmd("simulate", _simulate, "run the Letta simulator"))
     c.add_commands(cmd, _with_store)
+    from tracker import cli_ops
+
+    cli_ops.add_commands(cmd, _with_store)
+    from tracker import cli_client
+
+    cli_client.add_commands(cmd)
     return p
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
+
+from tracker import logs_redact
 
 EXTRA_KEYS = ("run_id", "agent_id", "letta_run_id", "source", "status")
 
@@ -34,7 +37,8 @@ def setup(level: str = "INFO", fmt: str = "text") -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.formatter.converter = __import__("time").gmtime
+    handler.formatter.converter = time.gmtime
+    logs_redact.install(handler)  # last: it wraps the formatter set above
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

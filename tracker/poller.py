@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Callable
 
 from tracker import clock
 from tracker.config import Config
@@ -36,6 +37,7 @@ class Poller:
         self._slots = asyncio.Semaphore(self.p.concurrency)
         self._paused_until = 0.0
         self._failures = 0
+        self.on_poll: Callable[[int], None] | None = None  # metrics hook: runs checked
 
     async def run(self) -> None:
         wakeup = self.manager.poll_wakeup
@@ -59,6 +61,8 @@ class Poller:
         due = await self.store.due(WATCHED, clock.now(), BATCH)
         if not due:
             return 0
+        if self.on_poll:
+            self.on_poll(len(due))
         try:
             finished, known = await self._triage(due)
         except LettaUnavailable as e:

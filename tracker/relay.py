@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 
 import aiohttp
 from aiohttp.abc import AbstractResolver
@@ -46,6 +47,7 @@ class Relay:
         self._inflight: dict[str, asyncio.Task] = {}
         self._busy: Counter[str] = Counter()
         self._loop_task: asyncio.Task | None = None
+        self.on_outcome: Callable[[str], None] | None = None  # metrics hook
 
     async def start(self) -> None:
         """Open the relay's own HTTP session, whose resolver enforces the SSRF guard."""
@@ -125,6 +127,8 @@ class Relay:
         outcome = await self._attempt(d)
         state, next_at = next_step(d.attempts + 1, outcome, self.r.retry_schedule_s, clock.now())
         await self.store.record_attempt(d.id, outcome.record(at), state, next_at)
+        if self.on_outcome:
+            self.on_outcome(str(state))
         log.info("delivery %s: attempt %d -> %s (%s)", d.id, d.attempts + 1, state,
                  outcome.status_code or outcome.error, extra={"run_id": d.run_id})
 

@@ -425,6 +425,21 @@ class SQLiteStore:
         )
         return rows[0][0]
 
+    async def count_by_state(self, states: Iterable[State]) -> dict[str, int]:
+        """Runs in each of ``states`` (an index range: no table scan)."""
+        states = tuple(states)
+        rows = await self._read(
+            f"SELECT state, count(*) FROM runs WHERE state IN ({_marks(len(states))})"
+            " GROUP BY state", states)
+        return {r[0]: r[1] for r in rows}
+
+    async def queued_by_agent(self, limit: int) -> dict[str, int]:
+        """Queued runs per agent, the ``limit`` deepest lanes (reads only queued rows)."""
+        rows = await self._read(
+            "SELECT agent_id, count(*) AS n FROM runs WHERE state = 'queued'"
+            " GROUP BY agent_id ORDER BY n DESC, agent_id LIMIT ?", (limit,))
+        return {r[0]: r[1] for r in rows}
+
     async def list_runs(self, flt: RunFilter) -> list[RunRecord]:
         cursor = None
         ref = flt.after or flt.before
