@@ -6,62 +6,35 @@ import os
 import sqlite3
 import subprocess
 import sys
-import uuid
 from contextlib import closing
 from pathlib import Path
 
 import pytest
 
 import tracker
-from tracker import clock
-from tracker.retention import DAY
+from tests.test_retention import add_run as aged_run
 from tracker.states import State
-from tracker.store import Event, NewRun, open_store
+from tracker.store import open_store
 
 A1 = "agent-11111111-1111-4111-8111-111111111111"
 ROOT = Path(tracker.__file__).resolve().parent.parent
-# Until tracker/cli.py registers these commands (the one-line wiring asked for), the same
-# registration is made here, in the child process, before the real ``main`` runs.
-WIRED = "cli_ops" in (ROOT / "tracker" / "cli.py").read_text()
-PROTOTYPE = """
-import sys
-from tracker import cli, cli_commands, cli_ops
-base = cli_commands.add_commands
-def add_commands(cmd, with_store):
-    base(cmd, with_store)
-    cli_ops.add_commands(cmd, with_store)
-cli_commands.add_commands = add_commands
-raise SystemExit(cli.main(sys.argv[1:]))
-"""
 
 
 def run_cli(db: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "TRACKER_DATABASE__URL": f"sqlite:///{db}",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    launch = ["-m", "tracker"] if WIRED else ["-c", PROTOTYPE]
-    return subprocess.run([sys.executable, *launch, *args], env=env, cwd=db.parent,
+    return subprocess.run([sys.executable, "-m", "tracker", *args], env=env, cwd=db.parent,
                           capture_output=True, text=True, timeout=60)
 
 
 async def add_run(store, monkeypatch, age_days: float, final: bool) -> str:
-    created = clock.now() - age_days * DAY
-    with monkeypatch.context() as m:
-        m.setattr(clock, "now", lambda: created)
-        run, _ = await store.submit(NewRun(
-            id=f"run-{uuid.uuid4()}", user_id="user-1", agent_id=A1, kind="message",
-            request={"messages": []}, request_config={}, callback_url="https://example.com/h"),
-            Event("api", "submit"))
-    if final:
-        await store.transition(run.id, State.SUBMITTING, (State.QUEUED,), {}, None)
-        await store.transition(run.id, State.DONE, (State.SUBMITTING,), {"status": "completed"},
-                               Event("callback", "completed"), relay=True)
-    return run.id
+    return await aged_run(store, monkeypatch, age_days, State.DONE if final else State.QUEUED)
 
 
 @pytest.fixture
 async def db(tmp_path: Path, monkeypatch) -> Path:
     """A database with 2 finished runs from 40 days ago, one still queued from then, and one
-    finished 5 days ago; 7 events and 3 deliveries in all."""
+    finished 5 days ago; 10 events, 3 deliveries and 3 attempts in all."""
     path = tmp_path / "t.db"
     store = open_store(f"sqlite:///{path}")
     await store.open()
@@ -86,7 +59,7 @@ def test_prune_dry_run_counts_and_deletes_nothing(db: Path):
     assert "dry run: would remove 2 finished runs created before" in out.stdout
     assert "(older than 30d)" in out.stdout
     lines = dict(line.split() for line in out.stdout.splitlines() if line.startswith("  "))
-    assert lines == {"runs": "2", "run_events": "4", "deliveries": "2", "delivery_attempts": "0"}
+    assert lines == {"runs": "2", "run_events": "6", "deliveries": "2", "delivery_attempts": "2"}
     assert "nothing was deleted" in out.stdout
     assert counts(db) == before
 
@@ -94,8 +67,8 @@ def test_prune_dry_run_counts_and_deletes_nothing(db: Path):
 def test_prune_removes_old_finished_runs_and_says_how_many(db: Path):
     out = run_cli(db, "prune", "--older-than", "30d")
     assert out.returncode == 0, out.stderr
-    assert "removed 2 finished runs" in out.stdout and "8 rows removed in all" in out.stdout
-    assert counts(db) == {"runs": 2, "run_events": 3, "deliveries": 1}
+    assert "removed 2 finished runs" in out.stdout and "12 rows removed in all" in out.stdout
+    assert counts(db) == {"runs": 2, "run_events": 4, "deliveries": 1}
     again = run_cli(db, "prune", "--older-than", "720h")
     assert again.returncode == 0 and "nothing to remove" in again.stdout
 

@@ -26,14 +26,12 @@ from tracker.metrics import (
     LIVE_STATES,
     METRICS,
     Metrics,
-    metrics_handler,
     refusal_reason,
     render,
 )
 from tracker.middleware import timing_middleware
 from tracker.states import Source, State
 from tracker.store import Event, NewRun
-from tracker.wiring import SERVICES
 
 A1 = "agent-11111111-1111-4111-8111-111111111111"
 A2 = "agent-22222222-2222-4222-8222-222222222222"
@@ -229,21 +227,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def wire(app: web.Application, metrics: Metrics) -> None:
-    """What the proposed edits to app.py and api.py do, applied from outside."""
-    app[METRICS] = metrics
-    app.middlewares.insert(0, timing_middleware(metrics.request))
-    app.router.add_get("/metrics", metrics_handler)
-
-    async def hooks(app: web.Application):
-        svc = app[SERVICES]
-        svc.letta.on_call = metrics.letta_call
-        svc.manager.on_applied = metrics.applied
-        yield
-
-    app.cleanup_ctx.insert(3, hooks)  # after the services exist, before background tasks
-
-
 async def test_metrics_endpoint_of_a_running_tracker(tmp_path: Path, aiohttp_server,
                                                      aiohttp_client):
     from tracker.app import create_app
@@ -258,9 +241,6 @@ async def test_metrics_endpoint_of_a_running_tracker(tmp_path: Path, aiohttp_ser
     cfg = make_config(tmp_path, letta={"base_url": str(letta.make_url("")).rstrip("/")},
                       server={"port": port}, auth={"required": False})
     app = create_app(cfg)
-    wired_by_app = METRICS in app
-    if not wired_by_app:  # until app.py and api.py make the proposed edits themselves
-        wire(app, Metrics())
     metrics = app[METRICS]
     client = await aiohttp_client(await aiohttp_server(app, port=port))
     for agent in (heard, unheard):
@@ -290,10 +270,8 @@ async def test_metrics_endpoint_of_a_running_tracker(tmp_path: Path, aiohttp_ser
                  route="/v1/agents/{agent_id}/messages/async", status="200") == 2
     assert value(metrics, "tracker_runs_queued") == 0
     assert value(metrics, "tracker_runs_in_flight") == 0
-    if wired_by_app:  # these hooks are in api.py and the poller, not reachable from here
-        assert value(metrics, "tracker_runs_submitted_total") == 2
-    if hasattr(app[SERVICES].poller, "on_poll"):
-        assert value(metrics, "tracker_polls_total") >= 1
+    assert value(metrics, "tracker_runs_submitted_total") == 2
+    assert value(metrics, "tracker_polls_total") >= 1
 
 
 def test_config_has_the_logging_and_retention_keys_used_here():

@@ -47,9 +47,9 @@ async def test_serve_starts_with_no_config_and_stops_cleanly(tmp_path: Path):
     try:
         health = await wait_healthy(f"http://127.0.0.1:{port}")
         assert health["database"] is True and health["version"]
-        async with aiohttp.ClientSession() as http:
-            async with http.get(f"http://127.0.0.1:{port}/v1/runs") as resp:
-                assert resp.status == 401
+        async with aiohttp.ClientSession() as http, \
+                http.get(f"http://127.0.0.1:{port}/v1/runs") as resp:
+            assert resp.status == 401
         proc.send_signal(signal.SIGTERM)
         out = (await asyncio.wait_for(proc.communicate(), 20))[0].decode()
     finally:
