@@ -1,0 +1,156 @@
+"""Acceptance: the real ``tracker submit`` and ``tracker runs`` commands, in a subprocess,
+against a tracker and the simulator served on real ports by this test."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+REPLY = "Hello from fake LLM."
+
+
+class Result:
+    """What one CLI call printed, and its exit code."""
+
+    def __init__(self, code: int, out: str, err: str) -> None:
+        self.code, self.out, self.err = code, out, err
+
+
+async def cli(*args: str, url: str | None = None, key: str | None = None,
+              env: dict[str, str] | None = None) -> Result:
+    """Run ``python -m tracker ARGS`` without blocking the loop that serves the tracker."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("TRACKER_")}
+    clean.update({"TRACKER_URL": url} if url else {})
+    clean.update({"TRACKER_API_KEY": key} if key else {})
+    clean.update(env or {})
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tracker", *args, cwd=REPO, env=clean,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    return Result(proc.returncode, out.decode(), err.decode())
+
+
+@pytest.fixture
+async def tracker(start_tracker):
+    return await start_tracker()
+
+
+@pytest.fixture
+def url(tracker) -> str:
+    return str(tracker.client.make_url("/")).rstrip("/")
+
+
+async def test_submit_wait_prints_the_reply(tracker, url, agent):
+    r = await cli("submit", agent, "hello there", "--wait", url=url, key=tracker.key)
+    assert r.code == 0, r.err
+    assert REPLY in r.out
+    assert "completed" in r.out
+
+
+async def test_submit_json_is_the_run(tracker, url, agent):
+    r = await cli("submit", agent, "hi", "--json", url=url, key=tracker.key)
+    assert r.code == 0, r.err
+    run = json.loads(r.out)
+    assert run["id"].startswith("run-")
+    assert run["tracker"]["state"] in ("queued", "submitting", "submitted", "done")
+    await tracker.wait_state(run["id"], "done")
+
+
+async def test_submit_wait_json_has_the_messages(tracker, url, agent):
+    r = await cli("submit", agent, "hi", "--wait", "--json", url=url, key=tracker.key)
+    assert r.code == 0, r.err
+    run = json.loads(r.out)
+    assert run["tracker"]["state"] == "done"
+    replies = [m["content"] for m in run["messages"] if m["message_type"] == "assistant_message"]
+    assert replies == [REPLY]
+
+
+async def test_runs_list_table_and_json(tracker, url, agent):
+    run = await tracker.submit(agent)
+    await tracker.wait_state(run["id"], "done")
+    table = await cli("runs", "list", url=url, key=tracker.key)
+    assert table.code == 0, table.err
+    assert run["id"] in table.out
+    assert "learnt via" in table.out
+    listed = await cli("runs", "list", "--json", "--state", "done", "--agent-id", agent,
+                       url=url, key=tracker.key)
+    assert listed.code == 0, listed.err
+    assert [r["id"] for r in json.loads(listed.out)] == [run["id"]]
+
+
+async def test_runs_list_filters_reach_the_api(tracker, url, agent):
+    run = await tracker.submit(agent)
+    await tracker.wait_state(run["id"], "done")
+    r = await cli("runs", "list", "--state", "queued", "--status", "running", url=url,
+                  key=tracker.key)
+    assert r.code == 0, r.err
+    assert "no runs match" in r.out
+
+
+async def test_runs_show_prints_the_timeline(tracker, url, agent):
+    run = await tracker.submit(agent)
+    await tracker.wait_state(run["id"], "done")
+    r = await cli("runs", "show", run["id"], url=url, key=tracker.key)
+    assert r.code == 0, r.err
+    assert "timeline" in r.out
+    for kind in ("submit", "submitted", "completed"):
+        assert f" {kind} " in r.out
+    shown = json.loads((await cli("runs", "show", run["id"], "--json", url=url,
+                                  key=tracker.key)).out)
+    assert shown["run"]["id"] == run["id"]
+    assert [e["kind"] for e in shown["events"]][:2] == ["submit", "submitted"]
+
+
+async def test_key_flag_wins_over_the_environment(tracker, url):
+    r = await cli("runs", "list", "--key", tracker.key, url=url, key="tk-wrong")
+    assert r.code == 0, r.err
+
+
+async def test_bad_key_is_one_clear_line(tracker, url):
+    r = await cli("runs", "list", url=url, key="tk-not-a-key")
+    assert r.code == 1
+    assert r.err.strip() == "tracker: 401 Unauthorized — set TRACKER_API_KEY or pass --key"
+    assert "Traceback" not in r.err
+
+
+async def test_unknown_run_and_unknown_agent(tracker, url):
+    r = await cli("runs", "show", "run-00000000-0000-4000-8000-000000000000", url=url,
+                  key=tracker.key)
+    assert r.code == 1
+    assert r.err.startswith("tracker: 404 Not Found: Run not found")
+    r = await cli("submit", "agent-00000000-0000-4000-8000-000000000000", "hi", url=url,
+                  key=tracker.key)
+    assert r.code == 1
+    assert r.err.startswith("tracker: 404")
+
+
+async def test_no_tracker_at_the_url(unused_tcp_port):
+    url = f"http://127.0.0.1:{unused_tcp_port}"
+    r = await cli("runs", "list", url=url, key="tk-any")
+    assert r.code == 1
+    assert r.err.strip() == f"tracker: no tracker at {url} (is `tracker serve` running?)"
+
+
+async def test_url_defaults_to_the_configured_server(tracker, agent):
+    port = tracker.client.make_url("/").port
+    r = await cli("runs", "list", "--json", key=tracker.key,
+                  env={"TRACKER_SERVER__PORT": str(port)})
+    assert r.code == 0, r.err
+    assert json.loads(r.out) == []
+
+
+async def test_submit_wait_shows_progress_then_the_failure(tracker, url, sim):
+    from tracker.simulator import Faults
+
+    failing = sim.create_agent("failing", faults=Faults(run_duration_s=(0.6, 0.6), fail_rate=1.0))
+    r = await cli("submit", failing["id"], "hi", "--wait", url=url, key=tracker.key)
+    assert r.code == 1
+    assert "did not complete" in r.out
+    # stderr is no terminal here: one plain status line per change, not a spinner
+    assert "submitted / " in r.err

@@ -1,0 +1,405 @@
+"""Client commands: ``tracker submit`` and ``tracker runs list|show``, over the REST API.
+
+They talk to a running tracker like any other client would: the URL from ``--url``,
+``TRACKER_URL`` or the config's server address; the key from ``--key`` or
+``TRACKER_API_KEY``. ``--json`` prints what the API returned, for scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any
+
+import aiohttp
+from rich.console import Console
+from rich.table import Table
+
+from tracker import clock
+from tracker.config import Config
+from tracker.errors import TrackerError
+from tracker.states import FINAL, State, Status
+
+#: seconds between two looks at a run while ``submit --wait`` follows it
+POLL_EVERY = 0.5
+#: ``--wait`` stops at these: the tracker will not change them without a user's action
+SETTLED = frozenset({*FINAL, State.PAUSED})
+VIA_STYLE = {"callback": "green", "poll": "yellow", "reconcile": "magenta"}
+
+
+class ApiError(TrackerError):
+    """The tracker answered with an error, or could not be reached; ``detail`` is one line."""
+
+
+def console(stderr: bool = False) -> Console:
+    """A rich console; piped output is not wrapped at 80 columns, which would split ids."""
+    out = Console(stderr=stderr, highlight=False)
+    if not out.is_terminal and "COLUMNS" not in os.environ:
+        out.width = 200
+    return out
+
+
+# --- the REST client -----------------------------------------------------------------------
+
+class TrackerClient:
+    """The tracker's REST API on one aiohttp session."""
+
+    def __init__(self, url: str, key: str | None, timeout_s: float = 30.0) -> None:
+        self.url = url.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> TrackerClient:
+        self._session = aiohttp.ClientSession(headers=self._headers, timeout=self._timeout)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def call(self, method: str, path: str, params: Any = None, body: Any = None) -> Any:
+        """One request; the decoded JSON answer, or ApiError with a one-line reason."""
+        assert self._session is not None, "use TrackerClient as an async context manager"
+        try:
+            async with self._session.request(method, self.url + path, params=params,
+                                             json=body) as resp:
+                text = await resp.text()
+                if resp.status >= 400:
+                    raise ApiError(error_line(resp.status, resp.reason or "", text))
+                return json.loads(text)
+        except aiohttp.ClientConnectorError:
+            raise ApiError(f"no tracker at {self.url} (is `tracker serve` running?)") from None
+        except TimeoutError:
+            raise ApiError(f"the tracker at {self.url} did not answer in time") from None
+        except aiohttp.ClientError as e:
+            raise ApiError(f"cannot talk to the tracker at {self.url}: {e}") from None
+        except ValueError:
+            raise ApiError(f"{self.url} answered with something that is not JSON") from None
+
+    async def submit(self, agent_id: str, text: str) -> dict:
+        """Send one user message to an agent; returns the run."""
+        body = {"messages": [{"role": "user", "content": text}]}
+        return await self.call("POST", f"/v1/agents/{agent_id}/messages/async", body=body)
+
+    async def run(self, run_id: str) -> dict:
+        """One run, by tracker or Letta run id."""
+        return await self.call("GET", f"/v1/runs/{run_id}")
+
+    async def runs(self, params: list[tuple[str, str]] | None = None) -> list[dict]:
+        """Runs matching the API's filters (repeat a key for a list filter)."""
+        return await self.call("GET", "/v1/runs", params=params or [])
+
+    async def messages(self, run_id: str) -> list[dict]:
+        """The run's result messages, oldest first."""
+        return await self.call("GET", f"/v1/runs/{run_id}/messages", params={"order": "asc"})
+
+    async def events(self, run_id: str) -> list[dict]:
+        """The run's timeline."""
+        return await self.call("GET", f"/v1/runs/{run_id}/events")
+
+
+def error_line(status: int, reason: str, text: str) -> str:
+    """An API error as one line: status, reason and the body's ``detail``."""
+    if status == 401:
+        return f"401 {reason} — set TRACKER_API_KEY or pass --key"
+    try:
+        detail = json.loads(text).get("detail")
+    except (ValueError, AttributeError):
+        detail = None
+    if isinstance(detail, list):  # FastAPI's validation errors: [{loc, msg, type}, ...]
+        detail = "; ".join(f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}"
+                           for d in detail if isinstance(d, dict))
+    return f"{status} {reason}: {detail}" if detail else f"{status} {reason}"
+
+
+# --- rendering -----------------------------------------------------------------------------
+
+def when(ts: str | None, style: str = "short") -> str:
+    """A timestamp in local time: ``short`` (the day only if not today), ``time`` (to the
+    millisecond) or ``full`` (date and time to the millisecond)."""
+    dt = clock.parse(ts)
+    if dt is None:
+        return ""
+    local = dt.astimezone()
+    ms = f".{local.microsecond // 1000:03d}"
+    if style == "full":
+        return local.strftime("%Y-%m-%d %H:%M:%S") + ms
+    if style == "time":
+        return local.strftime("%H:%M:%S") + ms
+    fmt = "%H:%M:%S" if local.date() == datetime.now().date() else "%Y-%m-%d %H:%M"
+    return local.strftime(fmt)
+
+
+def duration(run: dict) -> str:
+    """Seconds from queued to completed; empty while the run is active."""
+    start, end = clock.epoch(run.get("created_at")), clock.epoch(run.get("completed_at"))
+    return f"{end - start:.1f}s" if start and end else ""
+
+
+def via(run: dict) -> str:
+    """How the tracker learnt the run's outcome, coloured."""
+    source = run["tracker"].get("completed_via") or ""
+    style = VIA_STYLE.get(source)
+    return f"[{style}]{source}[/]" if style else source
+
+
+def runs_table(runs: list[dict], names: dict[str, str] | None = None) -> Table:
+    """The history as a table; ``names`` shows agents by name instead of id."""
+    table = Table("id", "agent", "status", "state", "created", "duration", "learnt via",
+                  "polls")
+    # a run id is copied into other commands: never wrapped; a narrow terminal cuts the
+    # agent id short instead (``runs show`` has it in full)
+    table.columns[0].no_wrap = True
+    table.columns[1].overflow = "ellipsis"
+    for r in runs:
+        t = r["tracker"]
+        agent = (names or {}).get(r["agent_id"], r["agent_id"])
+        table.add_row(r["id"], agent, r["status"], t["state"], when(r["created_at"]),
+                      duration(r), via(r), str(t.get("poll_count") or 0))
+    return table
+
+
+def events_table(events: list[dict]) -> Table:
+    """A run's timeline as a table."""
+    table = Table("at", "source", "kind", "state", "status", "detail", title="timeline")
+    for e in events:
+        detail = json.dumps(e["detail"], separators=(",", ":")) if e.get("detail") else ""
+        table.add_row(when(e["at"], "time"), e["source"], e["kind"], e.get("state") or "",
+                      e.get("status") or "", detail)
+    return table
+
+
+def run_fields(run: dict) -> Table:
+    """A run's main fields, one per line."""
+    t = run["tracker"]
+    grid = Table.grid(padding=(0, 2))
+    rows = [("id", run["id"]), ("agent", run["agent_id"]), ("status", run["status"]),
+            ("stop reason", run.get("stop_reason")), ("tracker state", t["state"]),
+            ("letta run", t.get("letta_run_id")), ("queued", when(t.get("queued_at"), "full")),
+            ("submitted", when(t.get("submitted_at"), "full")),
+            ("completed", when(run.get("completed_at"), "full")),
+            ("duration", duration(run)), ("learnt via", via(run)),
+            ("polls", t.get("poll_count")), ("attempts", t.get("attempts")),
+            ("error", t.get("error")), ("callback_url", run.get("callback_url")),
+            ("relay", t.get("relay"))]
+    for name, value in rows:
+        if value not in (None, ""):
+            grid.add_row(f"[bold]{name}[/]", str(value))
+    return grid
+
+
+def print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2))
+
+
+# --- submit --------------------------------------------------------------------------------
+
+async def submit(client: TrackerClient, args: argparse.Namespace) -> int:
+    """``tracker submit AGENT_ID TEXT [--wait]``."""
+    run = await client.submit(args.agent_id, args.text)
+    if not args.wait:
+        if args.json:
+            print_json(run)
+        else:
+            print(f"submitted {run['id']} ({run['tracker']['state']}); "
+                  f"follow it with: tracker runs show {run['id']}")
+        return 0
+    run = await follow(client, run, quiet=args.json)
+    messages = await client.messages(run["id"]) if run["tracker"]["letta_run_id"] else []
+    if args.json:
+        print_json({**run, "messages": messages})
+    else:
+        print_outcome(run, messages)
+    return 0 if completed(run) else 1
+
+
+def completed(run: dict) -> bool:
+    """True when the run ended with Letta's ``completed`` (not paused for an approval)."""
+    return run["tracker"]["state"] == State.DONE and run["status"] == Status.COMPLETED
+
+
+async def follow(client: TrackerClient, run: dict, quiet: bool = False) -> dict:
+    """Look at the run every POLL_EVERY seconds, with a live status line, until it settles."""
+    started = asyncio.get_running_loop().time()
+    with status_line(quiet) as show:
+        while run["tracker"]["state"] not in SETTLED:
+            elapsed = asyncio.get_running_loop().time() - started
+            show(f"{run['id']}  {run['tracker']['state']} / {run['status']}", f"  {elapsed:.0f}s")
+            await asyncio.sleep(POLL_EVERY)
+            run = await client.run(run["id"])
+    return run
+
+
+@contextmanager
+def status_line(quiet: bool) -> Iterator[Callable[[str, str], None]]:
+    """``show(text, ticker)``: a live line on a terminal's stderr; elsewhere a plain line
+    each time ``text`` changes (the ticking part would print a line every look)."""
+    err = console(stderr=True)
+    if quiet:
+        yield lambda text, ticker: None
+    elif err.is_terminal:
+        with err.status("") as status:
+            yield lambda text, ticker: status.update(text + ticker)
+    else:
+        last: list[str] = []
+
+        def plain(text: str, ticker: str) -> None:
+            if last != [text]:
+                last[:] = [text]
+                err.print(text, markup=False)
+
+        yield plain
+
+
+def print_outcome(run: dict, messages: list[dict]) -> None:
+    """The assistant's reply, or why there is none."""
+    out, t = console(), run["tracker"]
+    took = f" in {duration(run)}" if duration(run) else ""
+    learnt = f", learnt via {t['completed_via']}" if t.get("completed_via") else ""
+    out.print(f"[dim]{run['id']} {run['status']} ({t['state']}){took}{learnt}[/]")
+    for text in assistant_texts(messages):
+        out.print(text, markup=False)
+    if t["state"] == State.PAUSED:
+        out.print("paused: the agent waits for an approval or a client tool's result")
+    elif not completed(run):
+        reason = t.get("error") or run.get("stop_reason") or run["status"]
+        out.print(f"[red]run {run['id']} did not complete: {reason}[/]")
+
+
+def assistant_texts(messages: list[dict]) -> list[str]:
+    """The text of each assistant message (content is a string or a list of parts)."""
+    texts = []
+    for m in messages:
+        if m.get("message_type") != "assistant_message":
+            continue
+        content = m.get("content")
+        if isinstance(content, list):
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        texts.append(str(content or ""))
+    return texts
+
+
+# --- runs list / show ----------------------------------------------------------------------
+
+FILTERS = {"agent_id": "agent_id", "status": "statuses", "state": "state",
+           "completed_via": "completed_via", "created_after": "created_after",
+           "created_before": "created_before", "limit": "limit", "order": "order",
+           "before": "before", "after": "after"}
+
+
+def list_params(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """The API query for the ``runs list`` options given."""
+    params: list[tuple[str, str]] = []
+    for dest, name in FILTERS.items():
+        value = getattr(args, dest)
+        for v in value if isinstance(value, list) else [value]:
+            if v is not None:
+                params.append((name, str(v)))
+    params += [(flag, "true") for flag in ("active", "callback_missed") if getattr(args, flag)]
+    return params
+
+
+async def runs_list(client: TrackerClient, args: argparse.Namespace) -> int:
+    """``tracker runs list``."""
+    runs = await client.runs(list_params(args))
+    if args.json:
+        print_json(runs)
+    elif runs:
+        console().print(runs_table(runs))
+    else:
+        print("no runs match")
+    return 0
+
+
+async def runs_show(client: TrackerClient, args: argparse.Namespace) -> int:
+    """``tracker runs show ID``."""
+    run = await client.run(args.run_id)
+    events = await client.events(run["id"])
+    if args.json:
+        print_json({"run": run, "events": events})
+        return 0
+    out = console()
+    out.print(run_fields(run))
+    out.print(events_table(events))
+    return 0
+
+
+# --- registration --------------------------------------------------------------------------
+
+Command = Callable[[TrackerClient, argparse.Namespace], Awaitable[int]]
+
+
+def tracker_url(cfg: Config, args: argparse.Namespace) -> str:
+    """--url, else TRACKER_URL, else the configured server address."""
+    host = cfg.server.host
+    # a server bound to every interface is reached on loopback from this machine
+    if host in ("", "0.0.0.0", "::"):
+        host = "127.0.0.1"
+    return args.url or os.environ.get("TRACKER_URL") or f"http://{host}:{cfg.server.port}"
+
+
+def with_client(fn: Command) -> Callable[[Config, argparse.Namespace], int]:
+    """Run ``fn(client, args)`` against the tracker the options name."""
+
+    def run(cfg: Config, args: argparse.Namespace) -> int:
+        async def go() -> int:
+            key = args.key or os.environ.get("TRACKER_API_KEY")
+            async with TrackerClient(tracker_url(cfg, args), key) as client:
+                return await fn(client, args)
+
+        return asyncio.run(go())
+
+    return run
+
+
+def client_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", help="tracker URL (default: $TRACKER_URL, else the config's server)")
+    p.add_argument("--key", help="API key (default: $TRACKER_API_KEY)")
+    p.add_argument("--json", action="store_true", help="print the API's JSON, for scripts")
+
+
+def filter_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--agent-id", help="one agent's runs")
+    p.add_argument("--status", action="append", choices=[s.value for s in Status],
+                   help="Letta status (repeatable)")
+    p.add_argument("--state", action="append", choices=[s.value for s in State],
+                   help="tracker state (repeatable)")
+    p.add_argument("--active", action="store_true", help="only runs still in progress")
+    p.add_argument("--completed-via", choices=["callback", "poll", "reconcile", "api",
+                                                "dispatch"], help="how the outcome was learnt")
+    p.add_argument("--callback-missed", action="store_true",
+                   help="only runs whose outcome came by poll or reconcile")
+    p.add_argument("--created-after", metavar="ISO", help="created at or after this time")
+    p.add_argument("--created-before", metavar="ISO", help="created before this time")
+    p.add_argument("--limit", type=int, default=50, help="at most this many (50)")
+    p.add_argument("--order", choices=["asc", "desc"], help="by creation time (desc)")
+    p.add_argument("--before", metavar="RUN_ID", help="page: runs before this one")
+    p.add_argument("--after", metavar="RUN_ID", help="page: runs after this one")
+
+
+def add_commands(cmd: Callable) -> None:
+    """Register ``submit``, ``runs list|show`` and ``demo`` with the CLI's ``cmd``."""
+    from tracker import demo
+
+    sub = cmd("submit", with_client(submit), "send a message to an agent through the tracker")
+    sub.add_argument("agent_id", metavar="AGENT_ID")
+    sub.add_argument("text", metavar="TEXT")
+    sub.add_argument("--wait", action="store_true",
+                     help="follow the run until it ends, then print the reply")
+    client_options(sub)
+    runs = cmd("runs", None, "the run history").add_subparsers(dest="runs_cmd", required=True)
+    lst = runs.add_parser("list", help="runs as a table (newest first)")
+    filter_options(lst)
+    show = runs.add_parser("show", help="one run and its timeline")
+    show.add_argument("run_id", metavar="ID", help="tracker or Letta run id")
+    for p, fn in ((lst, runs_list), (show, runs_show)):
+        p.add_argument("--config", help="TOML config file (TRACKER_* variables override it)")
+        client_options(p)
+        p.set_defaults(fn=with_client(fn))
+    demo.add_command(cmd)
