@@ -23,7 +23,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 
 from tracker import auth, clock, logs
 from tracker.app import FIRST_KEY, STORE, create_app
-from tracker.cli_client import SETTLED, TrackerClient, console, runs_table
+from tracker.cli_client import SETTLED, TrackerClient
+from tracker.cli_render import console, runs_table
 from tracker.config import Config
 from tracker.simulator import Faults, Simulator
 
