@@ -9,7 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from tracker import __version__, callbacks, clock, parsing
-from tracker.errors import Invalid, LettaError, NotFound, TrackerError
+from tracker.errors import Forbidden, Invalid, LettaError, NotFound, TrackerError
 from tracker.letta_request import AsyncMessageRequest
 from tracker.metrics import METRICS, metrics_handler
 from tracker.middleware import USER
@@ -17,6 +17,7 @@ from tracker.models import (
     CancelRequest,
     EventOut,
     HealthOut,
+    LettaCallback,
     MessageListParams,
     RunListParams,
     RunOut,
@@ -196,12 +197,22 @@ async def letta_callback(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
+    store = _svc(request).store
     try:
-        ok = await _svc(request).store.ping()
+        # reachable for reads, and the last write did not fail (full disk, read-only file)
+        ok = await store.ping() and store.writable
     except TrackerError:
         ok = False
     body = {"status": "ok" if ok else "degraded", "database": ok, "version": __version__}
     return _json(body, status=200 if ok else 503)
+
+
+async def metrics(request: web.Request) -> web.StreamResponse:
+    # counts and queue depths span every user's runs: admins only (Prometheus sends the key
+    # as a bearer token, `authorization` in its scrape config)
+    if not _user(request).is_admin:
+        raise Forbidden("an admin key is needed for /metrics")
+    return await metrics_handler(request)
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -232,11 +243,11 @@ ROUTES: list[Route] = [
     Route("GET", "/v1/stats", stats, "Counts, percentiles and completion sources",
           response=dict[str, Any]),
     Route("POST", callbacks.PATH, letta_callback, "Letta's completion callback lands here",
-          response=dict[str, Any], public=True),
+          body=LettaCallback, response=dict[str, Any], public=True),
     Route("GET", "/healthz", healthz, "Liveness and database check", response=HealthOut,
           public=True),
-    Route("GET", "/metrics", metrics_handler, "Prometheus metrics (text format)", response=str,
-          public=True),
+    Route("GET", "/metrics", metrics, "Prometheus metrics (text format; admin key)",
+          response=str),
     Route("GET", "/openapi.json", openapi, "This document", response=dict[str, Any],
           public=True),
 ]
@@ -248,4 +259,4 @@ def add_routes(app: web.Application) -> None:
 
 
 def is_public(path: str) -> bool:
-    return path in ("/healthz", "/openapi.json", "/metrics") or path.startswith("/callbacks/")
+    return path in ("/healthz", "/openapi.json") or path.startswith("/callbacks/")

@@ -9,16 +9,17 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import json
 import logging
 
 from aiohttp import web
 from pydantic import ValidationError
 
-from tracker.errors import BadRequest, Conflict, Invalid, NotFound, Unauthorized
+from tracker.errors import Conflict, Invalid, NotFound, Unauthorized
 from tracker.manager import Manager, Observation
 from tracker.models import LettaCallback
+from tracker.parsing import loads
 from tracker.states import Source
+from tracker.store import RunRecord
 
 log = logging.getLogger("tracker.callbacks")
 
@@ -55,10 +56,7 @@ class CallbackSigner:
 
 def parse_callback(raw: bytes) -> LettaCallback:
     """Validate a callback body: 400 when not JSON, 422 when not Letta's callback shape."""
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise BadRequest("callback body is not valid JSON") from None
+    data = loads(raw, "callback body")
     try:
         return LettaCallback.model_validate(data)
     except ValidationError as e:
@@ -73,9 +71,22 @@ async def receive(request: web.Request, signer: CallbackSigner, manager: Manager
     run = await manager.store.get_run(run_id)
     if run is None:
         raise NotFound("run not found")
-    if run.letta_run_id and run.letta_run_id != body.run_id:
+    if not await _names_our_run(manager, run, body.run_id, signer.url(run_id)):
         log.warning("callback for run %s names another Letta run %s", run_id, body.run_id,
                     extra={"run_id": run_id, "agent_id": run.agent_id})
         raise Conflict("callback names a different run")
     updated = await manager.apply_remote(run, Observation.from_callback(body), Source.CALLBACK)
     return {"run_id": updated.id, "state": updated.state.value}
+
+
+async def _names_our_run(manager: Manager, run: RunRecord, letta_run_id: str, ours: str) -> bool:
+    """Whether the callback's run is this run's Letta run. Before the submit has stored
+    Letta's answer we cannot compare ids: then Letta itself says whether that run was created
+    with our callback URL (one call, only for runs faster than their own submit)."""
+    if run.letta_run_id:
+        return run.letta_run_id == letta_run_id
+    try:
+        letta_run = await manager.letta.get_run(letta_run_id)
+    except NotFound:
+        return False
+    return letta_run.get("callback_url") == ours

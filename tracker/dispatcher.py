@@ -23,6 +23,10 @@ from tracker.store import RunRecord
 log = logging.getLogger("tracker.dispatcher")
 
 
+#: how often the loop looks for runs stranded in `submitting` by a fault
+RESCUE_EVERY_S = 2.0
+
+
 class Dispatcher:
     """Background sender of queued runs; also used inline by the submit handler."""
 
@@ -35,6 +39,9 @@ class Dispatcher:
         self._slots = asyncio.Semaphore(cfg.dispatch.concurrency)
         self._tasks: set[asyncio.Task] = set()
         self.idle = asyncio.Event()  # set once the loop has started and found nothing to do
+        self._inflight: dict[int, tuple[str, asyncio.Task]] = {}
+        self._next_rescue = 0.0
+        self._suspects: set[str] = set()
 
     async def run(self) -> None:
         """Loop: claim what can be sent, send it, sleep until woken or the next retry."""
@@ -42,12 +49,28 @@ class Dispatcher:
         while True:
             wakeup.clear()
             try:
+                await self._rescue_stranded()
                 for run in await self.store.claim(self.serial, clock.now()):
                     self._spawn(run)
             except Exception:
                 log.exception("dispatch loop error; retrying")
             self.idle.set()
             await self._sleep(wakeup)
+
+    async def _rescue_stranded(self) -> None:
+        """A run left `submitting` by no send of ours (a storage fault hit both its write and
+        its requeue) is looked up and resent once the database works again: no restart."""
+        if clock.now() < self._next_rescue:
+            return
+        self._next_rescue = clock.now() + RESCUE_EVERY_S
+        mine = {run_id for run_id, _ in self._inflight.values()}
+        orphans = {r.id: r for r in await self.store.in_states((State.SUBMITTING,), limit=1000)
+                   if r.id not in mine}
+        # seen orphaned twice, RESCUE_EVERY_S apart: not a claim whose send is just starting
+        for run_id in orphans.keys() & self._suspects:
+            await self.manager.requeue(orphans[run_id], clock.now(), needs_lookup=True,
+                                       error="stranded while submitting", kind="rescued")
+        self._suspects = orphans.keys() - self._suspects
 
     async def _sleep(self, wakeup: asyncio.Event) -> None:
         nxt = await self.store.next_due((State.QUEUED,))
@@ -56,8 +79,13 @@ class Dispatcher:
     def _spawn(self, run: RunRecord) -> asyncio.Task:
         task = asyncio.create_task(self.send(run))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._inflight[id(task)] = (run.id, task)
+        task.add_done_callback(self._done)
         return task
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        self._inflight.pop(id(task), None)
 
     async def stop(self) -> None:
         """Wait for sends in flight: a send cut off here would be healed by reconcile, but

@@ -27,6 +27,10 @@ class Unauthorized(TrackerError):
     status = 401
 
 
+class Forbidden(TrackerError):
+    status = 403
+
+
 class NotFound(TrackerError):
     status = 404
 

@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,6 +46,14 @@ REQUEST_CONFIG_DEFAULTS = {"use_assistant_message": True,
                            "include_return_message_types": None}
 
 
+_TOKEN_MAC = re.compile(r"(/callbacks/letta/run-[0-9a-fA-F-]+\.)[A-Za-z0-9_=-]+")
+
+
+def mask_token(text: str) -> str:
+    """Letta's callback_error quotes our callback URL, whose MAC is a credential: hide it."""
+    return _TOKEN_MAC.sub(r"\1***", text)
+
+
 def letta_usage(usage: dict | None) -> dict | None:
     """Usage in the shape Letta's ``/usage`` serves (the callback sends a longer one)."""
     return {k: usage.get(k) for k in USAGE_KEYS} if usage is not None else None
@@ -66,10 +75,12 @@ class Observation:
     def from_run(cls, run: dict, messages: list | None = None,
                  usage: dict | None = None) -> Observation:
         """From Letta's Run object (a poll), with the result fetched beside it."""
+        fields = {k: run.get(k) for k in LETTA_FIELDS if k in run}
+        if fields.get("callback_error"):
+            fields["callback_error"] = mask_token(fields["callback_error"])
         return cls(letta_run_id=run["id"], status=run.get("status") or Status.CREATED,
                    stop_reason=run.get("stop_reason"), completed_at=run.get("completed_at"),
-                   fields={k: run.get(k) for k in LETTA_FIELDS if k in run},
-                   messages=messages, usage=letta_usage(usage))
+                   fields=fields, messages=messages, usage=letta_usage(usage))
 
     @classmethod
     def from_callback(cls, body: Any) -> Observation:

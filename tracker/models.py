@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from tracker import clock
 from tracker.states import State
 
 StatusLit = Literal["created", "running", "completed", "failed", "cancelled"]
@@ -79,6 +80,14 @@ class LettaCallback(BaseModel):
     status: StatusLit
     completed_at: str | None = None
     metadata: CallbackMetadata | None = None
+
+    @field_validator("completed_at")
+    @classmethod
+    def _timestamp(cls, v: str | None) -> str | None:
+        # Letta sends a naive ISO 8601 time; anything else would poison the record
+        if v is not None:
+            clock.parse(v)
+        return v
 
 
 class CancelRequest(BaseModel):

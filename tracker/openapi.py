@@ -12,7 +12,8 @@ from tracker import __version__
 from tracker.models import ErrorOut
 
 REF = "#/components/schemas/{model}"
-ERRORS = {"400": "Malformed request", "401": "Missing or bad API key", "404": "Not found",
+ERRORS = {"400": "Malformed request", "401": "Missing or bad API key", "403": "Admin only",
+          "404": "Not found",
           "409": "Conflict", "413": "Body too large", "415": "Not JSON",
           "422": "Validation error", "503": "Letta or the database unavailable"}
 
@@ -44,6 +45,11 @@ def _parameters(route: Any, components: dict[str, Any]) -> list[dict[str, Any]]:
     return params
 
 
+def _media(route: Any) -> str:
+    """Text routes (Prometheus metrics) are declared as such; the rest answer JSON."""
+    return "text/plain" if route.response is str else "application/json"
+
+
 def _operation(route: Any, components: dict[str, Any]) -> dict[str, Any]:
     error = {"description": "", "content": {"application/json": {
         "schema": _schema(ErrorOut, components)}}}
@@ -55,8 +61,7 @@ def _operation(route: Any, components: dict[str, Any]) -> dict[str, Any]:
         "responses": {
             "200" if route.method == "GET" or route.handler.__name__ != "redeliver" else "202": {
                 "description": "OK",
-                "content": {"application/json": {"schema": _schema(route.response,
-                                                                   components)}}},
+                "content": {_media(route): {"schema": _schema(route.response, components)}}},
             **{code: dict(error, description=text) for code, text in ERRORS.items()},
         },
     }

@@ -20,6 +20,35 @@ class UnsupportedMediaType(TrackerError):
     status = 415
 
 
+#: deeper JSON than this is refused: no honest request needs it, and validating or hashing it
+#: would recurse past Python's stack
+MAX_DEPTH = 64
+
+
+def loads(raw: bytes, what: str = "request body") -> Any:
+    """Parse JSON, refusing malformed, non-UTF-8 or too deeply nested input with a 400."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise BadRequest(f"{what} is not valid JSON") from None
+    if _depth_exceeds(data, MAX_DEPTH):
+        raise BadRequest(f"{what} is nested more than {MAX_DEPTH} levels deep")
+    return data
+
+
+def _depth_exceeds(data: Any, limit: int) -> bool:
+    stack = [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node if isinstance(
+            node, list) else ()
+        stack.extend((child, depth + 1) for child in children
+                     if isinstance(child, dict | list))
+    return False
+
+
 def errors_of(e: ValidationError, where: str) -> list[dict]:
     """FastAPI's 422 detail list: loc, msg, type."""
     return [{"loc": [where, *err["loc"]], "msg": err["msg"], "type": err["type"]}
@@ -34,10 +63,7 @@ async def read_json(request: web.Request, optional: bool = False) -> Any:
         return None
     if ctype and ctype != "application/json" and not ctype.endswith("+json"):
         raise UnsupportedMediaType(f"Content-Type must be application/json, not {ctype}")
-    try:
-        return json.loads(raw)
-    except (ValueError, RecursionError):
-        raise BadRequest("request body is not valid JSON") from None
+    return loads(raw)
 
 
 def validate(model: type[M], data: Any, where: str = "body") -> M:

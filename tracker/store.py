@@ -154,6 +154,9 @@ class Delivery:
 class Store(Protocol):
     """Domain operations on runs, events, users and deliveries."""
 
+    #: False from a failed write until the next write succeeds (health reporting)
+    writable: bool
+
     async def open(self) -> None: ...
     async def close(self) -> None: ...
     async def ping(self) -> bool: ...

@@ -93,6 +93,7 @@ class SQLiteStore:
         self._w: aiosqlite.Connection | None = None
         self._r: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
+        self.writable = True  # False from a failed write until the next one succeeds
         self._queue: list[tuple[Any, asyncio.Future]] = []
         self._drainer: asyncio.Task | None = None
 
@@ -137,12 +138,14 @@ class SQLiteStore:
                 await self._w.execute("BEGIN IMMEDIATE")
                 yield self._w
                 await self._w.execute("COMMIT")
+                self.writable = True
             except BaseException as e:
                 if self._w.in_transaction:
                     await self._w.execute("ROLLBACK")
                 if isinstance(e, sqlite3.OperationalError | sqlite3.DatabaseError) and not (
                     isinstance(e, sqlite3.IntegrityError)
                 ):
+                    self.writable = False
                     raise Unavailable(f"database write failed: {e}") from e
                 raise
 
@@ -444,8 +447,12 @@ class SQLiteStore:
         cursor = None
         ref = flt.after or flt.before
         if ref:
+            # scoped like the listing: another user's run is no cursor (it would tell where
+            # that run sits), it is ignored like an unknown id
+            scope = " AND user_id = ?" if flt.user_id else ""
             rows = await self._read(
-                "SELECT created_at, seq FROM runs WHERE id = ? OR letta_run_id = ?", (ref, ref))
+                f"SELECT created_at, seq FROM runs WHERE (id = ? OR letta_run_id = ?){scope}",
+                (ref, ref, *([flt.user_id] if flt.user_id else [])))
             # Letta ignores a cursor naming no run
             cursor = tuple(rows[0]) if rows else None
             flt = flt if rows else replace(flt, before=None, after=None)
