@@ -252,3 +252,45 @@ async def test_concurrent_transitions_share_commits_and_fail_alone(store):
     assert (await store.get_run(runs[7].id)).state is State.SUBMITTING
     events = await store._read("SELECT count(*) FROM run_events WHERE kind = 'sub'")
     assert events[0][0] == 48
+
+
+async def test_background_queries_never_scan_a_big_history(tmp_path):
+    """On a table that is almost all finished runs, with statistics as after ANALYZE, the
+    dispatcher's and poller's queries still read only live runs (never `SCAN runs`)."""
+    path = tmp_path / "big.db"
+    s = open_store(f"sqlite:///{path}")
+    await s.open()
+    await s.close()
+    db = sqlite3.connect(path)
+    db.executemany(
+        "INSERT INTO runs (id, user_id, agent_id, state, status, request, created_at,"
+        " next_check_at) VALUES (?, 'u', ?, ?, ?, '{}', ?, ?)",
+        [(f"run-{i}", f"agent-{i % 50}", "done" if i < 30_000 else "submitted",
+          "completed" if i < 30_000 else "created", f"2026-01-01T00:00:{i:09d}Z", 0)
+         for i in range(30_010)])
+    db.execute("ANALYZE")
+    db.commit()
+    s = open_store(f"sqlite:///{path}")
+    await s.open()
+    statements: list[str] = []
+    for conn in {id(c): c for c in (s._w, s._r)}.values():
+        await conn.set_trace_callback(statements.append)
+    await s.submit(new_run(), Event("api", "submit"))
+    now = clock.now()
+    await s.claim(serial=True, now=now)
+    await s.claim(serial=False, now=now)
+    await s.due(WATCHED, now, 100)
+    await s.next_due(WATCHED)
+    await s.in_states((State.SUBMITTING,))
+    await s.check_now(WATCHED, now)
+    await s.count_by_state((State.QUEUED, State.SUBMITTED))
+    await s.queued_by_agent(10)
+    await s.close()
+    plans = []
+    for sql in statements:
+        if sql.lstrip().upper().startswith(("SELECT", "UPDATE")) and " runs" in sql:
+            plan = [r[3] for r in db.execute("EXPLAIN QUERY PLAN " + sql)]
+            plans.append((sql, plan))
+    assert plans
+    for sql, plan in plans:
+        assert "SCAN runs" not in plan, (sql, plan)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import sys
 from collections.abc import Callable
 
@@ -28,9 +29,18 @@ def _serve(cfg: Config, args: argparse.Namespace) -> int:
         "tracker %s listening on http://%s:%s, database %s, Letta at %s", __version__,
         cfg.server.host, cfg.server.port, cfg.database.url, cfg.letta.base_url)
     # run_app handles SIGINT/SIGTERM: stops accepting, lets requests finish, runs cleanups
-    web.run_app(create_app(cfg), host=cfg.server.host, port=cfg.server.port,
+    app = create_app(cfg)
+    app.on_startup.append(_freeze_gc)
+    web.run_app(app, host=cfg.server.host, port=cfg.server.port,
                 print=None, shutdown_timeout=10.0, access_log=None)
     return 0
+
+
+async def _freeze_gc(app: web.Application) -> None:
+    # everything built at start-up lives as long as the process: keep it out of the full
+    # collections that would otherwise stall a request for ~20 ms each (see BENCHMARKS.md)
+    gc.collect()
+    gc.freeze()
 
 
 def _simulate(cfg: Config, args: argparse.Namespace) -> int:

@@ -111,6 +111,7 @@ class Manager:
         self.dispatch_wakeup = asyncio.Event()
         self.relay_wakeup = asyncio.Event()
         self.poll_wakeup = asyncio.Event()
+        self.poll_sleeps_until = 0.0  # set by the poller each time it goes to sleep
         self.on_applied: Callable[[RunRecord, str], None] | None = None  # metrics hook
 
     # --- submit ----------------------------------------------------------------------------
@@ -297,8 +298,9 @@ class Manager:
             await self.store.transition(run.id, None, tuple(State), {
                 "submitted_at": fields["submitted_at"]}, Event(source, kind, {
                     "letta_run_id": letta_run["id"], "after": "callback"}))
-        # the poller may be asleep until later than this run's first check
-        self.poll_wakeup.set()
+        # wake the poller only if it sleeps past this run's first check
+        if fields["next_check_at"] < self.poll_sleeps_until:
+            self.poll_wakeup.set()
         return done
 
     async def requeue(self, run: RunRecord, at: float, needs_lookup: bool, error: str | None,

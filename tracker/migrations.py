@@ -170,5 +170,15 @@ END;
 CREATE INDEX runs_recorded ON runs (recorded_at) WHERE recorded_at IS NOT NULL;
 """
 
-MIGRATIONS: list[str] = [V1, V2, V3]
+# v4: the live runs (the dispatcher's and the poller's work) in a partial index that stays as
+# small as the work in flight. Statistics only give SQLite the average rows per state, so on a
+# table that is almost all `done` it scans the table rather than use (state, ...) indexes.
+LIVE_STATES_SQL = ("state IN ('queued', 'submitting', 'submitted', 'stuck', 'confirming',"
+                   " 'paused')")
+V4 = f"""
+CREATE INDEX runs_live ON runs (state, next_check_at, agent_id) WHERE {LIVE_STATES_SQL};
+DROP INDEX runs_check;
+"""
+
+MIGRATIONS: list[str] = [V1, V2, V3, V4]
 LATEST = len(MIGRATIONS)

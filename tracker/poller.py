@@ -52,7 +52,10 @@ class Poller:
     async def _sleep(self, wakeup: asyncio.Event) -> None:
         nxt = await self.store.next_due(WATCHED)
         at = max(nxt if nxt is not None else clock.now() + 5.0, self._paused_until)
-        await clock.nap(wakeup, max(0.02, min(at - clock.now(), 5.0)))
+        at = min(at, clock.now() + 5.0)
+        self.manager.poll_sleeps_until = at
+        await clock.nap(wakeup, max(0.02, at - clock.now()))
+        self.manager.poll_sleeps_until = 0.0
 
     async def tick(self) -> int:
         """Check every due run once; returns how many were due."""

@@ -17,7 +17,7 @@ import aiosqlite
 
 from tracker import clock
 from tracker.errors import Conflict, Unavailable
-from tracker.migrations import LATEST, MIGRATIONS
+from tracker.migrations import LATEST, LIVE_STATES_SQL, MIGRATIONS
 from tracker.sqlite_queries import (
     DELIVERY_COLS,
     FULL_COLS,
@@ -37,6 +37,7 @@ from tracker.store import (
     User,
 )
 
+LIVE = frozenset({*LANE_BUSY, State.QUEUED, State.PAUSED})
 JSON_COLS = frozenset({"request", "request_config", "metadata", "messages", "usage"})
 RUN_FIELDS = {f.name for f in dc_fields(RunRecord)}
 
@@ -61,8 +62,19 @@ def _marks(n: int) -> str:
     return ",".join("?" * n)
 
 
+def _live(states: Iterable[State]) -> tuple[str, tuple[str, ...]]:
+    """``FROM ... WHERE`` for runs in some live states, through the runs_live partial index:
+    its own WHERE term must appear verbatim for SQLite to use it."""
+    states = tuple(states)
+    assert set(states) <= LIVE, states
+    return (f"runs INDEXED BY runs_live WHERE {LIVE_STATES_SQL}"
+            f" AND state IN ({_marks(len(states))})", states)
+
+
 #: most transitions committed together
 BATCH_MAX = 256
+#: seconds between WAL checkpoints (the writer never checkpoints itself)
+CHECKPOINT_EVERY_S = 1.0
 EVENT_SQL = ("INSERT INTO run_events (run_id, at, source, kind, state, status, detail)"
              " VALUES (?, ?, ?, ?, ?, ?, ?)")
 
@@ -93,41 +105,65 @@ class SQLiteStore:
         self._w: aiosqlite.Connection | None = None
         self._r: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
+        self._ck: aiosqlite.Connection | None = None
+        self._checkpointer: asyncio.Task | None = None
         self.writable = True  # False from a failed write until the next one succeeds
         self._queue: list[tuple[Any, asyncio.Future]] = []
         self._drainer: asyncio.Task | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
 
-    async def _connect(self) -> aiosqlite.Connection:
+    async def _connect(self, cache_mb: int = 8) -> aiosqlite.Connection:
         db = await aiosqlite.connect(self.path, isolation_level=None)
         db.row_factory = sqlite3.Row
-        await db.execute("PRAGMA busy_timeout = 10000")
-        await db.execute("PRAGMA journal_mode = WAL")
-        await db.execute(f"PRAGMA synchronous = {self.synchronous}")
-        await db.execute("PRAGMA foreign_keys = ON")
+        for pragma in ("busy_timeout = 10000", "journal_mode = WAL",
+                       f"synchronous = {self.synchronous}", "foreign_keys = ON",
+                       f"cache_size = -{cache_mb * 1024}"):
+            await db.execute(f"PRAGMA {pragma}")
         return db
 
     async def open(self) -> None:
         """Connect, and bring the schema to the latest version."""
         try:
-            self._w = await self._connect()
+            self._w = await self._connect(cache_mb=32)
             await self.migrate()
+            if self.path == ":memory:":
+                self._r = self._w
+                return
             # a second connection for reads: WAL readers never wait for the writer
-            self._r = self._w if self.path == ":memory:" else await self._connect()
+            self._r = await self._connect()
+            await self._start_checkpoints()
         except sqlite3.Error as e:
             raise Unavailable(f"cannot open database {self.path}: {e}") from e
+
+    async def _start_checkpoints(self) -> None:
+        """Checkpoint the WAL from a connection of its own, every second, instead of inside
+        whichever commit crosses the threshold: commits stay short and even."""
+        assert self._w is not None
+        await self._w.execute("PRAGMA wal_autocheckpoint = 0")
+        self._ck = await self._connect(cache_mb=2)
+        self._checkpointer = asyncio.create_task(self._checkpoints())
+
+    async def _checkpoints(self) -> None:
+        while True:
+            await asyncio.sleep(CHECKPOINT_EVERY_S)
+            with contextlib.suppress(sqlite3.Error):
+                await self._ck.execute_fetchall("PRAGMA wal_checkpoint(PASSIVE)")
 
     async def close(self) -> None:
         if self._drainer is not None:
             await asyncio.gather(self._drainer, return_exceptions=True)
+        if self._checkpointer is not None:
+            self._checkpointer.cancel()
+            await asyncio.gather(self._checkpointer, return_exceptions=True)
         if self._w is not None:
-            # keeps the planner's statistics fresh, as SQLite recommends before closing
+            # fresh planner statistics (as SQLite recommends before closing), and an empty WAL
             with contextlib.suppress(sqlite3.Error):
                 await self._w.execute("PRAGMA optimize")
-        for db in {id(c): c for c in (self._r, self._w) if c}.values():
+                await self._w.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        for db in {id(c): c for c in (self._ck, self._r, self._w) if c}.values():
             await db.close()
-        self._w = self._r = None
+        self._w = self._r = self._ck = None
 
     @asynccontextmanager
     async def _tx(self) -> AsyncIterator[aiosqlite.Connection]:
@@ -225,15 +261,26 @@ class SQLiteStore:
     async def get_run(self, run_id: str, user_id: str | None = None,
                       full: bool = False) -> RunRecord | None:
         """A run by tracker id or Letta run id, optionally only if it is ``user_id``'s."""
-        cols = FULL_COLS if full else SUMMARY_COLS
-        where = "(id = ? OR letta_run_id = ?)" + (" AND user_id = ?" if user_id else "")
-        params = (run_id, run_id, user_id) if user_id else (run_id, run_id)
-        rows = await self._read(f"SELECT {cols} FROM runs WHERE {where} LIMIT 1", params)
+        rows = await self._find(FULL_COLS if full else SUMMARY_COLS, run_id, user_id)
         return _run(rows[0]) if rows else None
+
+    async def _find(self, cols: str, run_id: str, user_id: str | None) -> list[sqlite3.Row]:
+        # two indexed lookups: with `id = ? OR letta_run_id = ?` the planner may scan the table
+        scope, arg = (" AND user_id = ?", (user_id,)) if user_id else ("", ())
+        for column in ("id", "letta_run_id"):
+            rows = await self._read(
+                f"SELECT {cols} FROM runs WHERE {column} = ?{scope} LIMIT 1", (run_id, *arg))
+            if rows:
+                return rows
+        return []
 
     async def claim(self, serial: bool, now: float, agent_id: str | None = None,
                     limit: int = 100) -> list[RunRecord]:
         """Move the next sendable queued runs to ``submitting`` and return them."""
+        # most wake-ups find nothing queued: a read says so without taking the write lock
+        if not await self._read("SELECT 1 FROM runs INDEXED BY runs_queue WHERE state = 'queued'"
+                                " AND next_check_at <= ? LIMIT 1", (now,)):
+            return []
         async with self._tx() as db:
             ids = await (self._lane_heads(db, now, agent_id) if serial
                          else self._due_queued(db, now, agent_id, limit))
@@ -260,7 +307,8 @@ class SQLiteStore:
 
     async def _due_queued(self, db: aiosqlite.Connection, now: float, agent_id: str | None,
                           limit: int) -> list[str]:
-        sql = "SELECT id FROM runs WHERE state = 'queued' AND next_check_at <= ?"
+        sql = ("SELECT id FROM runs INDEXED BY runs_queue"
+               " WHERE state = 'queued' AND next_check_at <= ?")
         params: list[Any] = [now]
         if agent_id:
             sql += " AND agent_id = ?"
@@ -276,14 +324,16 @@ class SQLiteStore:
         agent_sql = " AND agent_id = ?" if agent_id else ""
         agent_arg = (agent_id,) if agent_id else ()
         lanes: dict[str, set[str]] = {}
-        for a, st in await db.execute_fetchall(
-            f"SELECT agent_id, state FROM runs WHERE state IN ({_marks(len(busy_states))})"
-            + agent_sql, (*busy_states, *agent_arg)
-        ):
-            lanes.setdefault(a, set()).add(st)
         heads = dict(await db.execute_fetchall(
             "SELECT agent_id, min(seq) FROM runs WHERE state = 'queued'" + agent_sql
             + " GROUP BY agent_id", agent_arg))
+        if not heads:
+            return []
+        live, states = _live(busy_states)
+        for a, st in await db.execute_fetchall(
+            f"SELECT agent_id, state FROM {live}" + agent_sql, (*states, *agent_arg)
+        ):
+            lanes.setdefault(a, set()).add(st)
         ids = []
         for agent, seq in heads.items():
             held = lanes.get(agent, set())
@@ -397,43 +447,36 @@ class SQLiteStore:
 
     async def check_now(self, states: Iterable[State], now: float) -> int:
         """Make every run in ``states`` due for a check at ``now``; returns how many."""
-        states = tuple(states)
+        live, states = _live(states)
         async with self._tx() as db:
             cur = await db.execute(
-                f"UPDATE runs SET next_check_at = ? WHERE state IN ({_marks(len(states))})",
+                f"UPDATE runs SET next_check_at = ? WHERE id IN (SELECT id FROM {live})",
                 (now, *states))
             return cur.rowcount
 
     async def due(self, states: Iterable[State], now: float, limit: int) -> list[RunRecord]:
-        states = tuple(states)
+        live, states = _live(states)
         rows = await self._read(
-            f"SELECT {SUMMARY_COLS} FROM runs WHERE state IN ({_marks(len(states))})"
+            f"SELECT {SUMMARY_COLS} FROM {live}"
             " AND next_check_at <= ? ORDER BY next_check_at LIMIT ?", (*states, now, limit)
         )
         return [_run(r) for r in rows]
 
     async def in_states(self, states: Iterable[State], limit: int = 10_000) -> list[RunRecord]:
-        states = tuple(states)
+        live, states = _live(states)
         rows = await self._read(
-            f"SELECT {FULL_COLS} FROM runs WHERE state IN ({_marks(len(states))})"
-            " ORDER BY seq LIMIT ?", (*states, limit)
-        )
+            f"SELECT {FULL_COLS} FROM {live} ORDER BY seq LIMIT ?", (*states, limit))
         return [_run(r) for r in rows]
 
     async def next_due(self, states: Iterable[State]) -> float | None:
-        states = tuple(states)
-        rows = await self._read(
-            f"SELECT min(next_check_at) FROM runs WHERE state IN ({_marks(len(states))})",
-            states,
-        )
+        live, states = _live(states)
+        rows = await self._read(f"SELECT min(next_check_at) FROM {live}", states)
         return rows[0][0]
 
     async def count_by_state(self, states: Iterable[State]) -> dict[str, int]:
         """Runs in each of ``states`` (an index range: no table scan)."""
-        states = tuple(states)
-        rows = await self._read(
-            f"SELECT state, count(*) FROM runs WHERE state IN ({_marks(len(states))})"
-            " GROUP BY state", states)
+        live, states = _live(states)
+        rows = await self._read(f"SELECT state, count(*) FROM {live} GROUP BY state", states)
         return {r[0]: r[1] for r in rows}
 
     async def queued_by_agent(self, limit: int) -> dict[str, int]:
@@ -449,10 +492,7 @@ class SQLiteStore:
         if ref:
             # scoped like the listing: another user's run is no cursor (it would tell where
             # that run sits), it is ignored like an unknown id
-            scope = " AND user_id = ?" if flt.user_id else ""
-            rows = await self._read(
-                f"SELECT created_at, seq FROM runs WHERE (id = ? OR letta_run_id = ?){scope}",
-                (ref, ref, *([flt.user_id] if flt.user_id else [])))
+            rows = await self._find("created_at, seq", ref, flt.user_id)
             # Letta ignores a cursor naming no run
             cursor = tuple(rows[0]) if rows else None
             flt = flt if rows else replace(flt, before=None, after=None)

@@ -98,7 +98,9 @@ async def test_keys_create_prints_the_key_last_and_db_status(tmp_path: Path):
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, _ = await proc.communicate()
     text = out.decode()
-    assert "schema version 3" in text and "api_keys" in text
+    from tracker.migrations import LATEST
+
+    assert f"schema version {LATEST} (latest {LATEST})" in text and "api_keys" in text
     # only the hash is stored
     db = sqlite3.connect(tmp_path / "t.db")
     stored = [r[0] for r in db.execute("SELECT key_hash FROM api_keys")]
