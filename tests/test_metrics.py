@@ -87,8 +87,8 @@ async def test_applied_counts_transitions_and_completions_by_status_and_source(s
     user = await store.create_user("u", False, "whsec_x")
     for status, source in (("completed", Source.CALLBACK), ("failed", Source.POLL)):
         run, _ = await manager.submit(user, A1, {"messages": [{"role": "user", "content": "x"}]})
-        [claimed] = await store.claim(serial=False, now=clock.now())
-        await manager.mark_submitted(claimed, {"id": f"run-{uuid.uuid4()}"}, Source.DISPATCH)
+        assert run.state is State.SUBMITTING  # its lane was free: claimed with the submit
+        await manager.mark_submitted(run, {"id": f"run-{uuid.uuid4()}"}, Source.DISPATCH)
         current = await store.get_run(run.id)
         await manager.apply_remote(current, Observation(current.letta_run_id, status), source)
     assert value(m, "tracker_runs_completed_total", status="completed", source="callback") == 1

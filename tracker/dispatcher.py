@@ -96,51 +96,46 @@ class Dispatcher:
                 task.cancel()  # left `submitting`: reconcile finds it again at the next start
 
     async def dispatch_inline(self, run: RunRecord) -> RunRecord:
-        """Send ``run`` now if its lane is free; otherwise leave it to the loop."""
-        claimed = await self.store.claim(self.serial, clock.now(), agent_id=run.agent_id)
-        mine = None
-        for other in claimed:
-            if other.id == run.id:
-                mine = self._spawn(other)
-            else:
-                self._spawn(other)
-        if mine is None:
+        """Send a run that the submit already claimed (its lane was free), and wait for
+        Letta's answer; a queued run is left to the loop."""
+        if run.state is not State.SUBMITTING:
             self.manager.dispatch_wakeup.set()
             return run
+        mine = self._spawn(run)
         # shielded: a slow Letta must not cancel the send; the client gets the run as it is
         done, _ = await asyncio.wait({mine}, timeout=self.cfg.dispatch.inline_timeout_s)
-        if mine in done:
-            mine.result()
-        return await self.store.get_run(run.id) or run
+        recorded = mine.result() if mine in done else None
+        return recorded or await self.store.get_run(run.id) or run
 
-    async def send(self, run: RunRecord) -> None:
-        """Send one claimed run to Letta and record Letta's answer."""
+    async def send(self, run: RunRecord) -> RunRecord | None:
+        """Send one claimed run to Letta and record Letta's answer; returns the run as
+        recorded when this send decided its state (None when it could not tell)."""
         async with self._slots:
             try:
-                if run.needs_lookup and await attach_or_requeue(self.manager, run, Source.DISPATCH):
-                    return
                 if run.needs_lookup:
-                    return  # requeued without the flag: the loop sends it next
+                    # found at Letta: attached; not found: requeued, the loop sends it next
+                    await attach_or_requeue(self.manager, run, Source.DISPATCH)
+                    return None
                 letta_run = await self.letta.send_async(run.agent_id, self._body(run))
             except LettaUnavailable as e:
                 await self._retry(run, e)
-                return
+                return None
             except (LettaError, NotFound) as e:
-                await self.manager.reject(run, e.status, e.detail)
-                return
+                return await self.manager.reject(run, e.status, e.detail)
             except Exception as e:
                 await self._unexpected(run, e)
-                return
-            await self._submitted(run, letta_run)
+                return None
+            return await self._submitted(run, letta_run)
 
-    async def _submitted(self, run: RunRecord, letta_run: dict) -> None:
+    async def _submitted(self, run: RunRecord, letta_run: dict) -> RunRecord | None:
         try:
-            await self.manager.mark_submitted(run, letta_run, Source.DISPATCH)
+            recorded = await self.manager.mark_submitted(run, letta_run, Source.DISPATCH)
         except Exception as e:
             await self._unexpected(run, e)
-            return
-            log.info("run submitted", extra={"run_id": run.id, "agent_id": run.agent_id,
-                                             "letta_run_id": letta_run.get("id")})
+            return None
+        log.info("run submitted", extra={"run_id": run.id, "agent_id": run.agent_id,
+                                         "letta_run_id": letta_run.get("id")})
+        return recorded
 
     async def _unexpected(self, run: RunRecord, e: Exception) -> None:
         """A fault after the claim (storage, a bug): Letta may have the run, so look first."""

@@ -127,8 +127,10 @@ class Manager:
                      request=forwarded, request_config=config,
                      callback_url=forwarded.get("callback_url"),
                      idempotency_key=idempotency_key, request_hash=digest)
+        # claimed in the same transaction when its lane is free: the submit sends it at once
+        parallel = self.cfg.dispatch.per_agent == "parallel"
         run, created = await self.store.submit(new, Event(Source.API, "submit", {
-            "idempotency_key": idempotency_key} if idempotency_key else None))
+            "idempotency_key": idempotency_key} if idempotency_key else None), claim=parallel)
         if not created and run.request_hash != digest:
             raise Conflict("Idempotency-Key was already used with a different request")
         if created:
@@ -298,8 +300,9 @@ class Manager:
             await self.store.transition(run.id, None, tuple(State), {
                 "submitted_at": fields["submitted_at"]}, Event(source, kind, {
                     "letta_run_id": letta_run["id"], "after": "callback"}))
-        # wake the poller only if it sleeps past this run's first check
-        if fields["next_check_at"] < self.poll_sleeps_until:
+        # wake the poller unless it already sleeps until before this run's first check
+        # (0 means it is awake: its next sleep may have been computed without this run)
+        if not 0 < self.poll_sleeps_until <= fields["next_check_at"]:
             self.poll_wakeup.set()
         return done
 

@@ -234,12 +234,15 @@ class SQLiteStore:
 
     # --- runs ------------------------------------------------------------------------------
 
-    async def submit(self, new: NewRun, event: Event) -> tuple[RunRecord, bool]:
-        """Insert a queued run; with an idempotency key already used, return the first run."""
+    async def submit(self, new: NewRun, event: Event,
+                     claim: bool | None = None) -> tuple[RunRecord, bool]:
+        """Insert a queued run; with an idempotency key already used, return the first run.
+        ``claim`` (True: parallel lanes, False: serial) also claims it in the same
+        transaction when its lane is free, so the submit can send it at once."""
         now = clock.iso()
         try:
             async with self._tx() as db:
-                await db.execute(
+                await db.execute_fetchall(
                     "INSERT INTO runs (id, user_id, agent_id, kind, state, request, request_config,"
                     " callback_url, created_at, next_check_at, idempotency_key, request_hash)"
                     " VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, 0, ?, ?)",
@@ -248,6 +251,8 @@ class SQLiteStore:
                      new.idempotency_key, new.request_hash),
                 )
                 await self._add_event(db, new.id, event, State.QUEUED, "created", now)
+                if claim is not None and await self._lane_free(db, new, parallel=claim):
+                    await self._claim_one(db, new.id)
         except sqlite3.IntegrityError:
             if not new.idempotency_key:
                 raise
@@ -284,17 +289,34 @@ class SQLiteStore:
         async with self._tx() as db:
             ids = await (self._lane_heads(db, now, agent_id) if serial
                          else self._due_queued(db, now, agent_id, limit))
-            claimed = []
-            for run_id in ids[:limit]:
-                rows = await db.execute_fetchall(
-                    f"UPDATE runs SET state = 'submitting', attempts = attempts + 1 "
-                    f"WHERE id = ? AND state = 'queued' RETURNING {FULL_COLS}", (run_id,))
-                if rows:
-                    row = rows[0]
-                    claimed.append(_run(row))
-                    if row["kind"] == "answer":
-                        await self._answer_pause(db, row["agent_id"], row["id"])
-            return claimed
+            claimed = [await self._claim_one(db, run_id) for run_id in ids[:limit]]
+            return [run for run in claimed if run is not None]
+
+    async def _claim_one(self, db: aiosqlite.Connection, run_id: str) -> RunRecord | None:
+        rows = await db.execute_fetchall(
+            f"UPDATE runs SET state = 'submitting', attempts = attempts + 1 "
+            f"WHERE id = ? AND state = 'queued' RETURNING {FULL_COLS}", (run_id,))
+        if not rows:
+            return None
+        if rows[0]["kind"] == "answer":
+            await self._answer_pause(db, rows[0]["agent_id"], run_id)
+        return _run(rows[0])
+
+    async def _lane_free(self, db: aiosqlite.Connection, new: NewRun, parallel: bool) -> bool:
+        """Whether a just-inserted run may go now: parallel lanes always; a serial lane when
+        nothing of its agent is in flight or queued before it (a pause lets only answers by)."""
+        if parallel:
+            return True
+        live, states = _live((*LANE_BUSY, State.PAUSED))
+        held = {r[0] for r in await db.execute_fetchall(
+            f"SELECT state FROM {live} AND agent_id = ?", (*states, new.agent_id))}
+        if held - {State.PAUSED} or (held and new.kind != "answer"):
+            return False
+        ahead = "AND kind = 'answer'" if held else ""
+        earlier = await db.execute_fetchall(
+            "SELECT 1 FROM runs WHERE state = 'queued' AND agent_id = ? AND id != ?"
+            f" {ahead} LIMIT 1", (new.agent_id, new.id))
+        return not earlier
 
     async def _answer_pause(self, db: aiosqlite.Connection, agent_id: str, by: str) -> None:
         """The approval or tool return goes out: the run that paused for it is done."""

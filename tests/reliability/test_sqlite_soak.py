@@ -200,5 +200,9 @@ def check_events(db_path, soak: Soak, sim_runs: list[dict], summary: str) -> Non
         db.close()
     assert runs == submits == len(soak.out.acked) and orphans == 0, summary
     from_letta = sum(1 for sr in sim_runs if sr["callback_status_code"] == 200)
-    assert callbacks == from_letta + soak.replays_ok, (summary, callbacks, from_letta,
-                                                       soak.replays_ok)
+    # a callback answered after Letta's 5 s timeout counts as failed at Letta, yet it may
+    # have been recorded here: those may add an event each, nothing else may
+    timed_out = sum(1 for sr in sim_runs if "ReadTimeout" in (sr["callback_error"] or ""))
+    expected = from_letta + soak.replays_ok
+    assert expected <= callbacks <= expected + timed_out, (
+        summary, callbacks, from_letta, soak.replays_ok, timed_out)
