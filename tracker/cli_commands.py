@@ -10,6 +10,7 @@ from rich.table import Table
 
 from tracker import auth
 from tracker.migrations import LATEST
+from tracker.relay import rotate_secret
 from tracker.store import Store
 
 console = Console()
@@ -18,8 +19,22 @@ console = Console()
 async def keys_create(store: Store, args: argparse.Namespace) -> int:
     user, key = await auth.create_key(store, args.name, args.admin)
     role = "admin" if user.is_admin else "user"
+    print(f"webhook signing secret of {user.name!r} (verifies deliveries to your callback_url):")
+    print(f"  {user.webhook_secret}")
     print(f"created a key for {role} {user.name!r} ({user.id}); it is shown only once:")
     print(key)
+    return 0
+
+
+async def keys_rotate_webhook_secret(store: Store, args: argparse.Namespace) -> int:
+    user = await store.user_by_name(args.name)
+    if user is None:
+        print(f"no user named {args.name!r}")
+        return 1
+    secret = await rotate_secret(store, user.id)
+    print(f"new webhook signing secret of {user.name!r}; deliveries carry signatures with both"
+          " the new and the previous secret until the next rotation:")
+    print(secret)
     return 0
 
 
@@ -66,6 +81,11 @@ def add_commands(cmd: Callable, with_store: Callable) -> None:
     revoke.add_argument("key")
     revoke.add_argument("--config")
     revoke.set_defaults(fn=with_store(keys_revoke))
+    rotate = keys.add_parser("rotate-webhook-secret",
+                             help="new webhook signing secret for a user (printed, last line)")
+    rotate.add_argument("name")
+    rotate.add_argument("--config")
+    rotate.set_defaults(fn=with_store(keys_rotate_webhook_secret))
     db = cmd("db", None, "database").add_subparsers(dest="db_cmd", required=True)
     st = db.add_parser("status", help="schema version and row counts")
     st.add_argument("--config")

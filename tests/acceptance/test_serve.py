@@ -105,3 +105,23 @@ async def test_keys_create_prints_the_key_last_and_db_status(tmp_path: Path):
     db = sqlite3.connect(tmp_path / "t.db")
     stored = [r[0] for r in db.execute("SELECT key_hash FROM api_keys")]
     assert key not in stored and all(len(h) == 64 for h in stored)
+
+
+async def test_webhook_secret_is_shown_at_key_creation_and_rotates(tmp_path: Path):
+    env = clean_env(TRACKER_DATABASE__URL=f"sqlite:///{tmp_path / 't.db'}")
+
+    async def run(*args: str) -> list[str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tracker", "keys", *args, env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, _ = await proc.communicate()
+        assert proc.returncode == 0
+        return out.decode().strip().splitlines()
+
+    created = await run("create", "dora")
+    first = next(line.strip() for line in created if line.strip().startswith("whsec_"))
+    rotated = (await run("rotate-webhook-secret", "dora"))[-1]
+    assert rotated.startswith("whsec_") and rotated != first
+    db = sqlite3.connect(tmp_path / "t.db")
+    assert db.execute("SELECT webhook_secret, webhook_secret_old FROM users").fetchone() == (
+        rotated, first)
