@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from tests.conftest import eventually
 from tests.samples import assert_same_shape, body, load
 from tracker.sim_cli import faults_from_args
 from tracker.simulator import Faults, Simulator, add_arguments
@@ -74,17 +75,9 @@ async def receiver(aiohttp_server) -> Receiver:
     return rec
 
 
-async def until(check, timeout: float = 3.0, every: float = 0.01):
+def until(check, timeout: float = 3.0, every: float = 0.01):
     """Await `check()` (sync or async) until truthy."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return result
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(every)
+    return eventually(check, timeout, every)
 
 
 async def submit(client, agent_id: str, text: str = "hi", **extra: Any) -> dict[str, Any]:
