@@ -281,6 +281,7 @@ async def test_background_queries_never_scan_a_big_history(tmp_path):
     await s.claim(serial=False, now=now)
     await s.due(WATCHED, now, 100)
     await s.next_due(WATCHED)
+    await s.next_due((State.QUEUED,))
     await s.in_states((State.SUBMITTING,))
     await s.check_now(WATCHED, now)
     await s.count_by_state((State.QUEUED, State.SUBMITTED))

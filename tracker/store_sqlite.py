@@ -491,6 +491,12 @@ class SQLiteStore:
         return [_run(r) for r in rows]
 
     async def next_due(self, states: Iterable[State]) -> float | None:
+        states = tuple(states)
+        if states == (State.QUEUED,):
+            # the dispatcher asks after every wake-up: the queue's own small index answers it
+            rows = await self._read("SELECT min(next_check_at) FROM runs INDEXED BY runs_queue"
+                                    " WHERE state = 'queued'")
+            return rows[0][0]
         live, states = _live(states)
         rows = await self._read(f"SELECT min(next_check_at) FROM {live}", states)
         return rows[0][0]
