@@ -1,0 +1,283 @@
+"""Benchmark 1, callback ingest: Letta's completion callbacks fired at the tracker by wrk.
+
+Runs are pre-created in state ``submitted`` (straight into SQLite, before the tracker starts);
+each gets one realistic ~2 KB callback body on its own signed URL. In every repeat, the same
+wrk load (same requests, connections and duration) goes to a bare aiohttp handler that only
+parses the JSON and answers 204 (the ceiling) and to the tracker, one after the other, the
+order alternating between repeats. Right after its load the tracker is killed with SIGKILL
+(no graceful shutdown) and the database is checked: every run whose callback got a 2xx must
+be ``done``.
+
+    .venv/bin/python benchmarks/callback_ingest.py [--quick] [--repeats N] [--connections C]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import signal
+import sqlite3
+import time
+import uuid
+from contextlib import closing
+from pathlib import Path
+
+import bulkdata
+import harness as h
+
+from tracker.callbacks import CallbackSigner
+
+SECRET = "bench-callback-secret"
+SAMPLE = h.ROOT.parent / "shared" / "letta-samples" / "async_basic__callback.json"
+SCRIPT = h.HERE / "replay.lua"
+
+
+def callback_body(rng: random.Random, letta_run_id: str, at: float) -> str:
+    """Letta's callback for a finished run (shape of the recorded sample), ~2 KB."""
+    body = json.loads(SAMPLE.read_text())["body_json"] if SAMPLE.exists() else _fallback()
+    body["run_id"] = letta_run_id
+    body["completed_at"] = h.iso(at)[:-1]  # Letta sends a naive timestamp
+    user, reply = body["metadata"]["result"]["messages"]
+    step = f"step-{uuid.UUID(int=rng.getrandbits(128))}"
+    for m in (user, reply):
+        m.update(run_id=letta_run_id, step_id=step,
+                 id=f"message-{uuid.UUID(int=rng.getrandbits(128))}")
+    user["content"] = h.prose(rng, 300)
+    reply["content"] = h.prose(rng, 900)
+    return json.dumps(body, separators=(",", ":"))
+
+
+def _fallback() -> dict:
+    msg = {"id": "", "date": "2026-01-01T00:00:00+00:00", "name": None, "otid": str(uuid.uuid4()),
+           "sender_id": None, "step_id": "", "is_err": None, "seq_id": None, "run_id": ""}
+    return {"run_id": "", "status": "completed", "completed_at": "", "metadata": {
+        "run_type": "send_message_async", "lettuce": None, "result": {
+            "messages": [dict(msg, message_type="user_message", content=""),
+                         dict(msg, message_type="assistant_message", content="")],
+            "stop_reason": {"message_type": "stop_reason", "stop_reason": "end_turn"},
+            "usage": {"message_type": "usage_statistics", "completion_tokens": 5,
+                      "prompt_tokens": 2051, "total_tokens": 2056, "step_count": 1},
+            "logprobs": None, "turns": None}}}
+
+
+def prepare(n: int, n_agents: int, history: int) -> tuple[Path, Path]:
+    """A template database with ``history`` finished runs and ``n`` submitted runs over
+    ``n_agents`` agents, and the wrk request file of the submitted runs' callbacks; both
+    cached under benchmarks/out/ by their parameters."""
+    key = f"{n}-{n_agents}-{history}-{h.cache_tag()}"
+    db = h.OUT / f"ingest-template-{key}.db"
+    reqs = h.OUT / f"ingest-requests-{key}.txt"
+    if db.exists() and reqs.exists():
+        return db, reqs
+    h.OUT.mkdir(exist_ok=True)
+    tmp = h.fresh_db(h.OUT / "ingest-building.db")
+    h.create_key(tmp, "bench", admin=True)
+    with closing(sqlite3.connect(tmp)) as c:
+        user_id = c.execute("SELECT id FROM users").fetchone()[0]
+    rng = random.Random(7)
+    signer = CallbackSigner(SECRET, "http://127.0.0.1")
+    now = time.time()
+    agents = [f"agent-{uuid.UUID(int=rng.getrandbits(128))}" for _ in range(n_agents)]
+    rows, lines = [], []
+    for i in range(n):
+        run_id = f"run-{uuid.UUID(int=rng.getrandbits(128), version=4)}"
+        letta_id = f"run-{uuid.UUID(int=rng.getrandbits(128), version=4)}"
+        agent = agents[i % len(agents)]
+        request = {"messages": [{"role": "user", "content": h.prose(rng, 300),
+                                 "otid": str(uuid.UUID(int=rng.getrandbits(128)))}]}
+        created = now - 60 + i * 1e-4
+        rows.append((run_id, user_id, agent, "submitted", "running", letta_id, json.dumps(request),
+                     json.dumps({"use_assistant_message": True}), h.iso(created),
+                     h.iso(created + 0.01), now + 86400, now + 86400))
+        lines.append(f"POST\t/callbacks/letta/{signer.token(run_id)}\t"
+                     f"{callback_body(rng, letta_id, created + 2)}\n")
+    with closing(sqlite3.connect(tmp)) as c:
+        c.execute("PRAGMA synchronous = OFF")
+        add_history(c, history, user_id, agents, rng)
+        with c:
+            c.executemany(
+                "INSERT INTO runs (id, user_id, agent_id, state, status, letta_run_id, request,"
+                " request_config, created_at, submitted_at, next_check_at, deadline_at, attempts)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)", rows)
+        c.execute("ANALYZE")
+        c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    rng.shuffle(lines)  # callbacks arrive in completion order, not creation order
+    reqs.write_text("".join(lines))
+    tmp.rename(db)
+    return db, reqs
+
+
+def add_history(c: sqlite3.Connection, n: int, user_id: str, agents: list[str],
+                rng: random.Random) -> None:
+    """``n`` finished runs (and their events) over the past month, as a live database has."""
+    gen = bulkdata.Generator(rng)
+    now = time.time()
+    for lo in range(0, n, 20_000):
+        rows, events = [], []
+        for k in range(lo, min(n, lo + 20_000)):
+            outcome = rng.choice(bulkdata.OUTCOMES[:3])[:3]
+            row, ev = gen.run(now - 30 * 86400 + k * (30 * 86400 - 120) / n, (user_id, ""),
+                              rng.choice(agents), outcome, rng.choice(("callback", "poll")),
+                              False)
+            rows.append(row)
+            events += ev
+        with c:
+            c.executemany(bulkdata.RUN_SQL, rows)
+            c.executemany(bulkdata.EVENT_SQL, events)
+
+
+def measure_ceiling(procs: h.Procs, reqs: Path, args: argparse.Namespace) -> dict:
+    port = h.free_port()
+    p = procs.start("ceiling", [h.PY, str(h.HERE / "bare_server.py"), str(port)])
+    url = f"http://{h.HOST}:{port}"
+    h.wait_http(url + "/healthz", proc=p)
+    cpu0 = h.cpu_seconds(p.pid)
+    res = h.wrk(url, SCRIPT, args.connections, args.duration, env={
+        "BENCH_REQUESTS": str(reqs), "BENCH_THREADS": "1", "BENCH_CLOSE": args.close})
+    res["cpu_s"] = h.cpu_seconds(p.pid) - cpu0
+    procs.stop(p)
+    return res
+
+
+def measure_tracker(procs: h.Procs, template: Path, reqs: Path, args: argparse.Namespace) -> dict:
+    db = h.copy_db(template, h.OUT / "ingest-run.db")
+    acked = h.OUT / "ingest-acked.txt"
+    acked.unlink(missing_ok=True)
+    url, p = procs.tracker("tracker", db, "http://127.0.0.1:9", env={
+        "TRACKER_CALLBACKS__SECRET": SECRET,
+        "TRACKER_DATABASE__SYNCHRONOUS": args.synchronous,
+        "TRACKER_DISPATCH__PER_AGENT": args.per_agent})
+    steady(db, p.pid)
+    since = h.iso(time.time())
+    cpu0 = h.cpu_seconds(p.pid)
+    spy = h.py_spy(procs, p.pid, "ingest-tracker") if args.profile else None
+    res = h.wrk(url, SCRIPT, args.connections, args.duration, env={
+        "BENCH_REQUESTS": str(reqs), "BENCH_THREADS": "1", "BENCH_ACKED": str(acked),
+        "BENCH_CLOSE": args.close})
+    h.end_py_spy(procs, spy)
+    res["cpu_s"] = h.cpu_seconds(p.pid) - cpu0
+    # killed, not stopped: what was acknowledged must already be on disk
+    procs.stop(p, sig=signal.SIGKILL)
+    res.update(durability(db, acked, since))
+    return res
+
+
+def steady(db: Path, pid: int) -> None:
+    """Measure steady-state ingest, not start-up: let the start-up reconcile finish, then put
+    the runs' next checks back in the future (reconcile makes every in-flight run due at
+    once, and with Letta out of reach here the poller would keep retrying them), and wait
+    until the tracker is idle."""
+    h.settle(pid)
+    with closing(sqlite3.connect(db, timeout=30)) as c, c:
+        c.execute("UPDATE runs SET next_check_at = ? WHERE state = 'submitted'",
+                  (time.time() + 86400,))
+    time.sleep(5.5)  # the poller naps at most 5 s before it looks at the check times again
+    h.settle(pid)
+
+
+def durability(db: Path, acked_file: Path, since: str) -> dict:
+    ids = [line for line in acked_file.read_text().splitlines() if line]
+    with closing(sqlite3.connect(db)) as c:
+        c.execute("CREATE TEMP TABLE acked (id TEXT PRIMARY KEY)")
+        c.executemany("INSERT OR IGNORE INTO acked VALUES (?)", [(i,) for i in ids])
+        done = c.execute("SELECT count(*) FROM runs WHERE state = 'done' AND recorded_at >= ?",
+                         (since,)).fetchone()[0]
+        lost = c.execute("SELECT count(*) FROM acked a JOIN runs r ON r.id = a.id"
+                         " WHERE r.state != 'done'").fetchone()[0]
+        unknown = c.execute("SELECT count(*) FROM acked WHERE id NOT IN"
+                            " (SELECT id FROM runs)").fetchone()[0]
+        events = c.execute("SELECT count(*) FROM run_events WHERE source = 'callback'"
+                           " AND at >= ?", (since,)).fetchone()[0]
+    return {"acked": len(ids), "acked_unique": len(set(ids)), "done": done,
+            "acked_not_done": lost + unknown, "callback_events": events}
+
+
+def rate(res: dict) -> float:
+    return res["ok"] / (res["duration_us"] / 1e6)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="one short repeat (smoke check)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--connections", type=int, default=64)
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds of load per side")
+    ap.add_argument("--runs", type=int, default=60_000, help="pre-created runs (callbacks)")
+    ap.add_argument("--agents", type=int, default=0,
+                    help="agents the runs belong to (default: one per run, as with serial"
+                         " dispatch every in-flight run is on its own agent)")
+    ap.add_argument("--history", type=int, default=100_000,
+                    help="finished runs already in the database")
+    ap.add_argument("--per-agent", default="serial", choices=["serial", "parallel"])
+    ap.add_argument("--synchronous", default="NORMAL", choices=["NORMAL", "FULL"])
+    ap.add_argument("--new-connections", dest="close", action="store_const", const="1",
+                    default="", help="a new TCP connection per callback, as Letta's httpx"
+                                     " client per callback does (default: keep-alive)")
+    ap.add_argument("--profile", action="store_true",
+                    help="sample the tracker with py-spy during its load (out/profile-*.txt)")
+    args = ap.parse_args()
+    if args.quick:
+        args.repeats, args.duration, args.runs, args.history = 1, 3.0, 20_000, 20_000
+    h.banner("callback ingest", args)
+    if not h.have_wrk():
+        raise SystemExit("wrk is needed: apt-get install -y wrk")
+    template, reqs = prepare(args.runs, args.agents or args.runs, args.history)
+    body = len(reqs.open().readline().split("\t")[2])
+    print(f"{args.history:,} finished runs in the database, {args.runs:,} pre-created runs,"
+          f" body ~{body} bytes,"
+          f" {args.agents or args.runs:,} agents, dispatch {args.per_agent},"
+          f" {args.connections} {'new' if args.close else 'keep-alive'} connections,"
+          f" {args.duration:g}s per side, wrk 1 thread",
+          flush=True)
+    rows = []
+    with h.Procs("ingest") as procs:
+        for i in range(args.repeats):
+            order = ["ceiling", "tracker"] if i % 2 == 0 else ["tracker", "ceiling"]
+            got = {}
+            for side in order:
+                got[side] = (measure_ceiling(procs, reqs, args) if side == "ceiling"
+                             else measure_tracker(procs, template, reqs, args))
+            c, t = got["ceiling"], got["tracker"]
+            rows.append((c, t))
+            print(f"repeat {i + 1}: ceiling {rate(c):,.0f}/s p99 {c['latency_us']['p99'] / 1e3:.1f}"
+                  f" ms | tracker {rate(t):,.0f}/s p99 {t['latency_us']['p99'] / 1e3:.1f} ms,"
+                  f" non-2xx {t['bad']} {t['codes']}, wrapped {t['wrapped']},"
+                  f" acked {t['acked']:,} done {t['done']:,} acked-not-done {t['acked_not_done']}",
+                  flush=True)
+    report(rows, args)
+    if args.profile:
+        print("\n" + h.profile_summary("ingest-tracker"))
+
+
+def report(rows: list[tuple[dict, dict]], args: argparse.Namespace) -> None:
+    ratio = h.median(rate(t) / rate(c) for c, t in rows)
+    cr, tr = h.median(rate(c) for c, _ in rows), h.median(rate(t) for _, t in rows)
+    lat = lambda side, q: h.median(r[side]["latency_us"][q] / 1e3 for r in rows)  # noqa: E731
+    cpu = lambda side: h.median(r[side]["cpu_s"] / max(1, r[side]["ok"]) * 1e6 for r in rows)  # noqa: E731
+    p99 = lat(1, "p99")
+    lost = max(t["acked_not_done"] for _, t in rows)
+    errors = sum(t["bad"] + t["errors"]["timeout"] for _, t in rows)
+    print(h.table(f"callback ingest: median of {len(rows)} repeat(s), {args.connections} "
+                  f"connections, synchronous={args.synchronous}",
+                  ["side", "callbacks/s", "p50 ms", "p90 ms", "p99 ms", "max ms",
+                   "server CPU µs/req"],
+                  [("ceiling (bare aiohttp, parse + 204)", cr, lat(0, "p50"), lat(0, "p90"),
+                    lat(0, "p99"), lat(0, "max"), cpu(0)),
+                   ("tracker", tr, lat(1, "p50"), lat(1, "p90"), p99, lat(1, "max"), cpu(1))]))
+    print(h.table("callback ingest: targets", ["figure", "value", "target", ""], [
+        ("tracker / ceiling (median of per-repeat ratios)", ratio, ">= 0.5",
+         h.verdict(ratio >= 0.5)),
+        ("tracker p99 latency, ms", p99, "< 50", h.verdict(p99 < 50)),
+        ("2xx answers whose run is not done after SIGKILL", lost, "0", h.verdict(lost == 0)),
+        ("non-2xx answers and timeouts (all repeats)", errors, "0", h.verdict(errors == 0)),
+    ]))
+    print(h.table("callback ingest: durability per repeat", [
+        "repeat", "2xx answers", "distinct runs", "runs done in db", "2xx but not done",
+        "done but no 2xx seen (in flight at cut-off)"],
+        [(i + 1, t["acked"], t["acked_unique"], t["done"], t["acked_not_done"],
+          t["done"] - t["acked_unique"]) for i, (_, t) in enumerate(rows)]))
+
+
+if __name__ == "__main__":
+    main()

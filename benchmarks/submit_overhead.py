@@ -1,0 +1,134 @@
+"""Benchmark 2, submit overhead: messages submitted through the tracker to the simulator versus
+straight to the simulator, by wrk, with the same requests and concurrency, in the same run.
+
+Each repeat starts a fresh simulator (and, for the tracker side, a fresh tracker database) per
+side, the order alternating between repeats. Runs last long enough that none ends during the
+measurement and the tracker's first poll comes after it, so only the submit path is measured
+(the cost of learning outcomes is benchmarks 1 and 4). The tracker dispatches per agent in
+parallel, so that each submit is sent to Letta inline as a direct submit would be.
+
+Two loads: ``--connections`` (throughput at saturation) and one connection (the latency a
+request pays when nothing queues: the tracker's own overhead).
+
+    .venv/bin/python benchmarks/submit_overhead.py [--quick] [--repeats N] [--connections C]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+
+import harness as h
+
+SCRIPT = h.HERE / "replay.lua"
+AGENTS = 100
+
+
+def requests_file(agents: list[str], n: int) -> str:
+    rng = random.Random(5)
+    path = h.OUT / "submit-requests.txt"
+    lines = []
+    for i in range(n):
+        body = {"messages": [{"role": "user", "content": h.prose(rng, rng.randint(80, 400))}]}
+        lines.append(f"POST\t/v1/agents/{agents[i % len(agents)]}/messages/async\t"
+                     f"{json.dumps(body, separators=(',', ':'))}\n")
+    path.write_text("".join(lines))
+    return str(path)
+
+
+def side(procs: h.Procs, which: str, connections: int, duration: float,
+         profile: bool = False) -> dict:
+    """One measurement: a fresh simulator, and the tracker in front of it unless direct."""
+    sim_url, agents, sim = procs.simulator(f"sim-{which}", agents=AGENTS,
+                                           run_duration=(3600, 3600))
+    reqs = requests_file(agents, 20_000)
+    url, key, pids = sim_url, "", []
+    if which == "tracker":
+        db = h.fresh_db(h.OUT / "submit-tracker.db")
+        key = h.create_key(db, "bench", admin=True)
+        url, p = procs.tracker("tracker", db, sim_url, env={
+            "TRACKER_DISPATCH__PER_AGENT": "parallel", "TRACKER_POLLING__GRACE_S": "3600"})
+        pids.append(p.pid)
+    sim_pid = sim.pid
+    pids.append(sim_pid)
+    cpu0 = {pid: h.cpu_seconds(pid) for pid in pids}
+    spy = (h.py_spy(procs, pids[0], f"submit-tracker-{connections}")
+           if profile and which == "tracker" else None)
+    res = h.wrk(url, SCRIPT, connections, duration, env={
+        "BENCH_REQUESTS": reqs, "BENCH_THREADS": "1", "BENCH_AUTH": key})
+    h.end_py_spy(procs, spy)
+    res["cpu_us"] = {("tracker" if pid != sim_pid else "simulator"):
+                     (h.cpu_seconds(pid) - cpu0[pid]) / max(1, res["ok"]) * 1e6 for pid in pids}
+    res["letta_calls"] = sum(h.http_json("GET", sim_url + "/_sim/stats")["calls"].values())
+    for proc in list(procs.procs):
+        procs.stop(proc)
+    return res
+
+
+def rate(r: dict) -> float:
+    return r["ok"] / (r["duration_us"] / 1e6)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="one short repeat (smoke check)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--connections", type=int, default=32)
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds per side and load")
+    ap.add_argument("--profile", action="store_true", help="py-spy the tracker in repeat 1")
+    args = ap.parse_args()
+    if args.quick:
+        args.repeats, args.duration = 1, 3.0
+    h.banner("submit overhead", args)
+    loads = [args.connections, 1]
+    results: dict[int, list[dict[str, dict]]] = {c: [] for c in loads}
+    with h.Procs("submit") as procs:
+        for i in range(args.repeats):
+            for c in loads:
+                order = ["direct", "tracker"] if i % 2 == 0 else ["tracker", "direct"]
+                got = {w: side(procs, w, c, args.duration, args.profile and i == 0)
+                       for w in order}
+                results[c].append(got)
+                d, t = got["direct"], got["tracker"]
+                print(f"repeat {i + 1}, {c} conn: direct {rate(d):,.0f}/s p50"
+                      f" {d['latency_us']['p50'] / 1e3:.2f} ms | tracker {rate(t):,.0f}/s p50"
+                      f" {t['latency_us']['p50'] / 1e3:.2f} ms, non-2xx {t['bad']} {t['codes']}",
+                      flush=True)
+    report(results, args)
+    for c in loads if args.profile else ():
+        print("\n" + h.profile_summary(f"submit-tracker-{c}", top=45))
+
+
+def report(results: dict[int, list[dict[str, dict]]], args: argparse.Namespace) -> None:
+    rows, figures = [], {}
+    for c, reps in results.items():
+        for w in ("direct", "tracker"):
+            lat = lambda q, w=w, reps=reps: h.median(  # noqa: E731
+                r[w]["latency_us"][q] / 1e3 for r in reps)
+            cpu = h.median(sum(r[w]["cpu_us"].values()) for r in reps)
+            rows.append((c, w, h.median(rate(r[w]) for r in reps), lat("p50"), lat("p90"),
+                         lat("p99"), cpu, h.median(r[w]["letta_calls"] / max(1, r[w]["ok"])
+                                                   for r in reps)))
+        figures[c] = {
+            "ratio": h.median(rate(r["tracker"]) / rate(r["direct"]) for r in reps),
+            "added_p50": h.median((r["tracker"]["latency_us"]["p50"]
+                                   - r["direct"]["latency_us"]["p50"]) / 1e3 for r in reps)}
+    print(h.table(f"submit overhead: median of {args.repeats} repeat(s)",
+                  ["connections", "path", "submits/s", "p50 ms", "p90 ms", "p99 ms",
+                   "CPU µs/submit (all servers)", "Letta calls/submit"], rows))
+    hi, one = figures[args.connections], figures[1]
+    errors = sum(r["tracker"]["bad"] for reps in results.values() for r in reps)
+    print(h.table("submit overhead: targets", ["figure", "value", "target", ""], [
+        (f"tracker / direct throughput, {args.connections} connections", hi["ratio"], ">= 0.5",
+         h.verdict(hi["ratio"] >= 0.5)),
+        ("added median latency, 1 connection (ms)", one["added_p50"], "<= 2",
+         h.verdict(one["added_p50"] <= 2)),
+        (f"added median latency, {args.connections} connections (ms)", hi["added_p50"],
+         "(queueing: see ratio)", ""),
+        ("tracker / direct throughput, 1 connection", one["ratio"], "", ""),
+        ("non-2xx answers from the tracker", errors, "0", h.verdict(errors == 0))]))
+
+
+if __name__ == "__main__":
+    main()
