@@ -39,10 +39,6 @@ class Conflict(TrackerError):
     status = 409
 
 
-class PayloadTooLarge(TrackerError):
-    status = 413
-
-
 class Invalid(TrackerError):
     """Request validation failed; ``detail`` is FastAPI's list of {loc, msg, type}."""
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -86,7 +85,3 @@ def timing_middleware(observe: Callable[[str, str, int, float], None]):
             observe(request.method, name, status, time.perf_counter() - start)
 
     return middleware
-
-
-def dumps(obj: object) -> str:
-    return json.dumps(obj, separators=(",", ":"))

@@ -111,9 +111,3 @@ def state_for(status: str, stop_reason: str | None) -> State | None:
         return State.CONFIRMING
     return State.DONE
 
-
-def served_status(state: State, letta_status: str | None) -> str:
-    """Letta status shown for a run: what Letta said, or what a queued run is to a Letta client."""
-    if state in (State.QUEUED, State.SUBMITTING) and letta_status is None:
-        return Status.CREATED
-    return letta_status or Status.CREATED
