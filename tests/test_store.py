@@ -295,3 +295,20 @@ async def test_background_queries_never_scan_a_big_history(tmp_path):
     assert plans
     for sql, plan in plans:
         assert "SCAN runs" not in plan, (sql, plan)
+
+
+async def test_several_statuses_page_in_order_with_cursors(store):
+    runs = [await submit(store) for _ in range(8)]
+    statuses = ["completed", "failed", "cancelled", "completed", "failed", "completed",
+                "cancelled", "failed"]
+    for run, status in zip(runs, statuses, strict=True):
+        await store.transition(run.id, None, (State.QUEUED,), {"status": status}, None)
+    wanted = [r.id for r, st in zip(runs, statuses, strict=True) if st != "cancelled"][::-1]
+    flt = RunFilter(statuses=["completed", "failed"], limit=4)
+    first = await store.list_runs(flt)
+    rest = await store.list_runs(RunFilter(statuses=["completed", "failed"], limit=4,
+                                           after=first[-1].id))
+    assert [r.id for r in first + rest] == wanted
+    oldest = await store.list_runs(RunFilter(statuses=["failed", "completed"], limit=2,
+                                             ascending=True))
+    assert [r.id for r in oldest] == wanted[::-1][:2]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from tracker.states import LETTA_ACTIVE
@@ -73,6 +74,26 @@ def _hint(flt: RunFilter) -> str:
 
 def list_query(flt: RunFilter, cursor: tuple[str, int] | None) -> tuple[str, list[Any]]:
     """Keyset-paginated history query, newest (or oldest) first by (created_at, seq)."""
+    if len(flt.statuses) > 1:
+        return _merged(flt, cursor)
+    return _single(flt, cursor)
+
+
+def _merged(flt: RunFilter, cursor: tuple[str, int] | None) -> tuple[str, list[Any]]:
+    """Several statuses: one ordered page per status, each down its own index, merged. A
+    single `status IN (...)` query walks the time index and filters, which is slower."""
+    parts, params = [], []
+    for status in flt.statuses:
+        sql, sub_params = _single(replace(flt, statuses=[status]), cursor)
+        parts.append(f"SELECT * FROM ({sql})")
+        params.extend(sub_params)
+    direction = "ASC" if flt.ascending else "DESC"
+    sql = (" UNION ALL ".join(parts)
+           + f" ORDER BY created_at {direction}, seq {direction} LIMIT ?")
+    return sql, [*params, flt.limit]
+
+
+def _single(flt: RunFilter, cursor: tuple[str, int] | None) -> tuple[str, list[Any]]:
     where, params = _filters(flt)
     if cursor:
         # Letta's cursors are positional in the listing's order (as its SDK pages with
