@@ -242,17 +242,18 @@ class SQLiteStore:
         now = clock.iso()
         try:
             async with self._tx() as db:
-                await db.execute_fetchall(
+                rows = await db.execute_fetchall(
                     "INSERT INTO runs (id, user_id, agent_id, kind, state, request, request_config,"
                     " callback_url, created_at, next_check_at, idempotency_key, request_hash)"
-                    " VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, 0, ?, ?)",
+                    f" VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, 0, ?, ?) RETURNING {FULL_COLS}",
                     (new.id, new.user_id, new.agent_id, new.kind, json.dumps(new.request),
                      json.dumps(new.request_config), new.callback_url, now,
                      new.idempotency_key, new.request_hash),
                 )
+                run = _run(rows[0])
                 await self._add_event(db, new.id, event, State.QUEUED, "created", now)
                 if claim is not None and await self._lane_free(db, new, parallel=claim):
-                    await self._claim_one(db, new.id)
+                    run = await self._claim_one(db, new.id) or run
         except sqlite3.IntegrityError:
             if not new.idempotency_key:
                 raise
@@ -261,7 +262,9 @@ class SQLiteStore:
                 (new.user_id, new.idempotency_key),
             )
             return _run(rows[0]), False
-        return await self.get_run(new.id, full=True), True
+        # built inside the transaction: nothing awaits between its commit and the caller's
+        # send, so a claimed run is never seen `submitting` with no send of ours behind it
+        return run, True
 
     async def get_run(self, run_id: str, user_id: str | None = None,
                       full: bool = False) -> RunRecord | None:
