@@ -209,3 +209,27 @@ async def test_crash_before_letta_got_it_is_sent_again(start_tracker, sim, agent
     await t2.wait_state(run["id"], "done")
     assert len(sim.received) == 1
     assert State.SUBMITTING.value not in [r["tracker"]["state"] for r in [await t2.run(run["id"])]]
+
+
+async def test_a_slow_submit_is_not_rescued_as_stranded(start_tracker, sim, agent, monkeypatch):
+    """A run claimed by its submit is `submitting` before the submit gets to send it; however
+    slow that gap, the rescue of stranded runs must not requeue it (that sent it twice)."""
+    from tracker import dispatcher
+
+    monkeypatch.setattr(dispatcher, "RESCUE_EVERY_S", 0.05)
+    t = await start_tracker()
+    store, original = t.svc.store, t.svc.store.submit
+
+    async def slow_submit(*args, **kwargs):
+        result = await original(*args, **kwargs)
+        for _ in range(10):  # e.g. a read-back stuck behind a busy database, while
+            t.svc.manager.dispatch_wakeup.set()  # callbacks keep waking the dispatcher
+            await asyncio.sleep(0.05)
+        return result
+
+    store.submit = slow_submit
+    run = await t.submit(agent, "slow")
+    await t.wait_state(run["id"], "done")
+    await asyncio.sleep(0.3)
+    assert len(sim.received) == 1 and max(sim.otid_counts().values()) == 1
+    assert "rescued" not in await kinds(t, run["id"])

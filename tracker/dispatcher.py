@@ -63,7 +63,7 @@ class Dispatcher:
         if clock.now() < self._next_rescue:
             return
         self._next_rescue = clock.now() + RESCUE_EVERY_S
-        mine = {run_id for run_id, _ in self._inflight.values()}
+        mine = {run_id for run_id, _ in self._inflight.values()} | self.manager.sending
         orphans = {r.id: r for r in await self.store.in_states((State.SUBMITTING,), limit=1000)
                    if r.id not in mine}
         # seen orphaned twice, RESCUE_EVERY_S apart: not a claim whose send is just starting
@@ -74,7 +74,10 @@ class Dispatcher:
 
     async def _sleep(self, wakeup: asyncio.Event) -> None:
         nxt = await self.store.next_due((State.QUEUED,))
-        await clock.nap(wakeup, 60.0 if nxt is None else max(0.01, min(nxt - clock.now(), 60.0)))
+        # at least every few seconds: the rescue of stranded runs must not wait for a wake-up
+        longest = 2 * RESCUE_EVERY_S
+        await clock.nap(wakeup, longest if nxt is None else max(0.01, min(nxt - clock.now(),
+                                                                            longest)))
 
     def _spawn(self, run: RunRecord) -> asyncio.Task:
         task = asyncio.create_task(self.send(run))
@@ -85,7 +88,8 @@ class Dispatcher:
 
     def _done(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)
-        self._inflight.pop(id(task), None)
+        run_id, _ = self._inflight.pop(id(task), (None, None))
+        self.manager.sending.discard(run_id)
 
     async def stop(self) -> None:
         """Wait for sends in flight: a send cut off here would be healed by reconcile, but

@@ -112,6 +112,8 @@ class Manager:
         self.relay_wakeup = asyncio.Event()
         self.poll_wakeup = asyncio.Event()
         self.poll_sleeps_until = 0.0  # set by the poller each time it goes to sleep
+        #: runs this process claimed and is sending (or about to): never "stranded"
+        self.sending: set[str] = set()
         self.on_applied: Callable[[RunRecord, str], None] | None = None  # metrics hook
 
     # --- submit ----------------------------------------------------------------------------
@@ -127,10 +129,18 @@ class Manager:
                      request=forwarded, request_config=config,
                      callback_url=forwarded.get("callback_url"),
                      idempotency_key=idempotency_key, request_hash=digest)
-        # claimed in the same transaction when its lane is free: the submit sends it at once
+        # claimed in the same transaction when its lane is free: the submit sends it at once.
+        # Reserved first, so that no rescue of stranded runs mistakes it for one meanwhile.
         parallel = self.cfg.dispatch.per_agent == "parallel"
-        run, created = await self.store.submit(new, Event(Source.API, "submit", {
-            "idempotency_key": idempotency_key} if idempotency_key else None), claim=parallel)
+        self.sending.add(new.id)
+        run: RunRecord | None = None
+        try:
+            run, created = await self.store.submit(new, Event(Source.API, "submit", {
+                "idempotency_key": idempotency_key} if idempotency_key else None),
+                claim=parallel)
+        finally:
+            if run is None or run.id != new.id or run.state is not State.SUBMITTING:
+                self.sending.discard(new.id)
         if not created and run.request_hash != digest:
             raise Conflict("Idempotency-Key was already used with a different request")
         if created:
