@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from openapi_spec_validator import validate as validate_openapi
 
+from tests.conftest import eventually
 from tracker import auth
 
 
@@ -156,3 +157,25 @@ async def test_openapi_describes_every_route(start_tracker):
     assert {"messages", "input", "max_steps", "callback_url", "top_logprobs"} <= fields.keys()
     names = {p["name"] for p in doc["paths"]["/v1/runs"]["get"]["parameters"]}
     assert {"agent_id", "statuses", "before", "after", "state", "callback_missed"} <= names
+
+
+async def test_relay_state_is_shown_for_one_run_and_never_guessed(start_tracker, sim, agent,
+                                                                  aiohttp_server):
+    from aiohttp import web
+
+    async def hook(request):
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    receiver = await aiohttp_server(app)
+    t = await start_tracker()
+    run = await t.submit(agent, "relay", callback_url=str(receiver.make_url("/hook")))
+    await t.wait_state(run["id"], "done")
+
+    async def delivered():
+        return (await t.run(run["id"]))["tracker"]["relay"] == "delivered"
+
+    await eventually(delivered)
+    [listed] = await (await t.get("/v1/runs")).json()
+    assert listed["tracker"]["relay"] is None  # listings do not look it up

@@ -149,8 +149,8 @@ async def list_runs(request: web.Request) -> web.Response:
 
 async def get_run(request: web.Request) -> web.Response:
     run = await _run_or_404(request)
-    deliveries = await _svc(request).store.deliveries(run.id) if run.callback_url else []
-    return _json(run_out(run, deliveries[-1].state if deliveries else None))
+    relay = await _svc(request).store.delivery_state(run.id) if run.callback_url else None
+    return _json(run_out(run, relay))
 
 
 async def run_messages(request: web.Request) -> web.Response:

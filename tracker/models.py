@@ -31,7 +31,9 @@ class TrackerInfo(BaseModel):
     attempts: int = Field(0, description="how many times the run was sent to Letta")
     error: str | None = Field(None, description="why the run was refused, failed or lost")
     error_code: int | None = Field(None, description="Letta's HTTP status when it refused")
-    relay: str | None = Field(None, description="delivery state to the user's callback_url")
+    relay: str | None = Field(
+        None, description="state of the latest delivery to the user's callback_url "
+                          "(in one run's view; null in listings)")
 
 
 class RunOut(BaseModel):

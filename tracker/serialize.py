@@ -47,7 +47,8 @@ def tracker_out(run: RunRecord, relay: str | None) -> dict[str, Any]:
         "attempts": run.attempts,
         "error": run.error,
         "error_code": run.error_code,
-        "relay": relay if relay is not None else ("pending" if run.callback_url else None),
+        # known only where it was looked up (one run's view); never guessed
+        "relay": relay,
     }
 
 

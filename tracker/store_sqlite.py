@@ -663,6 +663,12 @@ class SQLiteStore:
                 " WHERE delivery_id = ? ORDER BY id", (d.id,))]
         return out
 
+    async def delivery_state(self, run_id: str) -> str | None:
+        """State of the run's latest delivery (one indexed row, no attempt log)."""
+        rows = await self._read("SELECT state FROM deliveries WHERE run_id = ?"
+                                " ORDER BY created_at DESC LIMIT 1", (run_id,))
+        return rows[0][0] if rows else None
+
     async def redeliver(self, run_id: str, now: float) -> Delivery | None:
         """Send the run's latest delivery again (same webhook id, so receivers can dedupe)."""
         async with self._tx() as db:
