@@ -62,6 +62,12 @@ class Tracker:
         self.key = key
         self.sim = sim
 
+    async def callbacks_applied(self) -> None:
+        """Wait until every callback answered so far is applied (the inbox is empty)."""
+        async def empty() -> bool:
+            return await self.svc.store.inbox_depth() == 0
+        await eventually(empty)
+
     @property
     def svc(self):
         from tracker.wiring import SERVICES

@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from tests.conftest import eventually
+from tracker.sim_shapes import callback_json, utcnow
 from tracker.states import State
 
 
@@ -75,6 +76,7 @@ async def test_duplicate_and_replayed_callbacks_change_nothing(start_tracker, si
     for _ in range(2):
         resp = await t.client.post("/" + url, json=body)
         assert resp.status == 200
+    await t.callbacks_applied()
     after = await t.run(run["id"])
     assert after["status"] == "completed" and after["stop_reason"] == "end_turn"
     assert (await kinds(t, run["id"])).count("ignored") == 2
@@ -197,6 +199,30 @@ async def test_crash_between_letta_answer_and_our_write(start_tracker, sim, agen
     assert len(sim.received) == 1 and max(sim.otid_counts().values()) == 1
     assert done["tracker"]["letta_run_id"] == sim.received[0].run_id
     assert "found_in_letta" in await kinds(t2, run["id"])
+
+
+async def test_a_callback_answered_before_a_crash_is_applied_on_the_next_start(
+        start_tracker, sim, agent):
+    """Letta's callback is answered once it is in the inbox; if the process dies before the
+    applier gets to it, the next start applies it (Letta will not send it again)."""
+    sim.set_faults(callback_drop=1.0)
+    t = await start_tracker()
+    t.svc.applier.apply = hang  # the process "dies" before applying what it answered
+    run = await t.submit(agent, "[[delay=0.2]] hello")
+    letta_id = (await t.run(run["id"]))["tracker"]["letta_run_id"]
+    await eventually(lambda: sim.store.get(letta_id).status == "completed")
+    body = callback_json(sim.store.get(letta_id), "completed", "end_turn", utcnow())
+    resp = await t.client.post(f"/callbacks/letta/{t.svc.signer.token(run['id'])}", json=body)
+    assert resp.status == 200 and await t.svc.store.inbox_depth() == 1
+    assert (await t.run(run["id"]))["tracker"]["state"] == "submitted"
+    await t.client.close()
+    # Letta is out of reach after the restart: only the inbox can tell the outcome
+    t2 = await start_tracker(letta={"base_url": "http://127.0.0.1:9"})
+    done = await t2.wait_state(run["id"], "done")
+    assert done["status"] == "completed" and done["tracker"]["completed_via"] == "callback"
+    messages = await (await t2.get(f"/v1/runs/{run['id']}/messages")).json()
+    assert [m["message_type"] for m in messages] == ["user_message", "assistant_message"]
+    await t2.callbacks_applied()
 
 
 async def test_crash_before_letta_got_it_is_sent_again(start_tracker, sim, agent):

@@ -12,7 +12,7 @@ from tracker import clock
 from tracker.errors import Conflict, Unavailable
 from tracker.migrations import LATEST, MIGRATIONS
 from tracker.states import WATCHED, State
-from tracker.store import Event, NewRun, RunFilter, open_store
+from tracker.store import Event, NewRun, RunFilter, Verdict, open_store
 
 A1 = "agent-11111111-1111-4111-8111-111111111111"
 A2 = "agent-22222222-2222-4222-8222-222222222222"
@@ -252,6 +252,28 @@ async def test_concurrent_transitions_share_commits_and_fail_alone(store):
     assert (await store.get_run(runs[7].id)).state is State.SUBMITTING
     events = await store._read("SELECT count(*) FROM run_events WHERE kind = 'sub'")
     assert events[0][0] == 48
+
+
+async def test_callback_inbox_files_only_callbacks_naming_the_runs_own_letta_run(store):
+    run, early = await submit(store), await submit(store, agent=A2)
+    await store.claim(serial=False, now=clock.now())
+    await store.transition(run.id, State.SUBMITTED, (State.SUBMITTING,),
+                           {"letta_run_id": "run-l1"}, None)
+    # arriving together: one lookup, one insert, one commit for all of them
+    verdicts = await asyncio.gather(
+        store.accept_callback(run.id, "run-l1", b'{"n": 1}'),
+        store.accept_callback(run.id, "run-other", b'{"n": 2}'),
+        store.accept_callback(early.id, "run-l2", b'{"n": 3}'),  # its Letta id not stored yet
+        store.accept_callback(early.id, "run-l2", b'{"n": 4}', verified=True),  # Letta vouched
+        store.accept_callback(f"run-{uuid.uuid4()}", "run-l3", b'{"n": 5}'),
+    )
+    assert verdicts == [Verdict.ACCEPTED, Verdict.OTHER_RUN, Verdict.UNVERIFIED,
+                        Verdict.ACCEPTED, Verdict.NO_RUN]
+    filed = await store.inbox(10)
+    assert [(i.run_id, i.body) for i in filed] == [(run.id, b'{"n": 1}'), (early.id, b'{"n": 4}')]
+    assert await store.inbox_depth() == 2
+    await store.forget_callbacks([filed[0].id])
+    assert [i.id for i in await store.inbox(10)] == [filed[1].id]
 
 
 async def test_background_queries_never_scan_a_big_history(tmp_path):

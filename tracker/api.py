@@ -193,7 +193,7 @@ async def stats(request: web.Request) -> web.Response:
 
 async def letta_callback(request: web.Request) -> web.Response:
     svc = _svc(request)
-    return _json(await callbacks.receive(request, svc.signer, svc.manager))
+    return _json(await callbacks.receive(request, svc.signer, svc.manager, svc.applier))
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -12,7 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from tracker import api, auth, logs_redact
-from tracker.callbacks import CallbackSigner
+from tracker.callbacks import Applier, CallbackSigner
 from tracker.config import Config
 from tracker.dispatcher import Dispatcher
 from tracker.letta import LettaClient
@@ -100,7 +100,8 @@ async def _services_ctx(app: web.Application, cfg: Config) -> AsyncIterator[None
     app[SERVICES] = Services(cfg=cfg, store=store, letta=letta, signer=signer, manager=manager,
                              dispatcher=Dispatcher(cfg, manager, letta),
                              poller=Poller(cfg, manager, letta),
-                             relay=Relay(cfg, store, manager.relay_wakeup))
+                             relay=Relay(cfg, store, manager.relay_wakeup),
+                             applier=Applier(manager))
     app[SERVICES].poller.on_poll = app[METRICS].polled
     app[SERVICES].relay.on_outcome = app[METRICS].relay_outcome
     yield
@@ -110,7 +111,8 @@ async def _background_ctx(app: web.Application) -> AsyncIterator[None]:
     svc = app[SERVICES]
     await svc.relay.start()
     retention = Retention(svc.cfg.retention, svc.store)
-    tasks = [_task(_reconcile_then_run(svc), "dispatcher"), _task(svc.poller.run(), "poller"),
+    tasks = [_task(svc.applier.run(), "callback-applier"),
+             _task(_reconcile_then_run(svc), "dispatcher"), _task(svc.poller.run(), "poller"),
              _task(svc.relay.run(), "relay"), _task(retention.run(), "retention")]
     yield
     retention.stop()

@@ -6,24 +6,34 @@ mac = HMAC-SHA256(secret, run_id). A bad token is refused before any database wo
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
 import logging
+import time
 
 from aiohttp import web
 from pydantic import ValidationError
 
-from tracker.errors import Conflict, Invalid, NotFound, Unauthorized
+from tracker.errors import Conflict, Invalid, NotFound, TrackerError, Unauthorized, Unavailable
 from tracker.manager import Manager, Observation
 from tracker.models import LettaCallback
 from tracker.parsing import loads
 from tracker.states import Source
-from tracker.store import RunRecord
+from tracker.store import InboxItem, RunRecord, Verdict
 
 log = logging.getLogger("tracker.callbacks")
 
 PATH = "/callbacks/letta/{token}"
+#: callbacks applied per round, and per round while callbacks are arriving (a round of 8
+#: state changes holds the writer ~5 ms, which bounds what a callback's filing waits)
+APPLY_BATCH = 256
+APPLY_BATCH_BUSY = 8
+#: callbacks count as arriving for this long after the last one
+BUSY_S = 0.2
+#: seconds before the applier tries again after a storage fault
+RETRY_S = 1.0
 
 
 class CallbackSigner:
@@ -64,29 +74,94 @@ def parse_callback(raw: bytes) -> LettaCallback:
                        for err in e.errors(include_url=False)]) from None
 
 
-async def receive(request: web.Request, signer: CallbackSigner, manager: Manager) -> dict:
-    """Apply one Letta callback; the handler answers 200 once it is committed."""
+async def receive(request: web.Request, signer: CallbackSigner, manager: Manager,
+                  applier: Applier) -> dict:
+    """Check one Letta callback and commit it to the inbox; the handler then answers 200.
+    Letta waits at most 5 s and never retries, so nothing else happens on its path: the
+    applier makes the state change just after."""
     run_id = signer.run_id(request.match_info["token"])
-    body = parse_callback(await request.read())
-    run = await manager.store.get_run(run_id)
-    if run is None:
+    raw = await request.read()
+    body = parse_callback(raw)
+    verdict = await manager.store.accept_callback(run_id, body.run_id, raw)
+    if verdict == Verdict.UNVERIFIED and await _created_by_us(manager, body.run_id,
+                                                               signer.url(run_id)):
+        verdict = await manager.store.accept_callback(run_id, body.run_id, raw, verified=True)
+    if verdict == Verdict.NO_RUN:
         raise NotFound("run not found")
-    if not await _names_our_run(manager, run, body.run_id, signer.url(run_id)):
+    if verdict != Verdict.ACCEPTED:
         log.warning("callback for run %s names another Letta run %s", run_id, body.run_id,
-                    extra={"run_id": run_id, "agent_id": run.agent_id})
+                    extra={"run_id": run_id})
         raise Conflict("callback names a different run")
-    updated = await manager.apply_remote(run, Observation.from_callback(body), Source.CALLBACK)
-    return {"run_id": updated.id, "state": updated.state.value}
+    applier.received()
+    return {"run_id": run_id, "accepted": True}
 
 
-async def _names_our_run(manager: Manager, run: RunRecord, letta_run_id: str, ours: str) -> bool:
-    """Whether the callback's run is this run's Letta run. Before the submit has stored
-    Letta's answer we cannot compare ids: then Letta itself says whether that run was created
-    with our callback URL (one call, only for runs faster than their own submit)."""
-    if run.letta_run_id:
-        return run.letta_run_id == letta_run_id
+async def _created_by_us(manager: Manager, letta_run_id: str, ours: str) -> bool:
+    """Whether Letta created that run with this run's callback URL: the check for a callback
+    that beats its own submit, before the tracker has stored the Letta run id."""
     try:
         letta_run = await manager.letta.get_run(letta_run_id)
     except NotFound:
         return False
     return letta_run.get("callback_url") == ours
+
+
+class Applier:
+    """Applies the inbox's callbacks to their runs, oldest first, many per transaction.
+
+    Answering Letta comes first: while callbacks keep arriving, the applier takes small
+    rounds, so that filing a callback never waits behind a long apply transaction (their
+    state changes share the group commits with the filing). When they stop coming, it
+    applies in large rounds at full speed."""
+
+    def __init__(self, manager: Manager) -> None:
+        self.manager = manager
+        self.store = manager.store
+        self.wakeup = asyncio.Event()
+        self._last_received = 0.0
+
+    def received(self) -> None:
+        """A callback was filed: it is for the applier now."""
+        self._last_received = time.monotonic()
+        self.wakeup.set()
+
+    def _busy(self) -> bool:
+        return time.monotonic() - self._last_received < BUSY_S
+
+    async def run(self) -> None:
+        while True:
+            self.wakeup.clear()  # before the read: a callback filed after it sets it again
+            try:
+                items = await self.store.inbox(APPLY_BATCH_BUSY if self._busy() else APPLY_BATCH)
+                if not items:
+                    await self.wakeup.wait()
+                elif not await self.apply(items):
+                    await asyncio.sleep(RETRY_S)  # a storage fault: the rest stays filed
+            except Unavailable as e:
+                log.warning("callback inbox: %s; retrying", e)
+                await asyncio.sleep(RETRY_S)
+
+    async def apply(self, items: list[InboxItem]) -> bool:
+        """Apply ``items`` and drop them from the inbox; False when a storage fault left
+        some of them there. A crash before the drop applies them again on the next start,
+        which the state machine records as a duplicate observation, nothing more."""
+        runs = await self.store.runs_by_id([i.run_id for i in items])
+        done = await asyncio.gather(*(self._apply_one(i, runs.get(i.run_id)) for i in items))
+        await self.store.forget_callbacks([i.id for i, ok in zip(items, done, strict=True)
+                                           if ok])
+        return all(done)
+
+    async def _apply_one(self, item: InboxItem, run: RunRecord | None) -> bool:
+        if run is None:  # pruned since (the inbox check found it)
+            log.warning("callback for run %s: the run is gone", item.run_id)
+            return True
+        try:
+            body = parse_callback(item.body)
+            await self.manager.apply_remote(run, Observation.from_callback(body),
+                                            Source.CALLBACK)
+        except Unavailable:
+            return False
+        except TrackerError as e:
+            log.warning("callback for run %s not applied: %s", run.id, e,
+                        extra={"run_id": run.id, "agent_id": run.agent_id})
+        return True

@@ -53,6 +53,7 @@ class QueueView:
 
     by_state: dict[str, int] = field(default_factory=dict)
     lanes: dict[str, int] = field(default_factory=dict)
+    inbox: int = 0
 
 
 class Metrics:
@@ -113,6 +114,8 @@ class Metrics:
         self.queue_depth = self._gauge(
             "tracker_queue_depth", "Queued runs per agent lane (the deepest lanes; the rest "
             "summed as agent_id=\"other\")", ("agent_id",))
+        self.inbox = self._gauge(
+            "tracker_callback_inbox", "Letta callbacks received and committed, not yet applied")
         self.database_up = self._gauge(
             "tracker_database_up", "1 when the last scrape could read the database, else 0")
 
@@ -178,6 +181,7 @@ class Metrics:
             self.live.labels(str(state)).set(view.by_state.get(state, 0))
         self.queued.set(view.by_state.get(State.QUEUED, 0))
         self.in_flight.set(sum(view.by_state.get(s, 0) for s in LANE_BUSY))
+        self.inbox.set(view.inbox)
         self.queue_depth.clear()
         for agent, n in view.lanes.items():
             self.queue_depth.labels(agent).set(n)
@@ -192,7 +196,9 @@ async def queue_view(store: Any, lanes: int) -> QueueView:
         # until the store has the two cheap queries: derive both from the /v1/stats counts
         by_state, top = _from_stats(await store.stats(None), lanes)
     rest = by_state.get(State.QUEUED, 0) - sum(top.values())
-    return QueueView(by_state=by_state, lanes={**top, **({"other": rest} if rest > 0 else {})})
+    inbox = await store.inbox_depth() if hasattr(store, "inbox_depth") else 0
+    return QueueView(by_state=by_state, lanes={**top, **({"other": rest} if rest > 0 else {})},
+                     inbox=inbox)
 
 
 def _from_stats(raw: dict[str, Any], lanes: int) -> tuple[dict[str, int], dict[str, int]]:

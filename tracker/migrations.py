@@ -180,5 +180,16 @@ CREATE INDEX runs_live ON runs (state, next_check_at, agent_id) WHERE {LIVE_STAT
 DROP INDEX runs_check;
 """
 
-MIGRATIONS: list[str] = [V1, V2, V3, V4]
+# v5: Letta's callbacks as received, verified and durable, waiting to be applied. Answering
+# Letta only needs this append (a few µs); the state change follows in batches off its path.
+V5 = """
+CREATE TABLE callback_inbox (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id      TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    body        BLOB NOT NULL
+);
+"""
+
+MIGRATIONS: list[str] = [V1, V2, V3, V4, V5]
 LATEST = len(MIGRATIONS)

@@ -151,6 +151,25 @@ class Delivery:
     attempt_log: list[dict] = field(default_factory=list)
 
 
+class Verdict:
+    """What ``accept_callback`` made of a callback for one of our runs."""
+
+    ACCEPTED = "accepted"      # durably in the inbox, to be applied
+    NO_RUN = "no_run"          # the token's run is not (or no longer) stored
+    OTHER_RUN = "other_run"    # the body names a Letta run that is not this run's
+    UNVERIFIED = "unverified"  # the run has no Letta id yet: only Letta can vouch for it
+
+
+@dataclass
+class InboxItem:
+    """A received callback waiting in the inbox."""
+
+    id: int
+    run_id: str
+    received_at: float
+    body: bytes
+
+
 class Store(Protocol):
     """Domain operations on runs, events, users and deliveries."""
 
@@ -186,6 +205,14 @@ class Store(Protocol):
     async def events(self, run_id: str) -> list[Event]: ...
     async def add_event(self, run_id: str, event: Event) -> None: ...
     async def stats(self, user_id: str | None) -> dict[str, Any]: ...
+    async def runs_by_id(self, run_ids: Sequence[str]) -> dict[str, RunRecord]: ...
+
+    # Letta's callbacks, durable before they are answered and applied in batches after
+    async def accept_callback(self, run_id: str, letta_run_id: str, body: bytes,
+                              verified: bool = False) -> str: ...
+    async def inbox(self, limit: int) -> list[InboxItem]: ...
+    async def inbox_depth(self) -> int: ...
+    async def forget_callbacks(self, ids: Sequence[int]) -> None: ...
 
     # users and keys
     async def create_user(self, name: str, is_admin: bool, webhook_secret: str) -> User: ...

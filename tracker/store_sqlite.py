@@ -31,10 +31,12 @@ from tracker.store import (
     ApiKey,
     Delivery,
     Event,
+    InboxItem,
     NewRun,
     RunFilter,
     RunRecord,
     User,
+    Verdict,
 )
 
 LIVE = frozenset({*LANE_BUSY, State.QUEUED, State.PAUSED})
@@ -80,10 +82,22 @@ EVENT_SQL = ("INSERT INTO run_events (run_id, at, source, kind, state, status, d
 
 
 @dataclass
+class _Callback:
+    """A callback on its way into the inbox; its verdict is known once its batch commits."""
+
+    run_id: str
+    letta_run_id: str
+    body: bytes
+    verified: bool
+    verdict: str = ""
+
+
+@dataclass
 class _Batch:
     """What the operations of one group commit leave to be written at its end."""
 
     events: list[tuple] = field(default_factory=list)
+    callbacks: list[_Callback] = field(default_factory=list)
 
 
 def _event_row(run_id: str, event: Event, state: str, status: str) -> tuple:
@@ -222,7 +236,8 @@ class SQLiteStore:
         return applied
 
     async def table_counts(self) -> dict[str, int]:
-        tables = ["runs", "run_events", "users", "api_keys", "deliveries", "delivery_attempts"]
+        tables = ["runs", "run_events", "users", "api_keys", "deliveries", "delivery_attempts",
+                  "callback_inbox"]
         return {t: (await self._read(f"SELECT count(*) FROM {t}"))[0][0] for t in tables}
 
     async def setting(self, key: str, default: str) -> str:
@@ -271,6 +286,15 @@ class SQLiteStore:
         """A run by tracker id or Letta run id, optionally only if it is ``user_id``'s."""
         rows = await self._find(FULL_COLS if full else SUMMARY_COLS, run_id, user_id)
         return _run(rows[0]) if rows else None
+
+    async def runs_by_id(self, run_ids: Sequence[str]) -> dict[str, RunRecord]:
+        """Several runs by tracker id in one read (unknown ids are left out)."""
+        ids = list(dict.fromkeys(run_ids))
+        if not ids:
+            return {}
+        rows = await self._read(
+            f"SELECT {SUMMARY_COLS} FROM runs WHERE id IN ({_marks(len(ids))})", ids)
+        return {r["id"]: _run(r) for r in rows}
 
     async def _find(self, cols: str, run_id: str, user_id: str | None) -> list[sqlite3.Row]:
         # two indexed lookups: with `id = ? OR letta_run_id = ?` the planner may scan the table
@@ -430,7 +454,57 @@ class SQLiteStore:
         async with self._tx() as db:
             results = [await op(db, batch) for op in ops]
             await _insert_events(db, batch.events)
+            await self._file_callbacks(db, batch.callbacks)
         return results
+
+    # --- Letta's callbacks: the inbox --------------------------------------------------------
+
+    async def accept_callback(self, run_id: str, letta_run_id: str, body: bytes,
+                              verified: bool = False) -> str:
+        """Check the callback against its run and append it to the inbox, committed before
+        this returns. Callbacks arriving together share one lookup, insert and commit."""
+        item = _Callback(run_id, letta_run_id, body, verified)
+
+        async def op(db: aiosqlite.Connection, batch: _Batch) -> _Callback:
+            batch.callbacks.append(item)  # filed at the batch's end, all at once
+            return item
+
+        return (await self._batched(op)).verdict
+
+    async def _file_callbacks(self, db: aiosqlite.Connection, items: list[_Callback]) -> None:
+        if not items:
+            return
+        ids = list({c.run_id for c in items})
+        known = dict(await db.execute_fetchall(
+            f"SELECT id, letta_run_id FROM runs WHERE id IN ({_marks(len(ids))})", ids))
+        for c in items:
+            ours = known.get(c.run_id)
+            c.verdict = (Verdict.NO_RUN if c.run_id not in known
+                         else Verdict.ACCEPTED if c.verified or ours == c.letta_run_id
+                         else Verdict.UNVERIFIED if ours is None else Verdict.OTHER_RUN)
+        now = clock.now()
+        await db.executemany(
+            "INSERT INTO callback_inbox (run_id, received_at, body) VALUES (?, ?, ?)",
+            [(c.run_id, now, c.body) for c in items if c.verdict == Verdict.ACCEPTED])
+
+    async def inbox(self, limit: int) -> list[InboxItem]:
+        rows = await self._read("SELECT id, run_id, received_at, body FROM callback_inbox"
+                                " ORDER BY id LIMIT ?", (limit,))
+        return [InboxItem(*r) for r in rows]
+
+    async def inbox_depth(self) -> int:
+        return (await self._read("SELECT count(*) FROM callback_inbox"))[0][0]
+
+    async def forget_callbacks(self, ids: Sequence[int]) -> None:
+        """Drop applied callbacks from the inbox."""
+        if not ids:
+            return
+
+        async def op(db: aiosqlite.Connection, batch: _Batch) -> None:
+            await db.execute(f"DELETE FROM callback_inbox WHERE id IN ({_marks(len(ids))})",
+                             list(ids))
+
+        await self._batched(op)
 
     async def _commit_alone(self, op: Any, fut: asyncio.Future) -> None:
         try:

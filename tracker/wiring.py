@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 if TYPE_CHECKING:
-    from tracker.callbacks import CallbackSigner
+    from tracker.callbacks import Applier, CallbackSigner
     from tracker.config import Config
     from tracker.dispatcher import Dispatcher
     from tracker.letta import LettaClient
@@ -30,6 +30,7 @@ class Services:
     dispatcher: Dispatcher
     poller: Poller
     relay: Relay
+    applier: Applier
 
 
 SERVICES: web.AppKey[Services] = web.AppKey("services", Services)

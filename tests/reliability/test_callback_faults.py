@@ -158,6 +158,7 @@ async def test_forged_callbacks_change_nothing(start_tracker, sim, agent, aiohtt
         replay = letta_body(sim, run["tracker"]["letta_run_id"], status)
         resp = await t.client.post(f"/callbacks/letta/{signer.token(run['id'])}", json=replay)
         assert resp.status == 200, await resp.text()
+        await t.callbacks_applied()
         after = await t.run(run["id"])
         assert {k: after[k] for k in ("status", "stop_reason", "completed_at")} == {
             k: run[k] for k in ("status", "stop_reason", "completed_at")}
