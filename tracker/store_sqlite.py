@@ -7,8 +7,7 @@ import contextlib
 import json
 import sqlite3
 import uuid
-from collections.abc import AsyncIterator, Iterable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from dataclasses import fields as dc_fields
 from typing import Any
@@ -105,9 +104,22 @@ def _event_row(run_id: str, event: Event, state: str, status: str) -> tuple:
             event.status or status, json.dumps(event.detail) if event.detail else None)
 
 
-async def _insert_events(db: aiosqlite.Connection, rows: list[tuple]) -> None:
+def _insert_events(db: sqlite3.Connection, rows: list[tuple]) -> None:
     if rows:
-        await db.executemany(EVENT_SQL, rows)
+        db.executemany(EVENT_SQL, rows)
+
+
+def _in_transaction(db: sqlite3.Connection, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+    """``fn`` inside BEGIN IMMEDIATE ... COMMIT, all of it on the connection's own thread."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn(db)
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    return result
 
 
 class SQLiteStore:
@@ -179,25 +191,22 @@ class SQLiteStore:
             await db.close()
         self._w = self._r = self._ck = None
 
-    @asynccontextmanager
-    async def _tx(self) -> AsyncIterator[aiosqlite.Connection]:
-        """One write transaction at a time; storage faults become ``Unavailable`` (503)."""
+    async def _write(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run ``fn`` as one write transaction, in one call to the writer's thread: each call
+        there costs two thread switches, which on a small machine outweigh the SQL itself.
+        Storage faults become ``Unavailable`` (503)."""
         assert self._w is not None, "store is not open"
         async with self._lock:
             try:
-                await self._w.execute("BEGIN IMMEDIATE")
-                yield self._w
-                await self._w.execute("COMMIT")
-                self.writable = True
-            except BaseException as e:
-                if self._w.in_transaction:
-                    await self._w.execute("ROLLBACK")
-                if isinstance(e, sqlite3.OperationalError | sqlite3.DatabaseError) and not (
-                    isinstance(e, sqlite3.IntegrityError)
-                ):
-                    self.writable = False
-                    raise Unavailable(f"database write failed: {e}") from e
-                raise
+                # aiosqlite's own way into its thread (private, but what all its methods use)
+                result = await self._w._execute(_in_transaction, self._w._conn, fn)
+            except (sqlite3.OperationalError, sqlite3.DatabaseError) as e:
+                if isinstance(e, sqlite3.IntegrityError):
+                    raise
+                self.writable = False
+                raise Unavailable(f"database write failed: {e}") from e
+            self.writable = True
+            return result
 
     async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         assert self._r is not None, "store is not open"
@@ -242,10 +251,11 @@ class SQLiteStore:
 
     async def setting(self, key: str, default: str) -> str:
         """The stored value, storing ``default`` first when there is none."""
-        async with self._tx() as db:
-            await db.execute("INSERT OR IGNORE INTO settings VALUES (?, ?)", (key, default))
-            rows = await db.execute_fetchall("SELECT value FROM settings WHERE key = ?", (key,))
-            return rows[0][0]
+        def write(db: sqlite3.Connection) -> str:
+            db.execute("INSERT OR IGNORE INTO settings VALUES (?, ?)", (key, default))
+            return db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()[0]
+
+        return await self._write(write)
 
     # --- runs ------------------------------------------------------------------------------
 
@@ -255,20 +265,26 @@ class SQLiteStore:
         ``claim`` (True: parallel lanes, False: serial) also claims it in the same
         transaction when its lane is free, so the submit can send it at once."""
         now = clock.iso()
+        row = (new.id, new.user_id, new.agent_id, new.kind, json.dumps(new.request),
+               json.dumps(new.request_config), new.callback_url, now, new.idempotency_key,
+               new.request_hash)
+
+        def op(db: sqlite3.Connection, batch: _Batch) -> RunRecord:
+            rows = db.execute(
+                "INSERT INTO runs (id, user_id, agent_id, kind, state, request, request_config,"
+                " callback_url, created_at, next_check_at, idempotency_key, request_hash)"
+                f" VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, 0, ?, ?) RETURNING {FULL_COLS}",
+                row).fetchall()
+            run = _run(rows[0])
+            self._add_event(db, new.id, event, State.QUEUED, "created", now)
+            if claim is not None and self._lane_free(db, new, parallel=claim):
+                run = self._claim_one(db, new.id) or run
+            return run
+
         try:
-            async with self._tx() as db:
-                rows = await db.execute_fetchall(
-                    "INSERT INTO runs (id, user_id, agent_id, kind, state, request, request_config,"
-                    " callback_url, created_at, next_check_at, idempotency_key, request_hash)"
-                    f" VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, 0, ?, ?) RETURNING {FULL_COLS}",
-                    (new.id, new.user_id, new.agent_id, new.kind, json.dumps(new.request),
-                     json.dumps(new.request_config), new.callback_url, now,
-                     new.idempotency_key, new.request_hash),
-                )
-                run = _run(rows[0])
-                await self._add_event(db, new.id, event, State.QUEUED, "created", now)
-                if claim is not None and await self._lane_free(db, new, parallel=claim):
-                    run = await self._claim_one(db, new.id) or run
+            # group-committed with whatever else is being written: under load one commit
+            # (and one set of dirtied index pages) serves many submits
+            run = await self._batched(op)
         except sqlite3.IntegrityError:
             if not new.idempotency_key:
                 raise
@@ -313,48 +329,50 @@ class SQLiteStore:
         if not await self._read("SELECT 1 FROM runs INDEXED BY runs_queue WHERE state = 'queued'"
                                 " AND next_check_at <= ? LIMIT 1", (now,)):
             return []
-        async with self._tx() as db:
-            ids = await (self._lane_heads(db, now, agent_id) if serial
-                         else self._due_queued(db, now, agent_id, limit))
-            claimed = [await self._claim_one(db, run_id) for run_id in ids[:limit]]
+        def write(db: sqlite3.Connection) -> list[RunRecord]:
+            ids = (self._lane_heads(db, now, agent_id) if serial
+                   else self._due_queued(db, now, agent_id, limit))
+            claimed = [self._claim_one(db, run_id) for run_id in ids[:limit]]
             return [run for run in claimed if run is not None]
 
-    async def _claim_one(self, db: aiosqlite.Connection, run_id: str) -> RunRecord | None:
-        rows = await db.execute_fetchall(
+        return await self._write(write)
+
+    def _claim_one(self, db: sqlite3.Connection, run_id: str) -> RunRecord | None:
+        rows = db.execute(
             f"UPDATE runs SET state = 'submitting', attempts = attempts + 1 "
-            f"WHERE id = ? AND state = 'queued' RETURNING {FULL_COLS}", (run_id,))
+            f"WHERE id = ? AND state = 'queued' RETURNING {FULL_COLS}", (run_id,)).fetchall()
         if not rows:
             return None
         if rows[0]["kind"] == "answer":
-            await self._answer_pause(db, rows[0]["agent_id"], run_id)
+            self._answer_pause(db, rows[0]["agent_id"], run_id)
         return _run(rows[0])
 
-    async def _lane_free(self, db: aiosqlite.Connection, new: NewRun, parallel: bool) -> bool:
+    def _lane_free(self, db: sqlite3.Connection, new: NewRun, parallel: bool) -> bool:
         """Whether a just-inserted run may go now: parallel lanes always; a serial lane when
         nothing of its agent is in flight or queued before it (a pause lets only answers by)."""
         if parallel:
             return True
         live, states = _live((*LANE_BUSY, State.PAUSED))
-        held = {r[0] for r in await db.execute_fetchall(
+        held = {r[0] for r in db.execute(
             f"SELECT state FROM {live} AND agent_id = ?", (*states, new.agent_id))}
         if held - {State.PAUSED} or (held and new.kind != "answer"):
             return False
         ahead = "AND kind = 'answer'" if held else ""
-        earlier = await db.execute_fetchall(
+        earlier = db.execute(
             "SELECT 1 FROM runs WHERE state = 'queued' AND agent_id = ? AND id != ?"
-            f" {ahead} LIMIT 1", (new.agent_id, new.id))
+            f" {ahead} LIMIT 1", (new.agent_id, new.id)).fetchall()
         return not earlier
 
-    async def _answer_pause(self, db: aiosqlite.Connection, agent_id: str, by: str) -> None:
+    def _answer_pause(self, db: sqlite3.Connection, agent_id: str, by: str) -> None:
         """The approval or tool return goes out: the run that paused for it is done."""
-        rows = await db.execute_fetchall(
+        rows = db.execute(
             "UPDATE runs SET state = 'done' WHERE agent_id = ? AND state = 'paused'"
-            " RETURNING id, status", (agent_id,))
+            " RETURNING id, status", (agent_id,)).fetchall()
         for run_id, status in rows:
-            await self._add_event(db, run_id, Event("dispatch", "answered", {"by": by}),
+            self._add_event(db, run_id, Event("dispatch", "answered", {"by": by}),
                                   State.DONE, status, clock.iso())
 
-    async def _due_queued(self, db: aiosqlite.Connection, now: float, agent_id: str | None,
+    def _due_queued(self, db: sqlite3.Connection, now: float, agent_id: str | None,
                           limit: int) -> list[str]:
         sql = ("SELECT id FROM runs INDEXED BY runs_queue"
                " WHERE state = 'queued' AND next_check_at <= ?")
@@ -362,10 +380,10 @@ class SQLiteStore:
         if agent_id:
             sql += " AND agent_id = ?"
             params.append(agent_id)
-        rows = await db.execute_fetchall(sql + " ORDER BY seq LIMIT ?", (*params, limit))
+        rows = db.execute(sql + " ORDER BY seq LIMIT ?", (*params, limit)).fetchall()
         return [r[0] for r in rows]
 
-    async def _lane_heads(self, db: aiosqlite.Connection, now: float,
+    def _lane_heads(self, db: sqlite3.Connection, now: float,
                           agent_id: str | None) -> list[str]:
         """Per agent with a free lane, the run to send next: its oldest queued, or, when the
         agent is paused for an approval, the oldest queued answer (which goes ahead)."""
@@ -373,13 +391,13 @@ class SQLiteStore:
         agent_sql = " AND agent_id = ?" if agent_id else ""
         agent_arg = (agent_id,) if agent_id else ()
         lanes: dict[str, set[str]] = {}
-        heads = dict(await db.execute_fetchall(
+        heads = dict(db.execute(
             "SELECT agent_id, min(seq) FROM runs WHERE state = 'queued'" + agent_sql
             + " GROUP BY agent_id", agent_arg))
         if not heads:
             return []
         live, states = _live(busy_states)
-        for a, st in await db.execute_fetchall(
+        for a, st in db.execute(
             f"SELECT agent_id, state FROM {live}" + agent_sql, (*states, *agent_arg)
         ):
             lanes.setdefault(a, set()).add(st)
@@ -391,8 +409,9 @@ class SQLiteStore:
             where = "agent_id = ? AND state = 'queued'"
             where += " AND kind = 'answer'" if held else " AND seq = ?"
             args = (agent,) if held else (agent, seq)
-            rows = await db.execute_fetchall(
-                f"SELECT id, next_check_at FROM runs WHERE {where} ORDER BY seq LIMIT 1", args)
+            rows = db.execute(
+                f"SELECT id, next_check_at FROM runs WHERE {where} ORDER BY seq LIMIT 1",
+                args).fetchall()
             if rows and rows[0][1] <= now:
                 ids.append(rows[0][0])
         return ids
@@ -410,9 +429,9 @@ class SQLiteStore:
         sql = (f"UPDATE runs SET {assign} WHERE id = ? AND state IN ({_marks(len(expect))}) "
                f"RETURNING {FULL_COLS}")
 
-        async def op(db: aiosqlite.Connection, batch: _Batch) -> RunRecord | None:
+        def op(db: sqlite3.Connection, batch: _Batch) -> RunRecord | None:
             try:
-                rows = await db.execute_fetchall(sql, (*values, run_id, *expect))
+                rows = db.execute(sql, (*values, run_id, *expect)).fetchall()
             except sqlite3.IntegrityError:
                 raise Conflict("that Letta run belongs to another tracker run") from None
             if not rows:
@@ -421,7 +440,7 @@ class SQLiteStore:
             if event:
                 batch.events.append(_event_row(run_id, event, run.state, run.status))
             if relay and run.callback_url:
-                await self._enqueue_delivery(db, run)
+                self._enqueue_delivery(db, run)
             return run
 
         return await self._batched(op)
@@ -450,12 +469,14 @@ class SQLiteStore:
                     fut.set_result(result)
 
     async def _commit_batch(self, ops: list) -> list:
-        batch = _Batch()
-        async with self._tx() as db:
-            results = [await op(db, batch) for op in ops]
-            await _insert_events(db, batch.events)
-            await self._file_callbacks(db, batch.callbacks)
-        return results
+        def write(db: sqlite3.Connection) -> list:
+            batch = _Batch()
+            results = [op(db, batch) for op in ops]
+            _insert_events(db, batch.events)
+            self._file_callbacks(db, batch.callbacks)
+            return results
+
+        return await self._write(write)
 
     # --- Letta's callbacks: the inbox --------------------------------------------------------
 
@@ -465,17 +486,17 @@ class SQLiteStore:
         this returns. Callbacks arriving together share one lookup, insert and commit."""
         item = _Callback(run_id, letta_run_id, body, verified)
 
-        async def op(db: aiosqlite.Connection, batch: _Batch) -> _Callback:
+        def op(db: sqlite3.Connection, batch: _Batch) -> _Callback:
             batch.callbacks.append(item)  # filed at the batch's end, all at once
             return item
 
         return (await self._batched(op)).verdict
 
-    async def _file_callbacks(self, db: aiosqlite.Connection, items: list[_Callback]) -> None:
+    def _file_callbacks(self, db: sqlite3.Connection, items: list[_Callback]) -> None:
         if not items:
             return
         ids = list({c.run_id for c in items})
-        known = dict(await db.execute_fetchall(
+        known = dict(db.execute(
             f"SELECT id, letta_run_id FROM runs WHERE id IN ({_marks(len(ids))})", ids))
         for c in items:
             ours = known.get(c.run_id)
@@ -483,7 +504,7 @@ class SQLiteStore:
                          else Verdict.ACCEPTED if c.verified or ours == c.letta_run_id
                          else Verdict.UNVERIFIED if ours is None else Verdict.OTHER_RUN)
         now = clock.now()
-        await db.executemany(
+        db.executemany(
             "INSERT INTO callback_inbox (run_id, received_at, body) VALUES (?, ?, ?)",
             [(c.run_id, now, c.body) for c in items if c.verdict == Verdict.ACCEPTED])
 
@@ -500,8 +521,8 @@ class SQLiteStore:
         if not ids:
             return
 
-        async def op(db: aiosqlite.Connection, batch: _Batch) -> None:
-            await db.execute(f"DELETE FROM callback_inbox WHERE id IN ({_marks(len(ids))})",
+        def op(db: sqlite3.Connection, batch: _Batch) -> None:
+            db.execute(f"DELETE FROM callback_inbox WHERE id IN ({_marks(len(ids))})",
                              list(ids))
 
         await self._batched(op)
@@ -516,13 +537,13 @@ class SQLiteStore:
         if not fut.done():
             fut.set_result(result)
 
-    async def _add_event(self, db: aiosqlite.Connection, run_id: str, event: Event,
-                         state: str, status: str, at: str) -> None:
+    def _add_event(self, db: sqlite3.Connection, run_id: str, event: Event,
+                   state: str, status: str, at: str) -> None:
         event.at = event.at or at
-        await db.execute_fetchall(EVENT_SQL, _event_row(run_id, event, state, status))
+        db.execute(EVENT_SQL, _event_row(run_id, event, state, status))
 
-    async def _enqueue_delivery(self, db: aiosqlite.Connection, run: RunRecord) -> None:
-        await db.execute(
+    def _enqueue_delivery(self, db: sqlite3.Connection, run: RunRecord) -> None:
+        db.execute(
             "INSERT INTO deliveries (id, run_id, user_id, url, next_attempt_at, created_at)"
             " VALUES (?, ?, ?, ?, ?, ?)",
             (f"msg_{uuid.uuid4().hex}", run.id, run.user_id, run.callback_url, clock.now(),
@@ -531,27 +552,22 @@ class SQLiteStore:
 
     async def add_event(self, run_id: str, event: Event) -> None:
         """Append an observation that changes nothing on the run."""
-        async with self._tx() as db:
-            await self._add_event(db, run_id, event, event.state or "", event.status or "",
-                                  clock.iso())
+        await self._write(lambda db: self._add_event(
+            db, run_id, event, event.state or "", event.status or "", clock.iso()))
 
     async def reschedule(self, checks: Sequence[tuple[str, float, int]]) -> None:
         """Set (next_check_at, poll_count) for many watched runs at once."""
         if checks:
-            async with self._tx() as db:
-                await db.executemany(
-                    "UPDATE runs SET next_check_at = ?, poll_count = ? WHERE id = ?",
-                    [(at, count, run_id) for run_id, at, count in checks],
-                )
+            await self._write(lambda db: db.executemany(
+                "UPDATE runs SET next_check_at = ?, poll_count = ? WHERE id = ?",
+                [(at, count, run_id) for run_id, at, count in checks]))
 
     async def check_now(self, states: Iterable[State], now: float) -> int:
         """Make every run in ``states`` due for a check at ``now``; returns how many."""
         live, states = _live(states)
-        async with self._tx() as db:
-            cur = await db.execute(
-                f"UPDATE runs SET next_check_at = ? WHERE id IN (SELECT id FROM {live})",
-                (now, *states))
-            return cur.rowcount
+        return await self._write(lambda db: db.execute(
+            f"UPDATE runs SET next_check_at = ? WHERE id IN (SELECT id FROM {live})",
+            (now, *states)).rowcount)
 
     async def due(self, states: Iterable[State], now: float, limit: int) -> list[RunRecord]:
         live, states = _live(states)
@@ -630,12 +646,10 @@ class SQLiteStore:
     async def create_user(self, name: str, is_admin: bool, webhook_secret: str) -> User:
         user = User(id=f"user-{uuid.uuid4()}", name=name, is_admin=is_admin,
                     created_at=clock.iso(), webhook_secret=webhook_secret)
-        async with self._tx() as db:
-            await db.execute(
-                "INSERT INTO users (id, name, is_admin, created_at, webhook_secret)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (user.id, name, int(is_admin), user.created_at, webhook_secret),
-            )
+        await self._write(lambda db: db.execute(
+            "INSERT INTO users (id, name, is_admin, created_at, webhook_secret)"
+            " VALUES (?, ?, ?, ?, ?)", (user.id, name, int(is_admin), user.created_at,
+                                        webhook_secret)))
         return user
 
     async def _user(self, where: str, arg: str) -> User | None:
@@ -662,11 +676,9 @@ class SQLiteStore:
         )
 
     async def add_key(self, user_id: str, key_id: str, key_hash: str, prefix: str) -> None:
-        async with self._tx() as db:
-            await db.execute(
-                "INSERT INTO api_keys (id, user_id, key_hash, prefix, created_at)"
-                " VALUES (?, ?, ?, ?, ?)", (key_id, user_id, key_hash, prefix, clock.iso())
-            )
+        await self._write(lambda db: db.execute(
+            "INSERT INTO api_keys (id, user_id, key_hash, prefix, created_at)"
+            " VALUES (?, ?, ?, ?, ?)", (key_id, user_id, key_hash, prefix, clock.iso())))
 
     async def list_keys(self) -> list[ApiKey]:
         rows = await self._read(
@@ -676,22 +688,18 @@ class SQLiteStore:
         return [ApiKey(*r[:6], is_admin=bool(r[6])) for r in rows]
 
     async def revoke_key(self, key_id_or_prefix: str) -> int:
-        async with self._tx() as db:
-            cur = await db.execute(
-                "UPDATE api_keys SET revoked_at = ? WHERE (id = ? OR prefix = ?)"
-                " AND revoked_at IS NULL", (clock.iso(), key_id_or_prefix, key_id_or_prefix)
-            )
-            return cur.rowcount
+        return await self._write(lambda db: db.execute(
+            "UPDATE api_keys SET revoked_at = ? WHERE (id = ? OR prefix = ?)"
+            " AND revoked_at IS NULL", (clock.iso(), key_id_or_prefix, key_id_or_prefix)
+        ).rowcount)
 
     async def count_keys(self) -> int:
         return (await self._read("SELECT count(*) FROM api_keys"))[0][0]
 
     async def rotate_webhook_secret(self, user_id: str, new_secret: str) -> None:
-        async with self._tx() as db:
-            await db.execute(
-                "UPDATE users SET webhook_secret_old = webhook_secret, webhook_secret = ?"
-                " WHERE id = ?", (new_secret, user_id)
-            )
+        await self._write(lambda db: db.execute(
+            "UPDATE users SET webhook_secret_old = webhook_secret, webhook_secret = ?"
+            " WHERE id = ?", (new_secret, user_id)))
 
     # --- relay outbox ----------------------------------------------------------------------
 
@@ -711,19 +719,21 @@ class SQLiteStore:
     async def record_attempt(self, delivery_id: str, attempt: dict, state: str,
                              next_attempt_at: float | None) -> None:
         finished = clock.iso() if state != "pending" else None
-        async with self._tx() as db:
-            await db.execute(
+        def write(db: sqlite3.Connection) -> None:
+            db.execute(
                 "INSERT INTO delivery_attempts (delivery_id, at, status_code, latency_ms, error)"
                 " VALUES (?, ?, ?, ?, ?)",
                 (delivery_id, attempt["at"], attempt.get("status_code"),
                  attempt.get("latency_ms"), attempt.get("error")),
             )
-            await db.execute(
+            db.execute(
                 "UPDATE deliveries SET attempts = attempts + 1, state = ?, next_attempt_at = ?,"
                 " last_status = ?, last_error = ?, finished_at = ? WHERE id = ?",
                 (state, next_attempt_at, attempt.get("status_code"), attempt.get("error"),
                  finished, delivery_id),
             )
+
+        await self._write(write)
 
     async def deliveries(self, run_id: str) -> list[Delivery]:
         rows = await self._read(
@@ -745,12 +755,10 @@ class SQLiteStore:
 
     async def redeliver(self, run_id: str, now: float) -> Delivery | None:
         """Send the run's latest delivery again (same webhook id, so receivers can dedupe)."""
-        async with self._tx() as db:
-            await db.execute(
-                "UPDATE deliveries SET state = 'pending', next_attempt_at = ?, finished_at = NULL"
-                " WHERE id = (SELECT id FROM deliveries WHERE run_id = ?"
-                " ORDER BY created_at DESC LIMIT 1)", (now, run_id)
-            )
+        await self._write(lambda db: db.execute(
+            "UPDATE deliveries SET state = 'pending', next_attempt_at = ?, finished_at = NULL"
+            " WHERE id = (SELECT id FROM deliveries WHERE run_id = ?"
+            " ORDER BY created_at DESC LIMIT 1)", (now, run_id)))
         found = await self.deliveries(run_id)
         return found[-1] if found else None
 
@@ -764,17 +772,16 @@ class SQLiteStore:
         totals = {"runs": 0, "run_events": 0, "deliveries": 0, "delivery_attempts": 0}
         if dry_run:
             return await self._prune_counts(where, (*final, before))
-        while True:
-            async with self._tx() as db:
-                async with db.execute(
-                    f"SELECT id FROM runs WHERE {where} LIMIT ?", (*final, before, batch)
-                ) as cur:
-                    ids = [r[0] for r in await cur.fetchall()]
-                if not ids:
-                    return totals
-                for table, n in (await self._delete_runs(db, ids)).items():
-                    totals[table] += n
+        def write(db: sqlite3.Connection) -> dict[str, int]:
+            ids = [r[0] for r in db.execute(f"SELECT id FROM runs WHERE {where} LIMIT ?",
+                                            (*final, before, batch))]
+            return self._delete_runs(db, ids) if ids else {}
+
+        while deleted := await self._write(write):
+            for table, n in deleted.items():
+                totals[table] += n
             await asyncio.sleep(0)  # let requests in between batches
+        return totals
 
     async def _prune_counts(self, where: str, params: tuple) -> dict[str, int]:
         sub = f"SELECT id FROM runs WHERE {where}"
@@ -787,7 +794,7 @@ class SQLiteStore:
         }
         return {t: (await self._read(sql, params))[0][0] for t, sql in q.items()}
 
-    async def _delete_runs(self, db: aiosqlite.Connection, ids: list[str]) -> dict[str, int]:
+    def _delete_runs(self, db: sqlite3.Connection, ids: list[str]) -> dict[str, int]:
         m = _marks(len(ids))
         deleted = {}
         for table, sql in (
@@ -797,7 +804,7 @@ class SQLiteStore:
             ("run_events", f"DELETE FROM run_events WHERE run_id IN ({m})"),
             ("runs", f"DELETE FROM runs WHERE id IN ({m})"),
         ):
-            deleted[table] = (await db.execute(sql, ids)).rowcount
+            deleted[table] = db.execute(sql, ids).rowcount
         return deleted
 
     async def backup(self, path: str) -> None:
