@@ -93,6 +93,13 @@ class Observation:
                    messages=result.get("messages"), usage=letta_usage(result.get("usage")))
 
 
+def _changed(run: RunRecord, fields: dict[str, Any]) -> dict[str, Any]:
+    """``fields`` without the Letta id and status when the run already holds those values:
+    an unchanged column left out of an UPDATE spares rewriting its indexes."""
+    return {k: v for k, v in fields.items()
+            if k not in ("letta_run_id", "status") or getattr(run, k) != v}
+
+
 def request_hash(agent_id: str, body: dict) -> str:
     """Fingerprint of a submit, to tell a retried request from a different one."""
     canonical = json.dumps([agent_id, body], sort_keys=True, separators=(",", ":"))
@@ -152,8 +159,8 @@ class Manager:
     async def apply_remote(self, run: RunRecord, obs: Observation, source: str) -> RunRecord:
         """Apply one observation of the Letta run; safe against duplicates and races."""
         target = state_for(obs.status, obs.stop_reason)
-        fields = {"status": obs.status, "stop_reason": obs.stop_reason,
-                  "letta_run_id": obs.letta_run_id, **obs.fields}
+        fields = _changed(run, {"status": obs.status, "stop_reason": obs.stop_reason,
+                                "letta_run_id": obs.letta_run_id}) | obs.fields
         if target is None:
             updated = await self.store.transition(run.id, None, (State.SUBMITTING, *WATCHED),
                                                   fields, None)
@@ -202,7 +209,7 @@ class Manager:
             raise NotFound(f"Run not found with id={run.id}")
         if may_overwrite(current.state, current.status, obs.status):
             updated = await self.store.transition(
-                run.id, State.DONE, (State.DONE,), fields,
+                run.id, State.DONE, (State.DONE,), {**fields, "status": obs.status},
                 Event(source, "overwritten", {"status": obs.status, "was": current.status}),
                 relay=True)
             if updated:
@@ -303,7 +310,7 @@ class Manager:
         fields["status"] = fields["status"] if fields["status"] in (
             Status.CREATED, Status.RUNNING) else Status.CREATED
         done = await self.store.transition(run.id, State.SUBMITTED, (State.SUBMITTING,),
-                                           fields, Event(source, kind,
+                                           _changed(run, fields), Event(source, kind,
                                                          {"letta_run_id": letta_run["id"]}))
         if done is None:
             # a callback got here first and already moved the run on: keep what it recorded

@@ -270,16 +270,18 @@ class SQLiteStore:
                new.request_hash)
 
         def op(db: sqlite3.Connection, batch: _Batch) -> RunRecord:
+            # claimed as it is inserted (one row write, not an insert and an update)
+            go = claim is not None and self._lane_free(db, new, parallel=claim)
             rows = db.execute(
                 "INSERT INTO runs (id, user_id, agent_id, kind, state, request, request_config,"
-                " callback_url, created_at, next_check_at, idempotency_key, request_hash)"
-                f" VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, 0, ?, ?) RETURNING {FULL_COLS}",
-                row).fetchall()
-            run = _run(rows[0])
+                " callback_url, created_at, next_check_at, idempotency_key, request_hash,"
+                f" attempts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?) RETURNING {FULL_COLS}",
+                (*row[:4], State.SUBMITTING if go else State.QUEUED, *row[4:], int(go))
+            ).fetchall()
             self._add_event(db, new.id, event, State.QUEUED, "created", now)
-            if claim is not None and self._lane_free(db, new, parallel=claim):
-                run = self._claim_one(db, new.id) or run
-            return run
+            if go and new.kind == "answer":
+                self._answer_pause(db, new.agent_id, new.id)
+            return _run(rows[0])
 
         try:
             # group-committed with whatever else is being written: under load one commit
@@ -329,6 +331,7 @@ class SQLiteStore:
         if not await self._read("SELECT 1 FROM runs INDEXED BY runs_queue WHERE state = 'queued'"
                                 " AND next_check_at <= ? LIMIT 1", (now,)):
             return []
+
         def write(db: sqlite3.Connection) -> list[RunRecord]:
             ids = (self._lane_heads(db, now, agent_id) if serial
                    else self._due_queued(db, now, agent_id, limit))
@@ -427,7 +430,7 @@ class SQLiteStore:
                            for k, v in sets.items())
         values = [v.n if isinstance(v, Add) else _encode(v) for v in sets.values()]
         sql = (f"UPDATE runs SET {assign} WHERE id = ? AND state IN ({_marks(len(expect))}) "
-               f"RETURNING {FULL_COLS}")
+               f"RETURNING {SUMMARY_COLS}")  # no request or result: nobody reads them here
 
         def op(db: sqlite3.Connection, batch: _Batch) -> RunRecord | None:
             try:
