@@ -276,6 +276,19 @@ async def test_callback_inbox_files_only_callbacks_naming_the_runs_own_letta_run
     assert [i.id for i in await store.inbox(10)] == [filed[1].id]
 
 
+async def test_point_reads_on_the_loop_fall_back_to_the_reader_when_busy(store):
+    run = await submit(store)
+
+    class Busy:
+        def execute(self, *args):
+            raise sqlite3.OperationalError("database is locked")
+
+    assert (await store.get_run(run.id)).id == run.id  # read on the loop thread
+    store._now = Busy()
+    assert (await store.get_run(run.id)).id == run.id  # the threaded reader answered
+    store._now = None
+
+
 async def test_background_queries_never_scan_a_big_history(tmp_path):
     """On a table that is almost all finished runs, with statistics as after ANALYZE, the
     dispatcher's and poller's queries still read only live runs (never `SCAN runs`)."""
