@@ -6,7 +6,8 @@ wrk load (same requests, connections and duration) goes to a bare aiohttp handle
 parses the JSON and answers 204 (the ceiling) and to the tracker, one after the other, the
 order alternating between repeats. Right after its load the tracker is killed with SIGKILL
 (no graceful shutdown) and the database is checked: every run whose callback got a 2xx must
-be ``done``.
+be ``done`` or have its callback in the inbox; then the tracker is started again on that
+database, and once its inbox is empty every one of them must be ``done``.
 
     .venv/bin/python benchmarks/callback_ingest.py [--quick] [--repeats N] [--connections C]
 """
