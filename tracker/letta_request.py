@@ -8,7 +8,6 @@ forwarded to Letta, so nothing here renames or rewrites a field.
 
 from __future__ import annotations
 
-import copy
 import uuid
 from typing import Annotated, Any, Literal, get_args
 
@@ -311,11 +310,11 @@ def ensure_otids(body: dict) -> dict:
     """
     if not isinstance(body.get("messages"), list):
         return body
-    result = copy.deepcopy(body)
-    for message in result["messages"]:
-        if isinstance(message, dict) and message.get("otid") is None:
-            message["otid"] = str(uuid.uuid4())
-    return result
+    # copied down to the messages that get an otid (the rest is never mutated): half the
+    # time of a deepcopy
+    return {**body, "messages": [
+        {**m, "otid": str(uuid.uuid4())} if isinstance(m, dict) and m.get("otid") is None
+        else m for m in body["messages"]]}
 
 
 def answers_pause(body: dict) -> bool:
