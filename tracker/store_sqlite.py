@@ -1,4 +1,5 @@
-"""The SQLite store: the only module that imports aiosqlite. WAL, one writer, one reader."""
+"""The SQLite store: the only module that imports aiosqlite. WAL, one writer, one reader (and
+key lookups on the event loop)."""
 
 from __future__ import annotations
 
