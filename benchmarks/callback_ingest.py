@@ -217,10 +217,6 @@ def durability(db: Path, acked_file: Path, since: str) -> dict:
             "acked_not_done": lost + unknown, "callback_events": events}
 
 
-def rate(res: dict) -> float:
-    return res["ok"] / (res["duration_us"] / 1e6)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="one short repeat (smoke check)")
@@ -264,8 +260,9 @@ def main() -> None:
                              else measure_tracker(procs, template, reqs, args))
             c, t = got["ceiling"], got["tracker"]
             rows.append((c, t))
-            print(f"repeat {i + 1}: ceiling {rate(c):,.0f}/s p99 {c['latency_us']['p99'] / 1e3:.1f}"
-                  f" ms | tracker {rate(t):,.0f}/s p99 {t['latency_us']['p99'] / 1e3:.1f} ms,"
+            print(f"repeat {i + 1}: ceiling {h.rate(c):,.0f}/s"
+                  f" p99 {c['latency_us']['p99'] / 1e3:.1f} ms | tracker {h.rate(t):,.0f}/s"
+                  f" p99 {t['latency_us']['p99'] / 1e3:.1f} ms,"
                   f" non-2xx {t['bad']} {t['codes']}, wrapped {t['wrapped']},"
                   f" acked {t['acked']:,} done {t['done']:,} in inbox at kill"
                   f" {t['inbox_at_kill']:,} (applied {t['inbox_drain_s']:.1f}s after restart)"
@@ -277,8 +274,8 @@ def main() -> None:
 
 
 def report(rows: list[tuple[dict, dict]], args: argparse.Namespace) -> None:
-    ratio = h.median(rate(t) / rate(c) for c, t in rows)
-    cr, tr = h.median(rate(c) for c, _ in rows), h.median(rate(t) for _, t in rows)
+    ratio = h.median(h.rate(t) / h.rate(c) for c, t in rows)
+    cr, tr = h.median(h.rate(c) for c, _ in rows), h.median(h.rate(t) for _, t in rows)
     lat = lambda side, q: h.median(r[side]["latency_us"][q] / 1e3 for r in rows)  # noqa: E731
     cpu = lambda side: h.median(r[side]["cpu_s"] / max(1, r[side]["ok"]) * 1e6 for r in rows)  # noqa: E731
     p99 = lat(1, "p99")

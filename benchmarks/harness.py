@@ -316,6 +316,11 @@ def have_wrk() -> bool:
     return shutil.which("wrk") is not None
 
 
+def rate(res: dict) -> float:
+    """Successful requests per second of one ``wrk`` result."""
+    return res["ok"] / (res["duration_us"] / 1e6)
+
+
 def wrk(url: str, script: Path, connections: int, duration_s: float, threads: int = 1,
         env: dict[str, str] | None = None, timeout_s: float = 10.0) -> dict[str, Any]:
     """Run wrk with a script whose ``done()`` prints one JSON line; returns it parsed."""

@@ -66,10 +66,6 @@ def side(procs: h.Procs, which: str, connections: int, duration: float,
     return res
 
 
-def rate(r: dict) -> float:
-    return r["ok"] / (r["duration_us"] / 1e6)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="one short repeat (smoke check)")
@@ -91,8 +87,8 @@ def main() -> None:
                        for w in order}
                 results[c].append(got)
                 d, t = got["direct"], got["tracker"]
-                print(f"repeat {i + 1}, {c} conn: direct {rate(d):,.0f}/s p50"
-                      f" {d['latency_us']['p50'] / 1e3:.2f} ms | tracker {rate(t):,.0f}/s p50"
+                print(f"repeat {i + 1}, {c} conn: direct {h.rate(d):,.0f}/s p50"
+                      f" {d['latency_us']['p50'] / 1e3:.2f} ms | tracker {h.rate(t):,.0f}/s p50"
                       f" {t['latency_us']['p50'] / 1e3:.2f} ms, non-2xx {t['bad']} {t['codes']}",
                       flush=True)
     report(results, args)
@@ -107,11 +103,11 @@ def report(results: dict[int, list[dict[str, dict]]], args: argparse.Namespace) 
             lat = lambda q, w=w, reps=reps: h.median(  # noqa: E731
                 r[w]["latency_us"][q] / 1e3 for r in reps)
             cpu = h.median(sum(r[w]["cpu_us"].values()) for r in reps)
-            rows.append((c, w, h.median(rate(r[w]) for r in reps), lat("p50"), lat("p90"),
+            rows.append((c, w, h.median(h.rate(r[w]) for r in reps), lat("p50"), lat("p90"),
                          lat("p99"), cpu, h.median(r[w]["letta_calls"] / max(1, r[w]["ok"])
                                                    for r in reps)))
         figures[c] = {
-            "ratio": h.median(rate(r["tracker"]) / rate(r["direct"]) for r in reps),
+            "ratio": h.median(h.rate(r["tracker"]) / h.rate(r["direct"]) for r in reps),
             "added_p50": h.median((r["tracker"]["latency_us"]["p50"]
                                    - r["direct"]["latency_us"]["p50"]) / 1e3 for r in reps)}
     print(h.table(f"submit overhead: median of {args.repeats} repeat(s)",

@@ -395,8 +395,8 @@ class SQLiteStore:
         return _run(rows[0])
 
     def _lane_free(self, db: sqlite3.Connection, new: NewRun, parallel: bool) -> bool:
-        """Whether a just-inserted run may go now: parallel lanes always; a serial lane when
-        nothing of its agent is in flight or queued before it (a pause lets only answers by)."""
+        """Whether a run about to be inserted may go at once: parallel lanes always; a serial
+        lane when nothing of its agent is in flight or queued (a pause lets only answers by)."""
         if parallel:
             return True
         live, states = _live((*LANE_BUSY, State.PAUSED))
@@ -406,8 +406,8 @@ class SQLiteStore:
             return False
         ahead = "AND kind = 'answer'" if held else ""
         earlier = db.execute(
-            "SELECT 1 FROM runs WHERE state = 'queued' AND agent_id = ? AND id != ?"
-            f" {ahead} LIMIT 1", (new.agent_id, new.id)).fetchall()
+            f"SELECT 1 FROM runs WHERE state = 'queued' AND agent_id = ? {ahead} LIMIT 1",
+            (new.agent_id,)).fetchall()
         return not earlier
 
     def _answer_pause(self, db: sqlite3.Connection, agent_id: str, by: str) -> None:
@@ -417,10 +417,10 @@ class SQLiteStore:
             " RETURNING id, status", (agent_id,)).fetchall()
         for run_id, status in rows:
             self._add_event(db, run_id, Event("dispatch", "answered", {"by": by}),
-                                  State.DONE, status, clock.iso())
+                            State.DONE, status, clock.iso())
 
     def _due_queued(self, db: sqlite3.Connection, now: float, agent_id: str | None,
-                          limit: int) -> list[str]:
+                    limit: int) -> list[str]:
         sql = ("SELECT id FROM runs INDEXED BY runs_queue"
                " WHERE state = 'queued' AND next_check_at <= ?")
         params: list[Any] = [now]
@@ -431,7 +431,7 @@ class SQLiteStore:
         return [r[0] for r in rows]
 
     def _lane_heads(self, db: sqlite3.Connection, now: float,
-                          agent_id: str | None) -> list[str]:
+                    agent_id: str | None) -> list[str]:
         """Per agent with a free lane, the run to send next: its oldest queued, or, when the
         agent is paused for an approval, the oldest queued answer (which goes ahead)."""
         busy_states = (*LANE_BUSY, State.PAUSED)
@@ -570,7 +570,7 @@ class SQLiteStore:
 
         def op(db: sqlite3.Connection, batch: _Batch) -> None:
             db.execute(f"DELETE FROM callback_inbox WHERE id IN ({_marks(len(ids))})",
-                             list(ids))
+                       list(ids))
 
         await self._batched(op)
 
@@ -766,6 +766,7 @@ class SQLiteStore:
     async def record_attempt(self, delivery_id: str, attempt: dict, state: str,
                              next_attempt_at: float | None) -> None:
         finished = clock.iso() if state != "pending" else None
+
         def write(db: sqlite3.Connection) -> None:
             db.execute(
                 "INSERT INTO delivery_attempts (delivery_id, at, status_code, latency_ms, error)"
@@ -819,6 +820,7 @@ class SQLiteStore:
         totals = {"runs": 0, "run_events": 0, "deliveries": 0, "delivery_attempts": 0}
         if dry_run:
             return await self._prune_counts(where, (*final, before))
+
         def write(db: sqlite3.Connection) -> dict[str, int]:
             ids = [r[0] for r in db.execute(f"SELECT id FROM runs WHERE {where} LIMIT ?",
                                             (*final, before, batch))]
