@@ -39,13 +39,14 @@ OUTCOMES = (
 VIA = (("callback", 86), ("poll", 12), ("reconcile", 2))
 
 RUN_SQL = (
-    "INSERT INTO runs (id, user_id, agent_id, kind, state, status, stop_reason, letta_run_id,"
-    " request, request_config, callback_url, created_at, submitted_at, completed_at, recorded_at,"
-    " completed_via, metadata, callback_sent_at, callback_status_code, callback_error,"
-    " total_duration_ns, messages, usage, error, error_code, attempts, poll_count,"
+    "INSERT INTO runs (seq, id, user_id, agent_id, kind, state, status, stop_reason,"
+    " letta_run_id, request_config, callback_url, created_at, submitted_at, completed_at,"
+    " recorded_at, completed_via, metadata, callback_sent_at, callback_status_code,"
+    " callback_error, total_duration_ns, error, error_code, attempts, poll_count,"
     " next_check_at, deadline_at, idempotency_key, request_hash)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
-    " ?, ?, ?, ?)")
+    " ?, ?)")
+PAYLOAD_SQL = "INSERT INTO run_payloads (seq, request, messages, usage) VALUES (?, ?, ?, ?)"
 EVENT_SQL = ("INSERT INTO run_events (run_id, at, source, kind, state, status, detail)"
              " VALUES (?, ?, ?, ?, ?, ?, ?)")
 REQUEST_CONFIG = json.dumps({"use_assistant_message": True,
@@ -88,7 +89,8 @@ class Generator:
         return json.dumps(msgs, separators=(",", ":"))
 
     def run(self, created: float, user: tuple[str, str], agent: str, outcome: tuple,
-            via: str, active: bool) -> tuple[tuple, list[tuple]]:
+            via: str, active: bool) -> tuple[tuple, tuple, list[tuple]]:
+        """The run's row (RUN_SQL without its seq), its payload (PAYLOAD_SQL's) and events."""
         rng = self.rng
         run_id, letta_id, otid = f"run-{_uid(rng)}", f"run-{_uid(rng)}", _uid(rng)
         text = rng.choice(self.texts)
@@ -110,7 +112,7 @@ class Generator:
         user_id, _ = user
         row = (
             run_id, user_id, agent, "message", state, status, stop,
-            None if rejected else letta_id, request, REQUEST_CONFIG, hook, h.iso(created),
+            None if rejected else letta_id, REQUEST_CONFIG, hook, h.iso(created),
             None if rejected else h.iso(submitted),
             h.iso(completed) if done else None, None if active else h.iso(recorded),
             ("dispatch" if rejected else via), METADATA,
@@ -119,15 +121,16 @@ class Generator:
             None if via == "callback" or not done else "ConnectError('All connection attempts"
                                                        " failed')",
             int(duration * 1e9) if done else None,
-            self.messages(letta_id, h.iso(created), otid, text) if done else None,
-            json.dumps({"completion_tokens": rng.randint(5, 400), "prompt_tokens":
-                        rng.randint(2000, 9000), "total_tokens": 0, "prompt_tokens_details": None,
-                        "completion_tokens_details": None}) if done else None,
             "Letta answered 422" if rejected else None, 422 if rejected else None,
             1, polls + (via != "callback"), (created + 3600 if active else None), created + 3600,
             (f"idem-{_uid(rng)}" if rng.random() < 0.2 else None), None)
-        return row, self.events(run_id, created, submitted, recorded, status, stop, state, via,
-                                polls, letta_id, active, rejected)
+        payload = (
+            request, self.messages(letta_id, h.iso(created), otid, text) if done else None,
+            json.dumps({"completion_tokens": rng.randint(5, 400), "prompt_tokens":
+                        rng.randint(2000, 9000), "total_tokens": 0, "prompt_tokens_details": None,
+                        "completion_tokens_details": None}) if done else None)
+        return row, payload, self.events(run_id, created, submitted, recorded, status, stop,
+                                         state, via, polls, letta_id, active, rejected)
 
     def events(self, run_id: str, created: float, submitted: float, recorded: float,
                status: str, stop: str | None, state: str, via: str | None, polls: int,
@@ -151,6 +154,15 @@ class Generator:
             ev.append((run_id, h.iso(recorded + 0.5), "callback" if via != "callback" else "poll",
                        "confirmed", state, status, detail))
         return ev
+
+
+def insert_runs(c: sqlite3.Connection, rows: list[tuple], payloads: list[tuple],
+                sql: str = RUN_SQL) -> None:
+    """Runs (rows of ``sql`` without their seq, its first column) and their payloads
+    (PAYLOAD_SQL's, without the seq they are keyed by)."""
+    base = c.execute("SELECT coalesce(max(seq), 0) FROM runs").fetchone()[0] + 1
+    c.executemany(sql, [(base + i, *row) for i, row in enumerate(rows)])
+    c.executemany(PAYLOAD_SQL, [(base + i, *p) for i, p in enumerate(payloads)])
 
 
 def path_for(runs: int) -> Path:
@@ -183,7 +195,7 @@ def build(runs: int, agents_n: int = 200, log: bool = True) -> tuple[Path, dict]
         c.execute("PRAGMA cache_size = -1500000")
         chunk = 50_000
         for lo in range(0, runs, chunk):
-            rows, events = [], []
+            rows, payloads, events = [], [], []
             n = min(chunk, runs - lo)
             agents = rng.choices(agent_ids, weights=weights, k=n)
             outcomes = _weighted(rng, OUTCOMES, n)
@@ -193,11 +205,13 @@ def build(runs: int, agents_n: int = 200, log: bool = True) -> tuple[Path, dict]
                 created = start + k * step + rng.uniform(0, step * 0.9)
                 active = k >= runs - max(1, runs // 2000)  # the last few are still running
                 user = (users[owner[agents[i]]], owner[agents[i]])
-                row, ev = gen.run(created, user, agents[i], outcomes[i], vias[i], active)
+                row, payload, ev = gen.run(created, user, agents[i], outcomes[i], vias[i],
+                                           active)
                 rows.append(row)
+                payloads.append(payload)
                 events.extend(ev)
             with c:
-                c.executemany(RUN_SQL, rows)
+                insert_runs(c, rows, payloads)
                 c.executemany(EVENT_SQL, events)
             n_events += len(events)
             if log:

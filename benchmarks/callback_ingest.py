@@ -80,7 +80,7 @@ def prepare(n: int, n_agents: int, history: int) -> tuple[Path, Path]:
     signer = CallbackSigner(SECRET, "http://127.0.0.1")
     now = time.time()
     agents = [f"agent-{uuid.UUID(int=rng.getrandbits(128))}" for _ in range(n_agents)]
-    rows, lines = [], []
+    rows, payloads, lines = [], [], []
     for i in range(n):
         run_id = f"run-{uuid.UUID(int=rng.getrandbits(128), version=4)}"
         letta_id = f"run-{uuid.UUID(int=rng.getrandbits(128), version=4)}"
@@ -88,19 +88,20 @@ def prepare(n: int, n_agents: int, history: int) -> tuple[Path, Path]:
         request = {"messages": [{"role": "user", "content": h.prose(rng, 300),
                                  "otid": str(uuid.UUID(int=rng.getrandbits(128)))}]}
         created = now - 60 + i * 1e-4
-        rows.append((run_id, user_id, agent, "submitted", "running", letta_id, json.dumps(request),
+        rows.append((run_id, user_id, agent, "submitted", "running", letta_id,
                      json.dumps({"use_assistant_message": True}), h.iso(created),
                      h.iso(created + 0.01), now + 86400, now + 86400))
+        payloads.append((json.dumps(request), None, None))
         lines.append(f"POST\t/callbacks/letta/{signer.token(run_id)}\t"
                      f"{callback_body(rng, letta_id, created + 2)}\n")
     with closing(sqlite3.connect(tmp)) as c:
         c.execute("PRAGMA synchronous = OFF")
         add_history(c, history, user_id, agents, rng)
         with c:
-            c.executemany(
-                "INSERT INTO runs (id, user_id, agent_id, state, status, letta_run_id, request,"
-                " request_config, created_at, submitted_at, next_check_at, deadline_at, attempts)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)", rows)
+            bulkdata.insert_runs(c, rows, payloads, sql=(
+                "INSERT INTO runs (seq, id, user_id, agent_id, state, status, letta_run_id,"
+                " request_config, created_at, submitted_at, next_check_at, deadline_at,"
+                " attempts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)"))
         c.execute("ANALYZE")
         c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     rng.shuffle(lines)  # callbacks arrive in completion order, not creation order
@@ -115,16 +116,17 @@ def add_history(c: sqlite3.Connection, n: int, user_id: str, agents: list[str],
     gen = bulkdata.Generator(rng)
     now = time.time()
     for lo in range(0, n, 20_000):
-        rows, events = [], []
+        rows, payloads, events = [], [], []
         for k in range(lo, min(n, lo + 20_000)):
             outcome = rng.choice(bulkdata.OUTCOMES[:3])[:3]
-            row, ev = gen.run(now - 30 * 86400 + k * (30 * 86400 - 120) / n, (user_id, ""),
-                              rng.choice(agents), outcome, rng.choice(("callback", "poll")),
-                              False)
+            row, payload, ev = gen.run(now - 30 * 86400 + k * (30 * 86400 - 120) / n,
+                                       (user_id, ""), rng.choice(agents), outcome,
+                                       rng.choice(("callback", "poll")), False)
             rows.append(row)
+            payloads.append(payload)
             events += ev
         with c:
-            c.executemany(bulkdata.RUN_SQL, rows)
+            bulkdata.insert_runs(c, rows, payloads)
             c.executemany(bulkdata.EVENT_SQL, events)
 
 

@@ -81,7 +81,8 @@ def tracker_record(db: Path) -> dict:
     """Lags, completion sources and completeness of the tracker's runs."""
     with closing(sqlite3.connect(db)) as c:
         rows = c.execute("SELECT completed_at, recorded_at, completed_via, poll_count,"
-                         " messages IS NOT NULL AND usage IS NOT NULL FROM runs").fetchall()
+                         " messages IS NOT NULL AND usage IS NOT NULL"
+                         " FROM runs LEFT JOIN run_payloads USING (seq)").fetchall()
     via: dict[str, int] = {}
     for row in rows:
         via[str(row[2])] = via.get(str(row[2]), 0) + 1

@@ -40,8 +40,8 @@ def recorded(db: Path, since: str) -> tuple[int, int]:
     with closing(sqlite3.connect(db, timeout=10)) as c:
         return c.execute(
             "SELECT count(*), coalesce(sum(messages IS NOT NULL AND usage IS NOT NULL), 0)"
-            " FROM runs WHERE created_at >= ? AND state IN ('done', 'rejected', 'cancelled',"
-            " 'lost')", (since,)).fetchone()
+            " FROM runs LEFT JOIN run_payloads USING (seq) WHERE created_at >= ?"
+            " AND state IN ('done', 'rejected', 'cancelled', 'lost')", (since,)).fetchone()
 
 
 def database(history: int) -> Path:

@@ -100,8 +100,8 @@ def test_backup_while_a_writer_holds_the_database(db: Path, tmp_path: Path):
     uncommitted rows."""
     writer = sqlite3.connect(db, isolation_level=None)
     writer.execute("BEGIN IMMEDIATE")
-    writer.execute("INSERT INTO runs (id, user_id, agent_id, state, request, created_at)"
-                   " VALUES ('run-uncommitted', 'u', 'a', 'queued', '{}', 'x')")
+    writer.execute("INSERT INTO runs (id, user_id, agent_id, state, created_at)"
+                   " VALUES ('run-uncommitted', 'u', 'a', 'queued', 'x')")
     try:
         out = run_cli(db, "backup", str(tmp_path / "copy.db"))
     finally:

@@ -60,6 +60,47 @@ async def test_v1_database_is_upgraded_in_place_without_losing_rows(tmp_path):
         await s.close()
 
 
+async def test_v5_runs_keep_their_request_and_result_in_the_v6_payload_table(tmp_path):
+    """v6 rebuilds `runs` without its wide columns: rows, payloads, counts, indexes and the
+    AUTOINCREMENT high-water mark all survive, and deleting a run deletes its payload."""
+    path = tmp_path / "v5.db"
+    db = sqlite3.connect(path)
+    for script in MIGRATIONS[:5]:
+        db.executescript(script)
+    db.executemany(
+        "INSERT INTO runs (id, user_id, agent_id, state, status, request, created_at, messages,"
+        " usage) VALUES (?, 'u', ?, 'done', 'completed', ?, ?, ?, ?)",
+        [(f"run-{i}", A1, f'{{"n": {i}}}', f"2026-01-0{i}T00:00:00.000000Z", f"[{i}]",
+          '{"total_tokens": 7}') for i in (1, 2, 3)])
+    db.execute("DELETE FROM runs WHERE id = 'run-3'")  # its seq (3) is not to be reused
+    db.execute("PRAGMA user_version = 5")
+    db.commit()
+    db.close()
+    s = open_store(f"sqlite:///{path}")
+    await s.open()
+    try:
+        run = await s.get_run("run-2", full=True)
+        assert (run.seq, run.request, run.messages, run.usage) == (
+            2, {"n": 2}, [2], {"total_tokens": 7})
+        new = await submit(s)
+        assert new.seq == 4
+        assert (await s.get_run(new.id, full=True)).request == new.request
+        counts = (await s.stats(None))["counts"]
+        assert [(c["state"], c["n"]) for c in counts] == [("done", 2), ("queued", 1)]
+        names = {r[0] for r in await s._read(
+            "SELECT name FROM sqlite_master WHERE tbl_name = 'runs' AND type != 'table'"
+            " AND name NOT LIKE 'sqlite_%'")}
+        assert names == {"runs_created", "runs_agent", "runs_status", "runs_state", "runs_queue",
+                         "runs_idempotency", "runs_user", "runs_via", "runs_letta_status",
+                         "runs_missed", "runs_active", "runs_recorded", "runs_live",
+                         "runs_count_insert", "runs_count_update", "runs_count_delete",
+                         "runs_payload_delete"}
+        await s._write(lambda db: db.execute("DELETE FROM runs WHERE id = 'run-1'"))
+        assert [r[0] for r in await s._read("SELECT seq FROM run_payloads")] == [2, 4]
+    finally:
+        await s.close()
+
+
 async def test_submit_records_run_and_event(store):
     run = await submit(store)
     assert run.state is State.QUEUED and run.status == "created"
@@ -298,11 +339,12 @@ async def test_background_queries_never_scan_a_big_history(tmp_path):
     await s.close()
     db = sqlite3.connect(path)
     db.executemany(
-        "INSERT INTO runs (id, user_id, agent_id, state, status, request, created_at,"
-        " next_check_at) VALUES (?, 'u', ?, ?, ?, '{}', ?, ?)",
+        "INSERT INTO runs (id, user_id, agent_id, state, status, created_at,"
+        " next_check_at) VALUES (?, 'u', ?, ?, ?, ?, ?)",
         [(f"run-{i}", f"agent-{i % 50}", "done" if i < 30_000 else "submitted",
           "completed" if i < 30_000 else "created", f"2026-01-01T00:00:{i:09d}Z", 0)
          for i in range(30_010)])
+    db.execute("INSERT INTO run_payloads (seq, request) SELECT seq, '{}' FROM runs")
     db.execute("ANALYZE")
     db.commit()
     s = open_store(f"sqlite:///{path}")

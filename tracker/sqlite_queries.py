@@ -16,7 +16,11 @@ SUMMARY_COLS = ", ".join([
     "error", "error_code", "attempts", "poll_count", "next_check_at", "deadline_at",
     "needs_lookup", "idempotency_key", "request_hash",
 ])
-FULL_COLS = SUMMARY_COLS + ", request, messages, usage"
+#: a run's wide part, in a table of its own since schema v6 (run_payloads, keyed by seq)
+PAYLOAD_COLS = ("request", "messages", "usage")
+FULL_COLS = SUMMARY_COLS + ", " + ", ".join(PAYLOAD_COLS)
+#: FROM for FULL_COLS: the run with its payload beside it
+WITH_PAYLOAD = "runs LEFT JOIN run_payloads USING (seq)"
 DELIVERY_COLS = ("id, run_id, user_id, url, state, attempts, next_attempt_at, created_at,"
                  " finished_at, last_status, last_error")
 

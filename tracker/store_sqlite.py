@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import sqlite3
+import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -20,7 +22,9 @@ from tracker.migrations import LATEST, LIVE_STATES_SQL, MIGRATIONS
 from tracker.sqlite_queries import (
     DELIVERY_COLS,
     FULL_COLS,
+    PAYLOAD_COLS,
     SUMMARY_COLS,
+    WITH_PAYLOAD,
     list_query,
     stats_queries,
 )
@@ -37,6 +41,8 @@ from tracker.store import (
     User,
     Verdict,
 )
+
+log = logging.getLogger("tracker.store")
 
 LIVE = frozenset({*LANE_BUSY, State.QUEUED, State.PAUSED})
 JSON_COLS = frozenset({"request", "request_config", "metadata", "messages", "usage"})
@@ -75,16 +81,26 @@ def _record(data: dict[str, Any], json_cols: list[str]) -> RunRecord:
     return run
 
 
+def _with_payload(db: sqlite3.Connection, run: RunRecord) -> RunRecord:
+    """``run`` with its request and result read in (RETURNING cannot join them)."""
+    row = db.execute(f"SELECT {', '.join(PAYLOAD_COLS)} FROM run_payloads WHERE seq = ?",
+                     (run.seq,)).fetchone()
+    if row:
+        run.__dict__.update({k: json.loads(v) if v else None
+                             for k, v in zip(PAYLOAD_COLS, row, strict=True)})
+    return run
+
+
 def _marks(n: int) -> str:
     return ",".join("?" * n)
 
 
-def _live(states: Iterable[State]) -> tuple[str, tuple[str, ...]]:
+def _live(states: Iterable[State], join: str = "") -> tuple[str, tuple[str, ...]]:
     """``FROM ... WHERE`` for runs in some live states, through the runs_live partial index:
     its own WHERE term must appear verbatim for SQLite to use it."""
     states = tuple(states)
     assert set(states) <= LIVE, states
-    return (f"runs INDEXED BY runs_live WHERE {LIVE_STATES_SQL}"
+    return (f"runs INDEXED BY runs_live{join} WHERE {LIVE_STATES_SQL}"
             f" AND state IN ({_marks(len(states))})", states)
 
 
@@ -278,6 +294,9 @@ class SQLiteStore:
             # one script per version, atomic: triggers hold ";" so it is not split
             script = (f"BEGIN IMMEDIATE;\n{MIGRATIONS[version - 1]}\n"
                       f"PRAGMA user_version = {version};\nCOMMIT;")
+            if current:  # some rewrite a table: minutes on a history of millions of runs
+                log.info("migrating database %s to schema v%d", self.path, version)
+            started = time.monotonic()
             async with self._lock:
                 try:
                     await self._w.executescript(script)
@@ -285,6 +304,8 @@ class SQLiteStore:
                     if self._w.in_transaction:
                         await self._w.execute("ROLLBACK")
                     raise Unavailable(f"migration to schema v{version} failed: {e}") from e
+            if current:
+                log.info("database at schema v%d (%.1f s)", version, time.monotonic() - started)
             applied.append(version)
         return applied
 
@@ -309,23 +330,26 @@ class SQLiteStore:
         ``claim`` (True: parallel lanes, False: serial) also claims it in the same
         transaction when its lane is free, so the submit can send it at once."""
         now = clock.iso()
-        row = (new.id, new.user_id, new.agent_id, new.kind, json.dumps(new.request),
-               json.dumps(new.request_config), new.callback_url, now, new.idempotency_key,
-               new.request_hash)
+        row = (new.id, new.user_id, new.agent_id, new.kind, json.dumps(new.request_config),
+               new.callback_url, now, new.idempotency_key, new.request_hash)
+        request = json.dumps(new.request)
 
         def op(db: sqlite3.Connection, batch: _Batch) -> RunRecord:
             # claimed as it is inserted (one row write, not an insert and an update)
             go = claim is not None and self._lane_free(db, new, parallel=claim)
             rows = db.execute(
-                "INSERT INTO runs (id, user_id, agent_id, kind, state, request, request_config,"
+                "INSERT INTO runs (id, user_id, agent_id, kind, state, request_config,"
                 " callback_url, created_at, next_check_at, idempotency_key, request_hash,"
-                f" attempts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?) RETURNING {FULL_COLS}",
+                f" attempts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?) RETURNING {SUMMARY_COLS}",
                 (*row[:4], State.SUBMITTING if go else State.QUEUED, *row[4:], int(go))
             ).fetchall()
+            run = _run(rows[0])
+            db.execute("INSERT INTO run_payloads (seq, request) VALUES (?, ?)", (run.seq, request))
+            run.request = new.request
             self._add_event(db, new.id, event, State.QUEUED, "created", now)
             if go and new.kind == "answer":
                 self._answer_pause(db, new.agent_id, new.id)
-            return _run(rows[0])
+            return run
 
         try:
             # group-committed with whatever else is being written: under load one commit
@@ -335,7 +359,8 @@ class SQLiteStore:
             if not new.idempotency_key:
                 raise
             rows = await self._read(
-                f"SELECT {FULL_COLS} FROM runs WHERE user_id = ? AND idempotency_key = ?",
+                f"SELECT {FULL_COLS} FROM {WITH_PAYLOAD}"
+                " WHERE user_id = ? AND idempotency_key = ?",
                 (new.user_id, new.idempotency_key),
             )
             return _run(rows[0]), False
@@ -346,7 +371,8 @@ class SQLiteStore:
     async def get_run(self, run_id: str, user_id: str | None = None,
                       full: bool = False) -> RunRecord | None:
         """A run by tracker id or Letta run id, optionally only if it is ``user_id``'s."""
-        rows = await self._find(FULL_COLS if full else SUMMARY_COLS, run_id, user_id)
+        rows = await self._find(f"{FULL_COLS} FROM {WITH_PAYLOAD}" if full
+                                else f"{SUMMARY_COLS} FROM runs", run_id, user_id)
         return _run(rows[0]) if rows else None
 
     async def runs_by_id(self, run_ids: Sequence[str]) -> dict[str, RunRecord]:
@@ -358,12 +384,14 @@ class SQLiteStore:
             f"SELECT {SUMMARY_COLS} FROM runs WHERE id IN ({_marks(len(ids))})", ids)
         return {run.id: run for run in _runs(rows)}
 
-    async def _find(self, cols: str, run_id: str, user_id: str | None) -> list[sqlite3.Row]:
+    async def _find(self, cols_from: str, run_id: str, user_id: str | None
+                    ) -> list[sqlite3.Row]:
+        """``SELECT {cols_from}`` the run with that tracker or Letta id (and user)."""
         # two indexed lookups: with `id = ? OR letta_run_id = ?` the planner may scan the table
         scope, arg = (" AND user_id = ?", (user_id,)) if user_id else ("", ())
         for column in ("id", "letta_run_id"):
             rows = await self._lookup(
-                f"SELECT {cols} FROM runs WHERE {column} = ?{scope} LIMIT 1", (run_id, *arg))
+                f"SELECT {cols_from} WHERE {column} = ?{scope} LIMIT 1", (run_id, *arg))
             if rows:
                 return rows
         return []
@@ -387,12 +415,12 @@ class SQLiteStore:
     def _claim_one(self, db: sqlite3.Connection, run_id: str) -> RunRecord | None:
         rows = db.execute(
             f"UPDATE runs SET state = 'submitting', attempts = attempts + 1 "
-            f"WHERE id = ? AND state = 'queued' RETURNING {FULL_COLS}", (run_id,)).fetchall()
+            f"WHERE id = ? AND state = 'queued' RETURNING {SUMMARY_COLS}", (run_id,)).fetchall()
         if not rows:
             return None
         if rows[0]["kind"] == "answer":
             self._answer_pause(db, rows[0]["agent_id"], run_id)
-        return _run(rows[0])
+        return _with_payload(db, _run(rows[0]))  # the dispatcher sends its request
 
     def _lane_free(self, db: sqlite3.Connection, new: NewRun, parallel: bool) -> bool:
         """Whether a run about to be inserted may go at once: parallel lanes always; a serial
@@ -470,11 +498,14 @@ class SQLiteStore:
         event, and the relay's outbox row when ``relay``, in the same transaction."""
         expect = tuple(expect)
         sets = dict(fields, **({"state": to} if to else {}))
+        payload = {k: _encode(sets.pop(k)) for k in PAYLOAD_COLS if k in sets}
         assign = ", ".join(f"{k} = {k} + ?" if isinstance(v, Add) else f"{k} = ?"
                            for k, v in sets.items())
         values = [v.n if isinstance(v, Add) else _encode(v) for v in sets.values()]
         sql = (f"UPDATE runs SET {assign} WHERE id = ? AND state IN ({_marks(len(expect))}) "
                f"RETURNING {SUMMARY_COLS}")  # no request or result: nobody reads them here
+        payload_sql = (f"UPDATE run_payloads SET {', '.join(f'{k} = ?' for k in payload)}"
+                       " WHERE seq = ?")
 
         def op(db: sqlite3.Connection, batch: _Batch) -> RunRecord | None:
             try:
@@ -484,6 +515,8 @@ class SQLiteStore:
             if not rows:
                 return None
             run = _run(rows[0])
+            if payload:
+                db.execute(payload_sql, (*payload.values(), run.seq))
             if event:
                 batch.events.append(_event_row(run_id, event, run.state, run.status))
             if relay and run.callback_url:
@@ -625,7 +658,7 @@ class SQLiteStore:
         return _runs(rows)
 
     async def in_states(self, states: Iterable[State], limit: int = 10_000) -> list[RunRecord]:
-        live, states = _live(states)
+        live, states = _live(states, join=" LEFT JOIN run_payloads USING (seq)")
         rows = await self._read(
             f"SELECT {FULL_COLS} FROM {live} ORDER BY seq LIMIT ?", (*states, limit))
         return _runs(rows)
@@ -660,7 +693,7 @@ class SQLiteStore:
         if ref:
             # scoped like the listing: another user's run is no cursor (it would tell where
             # that run sits), it is ignored like an unknown id
-            rows = await self._find("created_at, seq", ref, flt.user_id)
+            rows = await self._find("created_at, seq FROM runs", ref, flt.user_id)
             # Letta ignores a cursor naming no run
             cursor = tuple(rows[0]) if rows else None
             flt = flt if rows else replace(flt, before=None, after=None)
