@@ -218,10 +218,10 @@ async def test_watched_runs_come_due(store):
 
 async def test_write_failure_is_unavailable_and_leaves_nothing(tmp_path, store):
     await submit(store)
-    await store._w.execute("PRAGMA query_only = 1")
+    store._db.execute("PRAGMA query_only = 1")
     with pytest.raises(Unavailable):
         await store.submit(new_run(), Event("api", "submit"))
-    await store._w.execute("PRAGMA query_only = 0")
+    store._db.execute("PRAGMA query_only = 0")
     assert (await store.table_counts())["runs"] == 1
     await submit(store)  # recovers once the fault is gone
 
@@ -330,6 +330,30 @@ async def test_point_reads_on_the_loop_fall_back_to_the_reader_when_busy(store):
     store._now = None
 
 
+async def test_a_write_blocked_by_another_process_waits_off_the_loop(tmp_path):
+    """Writes run on the event loop only when the database is free: while another connection
+    holds the write lock, a submit waits on the writer's thread and the loop keeps going."""
+    path = tmp_path / "locked.db"
+    s = open_store(f"sqlite:///{path}")
+    await s.open()
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # e.g. `tracker keys create` from a shell
+        pending = asyncio.create_task(s.submit(new_run(), Event("api", "submit")))
+        ticks = 0
+        for _ in range(20):  # the loop is free all along
+            await asyncio.sleep(0.01)
+            ticks += 1
+        assert ticks == 20 and not pending.done()
+        other.execute("COMMIT")
+        run, created = await asyncio.wait_for(pending, 5)
+        assert created and (await s.get_run(run.id)) is not None
+        await submit(s)  # and the next write is back on the loop
+    finally:
+        other.close()
+        await s.close()
+
+
 async def test_background_queries_never_scan_a_big_history(tmp_path):
     """On a table that is almost all finished runs, with statistics as after ANALYZE, the
     dispatcher's and poller's queries still read only live runs (never `SCAN runs`)."""
@@ -350,8 +374,8 @@ async def test_background_queries_never_scan_a_big_history(tmp_path):
     s = open_store(f"sqlite:///{path}")
     await s.open()
     statements: list[str] = []
-    for conn in {id(c): c for c in (s._w, s._r)}.values():
-        await conn.set_trace_callback(statements.append)
+    s._db.set_trace_callback(statements.append)
+    await s._r.set_trace_callback(statements.append)
     await s.submit(new_run(), Event("api", "submit"))
     now = clock.now()
     await s.claim(serial=True, now=now)

@@ -16,10 +16,18 @@ import time
 from aiohttp import web
 from pydantic import ValidationError
 
-from tracker.errors import Conflict, Invalid, NotFound, TrackerError, Unauthorized, Unavailable
+from tracker.errors import (
+    BadRequest,
+    Conflict,
+    Invalid,
+    NotFound,
+    TrackerError,
+    Unauthorized,
+    Unavailable,
+)
 from tracker.manager import Manager, Observation
 from tracker.models import LettaCallback
-from tracker.parsing import loads
+from tracker.parsing import MAX_DEPTH, loads
 from tracker.states import Source
 from tracker.store import InboxItem, RunRecord, Verdict
 
@@ -66,12 +74,18 @@ class CallbackSigner:
 
 def parse_callback(raw: bytes) -> LettaCallback:
     """Validate a callback body: 400 when not JSON, 422 when not Letta's callback shape."""
-    data = loads(raw, "callback body")
+    if raw.count(b"{") + raw.count(b"[") > MAX_DEPTH:
+        loads(raw, "callback body")  # the depth check (400), rarely needed: see loads
     try:
-        return LettaCallback.model_validate(data)
+        # parsed and validated in one pass, in pydantic's Rust: half the time of json.loads
+        # and model_validate, on the path Letta waits on
+        return LettaCallback.model_validate_json(raw)
     except ValidationError as e:
+        errors = e.errors(include_url=False)
+        if any(err["type"] == "json_invalid" for err in errors):
+            raise BadRequest("callback body is not valid JSON") from None
         raise Invalid([{"loc": ["body", *err["loc"]], "msg": err["msg"], "type": err["type"]}
-                       for err in e.errors(include_url=False)]) from None
+                       for err in errors]) from None
 
 
 async def receive(request: web.Request, signer: CallbackSigner, manager: Manager,

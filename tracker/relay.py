@@ -45,6 +45,9 @@ class Relay:
         self._dns = resolver  # where names are looked up (default: getaddrinfo); checked after
         self._session: aiohttp.ClientSession | None = None
         self._inflight: dict[str, asyncio.Task] = {}
+        #: finished while the loop's read of due deliveries was under way: that read may
+        #: predate their recorded attempt, so they are not claimed from it
+        self._finished_during_read: set[str] = set()
         self._busy: Counter[str] = Counter()
         self._loop_task: asyncio.Task | None = None
         self.on_outcome: Callable[[str], None] | None = None  # metrics hook
@@ -67,6 +70,7 @@ class Relay:
         self._loop_task = asyncio.current_task()
         while True:
             self.wakeup.clear()
+            self._finished_during_read.clear()
             try:
                 self._claim(await self.store.due_deliveries(clock.now(), self._window()))
                 wait = await self._idle_for()
@@ -86,7 +90,8 @@ class Relay:
             if len(self._inflight) >= self.r.concurrency:
                 return
             dest = destination(d.url)
-            if d.id not in self._inflight and self._busy[dest] < self.r.per_destination:
+            if (d.id not in self._inflight and d.id not in self._finished_during_read
+                    and self._busy[dest] < self.r.per_destination):
                 self._start(d, dest)
 
     def _start(self, d: Delivery, dest: str) -> None:
@@ -99,6 +104,7 @@ class Relay:
         # only now, with the attempt recorded (its row rescheduled or closed), may the loop
         # see this delivery again: this is what keeps one in flight from being picked twice
         del self._inflight[delivery_id]
+        self._finished_during_read.add(delivery_id)  # the wake-up below reads again
         self._busy[dest] -= 1
         if not self._busy[dest]:
             del self._busy[dest]

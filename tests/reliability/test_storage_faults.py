@@ -27,18 +27,18 @@ class Fault:
 
     @property
     def db(self):
-        return self.t.svc.store._w
+        return self.t.svc.store._db  # the writer (used by the loop, between transactions)
 
     async def on(self) -> None:
         if self.kind == "read-only":
-            await self.db.execute("PRAGMA query_only = 1")
+            self.db.execute("PRAGMA query_only = 1")
         else:
-            [(pages,)] = await self.db.execute_fetchall("PRAGMA page_count")
-            await self.db.execute(f"PRAGMA max_page_count = {pages}")
+            [(pages,)] = self.db.execute("PRAGMA page_count").fetchall()
+            self.db.execute(f"PRAGMA max_page_count = {pages}")
 
     async def off(self) -> None:
-        await self.db.execute("PRAGMA query_only = 0")
-        await self.db.execute("PRAGMA max_page_count = 1073741823")
+        self.db.execute("PRAGMA query_only = 0")
+        self.db.execute("PRAGMA max_page_count = 1073741823")
 
 
 async def snapshot(t) -> dict:
