@@ -87,6 +87,7 @@ async def test_prune_removes_only_finished_runs_older_than_keep_days(store, monk
     assert len(await store.deliveries(recent_done)) == 1
     after = await store.table_counts()
     assert {t: before[t] - after[t] for t in removed} == removed
+    assert before["run_payloads"] - after["run_payloads"] == 1  # the request and result too
 
 
 async def test_without_keep_days_nothing_is_pruned_and_run_returns(store, monkeypatch):

@@ -378,8 +378,8 @@ class SQLiteStore:
         return applied
 
     async def table_counts(self) -> dict[str, int]:
-        tables = ["runs", "run_events", "users", "api_keys", "deliveries", "delivery_attempts",
-                  "callback_inbox"]
+        tables = ["runs", "run_payloads", "run_events", "users", "api_keys", "deliveries",
+                  "delivery_attempts", "callback_inbox"]
         return {t: (await self._read(f"SELECT count(*) FROM {t}"))[0][0] for t in tables}
 
     async def setting(self, key: str, default: str) -> str:
