@@ -41,5 +41,8 @@ def epoch(value: str | None) -> float | None:
 
 async def nap(wakeup: asyncio.Event, seconds: float) -> None:
     """Sleep up to ``seconds``, or less when ``wakeup`` is set (background loops' idle)."""
+    # not wait_for: on Python 3.11 it drops a cancellation that arrives as the wake-up does
+    # (the loop then runs on, and shutdown waits for it forever); timeout() keeps it
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(wakeup.wait(), max(0.0, seconds))
+        async with asyncio.timeout(max(0.0, seconds)):
+            await wakeup.wait()
