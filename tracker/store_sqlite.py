@@ -88,16 +88,6 @@ def _record(data: dict[str, Any], json_cols: list[str]) -> RunRecord:
     return run
 
 
-def _with_payload(db: sqlite3.Connection, run: RunRecord) -> RunRecord:
-    """``run`` with its request and result read in (RETURNING cannot join them)."""
-    row = db.execute(f"SELECT {', '.join(PAYLOAD_COLS)} FROM run_payloads WHERE seq = ?",
-                     (run.seq,)).fetchone()
-    if row:
-        run.__dict__.update({k: json.loads(v) if v else None
-                             for k, v in zip(PAYLOAD_COLS, row, strict=True)})
-    return run
-
-
 def _marks(n: int) -> str:
     return ",".join("?" * n)
 
@@ -482,13 +472,17 @@ class SQLiteStore:
 
     def _claim_one(self, db: sqlite3.Connection, run_id: str) -> RunRecord | None:
         rows = db.execute(
-            f"UPDATE runs SET state = 'submitting', attempts = attempts + 1 "
-            f"WHERE id = ? AND state = 'queued' RETURNING {SUMMARY_COLS}", (run_id,)).fetchall()
+            "UPDATE runs SET state = 'submitting', attempts = attempts + 1 "
+            "WHERE id = ? AND state = 'queued' RETURNING seq, kind, agent_id", (run_id,)
+        ).fetchall()
         if not rows:
             return None
-        if rows[0]["kind"] == "answer":
-            self._answer_pause(db, rows[0]["agent_id"], run_id)
-        return _with_payload(db, _run(rows[0]))  # the dispatcher sends its request
+        seq, kind, agent_id = rows[0]
+        if kind == "answer":
+            self._answer_pause(db, agent_id, run_id)
+        # read back whole, request included (the dispatcher sends it): RETURNING cannot join
+        return _run(db.execute(f"SELECT {FULL_COLS} FROM {WITH_PAYLOAD} WHERE seq = ?",
+                               (seq,)).fetchone())
 
     def _lane_free(self, db: sqlite3.Connection, new: NewRun, parallel: bool) -> bool:
         """Whether a run about to be inserted may go at once: parallel lanes always; a serial
