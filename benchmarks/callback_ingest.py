@@ -150,7 +150,9 @@ def measure_tracker(procs: h.Procs, template: Path, reqs: Path, args: argparse.N
     url, p = procs.tracker("tracker", db, "http://127.0.0.1:9", env={
         "TRACKER_CALLBACKS__SECRET": SECRET,
         "TRACKER_DATABASE__SYNCHRONOUS": args.synchronous,
-        "TRACKER_DISPATCH__PER_AGENT": args.per_agent})
+        "TRACKER_DISPATCH__PER_AGENT": args.per_agent,
+        **({"TRACKER_CALLBACKS__APPLY_MAX_LAG_S": str(args.apply_max_lag)}
+           if args.apply_max_lag is not None else {})})
     steady(db, p.pid)
     since = h.iso(time.time())
     cpu0 = h.cpu_seconds(p.pid)
@@ -236,6 +238,9 @@ def main() -> None:
     ap.add_argument("--new-connections", dest="close", action="store_const", const="1",
                     default="", help="a new TCP connection per callback, as Letta's httpx"
                                      " client per callback does (default: keep-alive)")
+    ap.add_argument("--apply-max-lag", type=float, default=None,
+                    help="the tracker's callbacks.apply_max_lag_s (default: its default); a"
+                         " lag shorter than the load shows a flood longer than the default's")
     ap.add_argument("--profile", action="store_true",
                     help="sample the tracker with py-spy during its load (out/profile-*.txt)")
     args = ap.parse_args()
@@ -250,7 +255,8 @@ def main() -> None:
           f" body ~{body} bytes,"
           f" {args.agents or args.runs:,} agents, dispatch {args.per_agent},"
           f" {args.connections} {'new' if args.close else 'keep-alive'} connections,"
-          f" {args.duration:g}s per side, wrk 1 thread",
+          f" {args.duration:g}s per side, wrk 1 thread, apply_max_lag_s"
+          f" {'default' if args.apply_max_lag is None else f'{args.apply_max_lag:g}'}",
           flush=True)
     rows = []
     with h.Procs("ingest") as procs:

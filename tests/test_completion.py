@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import uuid
 
 import pytest
 
@@ -259,3 +261,66 @@ async def test_a_slow_submit_is_not_rescued_as_stranded(start_tracker, sim, agen
     await asyncio.sleep(0.3)
     assert len(sim.received) == 1 and max(sim.otid_counts().values()) == 1
     assert "rescued" not in await kinds(t, run["id"])
+
+
+@contextlib.asynccontextmanager
+async def flood(t, n: int = 10):
+    """``n`` callbacks stuck mid-body: to the tracker, callbacks arriving faster than it
+    answers them (each is being received until its body is complete)."""
+    from tracker.callbacks import SATURATED
+
+    assert n >= SATURATED
+    writers = []
+    try:
+        for _ in range(n):
+            token = t.svc.signer.token(f"run-{uuid.uuid4()}")
+            _, w = await asyncio.open_connection("127.0.0.1", t.client.port)
+            writers.append(w)
+            w.write(f"POST /callbacks/letta/{token} HTTP/1.1\r\nHost: x\r\n"
+                    "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"
+                    .encode())
+            await w.drain()
+        await eventually(lambda: t.svc.applier.receiving == n)
+        yield
+    finally:
+        for w in writers:
+            w.close()
+
+
+async def _answered_callback(t, sim, agent) -> dict:
+    """A finished run whose callback (dropped by Letta) is then answered by the tracker."""
+    sim.set_faults(callback_drop=1.0)
+    run = await t.submit(agent, "[[delay=0.1]] hello")
+    letta_id = (await t.run(run["id"]))["tracker"]["letta_run_id"]
+    await eventually(lambda: sim.store.get(letta_id).status == "completed")
+    body = callback_json(sim.store.get(letta_id), "completed", "end_turn", utcnow())
+    resp = await t.client.post(f"/callbacks/letta/{t.svc.signer.token(run['id'])}", json=body)
+    assert resp.status == 200
+    return run
+
+
+async def test_a_callback_flood_defers_applying_until_it_eases(start_tracker, sim, agent):
+    """While callbacks arrive faster than they are answered, applying them waits (answering
+    Letta comes first), and the poller leaves an answered one alone; once the flood eases,
+    it is applied, as a callback."""
+    t = await start_tracker(polling={"grace_s": 0.3, "min_interval_s": 0.2})
+    async with flood(t):
+        run = await _answered_callback(t, sim, agent)
+        await asyncio.sleep(1.0)  # the poller's first look was due after 0.3 s
+        assert (await t.run(run["id"]))["tracker"]["state"] == "submitted"
+        assert await t.svc.store.inbox_depth() == 1
+    done = await t.wait_state(run["id"], "done", timeout=5)
+    assert done["tracker"]["completed_via"] == "callback"
+    assert "completed" in await kinds(t, run["id"])
+    assert not t.svc.manager.callback_filed
+
+
+async def test_a_flood_defers_applying_no_longer_than_the_max_lag(start_tracker, sim, agent):
+    t = await start_tracker(callbacks={"apply_max_lag_s": 0.5}, polling={"grace_s": 30.0})
+    async with flood(t):
+        run = await _answered_callback(t, sim, agent)
+        answered = asyncio.get_running_loop().time()
+        done = await t.wait_state(run["id"], "done", timeout=5)
+        waited = asyncio.get_running_loop().time() - answered
+        assert 0.4 < waited < 2.0 and t.svc.applier.receiving == 10  # the flood still on
+    assert done["tracker"]["completed_via"] == "callback"

@@ -16,6 +16,7 @@ import time
 from aiohttp import web
 from pydantic import ValidationError
 
+from tracker import clock
 from tracker.errors import (
     BadRequest,
     Conflict,
@@ -40,6 +41,12 @@ APPLY_BATCH = 256
 APPLY_BATCH_BUSY = 8
 #: callbacks count as arriving for this long after the last one
 BUSY_S = 0.2
+#: callbacks being received at once from which the service counts as saturated: each
+#: applied callback costs ~15 random page writes (its run's indexes), several times what
+#: filing one costs, so applying then waits (see Applier) and Letta's answers keep the loop
+SATURATED = 8
+#: how often a waiting applier looks again
+HOLD_S = 0.05
 #: seconds before the applier tries again after a storage fault
 RETRY_S = 1.0
 
@@ -94,19 +101,24 @@ async def receive(request: web.Request, signer: CallbackSigner, manager: Manager
     Letta waits at most 5 s and never retries, so nothing else happens on its path: the
     applier makes the state change just after."""
     run_id = signer.run_id(request.match_info["token"])
-    raw = await request.read()
-    body = parse_callback(raw)
-    verdict = await manager.store.accept_callback(run_id, body.run_id, raw)
-    if verdict == Verdict.UNVERIFIED and await _created_by_us(manager, body.run_id,
-                                                               signer.url(run_id)):
-        verdict = await manager.store.accept_callback(run_id, body.run_id, raw, verified=True)
+    applier.receiving += 1
+    try:
+        raw = await request.read()
+        body = parse_callback(raw)
+        verdict = await manager.store.accept_callback(run_id, body.run_id, raw)
+        if verdict == Verdict.UNVERIFIED and await _created_by_us(manager, body.run_id,
+                                                                   signer.url(run_id)):
+            verdict = await manager.store.accept_callback(run_id, body.run_id, raw,
+                                                          verified=True)
+    finally:
+        applier.receiving -= 1
     if verdict == Verdict.NO_RUN:
         raise NotFound("run not found")
     if verdict != Verdict.ACCEPTED:
         log.warning("callback for run %s names another Letta run %s", run_id, body.run_id,
                     extra={"run_id": run_id})
         raise Conflict("callback names a different run")
-    applier.received()
+    applier.received(run_id)
     return {"run_id": run_id, "accepted": True}
 
 
@@ -125,22 +137,40 @@ class Applier:
 
     Answering Letta comes first: while callbacks keep arriving, the applier takes small
     rounds, so that filing a callback never waits behind a long apply transaction (their
-    state changes share the group commits with the filing). When they stop coming, it
-    applies in large rounds at full speed."""
+    state changes share the group commits with the filing). While they arrive faster than
+    the service answers them (``SATURATED`` being received at once), it does not apply at
+    all, until they ease off or the oldest has waited ``callbacks.apply_max_lag_s`` (then
+    small rounds again): a burst is answered at filing speed, and applied just after. When
+    they stop coming, it applies in large rounds at full speed."""
 
     def __init__(self, manager: Manager) -> None:
         self.manager = manager
         self.store = manager.store
+        self.max_lag = manager.cfg.callbacks.apply_max_lag_s
         self.wakeup = asyncio.Event()
+        self.receiving = 0  # callbacks between their token check and their answer
         self._last_received = 0.0
+        self._hold_logged = -60.0
 
-    def received(self) -> None:
+    def received(self, run_id: str) -> None:
         """A callback was filed: it is for the applier now."""
         self._last_received = time.monotonic()
+        self.manager.callback_filed.add(run_id)
         self.wakeup.set()
 
     def _busy(self) -> bool:
         return time.monotonic() - self._last_received < BUSY_S
+
+    def _hold(self, oldest: InboxItem) -> bool:
+        """Whether to leave the inbox be for now: callbacks are saturating the service, and
+        the oldest filed one has not waited ``max_lag`` yet."""
+        hold = (self.receiving >= SATURATED
+                and clock.now() - oldest.received_at < self.max_lag)
+        if hold and time.monotonic() - self._hold_logged > 60:  # a line a minute at most
+            self._hold_logged = time.monotonic()
+            log.info("%d callbacks arriving at once: applying them waits (at most %gs)",
+                     self.receiving, self.max_lag)
+        return hold
 
     async def run(self) -> None:
         while True:
@@ -149,6 +179,8 @@ class Applier:
                 items = await self.store.inbox(APPLY_BATCH_BUSY if self._busy() else APPLY_BATCH)
                 if not items:
                     await self.wakeup.wait()
+                elif self._hold(items[0]):
+                    await asyncio.sleep(HOLD_S)
                 elif not await self.apply(items):
                     await asyncio.sleep(RETRY_S)  # a storage fault: the rest stays filed
             except Unavailable as e:
@@ -163,6 +195,8 @@ class Applier:
         done = await asyncio.gather(*(self._apply_one(i, runs.get(i.run_id)) for i in items))
         await self.store.forget_callbacks([i.id for i, ok in zip(items, done, strict=True)
                                            if ok])
+        self.manager.callback_filed.difference_update(
+            i.run_id for i, ok in zip(items, done, strict=True) if ok)
         return all(done)
 
     async def _apply_one(self, item: InboxItem, run: RunRecord | None) -> bool:

@@ -47,6 +47,9 @@ class DatabaseConfig(Section):
 
 class CallbacksConfig(Section):
     secret: str = ""
+    # while callbacks saturate the service, applying them waits (answering Letta comes
+    # first); it resumes, flood or not, once the oldest unapplied one has waited this long
+    apply_max_lag_s: float = Field(30.0, ge=0)
 
 
 class PollingConfig(Section):

@@ -121,6 +121,9 @@ class Manager:
         self.poll_sleeps_until = 0.0  # set by the poller each time it goes to sleep
         #: runs this process claimed and is sending (or about to): never "stranded"
         self.sending: set[str] = set()
+        #: runs whose Letta callback this process has answered and not yet applied: the
+        #: poller leaves them to the applier
+        self.callback_filed: set[str] = set()
         self.on_applied: Callable[[RunRecord, str], None] | None = None  # metrics hook
 
     # --- submit ----------------------------------------------------------------------------

@@ -61,7 +61,7 @@ class Poller:
         """Check every due run once; returns how many were due."""
         if clock.now() < self._paused_until:
             return 0
-        due = await self.store.due(WATCHED, clock.now(), BATCH)
+        due = await self._unanswered(await self.store.due(WATCHED, clock.now(), BATCH))
         if not due:
             return 0
         if self.on_poll:
@@ -74,6 +74,17 @@ class Poller:
         self._failures = 0
         await asyncio.gather(*(self.check(r, known.get(r.letta_run_id or "")) for r in finished))
         return len(due)
+
+    async def _unanswered(self, due: list[RunRecord]) -> list[RunRecord]:
+        """``due`` without the runs whose callback is answered and waits for the applier (a
+        flood of callbacks defers applying them): no need to ask Letta; looked at again
+        after ``min_interval_s`` in case that callback fails to apply."""
+        filed = self.manager.callback_filed
+        later = clock.now() + self.p.min_interval_s
+        waiting = [(r.id, later, r.poll_count) for r in due if r.id in filed]
+        if waiting:
+            await self.store.reschedule(waiting)
+        return [r for r in due if r.id not in filed]
 
     async def _triage(self, due: list[RunRecord]) -> tuple[list[RunRecord], dict[str, dict]]:
         """Split due runs into finished ones (with their Letta run when a listing had it) and
