@@ -1,12 +1,17 @@
-"""SQL text for the SQLite store's history and stats queries, kept apart from the I/O."""
+"""SQL text for the SQLite store's queries, and its rows turned into records: kept apart from
+the I/O."""
 
 from __future__ import annotations
 
+import json
+import sqlite3
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from typing import Any
 
-from tracker.states import LETTA_ACTIVE
-from tracker.store import RunFilter
+from tracker.migrations import LIVE_STATES_SQL
+from tracker.states import LANE_BUSY, LETTA_ACTIVE, State
+from tracker.store import RunFilter, RunRecord
 
 SUMMARY_COLS = ", ".join([
     "seq", "id", "user_id", "agent_id", "kind", "state", "status", "stop_reason", "letta_run_id",
@@ -23,6 +28,50 @@ FULL_COLS = SUMMARY_COLS + ", " + ", ".join(PAYLOAD_COLS)
 WITH_PAYLOAD = "runs LEFT JOIN run_payloads USING (seq)"
 DELIVERY_COLS = ("id, run_id, user_id, url, state, attempts, next_attempt_at, created_at,"
                  " finished_at, last_status, last_error")
+LIVE = frozenset({*LANE_BUSY, State.QUEUED, State.PAUSED})
+JSON_COLS = frozenset({"request", "request_config", "metadata", "messages", "usage"})
+
+
+def as_run(row: sqlite3.Row) -> RunRecord:
+    return as_runs([row])[0]
+
+
+def as_runs(rows: Sequence[sqlite3.Row]) -> list[RunRecord]:
+    """Records from rows of run columns. Built by position, the column names read once per
+    result: ``row["name"]`` scans the names, which cost a page of 100 runs 3 ms."""
+    if not rows:
+        return []
+    keys = rows[0].keys()
+    json_cols = [k for k in keys if k in JSON_COLS]
+    return [_record(dict(zip(keys, row, strict=True)), json_cols) for row in rows]
+
+
+def _record(data: dict[str, Any], json_cols: list[str]) -> RunRecord:
+    for k in json_cols:
+        if data[k] is not None:
+            data[k] = json.loads(data[k])
+    data["state"] = State(data["state"])
+    data["needs_lookup"] = bool(data.get("needs_lookup"))
+    if data.get("background") is not None:
+        data["background"] = bool(data["background"])
+    # the dataclass __init__ with ~40 keywords costs ~10 µs a run, most of a history page's
+    # time; the row has every field without a default, the class holds the other defaults
+    run = object.__new__(RunRecord)
+    run.__dict__.update(data)
+    return run
+
+
+def marks(n: int) -> str:
+    return ",".join("?" * n)
+
+
+def live_runs(states: Iterable[State], join: str = "") -> tuple[str, tuple[str, ...]]:
+    """``FROM ... WHERE`` for runs in some live states, through the runs_live partial index:
+    its own WHERE term must appear verbatim for SQLite to use it."""
+    states = tuple(states)
+    assert set(states) <= LIVE, states
+    return (f"runs INDEXED BY runs_live{join} WHERE {LIVE_STATES_SQL}"
+            f" AND state IN ({marks(len(states))})", states)
 
 
 def _in(column: str, values: Any, where: list[str], params: list[Any]) -> None:

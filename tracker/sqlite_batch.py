@@ -1,0 +1,81 @@
+"""The group commit: writes made at the same moment share one SQLite transaction."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from dataclasses import dataclass, field
+from typing import Any
+
+from tracker.sqlite_db import SQLiteDB
+
+#: most transitions committed together
+BATCH_MAX = 256
+
+
+@dataclass
+class Batch:
+    """What the operations of one group commit leave to be written at its end."""
+
+    events: list[tuple] = field(default_factory=list)
+    callbacks: list = field(default_factory=list)  # of sqlite_inbox's _Callback
+
+
+class GroupCommit(SQLiteDB):
+    """``_batched`` operations, committed together (a base of ``SQLiteStore``)."""
+
+    def __init__(self, path: str, synchronous: str = "NORMAL") -> None:
+        super().__init__(path, synchronous)
+        self._queue: list[tuple[Any, asyncio.Future]] = []
+        self._drainer: asyncio.Task | None = None
+
+    async def close(self) -> None:
+        if self._drainer is not None:  # the writes already queued go in first
+            await asyncio.gather(self._drainer, return_exceptions=True)
+        await super().close()
+
+    async def _batched(self, op: Any) -> Any:
+        """Group commit: concurrent writers share one transaction, each still committed
+        before its caller returns. Under load this turns N commits into one."""
+        fut = asyncio.get_running_loop().create_future()
+        self._queue.append((op, fut))
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.create_task(self._drain())
+        return await fut
+
+    async def _drain(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue[:BATCH_MAX], self._queue[BATCH_MAX:]
+            try:
+                results = await self._commit_batch([op for op, _ in batch])
+            except BaseException:
+                # nothing of the batch was committed: run each alone, so only a bad one fails
+                for op, fut in batch:
+                    await self._commit_alone(op, fut)
+                continue
+            for (_, fut), result in zip(batch, results, strict=True):
+                if not fut.done():
+                    fut.set_result(result)
+
+    async def _commit_batch(self, ops: list) -> list:
+        def write(db: sqlite3.Connection) -> list:
+            batch = Batch()
+            results = [op(db, batch) for op in ops]
+            self._end_batch(db, batch)
+            return results
+
+        return await self._write(write)
+
+    async def _commit_alone(self, op: Any, fut: asyncio.Future) -> None:
+        try:
+            [result] = await self._commit_batch([op])
+        except BaseException as e:  # the caller gets the error, the drain goes on
+            if not fut.done():
+                fut.set_exception(e)
+            return
+        if not fut.done():
+            fut.set_result(result)
+
+    def _end_batch(self, db: sqlite3.Connection, batch: Batch) -> None:
+        """Write what the batch's operations left for its end (``SQLiteStore`` does)."""
+        raise NotImplementedError

@@ -1,0 +1,276 @@
+"""The SQLite database under the store: connections, transactions, migrations, checkpoints;
+the only module that imports aiosqlite. WAL, one writer, one reader (and key lookups on the
+event loop).
+
+The writer is a plain sqlite3 connection owned here. Its transactions run on the event loop
+itself when the database is free (a group commit is ~50 µs of SQL a run, and a hop to a
+thread cost more: two thread switches, and the GIL fought over with the loop while it
+waited); a transaction that would wait for a lock, fsync each commit (synchronous=FULL) or
+run long (prune, migrations, shutdown) goes to the writer's own thread."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import aiosqlite
+
+from tracker.errors import Unavailable
+from tracker.migrations import LATEST, MIGRATIONS
+
+log = logging.getLogger("tracker.store")
+
+#: how long a write waits for a lock another process holds (on the writer's thread)
+BUSY_TIMEOUT_MS = 10_000
+#: seconds between WAL checkpoints (the writer never checkpoints itself)
+CHECKPOINT_EVERY_S = 1.0
+
+
+def _in_transaction(db: sqlite3.Connection, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+    """``fn`` inside BEGIN IMMEDIATE ... COMMIT, all of it on the connection's own thread."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn(db)
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    return result
+
+
+def _waiting(db: sqlite3.Connection, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(db, *args)`` on the writer's thread, where waiting for a lock is allowed."""
+    db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    try:
+        return fn(db, *args)
+    finally:
+        with contextlib.suppress(sqlite3.ProgrammingError):  # closed by _close_writer
+            db.execute("PRAGMA busy_timeout = 0")
+
+
+def _migrate(db: sqlite3.Connection, version: int) -> None:
+    # one script per version, atomic: triggers hold ";" so it is not split
+    try:
+        db.executescript(f"BEGIN IMMEDIATE;\n{MIGRATIONS[version - 1]}\n"
+                         f"PRAGMA user_version = {version};\nCOMMIT;")
+    except sqlite3.Error:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+
+
+def _close_writer(db: sqlite3.Connection) -> None:
+    # fresh planner statistics (as SQLite recommends before closing), and an empty WAL
+    with contextlib.suppress(sqlite3.Error):
+        # not bounded by analysis_limit: its sampled statistics misled the planner
+        # (a user's runs of one agent went through runs_user: 23 ms instead of 4)
+        db.execute("PRAGMA optimize")
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    db.close()
+
+
+class SQLiteDB:
+    """One SQLite file: its connections and transactions (under ``SQLiteStore`` and the
+    other sqlite_* classes, which have the operations)."""
+
+    def __init__(self, path: str, synchronous: str = "NORMAL") -> None:
+        self.path = path
+        self.synchronous = synchronous
+        self._db: sqlite3.Connection | None = None  # the writer
+        self._writer: ThreadPoolExecutor | None = None  # its thread, for slow transactions
+        self._r: aiosqlite.Connection | None = None
+        self._now: sqlite3.Connection | None = None  # point reads on the loop thread
+        self._lock = asyncio.Lock()
+        self._ck: aiosqlite.Connection | None = None
+        self._checkpointer: asyncio.Task | None = None
+        self.writable = True  # False from a failed write until the next one succeeds
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def _connect(self, cache_mb: int = 8) -> aiosqlite.Connection:
+        db = await aiosqlite.connect(self.path, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        for pragma in self._pragmas(cache_mb):
+            await db.execute(f"PRAGMA {pragma}")
+        return db
+
+    def _pragmas(self, cache_mb: int) -> tuple[str, ...]:
+        return (f"busy_timeout = {BUSY_TIMEOUT_MS}", "journal_mode = WAL",
+                f"synchronous = {self.synchronous}", "foreign_keys = ON",
+                f"cache_size = -{cache_mb * 1024}")
+
+    def _connect_writer(self) -> sqlite3.Connection:
+        # used from the loop and from the writer's thread, never both at once (self._lock)
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.row_factory = sqlite3.Row
+        for pragma in self._pragmas(cache_mb=32):
+            db.execute(f"PRAGMA {pragma}")
+        db.execute("PRAGMA busy_timeout = 0")  # on the loop it must never wait (see _waiting)
+        return db
+
+    async def open(self) -> None:
+        """Connect, and bring the schema to the latest version."""
+        try:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
+            self._db = await self._in_thread(self._connect_writer)
+            await self.migrate()
+            if self.path == ":memory:":
+                return  # one connection: reads go to the writer (see _read)
+            # a second connection for reads: WAL readers never wait for the writer
+            self._r = await self._connect()
+            self._now = self._point_reader()
+            await self._start_checkpoints()
+        except sqlite3.Error as e:
+            raise Unavailable(f"cannot open database {self.path}: {e}") from e
+
+    async def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._writer, fn, *args)
+
+    async def _start_checkpoints(self) -> None:
+        """Checkpoint the WAL from a connection of its own, every second, instead of inside
+        whichever commit crosses the threshold: commits stay short and even."""
+        assert self._db is not None
+        self._db.execute("PRAGMA wal_autocheckpoint = 0")
+        self._ck = await self._connect(cache_mb=2)
+        self._checkpointer = asyncio.create_task(self._checkpoints())
+
+    async def _checkpoints(self) -> None:
+        while True:
+            await asyncio.sleep(CHECKPOINT_EVERY_S)
+            with contextlib.suppress(sqlite3.Error):
+                await self._ck.execute_fetchall("PRAGMA wal_checkpoint(PASSIVE)")
+
+    async def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.cancel()
+            await asyncio.gather(self._checkpointer, return_exceptions=True)
+        if self._db is not None:
+            async with self._lock:
+                await self._in_thread(_waiting, self._db, _close_writer)
+        if self._writer is not None:
+            self._writer.shutdown()
+        for db in {id(c): c for c in (self._ck, self._r) if c}.values():
+            await db.close()
+        if self._now is not None:
+            self._now.close()
+        self._db = self._writer = self._r = self._ck = self._now = None
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], Any], slow: bool = False) -> Any:
+        """Run ``fn`` as one write transaction: on the loop when the database is free (see
+        the module's docstring), else on the writer's thread; ``slow`` ones always there.
+        Storage faults become ``Unavailable`` (503)."""
+        assert self._db is not None, "store is not open"
+        async with self._lock:
+            try:
+                done = None if slow or not self._inline_ok else self._inline(fn)
+                result = done[0] if done else await self._in_thread(
+                    _waiting, self._db, _in_transaction, fn)
+            except (sqlite3.OperationalError, sqlite3.DatabaseError) as e:
+                if isinstance(e, sqlite3.IntegrityError):
+                    raise
+                self.writable = False
+                raise Unavailable(f"database write failed: {e}") from e
+            self.writable = True
+            return result
+
+    @property
+    def _inline_ok(self) -> bool:
+        # with synchronous=FULL every commit waits for the disk: not on the loop
+        return self.synchronous.upper() != "FULL"
+
+    def _inline(self, fn: Callable[[sqlite3.Connection], Any]) -> tuple[Any] | None:
+        """``(result,)`` of ``fn``'s transaction run here, never waiting for a lock (the
+        writer's busy timeout is 0 outside ``_waiting``); None when another connection holds
+        the database: nothing was written."""
+        assert self._db is not None
+        try:
+            return (_in_transaction(self._db, fn),)
+        except sqlite3.OperationalError as e:
+            if e.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:
+                raise
+            return None  # rolled back: the writer's thread runs it again, and waits
+
+    async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        if self._r is None:  # an in-memory database has one connection
+            assert self._db is not None, "store is not open"
+            return self._db.execute(sql, params).fetchall()
+        try:
+            # execute_fetchall: one trip to the connection's thread instead of three
+            return list(await self._r.execute_fetchall(sql, params))
+        except sqlite3.DatabaseError as e:
+            raise Unavailable(f"database read failed: {e}") from e
+
+    def _point_reader(self) -> sqlite3.Connection:
+        """A read-only connection used from the event loop itself, for lookups by a unique
+        key (a few µs of SQL): a round trip to a connection's thread costs ~0.2 ms here,
+        paid by every request for its API key. It never waits for a lock (busy_timeout 0):
+        when busy, the lookup goes to the threaded reader instead."""
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.row_factory = sqlite3.Row
+        for pragma in ("query_only = 1", "busy_timeout = 0", "cache_size = -2048"):
+            db.execute(f"PRAGMA {pragma}")
+        return db
+
+    async def _lookup(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        """A read that an index answers at once (see ``_point_reader``)."""
+        if self._now is not None:
+            try:
+                return self._now.execute(sql, params).fetchall()
+            except sqlite3.OperationalError:
+                pass  # busy (a checkpoint resetting the WAL): the threaded reader waits
+            except sqlite3.DatabaseError as e:
+                raise Unavailable(f"database read failed: {e}") from e
+        return await self._read(sql, params)
+
+    async def ping(self) -> bool:
+        return bool(await self._read("SELECT 1"))
+
+    async def schema_version(self) -> int:
+        return (await self._read("PRAGMA user_version"))[0][0]
+
+    async def migrate(self) -> list[int]:
+        """Apply pending migrations in order, each in its own transaction."""
+        assert self._db is not None
+        current = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if current > LATEST:
+            raise Unavailable(f"database schema v{current} is newer than this tracker (v{LATEST})")
+        applied = []
+        for version in range(current + 1, LATEST + 1):
+            if current:  # some rewrite a table: minutes on a history of millions of runs
+                log.info("migrating database %s to schema v%d", self.path, version)
+            started = time.monotonic()
+            async with self._lock:
+                try:
+                    await self._in_thread(_waiting, self._db, _migrate, version)
+                except sqlite3.Error as e:
+                    raise Unavailable(f"migration to schema v{version} failed: {e}") from e
+            if current:
+                log.info("database at schema v%d (%.1f s)", version, time.monotonic() - started)
+            applied.append(version)
+        return applied
+
+    async def table_counts(self) -> dict[str, int]:
+        tables = ["runs", "run_payloads", "run_events", "users", "api_keys", "deliveries",
+                  "delivery_attempts", "callback_inbox"]
+        return {t: (await self._read(f"SELECT count(*) FROM {t}"))[0][0] for t in tables}
+
+    async def setting(self, key: str, default: str) -> str:
+        """The stored value, storing ``default`` first when there is none."""
+        def write(db: sqlite3.Connection) -> str:
+            db.execute("INSERT OR IGNORE INTO settings VALUES (?, ?)", (key, default))
+            return db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()[0]
+
+        return await self._write(write)
+
+    async def backup(self, path: str) -> None:
+        """A consistent copy of the live database (SQLite's online backup API)."""
+        assert self._r is not None
+        async with aiosqlite.connect(path) as target:
+            await self._r.backup(target)

@@ -1,0 +1,84 @@
+"""The SQLite store's relay outbox: deliveries of finished runs to their callback URLs, and
+each attempt."""
+
+from __future__ import annotations
+
+import sqlite3
+import uuid
+
+from tracker import clock
+from tracker.sqlite_db import SQLiteDB
+from tracker.sqlite_queries import DELIVERY_COLS
+from tracker.store import Delivery, RunRecord
+
+
+class Deliveries(SQLiteDB):
+    """The relay outbox (a base of ``SQLiteStore``)."""
+
+    def _enqueue_delivery(self, db: sqlite3.Connection, run: RunRecord) -> None:
+        db.execute(
+            "INSERT INTO deliveries (id, run_id, user_id, url, next_attempt_at, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (f"msg_{uuid.uuid4().hex}", run.id, run.user_id, run.callback_url, clock.now(),
+             clock.iso()),
+        )
+
+    async def due_deliveries(self, now: float, limit: int) -> list[Delivery]:
+        rows = await self._read(
+            f"SELECT {DELIVERY_COLS} FROM deliveries WHERE state = 'pending'"
+            " AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?", (now, limit)
+        )
+        return [Delivery(**dict(r)) for r in rows]
+
+    async def next_delivery_due(self) -> float | None:
+        rows = await self._read(
+            "SELECT min(next_attempt_at) FROM deliveries WHERE state = 'pending'"
+        )
+        return rows[0][0]
+
+    async def record_attempt(self, delivery_id: str, attempt: dict, state: str,
+                             next_attempt_at: float | None) -> None:
+        finished = clock.iso() if state != "pending" else None
+
+        def write(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT INTO delivery_attempts (delivery_id, at, status_code, latency_ms, error)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (delivery_id, attempt["at"], attempt.get("status_code"),
+                 attempt.get("latency_ms"), attempt.get("error")),
+            )
+            db.execute(
+                "UPDATE deliveries SET attempts = attempts + 1, state = ?, next_attempt_at = ?,"
+                " last_status = ?, last_error = ?, finished_at = ? WHERE id = ?",
+                (state, next_attempt_at, attempt.get("status_code"), attempt.get("error"),
+                 finished, delivery_id),
+            )
+
+        await self._write(write)
+
+    async def deliveries(self, run_id: str) -> list[Delivery]:
+        rows = await self._read(
+            f"SELECT {DELIVERY_COLS} FROM deliveries WHERE run_id = ? ORDER BY created_at",
+            (run_id,),
+        )
+        out = [Delivery(**dict(r)) for r in rows]
+        for d in out:
+            d.attempt_log = [dict(a) for a in await self._read(
+                "SELECT at, status_code, latency_ms, error FROM delivery_attempts"
+                " WHERE delivery_id = ? ORDER BY id", (d.id,))]
+        return out
+
+    async def delivery_state(self, run_id: str) -> str | None:
+        """State of the run's latest delivery (one indexed row, no attempt log)."""
+        rows = await self._read("SELECT state FROM deliveries WHERE run_id = ?"
+                                " ORDER BY created_at DESC LIMIT 1", (run_id,))
+        return rows[0][0] if rows else None
+
+    async def redeliver(self, run_id: str, now: float) -> Delivery | None:
+        """Send the run's latest delivery again (same webhook id, so receivers can dedupe)."""
+        await self._write(lambda db: db.execute(
+            "UPDATE deliveries SET state = 'pending', next_attempt_at = ?, finished_at = NULL"
+            " WHERE id = (SELECT id FROM deliveries WHERE run_id = ?"
+            " ORDER BY created_at DESC LIMIT 1)", (now, run_id)))
+        found = await self.deliveries(run_id)
+        return found[-1] if found else None
