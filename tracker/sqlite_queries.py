@@ -76,7 +76,7 @@ def live_runs(states: Iterable[State], join: str = "") -> tuple[str, tuple[str, 
 
 def _in(column: str, values: Any, where: list[str], params: list[Any]) -> None:
     values = list(values)
-    where.append(f"{column} IN ({','.join('?' * len(values))})")
+    where.append(f"{column} IN ({marks(len(values))})")
     params.extend(values)
 
 
