@@ -25,14 +25,22 @@ def _serve(cfg: Config, args: argparse.Namespace) -> int:
     logs.setup(cfg.logging.level, cfg.logging.format)
     import logging
 
-    logging.getLogger("tracker").info(
-        "tracker %s listening on http://%s:%s, database %s, Letta at %s", __version__,
-        cfg.server.host, cfg.server.port, cfg.database.url, cfg.letta.base_url)
+    log = logging.getLogger("tracker")
+    log.info("tracker %s starting: database %s, Letta at %s", __version__, cfg.database.url,
+             cfg.letta.base_url)
     # run_app handles SIGINT/SIGTERM: stops accepting, lets requests finish, runs cleanups
     app = create_app(cfg)
     app.on_startup.append(_freeze_gc)
-    web.run_app(app, host=cfg.server.host, port=cfg.server.port,
-                print=None, shutdown_timeout=10.0, access_log=None)
+    # run_app calls ``print`` once the port is open: after start-up, migrations included
+    listening = lambda _: log.info("tracker listening on http://%s:%s",  # noqa: E731
+                                   cfg.server.host, cfg.server.port)
+    try:
+        web.run_app(app, host=cfg.server.host, port=cfg.server.port,
+                    print=listening, shutdown_timeout=10.0, access_log=None)
+    except OSError as e:  # the port taken, or the address not this machine's
+        log.error("cannot listen on %s:%s: %s", cfg.server.host, cfg.server.port,
+                  e.strerror or e)
+        return 1
     return 0
 
 

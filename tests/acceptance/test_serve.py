@@ -56,8 +56,10 @@ async def test_serve_starts_with_no_config_and_stops_cleanly(tmp_path: Path):
         if proc.returncode is None:
             proc.kill()
     assert proc.returncode == 0, out
-    assert f"listening on http://127.0.0.1:{port}" in out
     assert "database sqlite:///tracker.db" in out and "Letta at http://localhost:8283" in out
+    # said once start-up (migrations included) is done, not before
+    assert out.index("first start: created admin API key") < out.index(
+        f"listening on http://127.0.0.1:{port}")
     assert "first start: created admin API key" in out
     assert "tracker stopped; database closed" in out
     assert "Traceback" not in out
@@ -82,6 +84,20 @@ async def test_bad_config_stops_startup_with_one_line(tmp_path: Path):
         assert proc.returncode == 2, err
         assert len(lines) == 1 and lines[0].startswith("tracker: "), lines
         assert "Traceback" not in err.decode()
+
+
+async def test_a_taken_port_stops_startup_with_one_error_line(tmp_path: Path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tracker", "serve", "--port", str(port), cwd=tmp_path,
+            env=clean_env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        out = (await asyncio.wait_for(proc.communicate(), 20))[0].decode()
+    assert proc.returncode == 1, out
+    assert f"cannot listen on 127.0.0.1:{port}" in out and "address already in use" in out
+    assert "listening on" not in out and "Traceback" not in out
 
 
 async def test_keys_create_prints_the_key_last_and_db_status(tmp_path: Path):
