@@ -317,6 +317,38 @@ async def test_callback_inbox_files_only_callbacks_naming_the_runs_own_letta_run
     assert [i.id for i in await store.inbox(10)] == [filed[1].id]
 
 
+async def test_live_runs_letta_ids_are_known_without_a_lookup_even_after_a_restart(
+        store, tmp_path):
+    """Filing checks a callback's Letta run against its run's; for live runs that comes from
+    memory (kept from each committed change, reloaded on open), not from the runs table."""
+    live, finished = await submit(store), await submit(store, agent=A2)
+    await store.claim(serial=False, now=clock.now())
+    for run, letta_id in ((live, "run-l1"), (finished, "run-l2")):
+        await store.transition(run.id, State.SUBMITTED, (State.SUBMITTING,),
+                               {"letta_run_id": letta_id}, None)
+    await store.transition(finished.id, State.DONE, (State.SUBMITTED,), {}, None)
+    looked_up: list[str] = []
+
+    async def verdicts(s) -> list[str]:
+        s._db.set_trace_callback(lambda sql: looked_up.append(sql) if "FROM runs" in sql
+                                 else None)
+        return list(await asyncio.gather(s.accept_callback(live.id, "run-l1", b"{}"),
+                                         s.accept_callback(live.id, "run-x", b"{}")))
+
+    assert await verdicts(store) == [Verdict.ACCEPTED, Verdict.OTHER_RUN] and not looked_up
+    # a finished run's is not kept: a late duplicate is checked against the database
+    assert await store.accept_callback(finished.id, "run-l2", b"{}") == Verdict.ACCEPTED
+    assert len(looked_up) == 1
+    reopened = open_store(f"sqlite:///{tmp_path / 'store.db'}")
+    await reopened.open()
+    try:
+        looked_up.clear()
+        assert await verdicts(reopened) == [Verdict.ACCEPTED, Verdict.OTHER_RUN]
+        assert not looked_up
+    finally:
+        await reopened.close()
+
+
 async def test_point_reads_on_the_loop_fall_back_to_the_reader_when_busy(store):
     run = await submit(store)
 

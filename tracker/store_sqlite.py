@@ -227,7 +227,10 @@ class SQLiteStore(RunReads, CallbackInbox, Accounts, Deliveries, GroupCommit):
                 self._enqueue_delivery(db, run)
             return run
 
-        return await self._batched(op)
+        run = await self._batched(op)
+        if run is not None:
+            self._remember((run,))  # committed: the callback inbox may rely on it
+        return run
 
     def _end_batch(self, db: sqlite3.Connection, batch: Batch) -> None:
         _insert_events(db, batch.events)
