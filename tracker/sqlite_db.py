@@ -28,6 +28,8 @@ log = logging.getLogger("tracker.store")
 
 #: how long a write waits for a lock another process holds (on the writer's thread)
 BUSY_TIMEOUT_MS = 10_000
+#: how long closing waits for another process's lock before it skips its upkeep
+CLOSE_WAIT_MS = 1_000
 #: seconds between WAL checkpoints (the writer never checkpoints itself)
 CHECKPOINT_EVERY_S = 1.0
 
@@ -67,7 +69,10 @@ def _migrate(db: sqlite3.Connection, version: int) -> None:
 
 
 def _close_writer(db: sqlite3.Connection) -> None:
-    # fresh planner statistics (as SQLite recommends before closing), and an empty WAL
+    # fresh planner statistics (as SQLite recommends before closing), and an empty WAL; both
+    # optional, so another process's lock is waited for briefly (the service's transactions
+    # take milliseconds), not for the full busy timeout: a CLI command exits at once
+    db.execute(f"PRAGMA busy_timeout = {CLOSE_WAIT_MS}")
     with contextlib.suppress(sqlite3.Error):
         # not bounded by analysis_limit: its sampled statistics misled the planner
         # (a user's runs of one agent went through runs_user: 23 ms instead of 4)
@@ -153,7 +158,7 @@ class SQLiteDB:
             await asyncio.gather(self._checkpointer, return_exceptions=True)
         if self._db is not None:
             async with self._lock:
-                await self._in_thread(_waiting, self._db, _close_writer)
+                await self._in_thread(_close_writer, self._db)
         if self._writer is not None:
             self._writer.shutdown()
         for db in {id(c): c for c in (self._ck, self._r) if c}.values():
