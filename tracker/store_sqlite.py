@@ -229,7 +229,7 @@ class SQLiteStore(RunReads, CallbackInbox, Accounts, Deliveries, GroupCommit):
 
         run = await self._batched(op)
         if run is not None:
-            self._remember((run,))  # committed: the callback inbox may rely on it
+            self._remember(run)  # committed: the callback inbox may rely on it
         return run
 
     def _end_batch(self, db: sqlite3.Connection, batch: Batch) -> None:
