@@ -193,10 +193,9 @@ class Applier:
         which the state machine records as a duplicate observation, nothing more."""
         runs = await self.store.runs_by_id([i.run_id for i in items])
         done = await asyncio.gather(*(self._apply_one(i, runs.get(i.run_id)) for i in items))
-        await self.store.forget_callbacks([i.id for i, ok in zip(items, done, strict=True)
-                                           if ok])
-        self.manager.callback_filed.difference_update(
-            i.run_id for i, ok in zip(items, done, strict=True) if ok)
+        applied = [i for i, ok in zip(items, done, strict=True) if ok]
+        await self.store.forget_callbacks([i.id for i in applied])
+        self.manager.callback_filed.difference_update(i.run_id for i in applied)
         return all(done)
 
     async def _apply_one(self, item: InboxItem, run: RunRecord | None) -> bool:

@@ -30,7 +30,7 @@ def _serve(cfg: Config, args: argparse.Namespace) -> int:
              cfg.letta.base_url)
     # run_app handles SIGINT/SIGTERM: stops accepting, lets requests finish, runs cleanups
     app = create_app(cfg)
-    app.on_startup.append(_freeze_gc)
+    app.on_startup.append(_tune_gc)
     # run_app calls ``print`` once the port is open: after start-up, migrations included
     listening = lambda _: log.info("tracker listening on http://%s:%s",  # noqa: E731
                                    cfg.server.host, cfg.server.port)
@@ -44,7 +44,7 @@ def _serve(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _freeze_gc(app: web.Application) -> None:
+async def _tune_gc(app: web.Application) -> None:
     # everything built at start-up lives as long as the process: keep it out of the full
     # collections that would otherwise stall a request for ~20 ms each (see BENCHMARKS.md)
     gc.collect()

@@ -53,8 +53,7 @@ def _waiting(db: sqlite3.Connection, fn: Callable[..., Any], *args: Any) -> Any:
     try:
         return fn(db, *args)
     finally:
-        with contextlib.suppress(sqlite3.ProgrammingError):  # closed by _close_writer
-            db.execute("PRAGMA busy_timeout = 0")
+        db.execute("PRAGMA busy_timeout = 0")
 
 
 def _migrate(db: sqlite3.Connection, version: int) -> None:
