@@ -320,8 +320,8 @@ async def test_callback_inbox_files_only_callbacks_naming_the_runs_own_letta_run
 async def test_live_runs_letta_ids_are_known_without_a_lookup_even_after_a_restart(
         store, tmp_path):
     """Filing checks a callback's Letta run against its run's; for live runs that comes from
-    memory (kept from each committed change, loaded at the first callback after a start),
-    not from the runs table."""
+    memory (kept from each committed change, loaded once after a start: by the service as it
+    starts, or else by the first callback), not from the runs table."""
     live, finished = await submit(store), await submit(store, agent=A2)
     await store.claim(serial=False, now=clock.now())
     for run, letta_id in ((live, "run-l1"), (finished, "run-l2")):

@@ -111,7 +111,7 @@ async def _background_ctx(app: web.Application) -> AsyncIterator[None]:
     svc = app[SERVICES]
     await svc.relay.start()
     retention = Retention(svc.cfg.retention, svc.store)
-    tasks = [_task(svc.applier.run(), "callback-applier"),
+    tasks = [_task(svc.store.warm_up(), "warm-up"), _task(svc.applier.run(), "callback-applier"),
              _task(_reconcile_then_run(svc), "dispatcher"), _task(svc.poller.run(), "poller"),
              _task(svc.relay.run(), "relay"), _task(retention.run(), "retention")]
     yield

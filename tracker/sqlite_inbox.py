@@ -44,9 +44,21 @@ class CallbackInbox(GroupCommit):
         self._letta_ids: dict[str, str] = {}
         self._loaded: asyncio.Task | None = None
 
+    async def close(self) -> None:
+        if self._loaded is not None:  # a load still running would read a closed database
+            self._loaded.cancel()
+            await asyncio.gather(self._loaded, return_exceptions=True)
+        await super().close()
+
+    async def warm_up(self) -> None:
+        """Load the live runs' Letta ids, once: the service starts this at start-up (not
+        ``open``, which every CLI command pays: ~150 ms for 60,000 live runs), so that the
+        first callbacks after a start do not wait for it (they held p99 at ~170 ms)."""
+        if self._loaded is None:
+            self._loaded = asyncio.create_task(self._load_letta_ids())
+        await asyncio.shield(self._loaded)  # a cancelled caller leaves the load to the rest
+
     async def _load_letta_ids(self) -> None:
-        """The live runs' Letta ids from the database: once, when the first callback comes
-        (not on open, which every CLI command pays: ~150 ms for 60,000 live runs)."""
         live, states = live_runs(LANE_BUSY)  # the runs Letta may call back about
         try:
             rows = await self._read(f"SELECT id, letta_run_id FROM {live}"
@@ -72,9 +84,7 @@ class CallbackInbox(GroupCommit):
                               verified: bool = False) -> str:
         """Check the callback against its run and append it to the inbox, committed before
         this returns. Callbacks arriving together share one lookup, insert and commit."""
-        if self._loaded is None:
-            self._loaded = asyncio.create_task(self._load_letta_ids())
-        await self._loaded  # the first callbacks after a start wait for it, once
+        await self.warm_up()  # done at start-up; a callback in the first moments waits
         item = _Callback(run_id, letta_run_id, body, verified)
 
         def op(db: sqlite3.Connection, batch: Batch) -> _Callback:
