@@ -216,6 +216,8 @@ async def test_a_callback_answered_before_a_crash_is_applied_on_the_next_start(
     body = callback_json(sim.store.get(letta_id), "completed", "end_turn", utcnow())
     resp = await t.client.post(f"/callbacks/letta/{t.svc.signer.token(run['id'])}", json=body)
     assert resp.status == 200 and await t.svc.store.inbox_depth() == 1
+    assert resp.content_type == "application/json" and resp.charset == "utf-8"
+    assert await resp.json() == {"run_id": run["id"], "accepted": True}
     assert (await t.run(run["id"]))["tracker"]["state"] == "submitted"
     await t.client.close()
     # Letta is out of reach after the restart: only the inbox can tell the outcome

@@ -193,7 +193,8 @@ async def stats(request: web.Request) -> web.Response:
 
 async def letta_callback(request: web.Request) -> web.Response:
     svc = _svc(request)
-    return _json(await callbacks.receive(request, svc.signer, svc.manager, svc.applier))
+    run_id = await callbacks.receive(request, svc.signer, svc.manager, svc.applier)
+    return callbacks.accepted(run_id)
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -84,7 +84,8 @@ class CallbackInbox(GroupCommit):
                               verified: bool = False) -> str:
         """Check the callback against its run and append it to the inbox, committed before
         this returns. Callbacks arriving together share one lookup, insert and commit."""
-        await self.warm_up()  # done at start-up; a callback in the first moments waits
+        if self._loaded is None or not self._loaded.done():
+            await self.warm_up()  # done at start-up; a callback in the first moments waits
         item = _Callback(run_id, letta_run_id, body, verified)
 
         def op(db: sqlite3.Connection, batch: Batch) -> _Callback:
