@@ -41,6 +41,10 @@ class Processes:
         for c in self.clients:
             await c.close()
         for t in self.trackers:
+            if t.proc is not None and not t.proc.alive:
+                # shown with a failed test's output: why a tracker stopped answering
+                print(f"tracker at {t.url} exited ({t.proc.proc.returncode}); its log ends:\n"
+                      + t.log_text()[-3000:])
             await t.kill()
         for s in self.sims:
             await s.close()
