@@ -56,7 +56,8 @@ class CallbackInbox(GroupCommit):
         first callbacks after a start do not wait for it (they held p99 at ~170 ms)."""
         if self._loaded is None:
             self._loaded = asyncio.create_task(self._load_letta_ids())
-        await asyncio.shield(self._loaded)  # a cancelled caller leaves the load to the rest
+        if not self._loaded.done():  # once it is, filing pays no shield and no await
+            await asyncio.shield(self._loaded)  # a cancelled caller leaves the load be
 
     async def _load_letta_ids(self) -> None:
         live, states = live_runs(LANE_BUSY)  # the runs Letta may call back about
@@ -84,8 +85,7 @@ class CallbackInbox(GroupCommit):
                               verified: bool = False) -> str:
         """Check the callback against its run and append it to the inbox, committed before
         this returns. Callbacks arriving together share one lookup, insert and commit."""
-        if self._loaded is None or not self._loaded.done():
-            await self.warm_up()  # done at start-up; a callback in the first moments waits
+        await self.warm_up()  # done at start-up; a callback in the first moments waits
         item = _Callback(run_id, letta_run_id, body, verified)
 
         def op(db: sqlite3.Connection, batch: Batch) -> _Callback:
