@@ -26,8 +26,9 @@ def _serve(cfg: Config, args: argparse.Namespace) -> int:
     import logging
 
     log = logging.getLogger("tracker")
-    log.info("tracker %s starting: database %s, Letta at %s", __version__, cfg.database.url,
-             cfg.letta.base_url)
+    loop = event_loop(cfg.server.event_loop)
+    log.info("tracker %s starting: database %s, Letta at %s, event loop %s", __version__,
+             cfg.database.url, cfg.letta.base_url, type(loop).__module__.split(".")[0])
     # run_app handles SIGINT/SIGTERM: stops accepting, lets requests finish, runs cleanups
     app = create_app(cfg)
     app.on_startup.append(_tune_gc)
@@ -36,12 +37,28 @@ def _serve(cfg: Config, args: argparse.Namespace) -> int:
                                    cfg.server.host, cfg.server.port)
     try:
         web.run_app(app, host=cfg.server.host, port=cfg.server.port,
-                    print=listening, shutdown_timeout=10.0, access_log=None)
+                    print=listening, shutdown_timeout=10.0, access_log=None, loop=loop)
     except OSError as e:  # the port taken, or the address not this machine's
         log.error("cannot listen on %s:%s: %s", cfg.server.host, cfg.server.port,
                   e.strerror or e)
         return 1
     return 0
+
+
+def event_loop(choice: str) -> asyncio.AbstractEventLoop:
+    """The service's event loop: uvloop when asked for, or ("auto") when it is installed.
+    The same asyncio API with its loop, transports and futures in C: ~25% less CPU per
+    callback answered (see BENCHMARKS.md); "asyncio" is the fallback if uvloop misbehaves."""
+    if choice != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                raise ConfigError('server.event_loop is "uvloop" but uvloop is not installed'
+                                  " (pip install uvloop)") from None
+        else:
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
 
 
 async def _tune_gc(app: web.Application) -> None:

@@ -24,6 +24,7 @@ class ServerConfig(Section):
     port: int = Field(8080, ge=0, le=65535)
     public_url: str = ""
     max_body_bytes: int = Field(1_048_576, ge=1024)
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
 
 
 class LettaConfig(Section):

@@ -11,6 +11,9 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import pytest
+
+from tracker.errors import ConfigError
 
 
 def free_port() -> int:
@@ -39,28 +42,38 @@ async def wait_healthy(url: str, timeout: float = 15.0) -> dict:
             await asyncio.sleep(0.1)
 
 
-async def test_serve_starts_with_no_config_and_stops_cleanly(tmp_path: Path):
+async def serve_until_sigterm(tmp_path: Path, check, **env: str) -> tuple[int, str, str]:
+    """``tracker serve`` in ``tmp_path``: once healthy, ``check(url, health)``, then SIGTERM;
+    returns its exit code, everything it printed, and its URL."""
     port = free_port()
+    url = f"http://127.0.0.1:{port}"
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tracker", "serve", "--port", str(port), cwd=tmp_path,
-        env=clean_env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        env=clean_env(**env), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     try:
-        health = await wait_healthy(f"http://127.0.0.1:{port}")
-        assert health["database"] is True and health["version"]
-        async with aiohttp.ClientSession() as http, \
-                http.get(f"http://127.0.0.1:{port}/v1/runs") as resp:
-            assert resp.status == 401
+        await check(url, await wait_healthy(url))
         proc.send_signal(signal.SIGTERM)
         out = (await asyncio.wait_for(proc.communicate(), 20))[0].decode()
     finally:
         if proc.returncode is None:
             proc.kill()
-    assert proc.returncode == 0, out
+    assert proc.returncode is not None
+    return proc.returncode, out, url
+
+
+async def test_serve_starts_with_no_config_and_stops_cleanly(tmp_path: Path):
+    async def check(url: str, health: dict) -> None:
+        assert health["database"] is True and health["version"]
+        async with aiohttp.ClientSession() as http, http.get(f"{url}/v1/runs") as resp:
+            assert resp.status == 401
+
+    code, out, url = await serve_until_sigterm(tmp_path, check)
+    assert code == 0, out
     assert "database sqlite:///tracker.db" in out and "Letta at http://localhost:8283" in out
+    assert "event loop uvloop" in out  # installed with the tracker: the default
     # said once start-up (migrations included) is done, not before
     assert out.index("first start: created admin API key") < out.index(
-        f"listening on http://127.0.0.1:{port}")
-    assert "first start: created admin API key" in out
+        f"listening on {url}")
     assert "tracker stopped; database closed" in out
     assert "Traceback" not in out
     # the default database sits in the working directory and was closed cleanly
@@ -70,10 +83,39 @@ async def test_serve_starts_with_no_config_and_stops_cleanly(tmp_path: Path):
         (tmp_path / "tracker.db-wal").stat().st_size == 0
 
 
+async def test_serve_runs_on_pythons_own_loop_when_configured(tmp_path: Path):
+    async def check(url: str, health: dict) -> None:
+        assert health["database"] is True
+
+    code, out, _ = await serve_until_sigterm(tmp_path, check,
+                                             TRACKER_SERVER__EVENT_LOOP="asyncio")
+    assert code == 0, out
+    assert "event loop asyncio" in out and "tracker stopped; database closed" in out
+
+
+def test_event_loop_choice(monkeypatch):
+    import uvloop
+
+    from tracker.cli import event_loop
+
+    for choice, kind in (("auto", uvloop.Loop), ("uvloop", uvloop.Loop),
+                         ("asyncio", asyncio.BaseEventLoop)):
+        loop = event_loop(choice)
+        assert isinstance(loop, kind) and (kind is uvloop.Loop) == isinstance(loop, uvloop.Loop)
+        loop.close()
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as if not installed
+    loop = event_loop("auto")
+    assert type(loop).__module__.startswith("asyncio")
+    loop.close()
+    with pytest.raises(ConfigError, match='server.event_loop is "uvloop" but uvloop is not'):
+        event_loop("uvloop")
+
+
 async def test_bad_config_stops_startup_with_one_line(tmp_path: Path):
     (tmp_path / "bad.toml").write_text('[polling]\nmin_interval_s = "often"\n')
     for args, env in ((["--config", "bad.toml"], {}),
                       ([], {"TRACKER_SERVER__PORT": "not-a-port"}),
+                      ([], {"TRACKER_SERVER__EVENT_LOOP": "fastest"}),
                       (["--config", "missing.toml"], {})):
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "tracker", "serve", *args, cwd=tmp_path,
