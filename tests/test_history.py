@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from openapi_spec_validator import validate as validate_openapi
 
 from tests.conftest import eventually
@@ -179,3 +181,26 @@ async def test_relay_state_is_shown_for_one_run_and_never_guessed(start_tracker,
     await eventually(delivered)
     [listed] = await (await t.get("/v1/runs")).json()
     assert listed["tracker"]["relay"] is None  # listings do not look it up
+
+
+async def test_answers_are_utf8_json_and_keep_any_text(start_tracker, sim, agent):
+    t = await start_tracker()
+    text = 'héllo ✓ 日本 "quoted" \\ back\tslash \U0001F600 \u2028'
+    run = await t.submit(agent, text)
+    await t.wait_state(run["id"], "done")
+    for path in ("/v1/runs", f"/v1/runs/{run['id']}", f"/v1/runs/{run['id']}/messages"):
+        resp = await t.get(path)
+        assert resp.content_type == "application/json" and resp.charset == "utf-8", path
+        raw = await resp.read()
+        assert json.loads(raw.decode("utf-8")) == await resp.json(), path
+    # the user's text comes back intact, whatever its characters (the simulator echoes it)
+    messages = await (await t.get(f"/v1/runs/{run['id']}/messages")).json()
+    assert text in strings(messages), messages
+
+
+def strings(value) -> list[str]:
+    """Every string in a JSON document."""
+    if isinstance(value, str):
+        return [value]
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else []
+    return [s for v in items for s in strings(v)]
