@@ -10,11 +10,12 @@ handler uvloop gains little: aiohttp's parser and the handler dominate).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 
 from aiohttp import web
+
+from tracker.cli import event_loop
 
 
 async def callback(request: web.Request) -> web.Response:
@@ -30,12 +31,7 @@ def main() -> None:
     app = web.Application(client_max_size=1_048_576)
     app.router.add_post("/callbacks/letta/{token}", callback)
     app.router.add_get("/healthz", healthz)
-    if sys.argv[2:] == ["uvloop"]:
-        import uvloop
-
-        loop = uvloop.new_event_loop()
-    else:
-        loop = asyncio.new_event_loop()
+    loop = event_loop(sys.argv[2] if len(sys.argv) > 2 else "asyncio")  # the tracker's choice
     web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None,
                 loop=loop)
 

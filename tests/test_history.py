@@ -7,6 +7,7 @@ import json
 from openapi_spec_validator import validate as validate_openapi
 
 from tests.conftest import eventually
+from tests.test_letta_request import walk
 from tracker import auth
 
 
@@ -195,12 +196,4 @@ async def test_answers_are_utf8_json_and_keep_any_text(start_tracker, sim, agent
         assert json.loads(raw.decode("utf-8")) == await resp.json(), path
     # the user's text comes back intact, whatever its characters (the simulator echoes it)
     messages = await (await t.get(f"/v1/runs/{run['id']}/messages")).json()
-    assert text in strings(messages), messages
-
-
-def strings(value) -> list[str]:
-    """Every string in a JSON document."""
-    if isinstance(value, str):
-        return [value]
-    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else []
-    return [s for v in items for s in strings(v)]
+    assert any(text in node.values() for node in walk(messages)), messages

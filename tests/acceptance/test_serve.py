@@ -101,7 +101,8 @@ def test_event_loop_choice(monkeypatch):
     for choice, kind in (("auto", uvloop.Loop), ("uvloop", uvloop.Loop),
                          ("asyncio", asyncio.BaseEventLoop)):
         loop = event_loop(choice)
-        assert isinstance(loop, kind) and (kind is uvloop.Loop) == isinstance(loop, uvloop.Loop)
+        assert isinstance(loop, kind), choice
+        assert isinstance(loop, uvloop.Loop) == (choice != "asyncio"), choice
         loop.close()
     monkeypatch.setitem(sys.modules, "uvloop", None)  # as if not installed
     loop = event_loop("auto")
