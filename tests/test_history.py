@@ -9,6 +9,7 @@ from openapi_spec_validator import validate as validate_openapi
 from tests.conftest import eventually
 from tests.test_letta_request import walk
 from tracker import auth
+from tracker.serialize import json_response
 
 
 async def user_key(t, name: str, admin: bool = False) -> str:
@@ -197,3 +198,11 @@ async def test_answers_are_utf8_json_and_keep_any_text(start_tracker, sim, agent
     # the user's text comes back intact, whatever its characters (the simulator echoes it)
     messages = await (await t.get(f"/v1/runs/{run['id']}/messages")).json()
     assert any(text in node.values() for node in walk(messages)), messages
+
+
+def test_what_orjson_refuses_is_still_answered_as_json():
+    # Letta's own answers may hold what orjson will not encode (read back from Letta's JSON)
+    data = {"big": 2**70, "half": "a \ud800 pair", "text": "héllo"}
+    resp = json_response(data)
+    assert (resp.status, resp.charset) == (200, "utf-8")
+    assert json.loads(resp.body.decode("utf-8")) == data

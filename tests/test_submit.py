@@ -92,6 +92,12 @@ async def test_refusals_record_and_send_nothing(start_tracker, sim, agent):
                                headers={"Authorization": f"Bearer {t.key}",
                                         "Content-Type": "application/json"})
     assert resp.status == 400
+    # half a surrogate pair: valid JSON syntax, but no UTF-8 text can hold it
+    resp = await t.client.post(f"/v1/agents/{agent}/messages/async",
+                               data=b'{"input": "half \\ud800 a pair"}',
+                               headers={"Authorization": f"Bearer {t.key}",
+                                        "Content-Type": "application/json"})
+    assert resp.status == 400 and "surrogate" in (await resp.json())["detail"]
     resp = await t.post("/v1/agents/not-an-agent/messages/async", {"input": "x"})
     assert resp.status == 422
     assert (await resp.json())["detail"][0]["loc"] == ["path", "agent_id"]

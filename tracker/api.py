@@ -6,7 +6,6 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from tracker import __version__, callbacks, clock, parsing
@@ -25,7 +24,7 @@ from tracker.models import (
     UsageOut,
 )
 from tracker.relay_guard import RefusedDestination, check_url
-from tracker.serialize import delivery_out, event_out, page, run_out
+from tracker.serialize import delivery_out, event_out, json_response, page, run_out
 from tracker.states import State
 from tracker.stats import summarize
 from tracker.store import RunFilter, RunRecord, User
@@ -68,13 +67,6 @@ async def _run_or_404(request: web.Request, full: bool = False) -> RunRecord:
     return run
 
 
-def _json(data: Any, status: int = 200) -> web.Response:
-    # orjson: a page of 100 runs (~110 KB) encodes in ~0.05 ms, where json.dumps took ~0.65
-    # (a fifth of the tracker's time serving history); same JSON, UTF-8 not \u-escaped
-    return web.Response(body=orjson.dumps(data), status=status,
-                        content_type="application/json", charset="utf-8")
-
-
 # --- submit and cancel ---------------------------------------------------------------------
 
 async def submit(request: web.Request) -> web.Response:
@@ -90,7 +82,7 @@ async def submit(request: web.Request) -> web.Response:
         run = await svc.dispatcher.dispatch_inline(run)
     if run.state is State.REJECTED:
         raise LettaError(run.error_code or 400, _detail(run.error))
-    return _json(run_out(run))
+    return json_response(run_out(run))
 
 
 def _check_callback_url(body: dict, allow_private: bool) -> None:
@@ -116,7 +108,7 @@ async def cancel(request: web.Request) -> web.Response:
     agent_id = parsing.agent_id(request)
     body = parsing.validate(CancelRequest, await parsing.read_json(request, optional=True) or {})
     answers = await _svc(request).manager.cancel(_user(request), agent_id, body.run_ids)
-    return _json(answers)
+    return json_response(answers)
 
 
 # --- history -------------------------------------------------------------------------------
@@ -147,36 +139,36 @@ def _iso(value: str | None, name: str) -> str | None:
 async def list_runs(request: web.Request) -> web.Response:
     flt = run_filter(request, parsing.query(request, RunListParams))
     runs = await _svc(request).store.list_runs(flt)
-    return _json([run_out(r) for r in runs])
+    return json_response([run_out(r) for r in runs])
 
 
 async def get_run(request: web.Request) -> web.Response:
     run = await _run_or_404(request)
     relay = await _svc(request).store.delivery_state(run.id) if run.callback_url else None
-    return _json(run_out(run, relay))
+    return json_response(run_out(run, relay))
 
 
 async def run_messages(request: web.Request) -> web.Response:
     p = parsing.query(request, MessageListParams)
     run = await _run_or_404(request, full=True)
-    return _json(page(run.messages or [], p.before, p.after, p.limit, p.order == "asc"))
+    return json_response(page(run.messages or [], p.before, p.after, p.limit, p.order == "asc"))
 
 
 async def run_usage(request: web.Request) -> web.Response:
     run = await _run_or_404(request, full=True)
     usage = run.usage or {"completion_tokens": 0, "prompt_tokens": 0, "total_tokens": 0,
                           "prompt_tokens_details": None, "completion_tokens_details": None}
-    return _json(usage)
+    return json_response(usage)
 
 
 async def run_events(request: web.Request) -> web.Response:
     run = await _run_or_404(request)
-    return _json([event_out(e) for e in await _svc(request).store.events(run.id)])
+    return json_response([event_out(e) for e in await _svc(request).store.events(run.id)])
 
 
 async def run_deliveries(request: web.Request) -> web.Response:
     run = await _run_or_404(request)
-    return _json([delivery_out(d) for d in await _svc(request).store.deliveries(run.id)])
+    return json_response([delivery_out(d) for d in await _svc(request).store.deliveries(run.id)])
 
 
 async def redeliver(request: web.Request) -> web.Response:
@@ -185,11 +177,11 @@ async def redeliver(request: web.Request) -> web.Response:
     if delivery is None:
         raise NotFound("this run has no delivery to send again")
     _svc(request).manager.relay_wakeup.set()
-    return _json(delivery_out(delivery), status=202)
+    return json_response(delivery_out(delivery), status=202)
 
 
 async def stats(request: web.Request) -> web.Response:
-    return _json(summarize(await _svc(request).store.stats(_scope(request))))
+    return json_response(summarize(await _svc(request).store.stats(_scope(request))))
 
 
 # --- Letta's callback and operations -------------------------------------------------------
@@ -208,7 +200,7 @@ async def healthz(request: web.Request) -> web.Response:
     except TrackerError:
         ok = False
     body = {"status": "ok" if ok else "degraded", "database": ok, "version": __version__}
-    return _json(body, status=200 if ok else 503)
+    return json_response(body, status=200 if ok else 503)
 
 
 async def metrics(request: web.Request) -> web.StreamResponse:
@@ -222,7 +214,7 @@ async def metrics(request: web.Request) -> web.StreamResponse:
 async def openapi(request: web.Request) -> web.Response:
     from tracker.openapi import document
 
-    return _json(document(ROUTES))
+    return json_response(document(ROUTES))
 
 
 RUN = "/v1/runs/{run_id}"

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from tracker.errors import TrackerError, Unauthorized, error_body
+from tracker.serialize import json_response
 
 log = logging.getLogger("tracker.api")
 
@@ -18,7 +19,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _json_error(status: int, detail: object) -> web.Response:
-    return web.json_response(error_body(status, detail), status=status)
+    return json_response(error_body(status, detail), status=status)
 
 
 @web.middleware

@@ -31,11 +31,31 @@ def loads(raw: bytes, what: str = "request body") -> Any:
         data = json.loads(raw)
     except (ValueError, RecursionError):
         raise BadRequest(f"{what} is not valid JSON") from None
+    # JSON's \u escapes can spell half of a surrogate pair, which no UTF-8 text (our
+    # database, our answers, Letta's) can hold; only bodies with such an escape are walked
+    if (b"\\ud" in raw or b"\\uD" in raw) and _holds_lone_surrogate(data):
+        raise BadRequest(f"{what} is not valid JSON: a \\u escape is half of a surrogate pair")
     # nesting deeper than MAX_DEPTH needs more opening brackets than that: counting them
     # (in C) spares most bodies the walk
     if raw.count(b"{") + raw.count(b"[") > MAX_DEPTH and _depth_exceeds(data, MAX_DEPTH):
         raise BadRequest(f"{what} is nested more than {MAX_DEPTH} levels deep")
     return data
+
+
+def _holds_lone_surrogate(data: Any) -> bool:
+    stack = [data]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            try:
+                node.encode()
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(node, dict):
+            stack.extend((*node.keys(), *node.values()))
+        elif isinstance(node, list):
+            stack.extend(node)
+    return False
 
 
 def _depth_exceeds(data: Any, limit: int) -> bool:
