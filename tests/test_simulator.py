@@ -531,6 +531,19 @@ async def test_callback_delay(client, agent, receiver, sim):
     assert lag.total_seconds() >= 0.35
 
 
+async def test_answer_time_delays_the_answer_not_the_run(client, agent, sim):
+    sim.set_faults(answer_time_s=(0.3, 0.3))
+    started = asyncio.get_running_loop().time()
+    answer = asyncio.ensure_future(submit(client, agent))
+    await eventually(lambda: list(sim.store.runs()))  # created before it answers
+    assert not answer.done()
+    run = await answer
+    assert asyncio.get_running_loop().time() - started >= 0.3
+    assert run["id"] == next(iter(sim.store.runs())).id
+    with pytest.raises(ValueError, match="answer_time_s must satisfy"):
+        sim.set_faults(answer_time_s=(0.2, 0.1))
+
+
 async def test_api_429_with_retry_after(client, agent, sim):
     sim.set_faults(api_429_rate=1.0, retry_after_s=2)
     response = await client.post(f"/v1/agents/{agent}/messages/async", json={"input": "x"})
@@ -688,12 +701,15 @@ def test_command_line_options_build_faults():
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args(["--port", "0", "--seed", "3", "--agents", "2", "--callback-drop",
-                              "0.5", "--run-duration", "0.1", "0.2", "--api-5xx-rate", "0.1"])
+                              "0.5", "--run-duration", "0.1", "0.2", "--api-5xx-rate", "0.1",
+                              "--answer-time", "0.05", "0.11"])
     assert (args.port, args.seed, args.agents) == (0, 3, 2)
     faults = faults_from_args(args)
     assert (faults.callback_drop, faults.run_duration_s, faults.api_5xx_rate) == (
         0.5, (0.1, 0.2), 0.1)
+    assert faults.answer_time_s == (0.05, 0.11)
     assert faults.fail_rate == 0.0 and parser.parse_args([]).port == 8283
+    assert faults_from_args(parser.parse_args([])).answer_time_s == (0.0, 0.0)
 
 
 async def test_module_serves_from_the_command_line():

@@ -18,6 +18,7 @@ _FAULT_OPTIONS = {
     "callback_delay": "callback_delay_s",
     "callback_lag": "callback_lag_s",
     "run_duration": "run_duration_s",
+    "answer_time": "answer_time_s",
     "fail_rate": "fail_rate",
     "never_finish_rate": "never_finish_rate",
     "api_429_rate": "api_429_rate",
@@ -42,6 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--run-duration", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
         help="seconds a turn takes, uniform (0.3 1.0)",
+    )
+    parser.add_argument(
+        "--answer-time", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+        help="seconds the async submit takes to answer, uniform (0 0; the real server:"
+             " 0.05 0.11)",
     )
     parser.add_argument("--fail-rate", **rate, help="probability a run fails")
     parser.add_argument("--never-finish-rate", **rate, help="probability a run never ends")

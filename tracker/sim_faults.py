@@ -17,6 +17,7 @@ _RATES = (
     "response_drop",
 )
 _SECONDS = ("callback_delay_s", "callback_lag_s", "callback_timeout_s", "retry_after_s")
+_RANGES = ("run_duration_s", "answer_time_s")
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +26,9 @@ class Faults:
 
     # Seconds a turn takes (uniform); a `[[delay=N]]` marker in the text overrides it.
     run_duration_s: tuple[float, float] = (0.3, 1.0)
+    # Seconds the async submit takes to answer once its run is created (uniform): the real
+    # server takes 0.05-0.11 (letta-behaviour.md); instant by default, for fast tests.
+    answer_time_s: tuple[float, float] = (0.0, 0.0)
     # The callback never arrives; the run records it like an unreachable receiver.
     callback_drop: float = 0.0
     # Extra wait before the callback POST, on top of callback_lag_s.
@@ -50,7 +54,8 @@ class Faults:
     def as_dict(self) -> dict[str, Any]:
         """The settings as JSON-ready values."""
         data = dataclasses.asdict(self)
-        data["run_duration_s"] = list(self.run_duration_s)
+        for name in _RANGES:
+            data[name] = list(data[name])
         return data
 
     def merged(self, changes: Mapping[str, Any]) -> Faults:
@@ -75,8 +80,8 @@ def _coerce(name: str, value: Any) -> Any:
         if not isinstance(value, bool):
             raise ValueError("down must be true or false")
         return value
-    if name == "run_duration_s":
-        return _duration_range(value)
+    if name in _RANGES:
+        return _seconds_range(name, value)
     number = _number(name, value)
     if name in _RATES and not 0.0 <= number <= 1.0:
         raise ValueError(f"{name} must be between 0 and 1")
@@ -85,14 +90,14 @@ def _coerce(name: str, value: Any) -> Any:
     return number
 
 
-def _duration_range(value: Any) -> tuple[float, float]:
+def _seconds_range(name: str, value: Any) -> tuple[float, float]:
     if isinstance(value, int | float):
         value = (value, value)
     if not isinstance(value, list | tuple) or len(value) != 2:
-        raise ValueError("run_duration_s must be [min, max]")
-    low, high = (_number("run_duration_s", v) for v in value)
+        raise ValueError(f"{name} must be [min, max]")
+    low, high = (_number(name, v) for v in value)
     if not 0 <= low <= high:
-        raise ValueError("run_duration_s must satisfy 0 <= min <= max")
+        raise ValueError(f"{name} must satisfy 0 <= min <= max")
     return (low, high)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 
 from tracker.sim_agents import DEFAULT_MODEL
@@ -76,7 +78,11 @@ async def send_message_async(request: web.Request) -> web.Response:
     body, errors = await json_body(request)
     # FastAPI validates path and body together and reports both.
     raise_if(agent_id_errors(agent_id) + (errors or async_body_errors(body)))
-    run = request.app[SIM_KEY].submit(agent_id, body, await request.read())
+    sim = request.app[SIM_KEY]
+    run = sim.submit(agent_id, body, await request.read())
+    low, high = sim.request_faults(request).answer_time_s
+    if high > 0:  # the real server's time to answer (its run is already created)
+        await asyncio.sleep(sim.rng.uniform(low, high))
     return json_response(run_json(run))
 
 
