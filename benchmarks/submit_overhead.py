@@ -7,8 +7,11 @@ measurement and the tracker's first poll comes after it, so only the submit path
 (the cost of learning outcomes is benchmarks 1 and 4). The tracker dispatches per agent in
 parallel, so that each submit is sent to Letta inline as a direct submit would be.
 
-Two loads: ``--connections`` (throughput at saturation) and one connection (the latency a
-request pays when nothing queues: the tracker's own overhead).
+Two loads against a simulator that answers at once: ``--connections`` (throughput at
+saturation) and one connection (the latency a request pays when nothing queues: the tracker's
+own overhead). A third, for context and not a target: ``--connections`` again with the
+simulator taking the real Letta server's recorded 50-110 ms to answer a submit
+(``--answer-time``; letta-behaviour.md), as a deployment would see it.
 
     .venv/bin/python benchmarks/submit_overhead.py [--quick] [--repeats N] [--connections C]
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+from typing import NamedTuple
 
 import harness as h
 
@@ -38,10 +42,11 @@ def requests_file(agents: list[str], n: int) -> str:
 
 
 def side(procs: h.Procs, which: str, connections: int, duration: float,
-         profile: bool = False) -> dict:
+         profile: bool = False, answer_time: tuple[float, float] = (0, 0)) -> dict:
     """One measurement: a fresh simulator, and the tracker in front of it unless direct."""
-    sim_url, agents, sim = procs.simulator(f"sim-{which}", agents=AGENTS,
-                                           run_duration=(3600, 3600))
+    sim_url, agents, sim = procs.simulator(
+        f"sim-{which}", agents=AGENTS, run_duration=(3600, 3600),
+        extra=["--answer-time", *map(str, answer_time)])
     reqs = requests_file(agents, 20_000)
     url, key, pids = sim_url, "", []
     if which == "tracker":
@@ -73,37 +78,55 @@ def main() -> None:
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per side and load")
     ap.add_argument("--profile", action="store_true", help="py-spy the tracker in repeat 1")
+    ap.add_argument("--answer-time", type=float, nargs=2, default=(0.05, 0.11),
+                    metavar=("MIN", "MAX"), help="the third load's simulated Letta answer time"
+                    " in seconds (the real server's: 0.05 0.11; 0 0 leaves the load out)")
     args = ap.parse_args()
     if args.quick:
         args.repeats, args.duration = 1, 3.0
     h.banner("submit overhead", args)
-    loads = [args.connections, 1]
-    results: dict[int, list[dict[str, dict]]] = {c: [] for c in loads}
+    loads = [Load(args.connections), Load(1)]
+    if max(args.answer_time) > 0:
+        loads.append(Load(args.connections, tuple(args.answer_time)))
+    results: dict[Load, list[dict[str, dict]]] = {load: [] for load in loads}
     with h.Procs("submit") as procs:
         for i in range(args.repeats):
-            for c in loads:
+            for load in loads:
                 order = ["direct", "tracker"] if i % 2 == 0 else ["tracker", "direct"]
-                got = {w: side(procs, w, c, args.duration, args.profile and i == 0)
-                       for w in order}
-                results[c].append(got)
+                got = {w: side(procs, w, load.connections, args.duration,
+                               args.profile and i == 0 and not load.answer_time,
+                               load.answer_time or (0, 0)) for w in order}
+                results[load].append(got)
                 d, t = got["direct"], got["tracker"]
-                print(f"repeat {i + 1}, {c} conn: direct {h.rate(d):,.0f}/s p50"
+                print(f"repeat {i + 1}, {load}: direct {h.rate(d):,.0f}/s p50"
                       f" {d['latency_us']['p50'] / 1e3:.2f} ms | tracker {h.rate(t):,.0f}/s p50"
                       f" {t['latency_us']['p50'] / 1e3:.2f} ms, non-2xx {t['bad']} {t['codes']}",
                       flush=True)
     report(results, args)
-    for c in loads if args.profile else ():
-        print("\n" + h.profile_summary(f"submit-tracker-{c}", top=45))
+    for c in loads[:2] if args.profile else ():
+        print("\n" + h.profile_summary(f"submit-tracker-{c.connections}", top=45))
 
 
-def report(results: dict[int, list[dict[str, dict]]], args: argparse.Namespace) -> None:
+class Load(NamedTuple):
+    """One load: wrk's connections, and the simulator's time to answer (None: at once)."""
+
+    connections: int
+    answer_time: tuple[float, float] | None = None
+
+    def __str__(self) -> str:
+        at = (f", Letta answers in {self.answer_time[0] * 1e3:.0f}-"
+              f"{self.answer_time[1] * 1e3:.0f} ms" if self.answer_time else "")
+        return f"{self.connections} conn{at}"
+
+
+def report(results: dict[Load, list[dict[str, dict]]], args: argparse.Namespace) -> None:
     rows, figures = [], {}
     for c, reps in results.items():
         for w in ("direct", "tracker"):
             lat = lambda q, w=w, reps=reps: h.median(  # noqa: E731
                 r[w]["latency_us"][q] / 1e3 for r in reps)
             cpu = h.median(sum(r[w]["cpu_us"].values()) for r in reps)
-            rows.append((c, w, h.median(h.rate(r[w]) for r in reps), lat("p50"), lat("p90"),
+            rows.append((str(c), w, h.median(h.rate(r[w]) for r in reps), lat("p50"), lat("p90"),
                          lat("p99"), cpu, h.median(r[w]["letta_calls"] / max(1, r[w]["ok"])
                                                    for r in reps)))
         figures[c] = {
@@ -111,9 +134,10 @@ def report(results: dict[int, list[dict[str, dict]]], args: argparse.Namespace) 
             "added_p50": h.median((r["tracker"]["latency_us"]["p50"]
                                    - r["direct"]["latency_us"]["p50"]) / 1e3 for r in reps)}
     print(h.table(f"submit overhead: median of {args.repeats} repeat(s)",
-                  ["connections", "path", "submits/s", "p50 ms", "p90 ms", "p99 ms",
+                  ["load", "path", "submits/s", "p50 ms", "p90 ms", "p99 ms",
                    "CPU µs/submit (all servers)", "Letta calls/submit"], rows))
-    hi, one = figures[args.connections], figures[1]
+    hi, one = figures[Load(args.connections)], figures[Load(1)]
+    real = figures.get(Load(args.connections, tuple(args.answer_time)))
     errors = sum(r["tracker"]["bad"] for reps in results.values() for r in reps)
     print(h.table("submit overhead: targets", ["figure", "value", "target", ""], [
         (f"tracker / direct throughput, {args.connections} connections", hi["ratio"], ">= 0.5",
@@ -123,6 +147,10 @@ def report(results: dict[int, list[dict[str, dict]]], args: argparse.Namespace) 
         (f"added median latency, {args.connections} connections (ms)", hi["added_p50"],
          "(queueing: see ratio)", ""),
         ("tracker / direct throughput, 1 connection", one["ratio"], "", ""),
+        *([(f"tracker / direct throughput, {args.connections} connections, Letta answering"
+            " in its real time", real["ratio"], "(context)", ""),
+           (f"added median latency, {args.connections} connections, Letta answering in its"
+            " real time (ms)", real["added_p50"], "(context)", "")] if real else []),
         ("non-2xx answers from the tracker", errors, "0", h.verdict(errors == 0))]))
 
 
