@@ -232,7 +232,8 @@ def main() -> None:
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--duration", type=float, default=10.0, help="seconds of load per side")
     # enough that no callback is sent twice at ~9,000/s for 10 s (Letta sends one per run)
-    ap.add_argument("--runs", type=int, default=100_000, help="pre-created runs (callbacks)")
+    ap.add_argument("--runs", type=int, default=250_000,
+                    help="pre-created runs (callbacks): enough that none is sent twice")
     ap.add_argument("--agents", type=int, default=0,
                     help="agents the runs belong to (default: one per run, as with serial"
                          " dispatch every in-flight run is on its own agent)")
