@@ -532,7 +532,7 @@ async def test_callback_delay(client, agent, receiver, sim):
 
 
 async def test_answer_time_delays_the_answer_not_the_run(client, agent, sim):
-    sim.set_faults(answer_time_s=(0.3, 0.3))
+    sim.set_faults(answer_time_s=(0.3, 0.3), run_duration_s=(0.0, 0.0), callback_lag_s=0.0)
     started = asyncio.get_running_loop().time()
     answer = asyncio.ensure_future(submit(client, agent))
     await eventually(lambda: list(sim.store.runs()))  # created before it answers
@@ -540,6 +540,8 @@ async def test_answer_time_delays_the_answer_not_the_run(client, agent, sim):
     run = await answer
     assert asyncio.get_running_loop().time() - started >= 0.3
     assert run["id"] == next(iter(sim.store.runs())).id
+    assert run["status"] == "created"  # as Letta answers, though the turn ended meanwhile
+    assert (await get_json(client, f"/v1/runs/{run['id']}"))["status"] == "completed"
     with pytest.raises(ValueError, match="answer_time_s must satisfy"):
         sim.set_faults(answer_time_s=(0.2, 0.1))
 

@@ -80,10 +80,11 @@ async def send_message_async(request: web.Request) -> web.Response:
     raise_if(agent_id_errors(agent_id) + (errors or async_body_errors(body)))
     sim = request.app[SIM_KEY]
     run = sim.submit(agent_id, body, await request.read())
+    answer = json_response(run_json(run))  # the run as created, whatever it does meanwhile
     low, high = sim.request_faults(request).answer_time_s
     if high > 0:  # the real server's time to answer (its run is already created)
         await asyncio.sleep(sim.rng.uniform(low, high))
-    return json_response(run_json(run))
+    return answer
 
 
 async def cancel_runs(request: web.Request) -> web.Response:
