@@ -103,8 +103,9 @@ def main() -> None:
                       f" {t['latency_us']['p50'] / 1e3:.2f} ms, non-2xx {t['bad']} {t['codes']}",
                       flush=True)
     report(results, args)
-    for c in loads[:2] if args.profile else ():
-        print("\n" + h.profile_summary(f"submit-tracker-{c.connections}", top=45))
+    for load in loads if args.profile else ():
+        if not load.answer_time:  # the profiled loads (see side's profile argument)
+            print("\n" + h.profile_summary(f"submit-tracker-{load.connections}", top=45))
 
 
 class Load(NamedTuple):
