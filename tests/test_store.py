@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import uuid
 
@@ -11,6 +12,7 @@ import pytest
 from tracker import clock
 from tracker.errors import Conflict, Unavailable
 from tracker.migrations import LATEST, MIGRATIONS
+from tracker.serialize import dumps, run_out
 from tracker.states import WATCHED, State
 from tracker.store import Event, NewRun, RunFilter, Verdict, open_store
 
@@ -429,6 +431,42 @@ async def test_background_queries_never_scan_a_big_history(tmp_path):
     assert plans
     for sql, plan in plans:
         assert "SCAN runs" not in plan, (sql, plan)
+
+
+async def test_pages_built_by_sqlite_are_run_out_of_each_run(store):
+    """The API's history pages come as JSON from SQLite (list_runs_json): the same runs,
+    key for key, as run_out of list_runs' records, whatever is set or left NULL."""
+    runs = [await submit(store, agent=A1 if i % 2 else A2, user="u" if i < 4 else "v")
+            for i in range(6)]
+    varied = [
+        {"background": 0, "metadata": {"run_type": "x", "n": [1, 2.5, None]}, "status": "failed",
+         "stop_reason": "error", "error": 'quote " and \\ and \n é 😀', "error_code": 500},
+        {"background": 1, "letta_run_id": "run-letta-1", "ttft_ns": 12_345_678_901,
+         "total_duration_ns": 2**62, "completed_via": "callback", "poll_count": 3,
+         "callback_status_code": 200, "callback_sent_at": "2026-01-01T00:00:00.000000Z",
+         "request_config": {"use_assistant_message": False, "include_return_message_types":
+                            ["assistant_message"]}, "status": "completed"},
+        {"request_config": None, "conversation_id": "conv-1", "base_template_id": "t-1",
+         "callback_url": "https://example.com/hook", "status": "completed"},
+    ]
+    for run, fields in zip(runs, varied, strict=False):
+        await store.transition(run.id, State.DONE, (State.QUEUED,), fields, None)
+    filters = [RunFilter(), RunFilter(limit=2, after=runs[4].id), RunFilter(agent_id=A1),
+               RunFilter(statuses=["completed", "failed"], limit=3), RunFilter(user_id="u"),
+               RunFilter(ascending=True, before=runs[5].id), RunFilter(states=["queued"])]
+
+    async def same(flt):
+        expected = json.loads(dumps([run_out(r) for r in await store.list_runs(flt)]))
+        assert json.loads(await store.list_runs_json(flt)) == expected, flt
+        return expected
+
+    pages = [await same(flt) for flt in filters]
+    assert len(pages[0]) == 6 and [len(p) for p in pages[1:]] == [2, 3, 3, 4, 5, 3]
+    assert {r["background"] for r in pages[0]} == {True, False}
+    # a stored JSON text SQLite refuses but Python's json wrote and reads (NaN): same page,
+    # built the slower way
+    store._db.execute("UPDATE runs SET metadata = '{\"x\": NaN}' WHERE id = ?", (runs[5].id,))
+    assert (await same(RunFilter()))[0]["metadata"] == {"x": None}
 
 
 async def test_several_statuses_page_in_order_with_cursors(store):

@@ -24,7 +24,14 @@ from tracker.models import (
     UsageOut,
 )
 from tracker.relay_guard import RefusedDestination, check_url
-from tracker.serialize import delivery_out, event_out, json_response, page, run_out
+from tracker.serialize import (
+    delivery_out,
+    encoded_response,
+    event_out,
+    json_response,
+    page,
+    run_out,
+)
 from tracker.states import State
 from tracker.stats import summarize
 from tracker.store import RunFilter, RunRecord, User
@@ -138,8 +145,7 @@ def _iso(value: str | None, name: str) -> str | None:
 
 async def list_runs(request: web.Request) -> web.Response:
     flt = run_filter(request, parsing.query(request, RunListParams))
-    runs = await _svc(request).store.list_runs(flt)
-    return json_response([run_out(r) for r in runs])
+    return encoded_response(await _svc(request).store.list_runs_json(flt))
 
 
 async def get_run(request: web.Request) -> web.Response:
