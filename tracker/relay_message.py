@@ -10,7 +10,7 @@ import json
 from typing import Any
 
 from tracker import clock
-from tracker.serialize import DEFAULT_METADATA, tracker_out
+from tracker.serialize import metadata_out, tracker_out
 from tracker.store import RunRecord, User
 
 SECRET_PREFIX = "whsec_"
@@ -24,7 +24,7 @@ def callback_body(run: RunRecord, relay_state: str) -> dict[str, Any]:
         "run_id": run.id,
         "status": run.status,
         "completed_at": _naive(run.completed_at or run.recorded_at),
-        "metadata": {**_metadata(run), "result": _result(run)},
+        "metadata": {**metadata_out(run), "result": _result(run)},
         "tracker": tracker_out(run, relay_state),
     }
 
@@ -34,10 +34,6 @@ def _naive(stored: str | None) -> str | None:
     ``datetime.fromisoformat`` rejects the ``Z`` the tracker stores)."""
     dt = clock.parse(stored)
     return dt.strftime("%Y-%m-%dT%H:%M:%S.%f") if dt else None
-
-
-def _metadata(run: RunRecord) -> dict[str, Any]:
-    return dict(run.metadata) if run.metadata is not None else dict(DEFAULT_METADATA)
 
 
 def _result(run: RunRecord) -> dict[str, Any]:

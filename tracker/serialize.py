@@ -62,9 +62,14 @@ def run_out(run: RunRecord, relay: str | None = None) -> dict[str, Any]:
     """One run in Letta's shape; ``status`` is always one of Letta's five values."""
     out = {key: getattr(run, field) if field else None for key, field in RUN_SHAPE}
     out["background"] = True if run.background is None else run.background
-    out["metadata"] = run.metadata if run.metadata is not None else dict(DEFAULT_METADATA)
+    out["metadata"] = metadata_out(run)
     out["tracker"] = tracker_out(run, relay)
     return out
+
+
+def metadata_out(run: RunRecord) -> dict[str, Any]:
+    """The run's Letta metadata, or Letta's default while it has none."""
+    return run.metadata if run.metadata is not None else dict(DEFAULT_METADATA)
 
 
 def tracker_out(run: RunRecord, relay: str | None) -> dict[str, Any]:

@@ -33,7 +33,6 @@ LIVE = frozenset({*LANE_BUSY, State.QUEUED, State.PAUSED})
 JSON_COLS = frozenset({"request", "request_config", "metadata", "messages", "usage"})
 
 
-
 def _json_object(shape: tuple[tuple[str, str | None], ...], computed: dict[str, str]) -> str:
     """SQL building ``shape`` (``tracker.serialize``) from a row of ``runs``."""
     parts = []
