@@ -27,13 +27,17 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+def serve(app: web.Application, port: int, loop: str) -> None:
+    """Serve ``app`` like the tracker (one process, no access log), with a /healthz to wait on."""
+    app.router.add_get("/healthz", healthz)
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None,
+                loop=event_loop(loop))
+
+
 def main() -> None:
     app = web.Application(client_max_size=1_048_576)
     app.router.add_post("/callbacks/letta/{token}", callback)
-    app.router.add_get("/healthz", healthz)
-    loop = event_loop(sys.argv[2] if len(sys.argv) > 2 else "asyncio")  # the tracker's choice
-    web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None,
-                loop=loop)
+    serve(app, int(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "asyncio")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """Benchmark 2, submit overhead: messages submitted through the tracker to the simulator versus
 straight to the simulator, by wrk, with the same requests and concurrency, in the same run.
+A third path, the peer that bounds what the tracker could reach: the same submits through a
+bare aiohttp forwarder (``bare_proxy.py``), which only passes the bytes on.
 
 Each repeat starts a fresh simulator (and, for the tracker side, a fresh tracker database) per
-side, the order alternating between repeats. Runs last long enough that none ends during the
+side, each side first in turn between repeats. Runs last long enough that none ends during the
 measurement and the tracker's first poll comes after it, so only the submit path is measured
 (the cost of learning outcomes is benchmarks 1 and 4). The tracker dispatches per agent in
 parallel, so that each submit is sent to Letta inline as a direct submit would be.
@@ -27,6 +29,10 @@ import harness as h
 
 SCRIPT = h.HERE / "replay.lua"
 AGENTS = 100
+#: the three paths a submit takes: straight to the simulator; through a bare aiohttp
+#: forwarder (bare_proxy.py: what standing in the path costs before any of the tracker's work);
+#: through the tracker
+PATHS = ["direct", "forwarder", "tracker"]
 
 
 def requests_file(agents: list[str], n: int) -> str:
@@ -49,6 +55,12 @@ def side(procs: h.Procs, which: str, connections: int, duration: float,
         extra=["--answer-time", *map(str, answer_time)])
     reqs = requests_file(agents, 20_000)
     url, key, pids = sim_url, "", []
+    if which == "forwarder":
+        port = h.free_port()
+        p = procs.start("forwarder", [h.PY, str(h.HERE / "bare_proxy.py"), str(port), sim_url])
+        url = f"http://{h.HOST}:{port}"
+        h.wait_http(url + "/healthz", proc=p)
+        pids.append(p.pid)
     if which == "tracker":
         db = h.fresh_db(h.OUT / "submit-tracker.db")
         key = h.create_key(db, "bench", admin=True)
@@ -63,7 +75,7 @@ def side(procs: h.Procs, which: str, connections: int, duration: float,
     res = h.wrk(url, SCRIPT, connections, duration, env={
         "BENCH_REQUESTS": reqs, "BENCH_THREADS": "1", "BENCH_AUTH": key})
     h.end_py_spy(procs, spy)
-    res["cpu_us"] = {("tracker" if pid != sim_pid else "simulator"):
+    res["cpu_us"] = {(which if pid != sim_pid else "simulator"):
                      (h.cpu_seconds(pid) - cpu0[pid]) / max(1, res["ok"]) * 1e6 for pid in pids}
     res["letta_calls"] = sum(h.http_json("GET", sim_url + "/_sim/stats")["calls"].values())
     for proc in list(procs.procs):
@@ -92,16 +104,15 @@ def main() -> None:
     with h.Procs("submit") as procs:
         for i in range(args.repeats):
             for load in loads:
-                order = ["direct", "tracker"] if i % 2 == 0 else ["tracker", "direct"]
+                order = PATHS[i % 3:] + PATHS[:i % 3]  # each side first in turn
                 got = {w: side(procs, w, load.connections, args.duration,
                                args.profile and i == 0 and not load.answer_time,
                                load.answer_time or (0, 0)) for w in order}
                 results[load].append(got)
-                d, t = got["direct"], got["tracker"]
-                print(f"repeat {i + 1}, {load}: direct {h.rate(d):,.0f}/s p50"
-                      f" {d['latency_us']['p50'] / 1e3:.2f} ms | tracker {h.rate(t):,.0f}/s p50"
-                      f" {t['latency_us']['p50'] / 1e3:.2f} ms, non-2xx {t['bad']} {t['codes']}",
-                      flush=True)
+                print(f"repeat {i + 1}, {load}: " + " | ".join(
+                    f"{w} {h.rate(got[w]):,.0f}/s p50 {got[w]['latency_us']['p50'] / 1e3:.2f}"
+                    f" ms" for w in PATHS) + f", tracker non-2xx {got['tracker']['bad']}"
+                    f" {got['tracker']['codes']}", flush=True)
     report(results, args)
     for load in loads if args.profile else ():
         if not load.answer_time:  # the profiled loads (see side's profile argument)
@@ -123,7 +134,7 @@ class Load(NamedTuple):
 def report(results: dict[Load, list[dict[str, dict]]], args: argparse.Namespace) -> None:
     rows, figures = [], {}
     for c, reps in results.items():
-        for w in ("direct", "tracker"):
+        for w in PATHS:
             lat = lambda q, w=w, reps=reps: h.median(  # noqa: E731
                 r[w]["latency_us"][q] / 1e3 for r in reps)
             cpu = h.median(sum(r[w]["cpu_us"].values()) for r in reps)
@@ -133,7 +144,12 @@ def report(results: dict[Load, list[dict[str, dict]]], args: argparse.Namespace)
         figures[c] = {
             "ratio": h.median(h.rate(r["tracker"]) / h.rate(r["direct"]) for r in reps),
             "added_p50": h.median((r["tracker"]["latency_us"]["p50"]
-                                   - r["direct"]["latency_us"]["p50"]) / 1e3 for r in reps)}
+                                   - r["direct"]["latency_us"]["p50"]) / 1e3 for r in reps),
+            "floor": h.median(h.rate(r["forwarder"]) / h.rate(r["direct"]) for r in reps),
+            "floor_added_p50": h.median((r["forwarder"]["latency_us"]["p50"]
+                                         - r["direct"]["latency_us"]["p50"]) / 1e3
+                                        for r in reps),
+            "of_floor": h.median(h.rate(r["tracker"]) / h.rate(r["forwarder"]) for r in reps)}
     print(h.table(f"submit overhead: median of {args.repeats} repeat(s)",
                   ["load", "path", "submits/s", "p50 ms", "p90 ms", "p99 ms",
                    "CPU µs/submit (all servers)", "Letta calls/submit"], rows))
@@ -148,6 +164,12 @@ def report(results: dict[Load, list[dict[str, dict]]], args: argparse.Namespace)
         (f"added median latency, {args.connections} connections (ms)", hi["added_p50"],
          "(queueing: see ratio)", ""),
         ("tracker / direct throughput, 1 connection", one["ratio"], "", ""),
+        (f"bare forwarder / direct throughput, {args.connections} connections (a service"
+         " that only passes the submit on)", hi["floor"], "(peer)", ""),
+        (f"tracker / bare forwarder throughput, {args.connections} connections", hi["of_floor"],
+         "(peer)", ""),
+        ("bare forwarder's added median latency, 1 connection (ms)", one["floor_added_p50"],
+         "(peer)", ""),
         *([(f"tracker / direct throughput, {args.connections} connections, Letta answering"
             " in its real time", real["ratio"], "(context)", ""),
            (f"added median latency, {args.connections} connections, Letta answering in its"
