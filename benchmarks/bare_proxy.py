@@ -1,4 +1,4 @@
-"""The floor of benchmark 2: a bare aiohttp forwarder in front of the simulator.
+"""Benchmark 2's peer: a bare aiohttp forwarder in front of the simulator.
 
     .venv/bin/python benchmarks/bare_proxy.py PORT LETTA_URL [asyncio|uvloop]
 

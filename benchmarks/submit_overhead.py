@@ -49,7 +49,8 @@ def requests_file(agents: list[str], n: int) -> str:
 
 def side(procs: h.Procs, which: str, connections: int, duration: float,
          profile: bool = False, answer_time: tuple[float, float] = (0, 0)) -> dict:
-    """One measurement: a fresh simulator, and the tracker in front of it unless direct."""
+    """One measurement: a fresh simulator, and the forwarder or the tracker in front of it
+    unless direct."""
     sim_url, agents, sim = procs.simulator(
         f"sim-{which}", agents=AGENTS, run_duration=(3600, 3600),
         extra=["--answer-time", *map(str, answer_time)])
