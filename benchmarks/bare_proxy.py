@@ -44,7 +44,8 @@ def main() -> None:
     app[LETTA] = sys.argv[2].rstrip("/")
     app.cleanup_ctx.append(client)
     app.router.add_post("/v1/agents/{agent_id}/messages/async", submit)
-    serve(app, int(sys.argv[1]), sys.argv[3] if len(sys.argv) > 3 else "uvloop")  # tracker's
+    # the tracker's loop unless told otherwise
+    serve(app, int(sys.argv[1]), sys.argv[3] if len(sys.argv) > 3 else "uvloop")
 
 
 if __name__ == "__main__":

@@ -135,10 +135,7 @@ def add_history(c: sqlite3.Connection, n: int, user_id: str, agents: list[str],
 
 
 def measure_ceiling(procs: h.Procs, reqs: Path, args: argparse.Namespace, loop: str) -> dict:
-    port = h.free_port()
-    p = procs.start(f"ceiling-{loop}", [h.PY, str(h.HERE / "bare_server.py"), str(port), loop])
-    url = f"http://{h.HOST}:{port}"
-    h.wait_http(url + "/healthz", proc=p)
+    url, p = procs.bare(f"ceiling-{loop}", "bare_server.py", loop)
     cpu0 = h.cpu_seconds(p.pid)
     res = h.wrk(url, SCRIPT, args.connections, args.duration, env={
         "BENCH_REQUESTS": str(reqs), "BENCH_THREADS": "1", "BENCH_CLOSE": args.close})

@@ -234,6 +234,15 @@ class Procs:
         p.stdout.close()
         return f"http://{HOST}:{port}", agent_ids, p
 
+    def bare(self, name: str, script: str, *argv: str) -> tuple[str, subprocess.Popen]:
+        """Start ``benchmarks/<script> PORT *argv`` (a bare server with a /healthz) on a free
+        port; returns its base URL and process."""
+        port = free_port()
+        p = self.start(name, [PY, str(HERE / script), str(port), *argv])
+        url = f"http://{HOST}:{port}"
+        wait_http(url + "/healthz", proc=p)
+        return url, p
+
     def tracker(self, name: str, db: Path, letta_url: str, port: int | None = None,
                 env: dict[str, str] | None = None) -> tuple[str, subprocess.Popen]:
         """Start ``tracker serve`` on ``db``; returns its base URL and process."""
