@@ -297,6 +297,29 @@ async def test_concurrent_transitions_share_commits_and_fail_alone(store):
     assert events[0][0] == 48
 
 
+async def test_writes_a_turn_of_the_loop_apart_share_one_commit(store):
+    """Under load the next requests' writes are a turn or two of the event loop behind: the
+    group commit waits for them while more keep coming; a write alone does not wait."""
+    commits = []
+    commit_batch = store._commit_batch
+
+    async def counted(ops):
+        commits.append(len(ops))
+        return await commit_batch(ops)
+
+    store._commit_batch = counted
+
+    async def after(turns: int):
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        return await submit(store)
+
+    await asyncio.gather(*(after(i) for i in range(3)))
+    assert commits == [3]
+    await submit(store)
+    assert commits == [3, 1]
+
+
 async def test_callback_inbox_files_only_callbacks_naming_the_runs_own_letta_run(store):
     run, early = await submit(store), await submit(store, agent=A2)
     await store.claim(serial=False, now=clock.now())

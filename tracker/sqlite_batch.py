@@ -11,6 +11,8 @@ from tracker.sqlite_db import SQLiteDB
 
 #: most transitions committed together
 BATCH_MAX = 256
+#: most turns of the event loop a commit waits for more writes to join it
+GATHER_TURNS = 3
 
 
 @dataclass
@@ -44,6 +46,7 @@ class GroupCommit(SQLiteDB):
         return await fut
 
     async def _drain(self) -> None:
+        await self._gather()
         while self._queue:
             batch, self._queue = self._queue[:BATCH_MAX], self._queue[BATCH_MAX:]
             try:
@@ -56,6 +59,17 @@ class GroupCommit(SQLiteDB):
             for (_, fut), result in zip(batch, results, strict=True):
                 if not fut.done():
                     fut.set_result(result)
+
+    async def _gather(self) -> None:
+        """Let the writes of requests a turn of the loop behind join this commit, for as long
+        as more keep coming (a few turns at most): under load, fewer and larger commits,
+        whose cost grows with the pages they write and many of which the runs share; alone,
+        one turn of the loop (microseconds) before committing."""
+        for _ in range(GATHER_TURNS):
+            waiting = len(self._queue)
+            await asyncio.sleep(0)
+            if len(self._queue) == waiting:
+                return
 
     async def _commit_batch(self, ops: list) -> list:
         def write(db: sqlite3.Connection) -> list:
