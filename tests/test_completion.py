@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import eventually
 from tracker.sim_shapes import callback_json, utcnow
-from tracker.states import State
+from tracker.states import WATCHED, State
 
 
 def via(runs: list[dict]) -> dict[str, int]:
@@ -352,3 +352,42 @@ async def test_a_flood_defers_applying_no_longer_than_the_max_lag(start_tracker,
         waited = asyncio.get_running_loop().time() - answered
         assert 0.4 < waited < 2.0 and t.svc.applier.receiving == 10  # the flood still on
     assert done["tracker"]["completed_via"] == "callback"
+
+
+async def test_a_submit_wakes_the_poller_only_if_it_would_look_too_late(
+        start_tracker, sim, agent, monkeypatch):
+    """Each round the poller checks what is due, reads when the next run is due, then naps
+    until then (5 s at most). A submit wakes it while that nap would end after the new run's
+    first check, or while the read is under way, but not while it checks: the read after
+    sees the run. Under a stream of submits it would otherwise never nap."""
+    t = await start_tracker(polling={"grace_s": 60}, dispatch={"per_agent": "parallel"})
+    manager, poller = t.svc.manager, t.svc.poller
+    during: dict[str, list[float]] = {"tick": [], "read": []}
+    tick, next_due = poller.tick, poller.store.next_due
+
+    async def watched_tick():
+        during["tick"].append(manager.poll_wake_before)
+        return await tick()
+
+    async def watched_read(states):
+        if states == WATCHED:  # the poller's (the dispatcher reads the queue's)
+            during["read"].append(manager.poll_wake_before)
+        return await next_due(states)
+
+    monkeypatch.setattr(poller, "tick", watched_tick)
+    monkeypatch.setattr(poller.store, "next_due", watched_read)
+    poller_round = len(during["read"])
+    manager.poll_wakeup.set()
+    await eventually(lambda: len(during["read"]) > poller_round and 0 < manager.poll_wake_before
+                     < float("inf"))
+    assert set(during["tick"]) == {0.0} and set(during["read"]) == {float("inf")}
+
+    rounds = len(during["read"])  # napping now, until 5 s from now at most
+    await t.submit(agent, "checked in a minute")
+    manager.poll_wake_before = 0.0  # as while it checks
+    await t.submit(agent, "seen by the read after")
+    await asyncio.sleep(0.3)
+    assert len(during["read"]) == rounds
+    manager.poll_wake_before = float("inf")  # as while it reads
+    await t.submit(agent, "maybe missed by the read")
+    await eventually(lambda: len(during["read"]) > rounds, timeout=2)

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import time
+import uuid
 
 from tests.conftest import eventually
+from tracker.letta_request import RUN_ID_PATTERN
+from tracker.manager import new_run_id
 
 FULL_BODY = {
     "messages": [
@@ -227,3 +232,17 @@ async def test_requires_approval_holds_the_lane_for_the_answer(start_tracker, si
     order = [json.dumps(rec.body["messages"][0]) for rec in sim.received]
     assert "approval" in order[1] and "after" in order[2]
     assert (await t.run(paused["id"]))["tracker"]["state"] == "done"
+
+
+def test_run_ids_have_lettas_form_and_sort_by_creation():
+    """Run ids match Letta's run id pattern (UUID version 4's form), and later ones sort
+    later: each insert extends the indexes on ids at their end."""
+    batches = []
+    for _ in range(3):  # a millisecond or more apart
+        batches.append([new_run_id() for _ in range(1000)])
+        time.sleep(0.002)
+    ids = [i for batch in batches for i in batch]
+    assert all(re.match(RUN_ID_PATTERN, i) for i in ids)
+    assert all(uuid.UUID(i[4:]).version == 4 for i in ids)
+    assert len(set(ids)) == len(ids)
+    assert max(batches[0]) < min(batches[1]) and max(batches[1]) < min(batches[2])

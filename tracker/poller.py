@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 from collections.abc import Callable
 
@@ -43,6 +44,9 @@ class Poller:
         wakeup = self.manager.poll_wakeup
         while True:
             wakeup.clear()
+            # what is committed from now on, _sleep's read of the next due run sees: no
+            # submit needs to wake the poller until that read
+            self.manager.poll_wake_before = 0.0
             try:
                 await self.tick()
             except Exception:
@@ -50,12 +54,12 @@ class Poller:
             await self._sleep(wakeup)
 
     async def _sleep(self, wakeup: asyncio.Event) -> None:
+        self.manager.poll_wake_before = math.inf  # committed during the read: it may miss it
         nxt = await self.store.next_due(WATCHED)
         at = max(nxt if nxt is not None else clock.now() + 5.0, self._paused_until)
         at = min(at, clock.now() + 5.0)
-        self.manager.poll_sleeps_until = at
+        self.manager.poll_wake_before = at
         await clock.nap(wakeup, max(0.02, at - clock.now()))
-        self.manager.poll_sleeps_until = 0.0
 
     async def tick(self) -> int:
         """Check every due run once; returns how many were due."""
