@@ -84,7 +84,8 @@ def parse_callback(raw: bytes, model: type[M] = LettaCallback) -> M:
     """Validate a callback body: 400 when not JSON, 422 when not Letta's callback shape.
     Filing checks it with ``LettaCallbackShape``, the applier parses it in full."""
     if raw.count(b"{") + raw.count(b"[") > MAX_DEPTH:
-        loads(raw, "callback body")  # the depth check (400), rarely needed: see loads
+        # the depth check (400), rarely needed: see loads; what else Letta sends is taken
+        loads(raw, "callback body", strict=False)
     try:
         # parsed and validated in one pass, in pydantic's Rust: half the time of json.loads
         # and model_validate, on the path Letta waits on

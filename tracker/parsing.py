@@ -25,10 +25,22 @@ class UnsupportedMediaType(TrackerError):
 MAX_DEPTH = 64
 
 
-def loads(raw: bytes, what: str = "request body") -> Any:
-    """Parse JSON, refusing malformed, non-UTF-8 or too deeply nested input with a 400."""
+class _NonFinite(ValueError):
+    pass
+
+
+def _refuse_constant(token: str) -> Any:
+    raise _NonFinite(token)
+
+
+def loads(raw: bytes, what: str = "request body", strict: bool = True) -> Any:
+    """Parse JSON, refusing malformed, non-UTF-8 or too deeply nested input with a 400;
+    ``strict``, also NaN and Infinity, which Python's json takes but JSON has not (stored,
+    they would make the run unreadable to SQLite's JSON functions, which build history)."""
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, parse_constant=_refuse_constant if strict else None)
+    except _NonFinite as e:
+        raise BadRequest(f"{what} is not valid JSON: {e} is not a JSON number") from None
     except (ValueError, RecursionError):
         raise BadRequest(f"{what} is not valid JSON") from None
     # JSON's \u escapes can spell half of a surrogate pair, which no UTF-8 text (our

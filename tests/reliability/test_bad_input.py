@@ -258,6 +258,11 @@ async def test_hostile_bodies_get_a_clear_4xx_and_store_nothing(start_tracker, s
         ("not JSON", submit, b"{input: x}", as_json, {400}),
         ("truncated JSON", submit, b'{"input": "x"', as_json, {400}),
         ("NaN", submit, b'{"input": "x", "max_steps": NaN}', as_json, {400, 422}),
+        # free-form, so no model refuses it: not JSON, and stored it would break history
+        ("NaN in a tool schema", submit, b'{"input": "x", "client_tools": [{"name": "t",'
+         b' "parameters": {"default": NaN}}]}', as_json, {400}),
+        ("-Infinity", submit, b'{"input": "x", "client_tools": [{"name": "t", "parameters":'
+         b' {"minimum": -Infinity}}]}', as_json, {400}),
         ("text/plain", submit, ok_body, {**key, "Content-Type": "text/plain"}, {415}),
         ("form", submit, b"input=x", {**key, "Content-Type":
                                       "application/x-www-form-urlencoded"}, {415}),
