@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 import time
 import uuid
 
+import pytest
+from aiohttp import web
+
 from tests.conftest import eventually
+from tracker.errors import LettaUnavailable
+from tracker.letta import LettaClient
 from tracker.letta_request import RUN_ID_PATTERN
 from tracker.manager import new_run_id
 
@@ -246,3 +252,28 @@ def test_run_ids_have_lettas_form_and_sort_by_creation():
     assert all(uuid.UUID(i[4:]).version == 4 for i in ids)
     assert len(set(ids)) == len(ids)
     assert max(batches[0]) < min(batches[1]) and max(batches[1]) < min(batches[2])
+
+
+async def test_lettas_answers_are_read_whole(aiohttp_server):
+    """Letta's answers are read as Python's json reads them: an integer past 64 bits stays
+    exact (orjson would make it a float), NaN is taken; an answer that is not JSON at all (a
+    proxy's error page) is its detail."""
+    answers = {"big": (200, b'{"id": "run-1", "n": 123456789012345678901234567890}'),
+               "nan": (200, b'{"id": "run-2", "x": NaN}'),
+               "page": (502, b"<html>Bad Gateway</html>")}
+
+    async def get_run(request: web.Request) -> web.Response:
+        status, body = answers[request.match_info["run_id"]]
+        return web.Response(status=status, body=body, content_type="application/json")
+
+    fake = web.Application()
+    fake.router.add_get("/v1/runs/{run_id}", get_run)
+    letta = LettaClient(str((await aiohttp_server(fake)).make_url("")))
+    await letta.start()
+    try:
+        assert (await letta.get_run("big"))["n"] == 123456789012345678901234567890
+        assert math.isnan((await letta.get_run("nan"))["x"])
+        with pytest.raises(LettaUnavailable, match="502: <html>Bad Gateway</html>"):
+            await letta.get_run("page")
+    finally:
+        await letta.close()

@@ -10,11 +10,13 @@ from typing import Any
 import aiohttp
 
 from tracker.errors import LettaError, LettaUnavailable, NotFound
+from tracker.serialize import dumps
 
 log = logging.getLogger("tracker.letta")
 
 TERMINAL_FILTER = [("statuses", "completed"), ("statuses", "failed"), ("statuses", "cancelled")]
 PAGE = 1000
+JSON = {"Content-Type": "application/json"}
 
 
 def _retry_after(headers: Any) -> float | None:
@@ -78,16 +80,18 @@ class LettaClient:
 
     @staticmethod
     async def _body(resp: aiohttp.ClientResponse) -> Any:
-        text = await resp.text()
+        # not orjson: it reads an integer past 64 bits as a float, silently
+        raw = await resp.read()
         try:
-            return json.loads(text) if text else None
+            return json.loads(raw) if raw else None
         except ValueError:
-            return {"detail": text}
+            return {"detail": raw.decode(errors="replace")}
 
     async def send_async(self, agent_id: str, body: dict) -> dict:
         """POST messages/async; returns Letta's Run."""
+        # encoded with orjson (aiohttp's json= uses json.dumps): on every submit's path
         return await self._request("POST", f"/v1/agents/{agent_id}/messages/async",
-                                   "messages_async", json=body)
+                                   "messages_async", data=dumps(body), headers=JSON)
 
     async def get_run(self, run_id: str) -> dict:
         return await self._request("GET", f"/v1/runs/{run_id}", "get_run")
