@@ -13,6 +13,7 @@ from tracker import clock
 from tracker.errors import Conflict, Unavailable
 from tracker.migrations import LATEST, MIGRATIONS
 from tracker.serialize import dumps, run_out
+from tracker.sqlite_batch import GATHER_ENOUGH
 from tracker.states import WATCHED, State
 from tracker.store import Event, NewRun, RunFilter, Verdict, open_store
 
@@ -299,7 +300,8 @@ async def test_concurrent_transitions_share_commits_and_fail_alone(store):
 
 async def test_writes_a_turn_of_the_loop_apart_share_one_commit(store):
     """Under load the next requests' writes are a turn or two of the event loop behind: the
-    group commit waits for them while more keep coming; a write alone does not wait."""
+    group commit waits for them while more keep coming, unless it has enough already; a
+    write alone does not wait."""
     commits = []
     commit_batch = store._commit_batch
 
@@ -318,6 +320,9 @@ async def test_writes_a_turn_of_the_loop_apart_share_one_commit(store):
     assert commits == [3]
     await submit(store)
     assert commits == [3, 1]
+    # enough writes at once: they commit without waiting for the next turn's
+    await asyncio.gather(*(after(0) for _ in range(GATHER_ENOUGH)), after(1))
+    assert commits == [3, 1, GATHER_ENOUGH, 1]
 
 
 async def test_callback_inbox_files_only_callbacks_naming_the_runs_own_letta_run(store):

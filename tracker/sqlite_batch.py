@@ -11,8 +11,11 @@ from tracker.sqlite_db import SQLiteDB
 
 #: most transitions committed together
 BATCH_MAX = 256
-#: most turns of the event loop a commit waits for more writes to join it
+#: most turns of the event loop a commit waits for more writes to join it, and how many
+#: writes are enough not to wait (more share a commit's cost little further, and waiting
+#: delays them all)
 GATHER_TURNS = 3
+GATHER_ENOUGH = 32
 
 
 @dataclass
@@ -62,11 +65,13 @@ class GroupCommit(SQLiteDB):
 
     async def _gather(self) -> None:
         """Let the writes of requests a turn of the loop behind join this commit, for as long
-        as more keep coming (a few turns at most): under load, fewer and larger commits,
-        whose cost grows with the pages they write and many of which the runs share; alone,
-        one turn of the loop (microseconds) before committing."""
+        as more keep coming (a few turns at most, and not past GATHER_ENOUGH): under load,
+        fewer and larger commits, whose cost grows with the pages they write and many of
+        which the runs share; alone, one turn of the loop (microseconds) before committing."""
         for _ in range(GATHER_TURNS):
             waiting = len(self._queue)
+            if waiting >= GATHER_ENOUGH:
+                return
             await asyncio.sleep(0)
             if len(self._queue) == waiting:
                 return
