@@ -105,10 +105,10 @@ def _changed(run: RunRecord, fields: dict[str, Any]) -> dict[str, Any]:
 
 def new_run_id() -> str:
     """``run-`` and a UUID of version 4's form (Letta's run id pattern) whose first 48 bits
-    are the time in milliseconds and the other 74 random: ids made later sort later, so each
-    insert extends the id indexes (of runs and of their events) at their end instead of
-    dirtying a random page of each; a group commit of many submits writes a few pages there,
-    not one per run."""
+    are the time in milliseconds and the other 74 random: ids of later milliseconds sort
+    later, so each insert extends the id indexes (of runs and of their events) at their end
+    instead of dirtying a random page of each; a group commit of many submits writes a few
+    pages there, not one per run."""
     bits = time.time_ns() // 1_000_000 << 80 | int.from_bytes(os.urandom(10))
     # the version (4) and variant (10) bits where UUID version 4 has them
     bits = bits & ~(0xF << 76 | 0x3 << 62) | 0x4 << 76 | 0x2 << 62

@@ -39,7 +39,8 @@ class TrackerInfo(BaseModel):
 class RunOut(BaseModel):
     """Letta's Run schema, with the tracker's run id, plus the ``tracker`` object."""
 
-    id: str = Field(description="the tracker's run id (run-<uuid4 form>, later runs sort later)")
+    id: str = Field(description="the tracker's run id (run-<uuid4 form>, sorting by its millisecond"
+                    " of creation)")
     status: StatusLit
     created_at: str | None = None
     completed_at: str | None = None
