@@ -244,10 +244,13 @@ class Procs:
         return url, p
 
     def tracker(self, name: str, db: Path, letta_url: str, port: int | None = None,
-                env: dict[str, str] | None = None) -> tuple[str, subprocess.Popen]:
-        """Start ``tracker serve`` on ``db``; returns its base URL and process."""
+                env: dict[str, str] | None = None,
+                script: str | None = None) -> tuple[str, subprocess.Popen]:
+        """Start ``tracker serve`` on ``db`` (or ``benchmarks/<script>``, which serves the
+        tracker configured the same way); returns its base URL and process."""
         port = port or free_port()
-        p = self.start(name, [PY, "-m", "tracker", "serve"], env={
+        argv = [PY, str(HERE / script)] if script else [PY, "-m", "tracker", "serve"]
+        p = self.start(name, argv, env={
             **tracker_env(db, letta_url), "TRACKER_SERVER__PORT": str(port), **(env or {})})
         url = f"http://{HOST}:{port}"
         wait_http(url + "/healthz", proc=p)

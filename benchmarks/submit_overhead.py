@@ -1,7 +1,10 @@
 """Benchmark 2, submit overhead: messages submitted through the tracker to the simulator versus
 straight to the simulator, by wrk, with the same requests and concurrency, in the same run.
-A third path, the peer that bounds what the tracker could reach: the same submits through a
-bare aiohttp forwarder (``bare_proxy.py``), which only passes the bytes on.
+Two peers, in the same run, bound what the tracker could reach:
+- the same submits through a bare aiohttp forwarder (``bare_proxy.py``), which only passes the
+  bytes on: what any service standing in the path costs;
+- the tracker with its two run writes kept in memory (``nostore_tracker.py``, a diagnostic,
+  not a way to run it): what the tracker's request path costs without the durable storage.
 
 Each repeat starts a fresh simulator (and, for the tracker side, a fresh tracker database) per
 side, each side first in turn between repeats. Runs last long enough that none ends during the
@@ -29,10 +32,12 @@ import harness as h
 
 SCRIPT = h.HERE / "replay.lua"
 AGENTS = 100
-#: the three paths a submit takes: straight to the simulator; through a bare aiohttp
-#: forwarder (bare_proxy.py: what standing in the path costs before any of the tracker's work);
-#: through the tracker
-PATHS = ["direct", "forwarder", "tracker"]
+#: the paths a submit takes: straight to the simulator; through a bare aiohttp forwarder
+#: (bare_proxy.py: what standing in the path costs before any of the tracker's work); through
+#: the tracker with its run writes in memory (nostore_tracker.py: all of its work but the
+#: durable storage); through the tracker
+PATHS = ["direct", "forwarder", "no-store", "tracker"]
+TRACKERS = {"tracker": None, "no-store": "nostore_tracker.py"}
 
 
 def requests_file(agents: list[str], n: int) -> str:
@@ -59,11 +64,12 @@ def side(procs: h.Procs, which: str, connections: int, duration: float,
     if which == "forwarder":
         url, p = procs.bare("forwarder", "bare_proxy.py", sim_url)
         pids.append(p.pid)
-    if which == "tracker":
+    if which in TRACKERS:
         db = h.fresh_db(h.OUT / "submit-tracker.db")
         key = h.create_key(db, "bench", admin=True)
-        url, p = procs.tracker("tracker", db, sim_url, env={
-            "TRACKER_DISPATCH__PER_AGENT": "parallel", "TRACKER_POLLING__GRACE_S": "3600"})
+        url, p = procs.tracker(which, db, sim_url, env={
+            "TRACKER_DISPATCH__PER_AGENT": "parallel", "TRACKER_POLLING__GRACE_S": "3600"},
+            script=TRACKERS[which])
         pids.append(p.pid)
     sim_pid = sim.pid
     pids.append(sim_pid)
@@ -102,15 +108,17 @@ def main() -> None:
     with h.Procs("submit") as procs:
         for i in range(args.repeats):
             for load in loads:
-                order = PATHS[i % 3:] + PATHS[:i % 3]  # each side first in turn
+                turn = i % len(PATHS)
+                order = PATHS[turn:] + PATHS[:turn]  # each side first in turn
                 got = {w: side(procs, w, load.connections, args.duration,
                                args.profile and i == 0 and not load.answer_time,
                                load.answer_time or (0, 0)) for w in order}
                 results[load].append(got)
                 print(f"repeat {i + 1}, {load}: " + " | ".join(
                     f"{w} {h.rate(got[w]):,.0f}/s p50 {got[w]['latency_us']['p50'] / 1e3:.2f}"
-                    f" ms" for w in PATHS) + f", tracker non-2xx {got['tracker']['bad']}"
-                    f" {got['tracker']['codes']}", flush=True)
+                    f" ms" for w in PATHS) + "".join(
+                    f", {w} non-2xx {got[w]['bad']} {got[w]['codes']}" for w in TRACKERS),
+                    flush=True)
     report(results, args)
     for load in loads if args.profile else ():
         if not load.answer_time:  # the profiled loads (see side's profile argument)
@@ -146,7 +154,9 @@ def report(results: dict[Load, list[dict[str, dict]]], args: argparse.Namespace)
         figures[c] = {"ratio": of("tracker", "direct"), "added_p50": added("tracker"),
                       "forwarder": of("forwarder", "direct"),
                       "forwarder_added_p50": added("forwarder"),
-                      "of_forwarder": of("tracker", "forwarder")}
+                      "of_forwarder": of("tracker", "forwarder"),
+                      "no_store": of("no-store", "direct"),
+                      "of_no_store": of("tracker", "no-store")}
     print(h.table(f"submit overhead: median of {args.repeats} repeat(s)",
                   ["load", "path", "submits/s", "p50 ms", "p90 ms", "p99 ms",
                    "CPU µs/submit (all servers)", "Letta calls/submit"], rows))
@@ -168,6 +178,11 @@ def report(results: dict[Load, list[dict[str, dict]]], args: argparse.Namespace)
          "(peer)", ""),
         ("bare forwarder's added median latency, 1 connection (ms)", one["forwarder_added_p50"],
          "(peer)", ""),
+        (f"tracker without its durable writes / direct throughput, {args.connections}"
+         " connections (a diagnostic: the most any storage could let it reach)",
+         hi["no_store"], "(peer)", ""),
+        (f"tracker / tracker without its durable writes throughput, {args.connections}"
+         " connections (what the storage costs)", hi["of_no_store"], "(peer)", ""),
         *([(f"tracker / direct throughput, {args.connections} connections, Letta answering"
             " in its real time", real["ratio"], "(context)", ""),
            (f"added median latency, {args.connections} connections, Letta answering in its"
