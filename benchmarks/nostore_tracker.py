@@ -35,7 +35,8 @@ _runs: dict[str, RunRecord] = {}
 
 async def submit(self: SQLiteStore, new: NewRun, event: Event,
                  claim: bool | None = None) -> tuple[RunRecord, bool]:
-    """The run as ``SQLiteStore.submit`` returns it, claimed at once (parallel lanes)."""
+    """The run as ``SQLiteStore.submit`` returns it with parallel lanes (the benchmark's):
+    claimed at once when asked to be; serial lanes' check is not modelled."""
     go = claim is not None
     run = RunRecord(seq=next(_seq), id=new.id, user_id=new.user_id, agent_id=new.agent_id,
                     kind=new.kind, state=State.SUBMITTING if go else State.QUEUED,

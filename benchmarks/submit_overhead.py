@@ -6,10 +6,10 @@ Two peers, in the same run, bound what the tracker could reach:
 - the tracker with its two run writes kept in memory (``nostore_tracker.py``, a diagnostic,
   not a way to run it): what the tracker's request path costs without the durable storage.
 
-Each repeat starts a fresh simulator (and, for the tracker side, a fresh tracker database) per
-side, each side first in turn between repeats. Runs last long enough that none ends during the
-measurement and the tracker's first poll comes after it, so only the submit path is measured
-(the cost of learning outcomes is benchmarks 1 and 4). The tracker dispatches per agent in
+Each repeat starts a fresh simulator (and, for the two tracker sides, a fresh tracker database)
+per side, each side first in turn between repeats. Runs last long enough that none ends during
+the measurement and the tracker's first poll comes after it, so only the submit path is
+measured (the cost of learning outcomes is benchmarks 1 and 4). The tracker dispatches per agent in
 parallel, so that each submit is sent to Letta inline as a direct submit would be.
 
 Two loads against a simulator that answers at once: ``--connections`` (throughput at
