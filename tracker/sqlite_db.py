@@ -26,6 +26,13 @@ from tracker.migrations import LATEST, MIGRATIONS
 
 log = logging.getLogger("tracker.store")
 
+
+class MalformedJSON(Unavailable):
+    """A read met a stored JSON text that SQLite's JSON functions refuse and Python's json
+    reads: NaN or Infinity, which older versions took in a free-form field (the API now
+    refuses them). A 503 like any failed read, unless the reader has another way."""
+
+
 #: how long a write waits for a lock another process holds (on the writer's thread)
 BUSY_TIMEOUT_MS = 10_000
 #: how long closing waits for another process's lock before it skips its upkeep
@@ -209,6 +216,8 @@ class SQLiteDB:
             # execute_fetchall: one trip to the connection's thread instead of three
             return list(await self._r.execute_fetchall(sql, params))
         except sqlite3.DatabaseError as e:
+            if str(e) == "malformed JSON":  # SQLite's only sign of it (code SQLITE_ERROR)
+                raise MalformedJSON(f"database read failed: {e}") from e
             raise Unavailable(f"database read failed: {e}") from e
 
     def _point_reader(self) -> sqlite3.Connection:

@@ -9,9 +9,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from typing import Any
 
-from tracker.errors import Unavailable
 from tracker.serialize import dumps, run_out
-from tracker.sqlite_db import SQLiteDB
+from tracker.sqlite_db import MalformedJSON, SQLiteDB
 from tracker.sqlite_queries import (
     FULL_COLS,
     RUN_JSON,
@@ -105,10 +104,7 @@ class RunReads(SQLiteDB):
         built by SQLite: records and dicts made in Python were most of a page's time."""
         try:
             rows = await self._page(flt, RUN_JSON)
-        except Unavailable as e:
-            if "malformed JSON" not in str(e.__cause__):
-                raise
-            # a stored JSON text that SQLite's parser refuses and Python's accepts (NaN)
+        except MalformedJSON:  # the page as records: Python's json reads what SQLite refuses
             return dumps([run_out(run) for run in await self.list_runs(flt)])
         return f"[{','.join(row[0] for row in rows)}]".encode()
 
