@@ -249,7 +249,7 @@ def test_run_ids_have_lettas_form_and_sort_by_creation():
         time.sleep(0.002)
     ids = [i for batch in batches for i in batch]
     assert all(re.match(RUN_ID_PATTERN, i) for i in ids)
-    assert all(uuid.UUID(i[4:]).version == 4 for i in ids)
+    assert all(uuid.UUID(i[4:]).version == 4 and str(uuid.UUID(i[4:])) == i[4:] for i in ids)
     assert len(set(ids)) == len(ids)
     assert max(batches[0]) < min(batches[1]) and max(batches[1]) < min(batches[2])
 
