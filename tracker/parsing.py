@@ -37,10 +37,8 @@ def _refuse_constant(token: str) -> Any:
 _STRICT = json.JSONDecoder(parse_constant=_refuse_constant)
 
 
-def _text(raw: bytes | str) -> str:
+def _text(raw: bytes) -> str:
     """``raw`` decoded as json.loads decodes bytes (UTF-8, -16 or -32, by their start)."""
-    if isinstance(raw, str):
-        return raw
     return raw.decode(json.detect_encoding(raw), "surrogatepass")
 
 
