@@ -216,7 +216,7 @@ class SQLiteDB:
             # execute_fetchall: one trip to the connection's thread instead of three
             return list(await self._r.execute_fetchall(sql, params))
         except sqlite3.DatabaseError as e:
-            if str(e) == "malformed JSON":  # SQLite's only sign of it (code SQLITE_ERROR)
+            if "malformed JSON" in str(e):  # SQLite's only sign of it (code SQLITE_ERROR)
                 raise MalformedJSON(f"database read failed: {e}") from e
             raise Unavailable(f"database read failed: {e}") from e
 
