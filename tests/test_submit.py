@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import re
 import time
@@ -277,3 +278,21 @@ async def test_lettas_answers_are_read_whole(aiohttp_server):
             await letta.get_run("page")
     finally:
         await letta.close()
+
+
+async def test_one_info_line_per_submit_on_its_way(start_tracker, sim, agent, caplog):
+    # sent at once: "run submitted" says all; queued behind its agent's lane: "run queued"
+    # first, then "run submitted" when its turn comes
+    t = await start_tracker()
+    with caplog.at_level(logging.INFO, "tracker"):
+        first = await t.submit(agent, "[[delay=0.3]] first")
+        second = await t.submit(agent, "second")
+        await t.wait_state(second["id"], "done")
+
+    def lines(run_id: str) -> list[str]:
+        return [r.getMessage() for r in caplog.records
+                if getattr(r, "run_id", None) == run_id and r.name in (
+                    "tracker.manager", "tracker.dispatcher")]
+
+    assert lines(first["id"])[:1] == ["run submitted"]
+    assert lines(second["id"])[:2] == ["run queued", "run submitted"]

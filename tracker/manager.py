@@ -169,7 +169,9 @@ class Manager:
                 self.sending.discard(new.id)
         if not created and run.request_hash != digest:
             raise Conflict("Idempotency-Key was already used with a different request")
-        if created:
+        if created and run.state is State.QUEUED:
+            # a run claimed here is sent at once: its "run submitted" line (or its failure's)
+            # follows, and one line per submit is enough
             log.info("run queued", extra={"run_id": run.id, "agent_id": agent_id})
         return run, created
 
