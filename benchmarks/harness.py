@@ -32,6 +32,9 @@ PY = sys.executable
 HOST = "127.0.0.1"
 # BENCH_TRACKER_SRC=/path/to/a/copy: run that tracker package instead (to try a change out)
 SRC = os.environ.get("BENCH_TRACKER_SRC", "")
+# BENCH_LOG_LEVEL=WARNING: the tracker's log level (its default, INFO, writes a line for each
+# run's submit and end: part of what a deployment pays, so measured unless asked otherwise)
+LOG_LEVEL = os.environ.get("BENCH_LOG_LEVEL", "INFO")
 if SRC:
     sys.path.insert(0, SRC)
 
@@ -134,7 +137,7 @@ def tree() -> str:
 def banner(name: str, args: Any) -> None:
     print(f"# {name}  ({'quick' if getattr(args, 'quick', False) else 'full'} mode)")
     print(f"machine: {machine()}")
-    print(f"code: {tree()}", flush=True)
+    print(f"code: {tree()}; tracker log level {LOG_LEVEL}", flush=True)
 
 
 # --- processes -------------------------------------------------------------------------------
@@ -259,7 +262,7 @@ class Procs:
 
 def tracker_env(db: Path, letta_url: str = "http://127.0.0.1:9") -> dict[str, str]:
     return {"TRACKER_DATABASE__URL": f"sqlite:///{db}", "TRACKER_LETTA__BASE_URL": letta_url,
-            "TRACKER_SERVER__HOST": HOST, "TRACKER_LOGGING__LEVEL": "WARNING",
+            "TRACKER_SERVER__HOST": HOST, "TRACKER_LOGGING__LEVEL": LOG_LEVEL,
             "TRACKER_RELAY__ALLOW_PRIVATE": "true"}
 
 
