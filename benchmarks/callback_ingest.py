@@ -12,6 +12,10 @@ tracker is started again on that database, and once its inbox is empty every one
 must be ``done``.
 
     .venv/bin/python benchmarks/callback_ingest.py [--quick] [--repeats N] [--connections C]
+        [--workers N]
+
+With ``--workers N`` the tracker runs N callback worker processes (``callbacks.workers``)
+and wrk fires at their port; the CPU figure then adds up the tracker's and its workers'.
 """
 
 from __future__ import annotations
@@ -148,21 +152,26 @@ def measure_tracker(procs: h.Procs, template: Path, reqs: Path, args: argparse.N
     db = h.copy_db(template, h.OUT / "ingest-run.db")
     acked = h.OUT / "ingest-acked.txt"
     acked.unlink(missing_ok=True)
+    cb_port = h.free_port()
     url, p = procs.tracker("tracker", db, "http://127.0.0.1:9", env={
         "TRACKER_CALLBACKS__SECRET": SECRET,
+        "TRACKER_CALLBACKS__WORKERS": str(args.workers),
+        "TRACKER_CALLBACKS__PORT": str(cb_port),
         "TRACKER_DATABASE__SYNCHRONOUS": args.synchronous,
         "TRACKER_DISPATCH__PER_AGENT": args.per_agent,
         **({"TRACKER_CALLBACKS__APPLY_MAX_LAG_S": str(args.apply_max_lag)}
            if args.apply_max_lag is not None else {})})
+    if args.workers:  # Letta's callbacks go to the workers' port
+        url = f"http://{h.HOST}:{cb_port}"
     steady(db, p.pid)
     since = h.iso(time.time())
-    cpu0 = h.cpu_seconds(p.pid)
+    cpu0 = h.cpu_seconds(p.pid, children=True)
     spy = h.py_spy(procs, p.pid, "ingest-tracker") if args.profile else None
     res = h.wrk(url, SCRIPT, args.connections, args.duration, env={
         "BENCH_REQUESTS": str(reqs), "BENCH_THREADS": "1", "BENCH_ACKED": str(acked),
         "BENCH_CLOSE": args.close})
     h.end_py_spy(procs, spy)
-    res["cpu_s"] = h.cpu_seconds(p.pid) - cpu0
+    res["cpu_s"] = h.cpu_seconds(p.pid, children=True) - cpu0  # its workers' too
     # killed, not stopped: what was acknowledged must already be on disk
     procs.stop(p, sig=signal.SIGKILL)
     res.update(durability(db, acked, since))
@@ -244,6 +253,9 @@ def main() -> None:
     ap.add_argument("--apply-max-lag", type=float, default=None,
                     help="the tracker's callbacks.apply_max_lag_s (default: its default); a"
                          " lag shorter than the load shows a flood longer than the default's")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="the tracker's callbacks.workers: processes taking the callbacks on"
+                         " a port of their own (default 0: the tracker's process takes them)")
     ap.add_argument("--profile", action="store_true",
                     help="sample the tracker with py-spy during its load (out/profile-*.txt)")
     args = ap.parse_args()
@@ -259,7 +271,8 @@ def main() -> None:
           f" {args.agents or args.runs:,} agents, dispatch {args.per_agent},"
           f" {args.connections} {'new' if args.close else 'keep-alive'} connections,"
           f" {args.duration:g}s per side, wrk 1 thread, apply_max_lag_s"
-          f" {'default' if args.apply_max_lag is None else f'{args.apply_max_lag:g}'}",
+          f" {'default' if args.apply_max_lag is None else f'{args.apply_max_lag:g}'},"
+          f" callback workers {args.workers}",
           flush=True)
     rows = []
     with h.Procs("ingest") as procs:

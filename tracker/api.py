@@ -194,7 +194,7 @@ async def stats(request: web.Request) -> web.Response:
 
 async def letta_callback(request: web.Request) -> web.Response:
     svc = _svc(request)
-    run_id = await callbacks.receive(request, svc.signer, svc.manager, svc.applier)
+    run_id = await callbacks.receive(request, svc.signer, svc.store, svc.letta, svc.applier)
     return callbacks.accepted(run_id)
 
 

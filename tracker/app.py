@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 from aiohttp import web
@@ -25,12 +25,14 @@ from tracker.relay import Relay
 from tracker.retention import Retention
 from tracker.store import Store, open_store
 from tracker.wiring import SERVICES, Services
+from tracker.workers import Workers
 
 log = logging.getLogger("tracker")
 
 STORE: web.AppKey[Store] = web.AppKey("store", Store)
 LETTA: web.AppKey[LettaClient] = web.AppKey("letta", LettaClient)
 FIRST_KEY: web.AppKey[list] = web.AppKey("first_key", list)
+WORKERS: web.AppKey[Workers] = web.AppKey("workers", Workers)
 
 
 def create_app(cfg: Config) -> web.Application:
@@ -46,13 +48,38 @@ def create_app(cfg: Config) -> web.Application:
     app[METRICS] = metrics
     app[FIRST_KEY] = []
     api.add_routes(app)
-    app.cleanup_ctx.extend([
+    app.cleanup_ctx.append(lambda a: _all_or_nothing(a, [
         lambda a: _store_ctx(a, cfg),
         lambda a: _letta_ctx(a, cfg),
         lambda a: _services_ctx(a, cfg),
+        _workers_ctx,  # before anything is sent: Letta may call back on the workers' port
         _background_ctx,
-    ])
+    ]))
     return app
+
+
+async def _all_or_nothing(app: web.Application, steps: list[Callable[[web.Application],
+                          AsyncIterator[None]]]) -> AsyncIterator[None]:
+    """Enter ``steps`` (cleanup contexts) in order and leave them in reverse, like
+    ``app.cleanup_ctx``, but when one fails to start, leave those already entered: aiohttp
+    cleans up nothing then (``run_app`` sets up outside its ``try``), and the database's
+    threads left open would keep the failed process from exiting."""
+    entered: list[contextlib.AbstractAsyncContextManager] = []
+    try:
+        for step in steps:
+            ctx = contextlib.asynccontextmanager(step)(app)
+            await ctx.__aenter__()
+            entered.append(ctx)
+    except BaseException:
+        await _leave(entered)
+        raise
+    yield
+    await _leave(entered)
+
+
+async def _leave(entered: list[contextlib.AbstractAsyncContextManager]) -> None:
+    while entered:
+        await entered.pop().__aexit__(None, None, None)
 
 
 async def _authenticate(app: web.Application, key: str | None) -> Any:
@@ -94,7 +121,7 @@ async def _services_ctx(app: web.Application, cfg: Config) -> AsyncIterator[None
     secret = cfg.callbacks.secret or await store.setting("callback_secret",
                                                          secrets.token_urlsafe(32))
     logs_redact.register(secret)
-    signer = CallbackSigner(secret, cfg.public_base())
+    signer = CallbackSigner(secret, cfg.callback_base())
     manager = Manager(cfg, store, letta, signer.url)
     manager.on_applied = app[METRICS].applied
     app[SERVICES] = Services(cfg=cfg, store=store, letta=letta, signer=signer, manager=manager,
@@ -105,6 +132,17 @@ async def _services_ctx(app: web.Application, cfg: Config) -> AsyncIterator[None
     app[SERVICES].poller.on_poll = app[METRICS].polled
     app[SERVICES].relay.on_outcome = app[METRICS].relay_outcome
     yield
+
+
+async def _workers_ctx(app: web.Application) -> AsyncIterator[None]:
+    svc = app[SERVICES]
+    if not svc.cfg.callbacks.workers:
+        yield
+        return
+    workers = app[WORKERS] = Workers(svc.cfg, svc.signer.secret, svc.applier, app[METRICS])
+    await workers.start()
+    yield
+    await workers.stop()
 
 
 async def _background_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -11,7 +11,7 @@ import base64
 import hmac
 import logging
 import time
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from aiohttp import web
 from pydantic import ValidationError
@@ -26,11 +26,12 @@ from tracker.errors import (
     Unauthorized,
     Unavailable,
 )
+from tracker.letta import LettaClient
 from tracker.manager import Manager, Observation
 from tracker.models import LettaCallback, LettaCallbackShape
 from tracker.parsing import MAX_DEPTH, loads
 from tracker.states import Source
-from tracker.store import InboxItem, RunRecord, Verdict
+from tracker.store import InboxItem, RunRecord, Store, Verdict
 
 log = logging.getLogger("tracker.callbacks")
 
@@ -56,6 +57,7 @@ class CallbackSigner:
     """Makes and checks the per-run callback tokens."""
 
     def __init__(self, secret: str, public_base: str) -> None:
+        self.secret = secret  # handed to the callback workers, which check the same tokens
         self._key = secret.encode()
         self.public_base = public_base.rstrip("/")
 
@@ -98,31 +100,40 @@ def parse_callback(raw: bytes, model: type[M] = LettaCallback) -> M:
                        for err in errors]) from None
 
 
-async def receive(request: web.Request, signer: CallbackSigner, manager: Manager,
-                  applier: Applier) -> str:
+class Filing(Protocol):
+    """Who hears of callbacks being filed: the applier, or a callback worker's reporter."""
+
+    #: callbacks between their token check and their answer
+    receiving: int
+
+    def received(self, run_id: str) -> None:
+        """A callback for ``run_id`` was committed to the inbox."""
+
+
+async def receive(request: web.Request, signer: CallbackSigner, store: Store,
+                  letta: LettaClient, filing: Filing) -> str:
     """Check one Letta callback and commit it to the inbox, and return its run's id; the
     handler then answers 200.
     Letta waits at most 5 s and never retries, so nothing else happens on its path: the
     applier makes the state change just after."""
     run_id = signer.run_id(request.match_info["token"])
-    applier.receiving += 1
+    filing.receiving += 1
     try:
         raw = await request.read()
         body = parse_callback(raw, LettaCallbackShape)
-        verdict = await manager.store.accept_callback(run_id, body.run_id, raw)
-        if verdict == Verdict.UNVERIFIED and await _created_by_us(manager, body.run_id,
-                                                                   signer.url(run_id)):
-            verdict = await manager.store.accept_callback(run_id, body.run_id, raw,
-                                                          verified=True)
+        verdict = await store.accept_callback(run_id, body.run_id, raw)
+        if verdict == Verdict.UNVERIFIED and await _created_by_us(letta, body.run_id,
+                                                                   signer.token(run_id)):
+            verdict = await store.accept_callback(run_id, body.run_id, raw, verified=True)
     finally:
-        applier.receiving -= 1
+        filing.receiving -= 1
     if verdict == Verdict.NO_RUN:
         raise NotFound("run not found")
     if verdict != Verdict.ACCEPTED:
         log.warning("callback for run %s names another Letta run %s", run_id, body.run_id,
                     extra={"run_id": run_id})
         raise Conflict("callback names a different run")
-    applier.received(run_id)
+    filing.received(run_id)
     return run_id
 
 
@@ -134,14 +145,15 @@ def accepted(run_id: str) -> web.Response:
                         content_type="application/json", charset="utf-8")
 
 
-async def _created_by_us(manager: Manager, letta_run_id: str, ours: str) -> bool:
+async def _created_by_us(letta: LettaClient, letta_run_id: str, token: str) -> bool:
     """Whether Letta created that run with this run's callback URL: the check for a callback
-    that beats its own submit, before the tracker has stored the Letta run id."""
+    that beats its own submit, before the tracker has stored the Letta run id. The token is
+    compared, not the whole URL: the URL's base changes with ``callbacks.workers``."""
     try:
-        letta_run = await manager.letta.get_run(letta_run_id)
+        letta_run = await letta.get_run(letta_run_id)
     except NotFound:
         return False
-    return letta_run.get("callback_url") == ours
+    return str(letta_run.get("callback_url")).endswith(f"/callbacks/letta/{token}")
 
 
 class Applier:
@@ -153,7 +165,10 @@ class Applier:
     the service answers them (``SATURATED`` being received at once), it does not apply at
     all, until they ease off or the oldest has waited ``callbacks.apply_max_lag_s`` (then
     small rounds again): a burst is answered at filing speed, and applied just after. When
-    they stop coming, it applies in large rounds at full speed."""
+    they stop coming, it applies in large rounds at full speed.
+
+    Callback workers (``callbacks.workers``) file in other processes: their reports (see
+    ``workers``) tell it what they are receiving and what they filed."""
 
     def __init__(self, manager: Manager) -> None:
         self.manager = manager
@@ -161,6 +176,9 @@ class Applier:
         self.max_lag = manager.cfg.callbacks.apply_max_lag_s
         self.wakeup = asyncio.Event()
         self.receiving = 0  # callbacks between their token check and their answer
+        self.remote: dict[int, int] = {}  # the same, in each callback worker, as last reported
+        #: runs a worker reported filed, and when: ``callback_filed`` holds them too
+        self._reported: dict[str, float] = {}
         self._last_received = 0.0
         self._hold_logged = -60.0
 
@@ -170,26 +188,47 @@ class Applier:
         self.manager.callback_filed.add(run_id)
         self.wakeup.set()
 
+    def reported(self, worker: int, receiving: int, filed: list[str]) -> None:
+        """A callback worker's report: the callbacks it is receiving now, and the runs whose
+        callbacks it filed since its last report."""
+        self.remote[worker] = receiving
+        if filed:
+            self._last_received = now = time.monotonic()
+            self.manager.callback_filed.update(filed)
+            self._reported.update(dict.fromkeys(filed, now))
+            self.wakeup.set()
+
+    def _forget_reported(self, before: float) -> None:
+        """The inbox was empty at ``before``: the runs reported filed until then are applied
+        (a report may come after its callback was applied: the poller would skip that run)."""
+        gone = [r for r, at in self._reported.items() if at < before]
+        for r in gone:
+            del self._reported[r]
+        self.manager.callback_filed.difference_update(gone)
+
     def _busy(self) -> bool:
         return time.monotonic() - self._last_received < BUSY_S
 
     def _hold(self, oldest: InboxItem) -> bool:
         """Whether to leave the inbox be for now: callbacks are saturating the service, and
         the oldest filed one has not waited ``max_lag`` yet."""
-        hold = (self.receiving >= SATURATED
-                and clock.now() - oldest.received_at < self.max_lag)
+        arriving = self.receiving + sum(self.remote.values())
+        hold = arriving >= SATURATED and clock.now() - oldest.received_at < self.max_lag
         if hold and time.monotonic() - self._hold_logged > 60:  # a line a minute at most
             self._hold_logged = time.monotonic()
             log.info("%d callbacks arriving at once: applying them waits (at most %gs)",
-                     self.receiving, self.max_lag)
+                     arriving, self.max_lag)
         return hold
 
     async def run(self) -> None:
         while True:
             self.wakeup.clear()  # before the read: a callback filed after it sets it again
+            started = time.monotonic()
             try:
                 items = await self.store.inbox(APPLY_BATCH_BUSY if self._busy() else APPLY_BATCH)
                 if not items:
+                    if self._reported:
+                        self._forget_reported(started)
                     await self.wakeup.wait()
                 elif self._hold(items[0]):
                     await asyncio.sleep(HOLD_S)
@@ -208,6 +247,9 @@ class Applier:
         applied = [i for i, ok in zip(items, done, strict=True) if ok]
         await self.store.forget_callbacks([i.id for i in applied])
         self.manager.callback_filed.difference_update(i.run_id for i in applied)
+        if self._reported:
+            for i in applied:
+                self._reported.pop(i.run_id, None)
         return all(done)
 
     async def _apply_one(self, item: InboxItem, run: RunRecord | None) -> bool:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from tracker import __version__, logs
-from tracker.config import Config, load_config
+from tracker.config import Config, checked, load_config
 from tracker.errors import ConfigError, TrackerError
 
 
@@ -22,6 +22,7 @@ def _serve(cfg: Config, args: argparse.Namespace) -> int:
         cfg.server.host = args.host
     if args.port is not None:
         cfg.server.port = args.port
+    cfg = checked(cfg)  # --port against callbacks.port
     logs.setup(cfg.logging.level, cfg.logging.format)
     import logging
 
@@ -31,7 +32,7 @@ def _serve(cfg: Config, args: argparse.Namespace) -> int:
              cfg.database.url, cfg.letta.base_url, type(loop).__module__.split(".")[0])
     # run_app handles SIGINT/SIGTERM: stops accepting, lets requests finish, runs cleanups
     app = create_app(cfg)
-    app.on_startup.append(_tune_gc)
+    app.on_startup.append(tune_gc)
     # run_app calls ``print`` once the port is open: after start-up, migrations included
     listening = lambda _: log.info("tracker listening on http://%s:%s",  # noqa: E731
                                    cfg.server.host, cfg.server.port)
@@ -61,7 +62,7 @@ def event_loop(choice: str) -> asyncio.AbstractEventLoop:
     return asyncio.new_event_loop()
 
 
-async def _tune_gc(app: web.Application) -> None:
+async def tune_gc(app: web.Application) -> None:
     # everything built at start-up lives as long as the process: keep it out of the full
     # collections that would otherwise stall a request for ~20 ms each (see BENCHMARKS.md)
     gc.collect()

@@ -8,7 +8,14 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from tracker.errors import ConfigError
 
@@ -51,6 +58,13 @@ class CallbacksConfig(Section):
     # while callbacks saturate the service, applying them waits (answering Letta comes
     # first); it resumes, flood or not, once the oldest unapplied one has waited this long
     apply_max_lag_s: float = Field(30.0, ge=0)
+    # processes that take Letta's callbacks on a port of their own (0: the service's own
+    # process takes them): answering a flood of callbacks then uses more than one core
+    workers: int = Field(0, ge=0, le=64)
+    # the port the workers share (0: the API port plus one)
+    port: int = Field(0, ge=0, le=65535)
+    # the base URL Letta reaches the workers at; "" = http://{server.host}:{port}
+    public_url: str = ""
 
 
 class PollingConfig(Section):
@@ -110,11 +124,41 @@ class Config(Section):
     logging: LoggingConfig = LoggingConfig()
     retention: RetentionConfig = RetentionConfig()
 
+    @model_validator(mode="after")
+    def _workers_reachable(self) -> Config:
+        if not self.callbacks.workers:
+            return self
+        if self.database.url.removeprefix("sqlite://").removeprefix("/") in ("", ":memory:"):
+            raise ValueError("callbacks.workers needs a database file: the workers share it")
+        if not self.callbacks.port and not self.server.port:
+            raise ValueError("callbacks.port is needed with callbacks.workers when "
+                             "server.port is 0 (any free port)")
+        if self.callback_port() == self.server.port:
+            raise ValueError("callbacks.port must differ from server.port: the callback "
+                             "workers listen on a port of their own")
+        if self.server.public_url and not self.callbacks.public_url:
+            raise ValueError("callbacks.public_url is needed with callbacks.workers when "
+                             "server.public_url is set: the URL Letta reaches the workers at")
+        return self
+
     def public_base(self) -> str:
-        """The base URL Letta uses to reach us."""
+        """The base URL Letta uses to reach the API port."""
         if self.server.public_url:
             return self.server.public_url.rstrip("/")
         return f"http://{self.server.host}:{self.server.port}"
+
+    def callback_port(self) -> int:
+        """The port the callback workers listen on (when there are any)."""
+        return self.callbacks.port or self.server.port + 1
+
+    def callback_base(self) -> str:
+        """The base URL of the callback URLs handed to Letta: the workers' port when they
+        take callbacks, else the API's (whose callback route serves the older URLs too)."""
+        if not self.callbacks.workers:
+            return self.public_base()
+        if self.callbacks.public_url:
+            return self.callbacks.public_url.rstrip("/")
+        return f"http://{self.server.host}:{self.callback_port()}"
 
 
 def _env_value(raw: str) -> Any:
@@ -136,8 +180,18 @@ def _apply_env(data: dict[str, Any], environ: dict[str, str]) -> None:
 
 def _first_error(err: ValidationError, origin: str) -> ConfigError:
     e = err.errors()[0]
+    if not e["loc"]:  # a rule across keys: its message names them
+        return ConfigError(f"invalid config ({origin}): {e['msg'].removeprefix('Value error, ')}")
     key = ".".join(str(p) for p in e["loc"])
     return ConfigError(f"invalid config key {key!r} ({origin}): {e['msg']}")
+
+
+def checked(cfg: Config, origin: str = "command line") -> Config:
+    """``cfg`` checked again as a whole, after changes made to it key by key."""
+    try:
+        return Config.model_validate(cfg.model_dump())
+    except ValidationError as e:
+        raise _first_error(e, origin) from None
 
 
 def load_config(path: str | Path | None = None, environ: dict[str, str] | None = None) -> Config:

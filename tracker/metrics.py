@@ -8,6 +8,8 @@ by their canonical pattern, never the raw path; agent lanes capped at the deepes
 from __future__ import annotations
 
 import logging
+from bisect import bisect_left
+from collections import Counter as Tallies
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,14 +154,6 @@ class Metrics:
         """The poller checked ``runs`` watched runs."""
         self.polls.inc(runs)
 
-    def callback_received(self) -> None:
-        """A Letta callback arrived (counted before it is checked)."""
-        self.callbacks_received.inc()
-
-    def callback_refused(self, reason: str) -> None:
-        """A Letta callback was refused; ``reason`` from ``refusal_reason``."""
-        self._series(self.callbacks_refused, reason).inc()
-
     def relay_outcome(self, outcome: str) -> None:
         """The relay finished one delivery attempt (delivered, retrying, failed...)."""
         self._series(self.relay_deliveries, outcome).inc()
@@ -167,13 +161,30 @@ class Metrics:
     def request(self, method: str, route: str, status: int, seconds: float) -> None:
         """``timing_middleware``'s observer: one request served (Letta's callbacks counted)."""
         m = method if method in METHODS else "other"
-        self._series(self.http_requests, m, route, str(status)).inc()
+        self._served(m, route, status)
         self._series(self.http_latency, m, route).observe(seconds)
+
+    def _served(self, method: str, route: str, status: int, n: int = 1) -> None:
+        self._series(self.http_requests, method, route, str(status)).inc(n)
         # seen here, every refusal is counted, even one answered before the handler runs
         if route == CALLBACK_ROUTE:
-            self.callback_received()
+            self.callbacks_received.inc(n)
             if status >= 400:
-                self.callback_refused(refusal_reason(status))
+                self._series(self.callbacks_refused, refusal_reason(status)).inc(n)
+
+    def add(self, tally: Tally) -> None:
+        """Count what a callback worker process counted (``Tally``), as if served here."""
+        for (method, route, status), n in tally.requests.items():
+            self._served(method, route, status, n)
+        for (method, route), counts in tally.latency.items():
+            child = self._series(self.http_latency, method, route)
+            # a bucket's own count, as Histogram.observe adds it (exported cumulated)
+            for bucket, n in zip(child._buckets, counts[:-1], strict=True):
+                if n:
+                    bucket.inc(n)
+            child._sum.inc(counts[-1])
+        for (endpoint, status), n in tally.letta.items():
+            self._series(self.letta_calls, endpoint, status).inc(n)
 
     # --- gauges ----------------------------------------------------------------------------
 
@@ -198,6 +209,34 @@ class Metrics:
         self.queue_depth.clear()
         for agent, n in view.lanes.items():
             self.queue_depth.labels(agent).set(n)
+
+
+class Tally:
+    """What a callback worker process counts between two reports: ``Metrics.add`` adds it
+    to the service's metrics, so that /metrics counts every callback, whoever took it."""
+
+    def __init__(self) -> None:
+        self.requests: Tallies[tuple[str, str, int]] = Tallies()
+        #: per method and route: each latency bucket's count (+Inf last), then their sum
+        self.latency: dict[tuple[str, str], list[float]] = {}
+        self.letta: Tallies[tuple[str, str]] = Tallies()
+
+    def __bool__(self) -> bool:
+        return bool(self.requests or self.letta)
+
+    def request(self, method: str, route: str, status: int, seconds: float) -> None:
+        """``timing_middleware``'s observer, as ``Metrics.request``."""
+        m = method if method in METHODS else "other"
+        self.requests[m, route, status] += 1
+        counts = self.latency.get((m, route))
+        if counts is None:
+            counts = self.latency[m, route] = [0] * (len(LATENCY_BUCKETS) + 2)
+        counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1  # the first bound >= seconds
+        counts[-1] += seconds
+
+    def letta_call(self, endpoint: str, status: int | str) -> None:
+        """``LettaClient.on_call``, as ``Metrics.letta_call``."""
+        self.letta[endpoint, str(status)] += 1
 
 
 async def queue_view(store: Any, lanes: int) -> QueueView:

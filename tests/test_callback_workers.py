@@ -1,0 +1,215 @@
+"""Callback workers (``callbacks.workers``): processes that take Letta's callbacks on a port
+of their own, file them, and report to the service, which applies them and counts them.
+
+The last tests start real worker processes beside a tracker on the simulator."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+
+import pytest
+from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import eventually, make_config
+from tracker import clock
+from tracker.app import WORKERS, create_app
+from tracker.callbacks import PATH, SATURATED
+from tracker.config import load_config
+from tracker.errors import ConfigError
+from tracker.metrics import LATENCY_BUCKETS, Metrics, Tally, render
+from tracker.store import InboxItem
+from tracker.workers import WorkerFailed
+
+# --- config ---------------------------------------------------------------------------------
+
+
+def test_workers_default_to_the_api_port_plus_one():
+    cfg = load_config(None, environ={"TRACKER_CALLBACKS__WORKERS": "2",
+                                     "TRACKER_SERVER__PORT": "9000"})
+    assert cfg.callback_port() == 9001
+    assert cfg.callback_base() == "http://127.0.0.1:9001"
+    # without workers, Letta calls back on the API's port, whatever callbacks.port says
+    cfg = load_config(None, environ={"TRACKER_CALLBACKS__PORT": "9005"})
+    assert cfg.callback_base() == cfg.public_base() == "http://127.0.0.1:8080"
+    cfg = load_config(None, environ={"TRACKER_CALLBACKS__WORKERS": "1",
+                                     "TRACKER_SERVER__PUBLIC_URL": "https://t.example/",
+                                     "TRACKER_CALLBACKS__PUBLIC_URL": "https://cb.example/"})
+    assert cfg.callback_base() == "https://cb.example"
+
+
+@pytest.mark.parametrize("env, says", [
+    ({"TRACKER_CALLBACKS__PORT": "8080"}, "must differ from server.port"),
+    ({"TRACKER_SERVER__PUBLIC_URL": "https://t.example"}, "callbacks.public_url is needed"),
+    ({"TRACKER_DATABASE__URL": "sqlite:///:memory:"}, "needs a database file"),
+    ({"TRACKER_SERVER__PORT": "0"}, "callbacks.port is needed"),
+])
+def test_workers_config_that_cannot_work_is_refused(env, says):
+    with pytest.raises(ConfigError, match=says) as e:
+        load_config(None, environ={"TRACKER_CALLBACKS__WORKERS": "2", **env})
+    assert "invalid config (" in str(e.value)  # a rule across keys, named as such
+
+
+# --- metrics ---------------------------------------------------------------------------------
+
+REQUESTS = st.lists(st.tuples(
+    st.sampled_from(["POST", "GET", "BREW"]),
+    st.sampled_from([PATH, "unmatched"]),
+    st.sampled_from([200, 400, 401, 404, 409, 413, 422, 500, 503]),
+    st.one_of(st.sampled_from(LATENCY_BUCKETS),  # exactly on a bound: counted in that bucket
+              st.floats(0, 20, allow_nan=False))), max_size=40)
+CALLS = st.lists(st.tuples(st.sampled_from(["get_run", "list_runs"]),
+                           st.sampled_from([200, 404, "unreachable"])), max_size=10)
+
+
+def samples(m: Metrics) -> dict:
+    """Every sample but the creation times and the process's own figures."""
+    text = render(m).decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples
+            if not s.name.endswith("_created") and not s.name.startswith("process_")}
+
+
+@settings(max_examples=60, deadline=None)
+@given(REQUESTS, REQUESTS, CALLS)
+def test_a_workers_tally_counts_as_if_served_here(before, requests, calls):
+    here, merged = Metrics(), Metrics()
+    for r in before:  # the service's own requests, counted in both
+        here.request(*r)
+        merged.request(*r)
+    tally = Tally()
+    for r in requests:
+        here.request(*r)
+        tally.request(*r)
+    for c in calls:
+        here.letta_call(*c)
+        tally.letta_call(*c)
+    merged.add(tally)
+    got, want = samples(merged), samples(here)
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v), k
+
+
+# --- the applier hears the workers' reports -------------------------------------------------
+
+async def test_workers_reports_hold_the_applier_and_mark_runs_filed(start_tracker):
+    t = await start_tracker()
+    applier = t.svc.applier
+    fresh = InboxItem(1, "run-x", clock.now(), b"{}")
+    assert not applier._hold(fresh)
+    applier.reported(0, SATURATED - 1, [])
+    assert not applier._hold(fresh)
+    applier.reported(1, 1, [])  # saturated across the workers, not in any one of them
+    assert applier._hold(fresh)
+    applier.reported(1, 0, [])
+    assert not applier._hold(fresh)
+    # runs reported filed are left to the applier by the poller; once the inbox is seen
+    # empty after their report, they were applied (or gone): nothing is kept for them
+    applier.reported(0, 0, ["run-reported-1", "run-reported-2"])
+    assert {"run-reported-1", "run-reported-2"} <= t.svc.manager.callback_filed
+    await eventually(lambda: not t.svc.manager.callback_filed and not applier._reported)
+
+
+# --- real worker processes -------------------------------------------------------------------
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture
+def workers_tracker(start_tracker, unused_tcp_port_factory):
+    async def start(n: int = 2):
+        port = unused_tcp_port_factory()
+        t = await start_tracker(callbacks={"workers": n, "port": port},
+                                dispatch={"per_agent": "parallel"})
+        t.callback_port = port
+        return t
+    return start
+
+
+async def test_callbacks_land_on_the_workers_and_complete_runs(workers_tracker, sim):
+    t = await workers_tracker(2)
+    assert len(t.app[WORKERS].pids()) == 2
+    agents = [sim.create_agent(f"w{i}")["id"] for i in range(3)]
+    runs = [await t.submit(a, f"m{i}") for i in range(2) for a in agents]
+    for r in runs:
+        done = await t.wait_state(r["id"], "done")
+        assert done["tracker"]["completed_via"] == "callback"
+        letta_run = sim.store.get(done["tracker"]["letta_run_id"])
+        # Letta was handed the workers' port, and the worker answered it
+        assert letta_run.callback_url.startswith(f"http://127.0.0.1:{t.callback_port}/")
+        assert letta_run.callback_status_code == 200
+    # the main process took none of them, yet /metrics counts them all (from the reports)
+    await eventually(lambda: t.svc.applier.remote.keys() == {0, 1})
+    text = await (await t.get("/metrics")).text()
+    assert 'tracker_callbacks_received_total 6.0' in text
+    assert 'route="/callbacks/letta/{token}",status="200"} 6.0' in text
+
+
+async def test_a_worker_refuses_what_the_service_refuses(workers_tracker):
+    t = await workers_tracker(1)
+    url = f"http://127.0.0.1:{t.callback_port}/callbacks/letta/run-x.forged"
+    async with t.client.session.post(url, data=b"{}") as r:
+        assert r.status == 401
+        assert (await r.json())["detail"] == "invalid callback token"
+    async with t.client.session.get(f"http://127.0.0.1:{t.callback_port}/v1/runs") as r:
+        assert r.status == 404  # the API is on its own port only
+
+    async def refused() -> bool:
+        text = await (await t.get("/metrics")).text()
+        return 'tracker_callbacks_refused_total{reason="bad_token"} 1.0' in text
+    await eventually(refused)
+
+
+async def test_a_worker_that_dies_is_restarted(workers_tracker, agent):
+    t = await workers_tracker(1)
+    [pid] = t.app[WORKERS].pids()
+    os.kill(pid, signal.SIGKILL)
+    await eventually(lambda: t.app[WORKERS].pids() not in ([pid], []), timeout=15)
+    [new] = t.app[WORKERS].pids()
+    assert alive(new) and not alive(pid)
+    await eventually(lambda: 0 in t.svc.applier.remote)  # it reports again
+    run = await t.submit(agent)
+    done = await t.wait_state(run["id"], "done")
+    assert done["tracker"]["completed_via"] == "callback"
+
+
+async def test_stopping_the_tracker_stops_its_workers(workers_tracker):
+    t = await workers_tracker(2)
+    pids = t.app[WORKERS].pids()
+    assert all(alive(p) for p in pids)
+    await t.client.close()  # the app's cleanup
+    assert not any(alive(p) for p in pids)
+
+
+def database_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate()
+            if "connection_worker" in t.name or t.name.startswith("sqlite-writer")}
+
+
+async def test_a_worker_that_cannot_listen_stops_the_start(tmp_path, unused_tcp_port_factory):
+    port = unused_tcp_port_factory()
+    app = create_app(make_config(tmp_path, callbacks={"workers": 2, "port": port}))
+    runner = web.AppRunner(app)
+    threads = database_threads()
+    with socket.socket() as taken:  # a listener without SO_REUSEPORT: nobody can share it
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        with pytest.raises(WorkerFailed, match=f"cannot listen on 127.0.0.1:{port}"):
+            await runner.setup()  # the app's start-up, as run_app does it
+    # none left running: the ones that started were stopped with the failed start
+    assert not [p for p in multiprocessing.active_children()
+                if p.name.startswith("tracker-callbacks")]
+    # and the database was closed: its threads would keep a failed process from exiting
+    await eventually(lambda: database_threads() <= threads)
