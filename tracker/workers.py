@@ -43,6 +43,9 @@ class _Worker:
         self.process = process
         self.conn = conn
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # its failure is raised where it is awaited; one nobody awaits any more (the start
+        # timed out) is not worth asyncio's "never retrieved" complaint
+        self.ready.add_done_callback(lambda f: f.cancelled() or f.exception())
         self.started = asyncio.get_running_loop().time()
 
 
