@@ -45,8 +45,11 @@ APPLY_BATCH_BUSY = 8
 BUSY_S = 0.2
 #: callbacks being received at once from which the service counts as saturated: each
 #: applied callback costs ~15 random page writes (its run's indexes), several times what
-#: filing one costs, so applying then waits (see Applier) and Letta's answers keep the loop
-SATURATED = 8
+#: filing one costs, so applying then waits (see Applier) and Letta's answers keep the loop.
+#: Two, not more: with a new connection per callback, as Letta sends them, a flood of
+#: 3,000/s keeps only two or three in the handler at once; at 8 the wait never began and
+#: one process answered 0.32-0.35 of the bare handler's rate, at 2 0.61 (BENCHMARKS.md)
+SATURATED = 2
 #: how often a waiting applier looks again
 HOLD_S = 0.05
 #: seconds before the applier tries again after a storage fault
