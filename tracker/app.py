@@ -90,9 +90,7 @@ async def _authenticate(app: web.Application, key: str | None) -> Any:
 
 
 async def _store_ctx(app: web.Application, cfg: Config) -> AsyncIterator[None]:
-    store = open_store(cfg.database.url)
-    if hasattr(store, "synchronous"):
-        store.synchronous = cfg.database.synchronous
+    store = open_store(cfg.database.url, cfg.database.synchronous)
     await store.open()
     if cfg.auth.required:
         key = await auth.first_start_key(store)

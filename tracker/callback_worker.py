@@ -106,9 +106,7 @@ def create_worker_app(cfg: Config, secret: str, index: int,
 
 async def _worker_ctx(app: web.Application, cfg: Config, secret: str,
                       reporter: Reporter) -> AsyncIterator[None]:
-    store = open_store(cfg.database.url)
-    if hasattr(store, "synchronous"):
-        store.synchronous = cfg.database.synchronous
+    store = open_store(cfg.database.url, cfg.database.synchronous)
     await store.open()
     letta = LettaClient(cfg.letta.base_url, cfg.letta.api_key, cfg.letta.timeout_s)
     letta.on_call = reporter.letta_call

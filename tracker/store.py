@@ -243,12 +243,14 @@ class Store(Protocol):
     async def backup(self, path: str) -> None: ...
 
 
-def open_store(url: str) -> Store:
-    """Pick the backend by URL scheme (``sqlite:///path`` or ``sqlite:///:memory:``)."""
+def open_store(url: str, synchronous: str = "NORMAL") -> Store:
+    """Pick the backend by URL scheme (``sqlite:///path`` or ``sqlite:///:memory:``);
+    ``synchronous`` is ``database.synchronous``."""
     if url.startswith("sqlite://"):
         from tracker.store_sqlite import SQLiteStore
 
-        return SQLiteStore(url.removeprefix("sqlite://").removeprefix("/") or ":memory:")
+        return SQLiteStore(url.removeprefix("sqlite://").removeprefix("/") or ":memory:",
+                           synchronous)
     raise ValueError(f"unsupported database URL {url!r}: only sqlite:/// is available")
 
 
