@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -82,12 +83,14 @@ class Reporter:
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+@dataclass
 class Worker:
     """What the callback handler reaches, built by the worker app's cleanup context."""
 
-    def __init__(self, signer: CallbackSigner, store: Store, letta: LettaClient,
-                 reporter: Reporter) -> None:
-        self.signer, self.store, self.letta, self.reporter = signer, store, letta, reporter
+    signer: CallbackSigner
+    store: Store
+    letta: LettaClient
+    reporter: Reporter
 
 
 WORKER: web.AppKey[Worker] = web.AppKey("worker", Worker)
