@@ -512,3 +512,33 @@ async def test_several_statuses_page_in_order_with_cursors(store):
     oldest = await store.list_runs(RunFilter(statuses=["failed", "completed"], limit=2,
                                              ascending=True))
     assert [r.id for r in oldest] == wanted[::-1][:2]
+
+
+def _wal_salt(path) -> bytes:
+    """The WAL header's salts: SQLite changes them each time it starts the WAL over."""
+    with open(f"{path}-wal", "rb") as f:
+        return f.read(24)[16:24]
+
+
+async def test_wal_starts_over_under_steady_writes(tmp_path, monkeypatch):
+    # writes that never pause: each checkpoint sees new frames come in while it copies, and
+    # the WAL must still be started over, not grow for as long as the writes go on
+    from tracker import sqlite_db
+
+    monkeypatch.setattr(sqlite_db, "CHECKPOINT_EVERY_S", 0.05)
+    path = tmp_path / "steady.db"
+    s = open_store(f"sqlite:///{path}")
+    await s.open()
+    salts = set()
+    end = asyncio.get_running_loop().time() + 1.5
+
+    async def writer(agent):
+        while asyncio.get_running_loop().time() < end:
+            await submit(s, agent=agent)
+            salts.add(_wal_salt(path))
+
+    try:
+        await asyncio.gather(*(writer(f"agent-{uuid.uuid4()}") for _ in range(4)))
+    finally:
+        await s.close()
+    assert len(salts) >= 3

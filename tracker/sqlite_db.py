@@ -156,7 +156,14 @@ class SQLiteDB:
         while True:
             await asyncio.sleep(CHECKPOINT_EVERY_S)
             with contextlib.suppress(sqlite3.Error):
+                # the bulk of the copying, beside the writes
                 await self._ck.execute_fetchall("PRAGMA wal_checkpoint(PASSIVE)")
+                # then the frames committed meanwhile, with our writes held: the next write
+                # finds the WAL all copied and starts it over. Under steady writes some always
+                # came in during the first pass, the WAL was never started over, and it grew
+                # ~30 MB a second at 200 runs/s, each commit dearer as it grew (BENCHMARKS.md)
+                async with self._lock:
+                    await self._ck.execute_fetchall("PRAGMA wal_checkpoint(PASSIVE)")
 
     async def close(self) -> None:
         if self._checkpointer is not None:
