@@ -8,7 +8,8 @@ are recorded, the lag of each is read from the database: from the callback's
 ``completed_at`` (the simulator stamps it as it sends the callback, as Letta does) to the
 tracker's ``recorded_at`` (when the callback was applied). Also printed: whether the hold
 engaged (its log line), and the tracker's CPU use during the load, which says how near the
-rate is to the most this machine's tracker takes.
+rate is to the most this machine's tracker takes, and the largest the database's WAL grew
+(a checkpoint that never lets it start over shows here).
 
     .venv/bin/python benchmarks/apply_lag.py [--quick] [--rates R ...] [--seconds S]
 """
@@ -18,7 +19,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
+import os
 import sqlite3
+import threading
 import time
 from contextlib import closing
 
@@ -54,6 +58,14 @@ async def submit_at(url: str, key: str, agents: list[str], rate: float,
     return sent, bad
 
 
+def watch_wal(path: str, sizes: list[float]) -> None:
+    """Keep the WAL's largest size in MB in ``sizes[0]`` until -1 is appended."""
+    while sizes[-1] != -1.0:
+        with contextlib.suppress(OSError):
+            sizes[0] = max(sizes[0], os.path.getsize(path) / 1e6)
+        time.sleep(0.25)
+
+
 def one_rate(procs: h.Procs, rate: float, seconds: float) -> dict:
     sim_url, agents, _ = procs.simulator(f"sim-{rate:.0f}", agents=AGENTS,
                                          run_duration=(0.5, 1.5))
@@ -62,9 +74,13 @@ def one_rate(procs: h.Procs, rate: float, seconds: float) -> dict:
     log_file = h.OUT / f"applylag-tracker-{rate:.0f}.log"
     log_file.unlink(missing_ok=True)  # the harness appends: only this run's lines
     url, p = procs.tracker(f"tracker-{rate:.0f}", db, sim_url)
+    wal: list[float] = [0.0]
+    watch = threading.Thread(target=watch_wal, args=(f"{db}-wal", wal), daemon=True)
     cpu0, t0 = h.cpu_seconds(p.pid), time.monotonic()
+    watch.start()
     sent, bad = asyncio.run(submit_at(url, key, agents, rate, seconds))
     busy = (h.cpu_seconds(p.pid) - cpu0) / (time.monotonic() - t0)
+    wal.append(-1.0)  # stops the watch
     end, left = time.monotonic() + 120, -1
     while time.monotonic() < end and left:
         time.sleep(0.5)
@@ -77,7 +93,7 @@ def one_rate(procs: h.Procs, rate: float, seconds: float) -> dict:
     lags = [h.epoch(r[1]) - h.epoch(r[0]) for r in rows if r[0] and r[1]]
     return {"rate": rate, "sent": sent, "bad": sum(bad.values()), "left": left,
             "via": collections.Counter(r[2] for r in rows), "busy": busy,
-            "held": HOLD_LINE in log, **{q: h.pct(lags, q) for q in (50, 90, 99)},
+            "held": HOLD_LINE in log, "wal_mb": wal[0], **{q: h.pct(lags, q) for q in (50, 90, 99)},
             "max": max(lags, default=float("nan"))}
 
 
@@ -95,10 +111,11 @@ def main() -> None:
         results = [one_rate(procs, rate, args.seconds) for rate in args.rates]
     print(h.table("apply lag: from Letta's callback to the run recorded", [
         "runs/s", "runs", "non-2xx", "not final", "recorded via", "tracker CPU (cores)",
-        "hold engaged", "p50 s", "p90 s", "p99 s", "max s"], [
+        "hold engaged", "WAL at most (MB)", "p50 s", "p90 s", "p99 s", "max s"], [
         (r["rate"], r["sent"], r["bad"], r["left"],
          ", ".join(f"{k} {v}" for k, v in r["via"].items()), r["busy"],
-         "yes" if r["held"] else "no", r[50], r[90], r[99], r["max"]) for r in results]))
+         "yes" if r["held"] else "no", r["wal_mb"], r[50], r[90], r[99], r["max"])
+        for r in results]))
 
 
 if __name__ == "__main__":
