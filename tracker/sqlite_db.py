@@ -39,6 +39,10 @@ BUSY_TIMEOUT_MS = 10_000
 CLOSE_WAIT_MS = 1_000
 #: seconds between WAL checkpoints (the writer never checkpoints itself)
 CHECKPOINT_EVERY_S = 1.0
+#: a checkpoint's passes beside the writes, at most, before its last one (see _checkpoint)
+CHECKPOINT_PASSES = 4
+#: frames (pages) the last pass may find to copy with our writes held: a few ms
+FINISH_FRAMES = 256
 
 
 def _in_transaction(db: sqlite3.Connection, fn: Callable[[sqlite3.Connection], Any]) -> Any:
@@ -101,6 +105,7 @@ class SQLiteDB:
         self._lock = asyncio.Lock()
         self._ck: aiosqlite.Connection | None = None
         self._checkpointer: asyncio.Task | None = None
+        self._ck_frames = -1  # the WAL's frames at the last checkpoint's end
         self.writable = True  # False from a failed write until the next one succeeds
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -156,14 +161,29 @@ class SQLiteDB:
         while True:
             await asyncio.sleep(CHECKPOINT_EVERY_S)
             with contextlib.suppress(sqlite3.Error):
-                # the bulk of the copying, beside the writes
-                await self._ck.execute_fetchall("PRAGMA wal_checkpoint(PASSIVE)")
-                # then the frames committed meanwhile, with our writes held: the next write
-                # finds the WAL all copied and starts it over. Under steady writes some always
-                # came in during the first pass, the WAL was never started over, and it grew
-                # ~30 MB a second at 200 runs/s, each commit dearer as it grew (BENCHMARKS.md)
-                async with self._lock:
-                    await self._ck.execute_fetchall("PRAGMA wal_checkpoint(PASSIVE)")
+                await self._checkpoint()
+
+    async def _checkpoint(self) -> None:
+        """Copy the WAL into the database beside the writes, pass after pass while frames
+        keep coming in, then the last few with our writes held: the next write finds the WAL
+        all copied and starts it over. With one pass, under steady writes some frames always
+        came in during it, and the WAL grew without end (~30 MB a second at 200 runs/s,
+        each commit dearer as it grew: BENCHMARKS.md). Holding the writes for more than a
+        few frames' copying stalled every request behind them (benchmark 1's p99 went from
+        24 to 61 ms), so when writes outpace the copying the WAL waits for a later round."""
+        start = None
+        for _ in range(CHECKPOINT_PASSES):
+            [(_, frames, _)] = await self._ck.execute_fetchall("PRAGMA wal_checkpoint(PASSIVE)")
+            if start is None and frames == self._ck_frames:
+                return  # nothing written since the last round's last pass
+            if start is not None and frames - start <= FINISH_FRAMES:
+                break  # few came in during the last pass: copying them is quick
+            start = frames
+        else:
+            return
+        async with self._lock:
+            [(_, self._ck_frames, _)] = await self._ck.execute_fetchall(
+                "PRAGMA wal_checkpoint(PASSIVE)")
 
     async def close(self) -> None:
         if self._checkpointer is not None:
