@@ -19,10 +19,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import contextlib
 import os
 import sqlite3
-import threading
 import time
 from contextlib import closing
 
@@ -58,12 +56,12 @@ async def submit_at(url: str, key: str, agents: list[str], rate: float,
     return sent, bad
 
 
-def watch_wal(path: str, sizes: list[float]) -> None:
-    """Keep the WAL's largest size in MB in ``sizes[0]`` until -1 is appended."""
-    while sizes[-1] != -1.0:
-        with contextlib.suppress(OSError):
-            sizes[0] = max(sizes[0], os.path.getsize(path) / 1e6)
-        time.sleep(0.25)
+def file_mb(path: str) -> float:
+    """A file's size in MB; 0 when it is not there (the WAL before the first write)."""
+    try:
+        return os.path.getsize(path) / 1e6
+    except OSError:
+        return 0.0
 
 
 def one_rate(procs: h.Procs, rate: float, seconds: float) -> dict:
@@ -74,13 +72,12 @@ def one_rate(procs: h.Procs, rate: float, seconds: float) -> dict:
     log_file = h.OUT / f"applylag-tracker-{rate:.0f}.log"
     log_file.unlink(missing_ok=True)  # the harness appends: only this run's lines
     url, p = procs.tracker(f"tracker-{rate:.0f}", db, sim_url)
-    wal: list[float] = [0.0]
-    watch = threading.Thread(target=watch_wal, args=(f"{db}-wal", wal), daemon=True)
+    wal = h.MaxSampler(lambda: file_mb(f"{db}-wal"), 0.25)
     cpu0, t0 = h.cpu_seconds(p.pid), time.monotonic()
-    watch.start()
+    wal.start()
     sent, bad = asyncio.run(submit_at(url, key, agents, rate, seconds))
     busy = (h.cpu_seconds(p.pid) - cpu0) / (time.monotonic() - t0)
-    wal.append(-1.0)  # stops the watch
+    wal_mb = wal.stop()
     end, left = time.monotonic() + 120, -1
     while time.monotonic() < end and left:
         time.sleep(0.5)
@@ -93,7 +90,7 @@ def one_rate(procs: h.Procs, rate: float, seconds: float) -> dict:
     lags = [h.epoch(r[1]) - h.epoch(r[0]) for r in rows if r[0] and r[1]]
     return {"rate": rate, "sent": sent, "bad": sum(bad.values()), "left": left,
             "via": collections.Counter(r[2] for r in rows), "busy": busy,
-            "held": HOLD_LINE in log, "wal_mb": wal[0], **{q: h.pct(lags, q) for q in (50, 90, 99)},
+            "held": HOLD_LINE in log, "wal_mb": wal_mb, **{q: h.pct(lags, q) for q in (50, 90, 99)},
             "max": max(lags, default=float("nan"))}
 
 

@@ -18,9 +18,10 @@ import sqlite3
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -297,6 +298,25 @@ def copy_db(src: Path, dst: Path) -> Path:
 def count(db: Path, sql: str, params: Sequence[Any] = ()) -> int:
     with contextlib.closing(sqlite3.connect(db)) as c:
         return c.execute(sql, params).fetchone()[0]
+
+
+class MaxSampler(threading.Thread):
+    """The largest value ``measure()`` gave, sampled every ``every`` s until ``stop()``."""
+
+    def __init__(self, measure: Callable[[], float], every: float) -> None:
+        super().__init__(daemon=True)
+        self.measure, self.every, self.max = measure, every, 0.0
+        self._stop_flag = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_flag.is_set():
+            self.max = max(self.max, self.measure())
+            time.sleep(self.every)
+
+    def stop(self) -> float:
+        self._stop_flag.set()
+        self.join()
+        return self.max
 
 
 def rss_mb(pid: int) -> float:

@@ -17,7 +17,6 @@ import http.client
 import json
 import random
 import sqlite3
-import threading
 import time
 from collections.abc import Callable
 from contextlib import closing
@@ -48,19 +47,6 @@ class Client:
         body = resp.read()
         ms = (time.perf_counter() - t) * 1e3
         return ms, resp.status, json.loads(body) if body else None
-
-
-class Sampler(threading.Thread):
-    """Max RSS of a process, sampled every 20 ms until stopped."""
-
-    def __init__(self, pid: int) -> None:
-        super().__init__(daemon=True)
-        self.pid, self.max_mb, self.stop_flag = pid, 0.0, threading.Event()
-
-    def run(self) -> None:
-        while not self.stop_flag.is_set():
-            self.max_mb = max(self.max_mb, h.rss_mb(self.pid))
-            time.sleep(0.02)
 
 
 def sample(db, n: int, rng: random.Random) -> dict:
@@ -169,7 +155,7 @@ def main() -> None:
     with h.Procs("history") as procs:
         url, p = procs.tracker("tracker", db, "http://127.0.0.1:9")
         port = int(url.rsplit(":", 1)[1])
-        rss = Sampler(p.pid)
+        rss = h.MaxSampler(lambda: h.rss_mb(p.pid), 0.02)
         rss.start()
         admin = Client(port, meta["keys"]["admin"])
         users = {u: Client(port, meta["keys"][u]) for u in bulkdata.USERS}
@@ -183,11 +169,10 @@ def main() -> None:
             passes.append(measure(todo, args.requests, rng))
             h.end_py_spy(procs, spy)
             print(f"pass {i + 1} done in {time.monotonic() - t:.0f}s; tracker RSS max so far"
-                  f" {rss.max_mb:.0f} MiB", flush=True)
-        rss.stop_flag.set()
-        rss.join()
+                  f" {rss.max:.0f} MiB", flush=True)
+        rss_max = rss.stop()
         rss_now = h.rss_mb(p.pid)
-    report(passes, rss.max_mb, rss_now, args)
+    report(passes, rss_max, rss_now, args)
     if args.profile:
         print("\n" + h.profile_summary("history-tracker"))
 
