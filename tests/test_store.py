@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import sys
 import uuid
 
 import pytest
@@ -542,3 +543,36 @@ async def test_wal_starts_over_under_steady_writes(tmp_path, monkeypatch):
     finally:
         await s.close()
     assert len(salts) >= 3
+
+
+async def test_wal_starts_over_under_another_process_writes(tmp_path, monkeypatch):
+    # a callback worker writes from its own process: holding this store's writes does not
+    # stop it, and a WAL it added to during every last pass would never start over
+    from tracker import sqlite_db
+
+    monkeypatch.setattr(sqlite_db, "CHECKPOINT_EVERY_S", 0.05)
+    path = tmp_path / "worker.db"
+    s = open_store(f"sqlite:///{path}")
+    await s.open()
+    worker = await asyncio.create_subprocess_exec(sys.executable, "-c", WORKER_WRITES, str(path))
+    salts = set()
+    try:
+        for _ in range(150):
+            await asyncio.sleep(0.01)
+            salts.add(_wal_salt(path))
+    finally:
+        worker.kill()
+        await worker.wait()
+        await s.close()
+    assert len(salts) >= 3
+
+
+#: a callback worker's writes, never pausing: a few pages a commit
+WORKER_WRITES = """
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=10)
+db.execute("PRAGMA wal_autocheckpoint = 0")  # as the worker's store: the service checkpoints
+db.execute("CREATE TABLE IF NOT EXISTS filed (body TEXT)")
+while True:
+    db.executemany("INSERT INTO filed VALUES (?)", [("x" * 2000,)] * 8)
+"""

@@ -41,8 +41,10 @@ CLOSE_WAIT_MS = 1_000
 CHECKPOINT_EVERY_S = 1.0
 #: a checkpoint's passes beside the writes, at most, before its last one (see _checkpoint)
 CHECKPOINT_PASSES = 4
-#: frames (pages) the last pass may find to copy with our writes held: a few ms
+#: frames (pages) the last pass may find to copy with the writes held: a few ms
 FINISH_FRAMES = 256
+#: how long that last pass waits for another process's write in progress, or an older read
+CHECKPOINT_WAIT_MS = 50
 
 
 def _in_transaction(db: sqlite3.Connection, fn: Callable[[sqlite3.Connection], Any]) -> Any:
@@ -155,6 +157,9 @@ class SQLiteDB:
         assert self._db is not None
         self._db.execute("PRAGMA wal_autocheckpoint = 0")
         self._ck = await self._connect(cache_mb=2)
+        # a FULL checkpoint waits this long for another process's write or an older read,
+        # with ours held; then it copies what it can, as a PASSIVE one would
+        await self._ck.execute(f"PRAGMA busy_timeout = {CHECKPOINT_WAIT_MS}")
         self._checkpointer = asyncio.create_task(self._checkpoints())
 
     async def _checkpoints(self) -> None:
@@ -165,8 +170,9 @@ class SQLiteDB:
 
     async def _checkpoint(self) -> None:
         """Copy the WAL into the database beside the writes, pass after pass while frames
-        keep coming in, then the last few with our writes held: the next write finds the WAL
-        all copied and starts it over. With one pass, under steady writes some frames always
+        keep coming in, then the last few with the writes held (ours by the lock, the
+        callback workers' by a FULL checkpoint): the next write finds the WAL all copied and
+        starts it over. With one pass, under steady writes some frames always
         came in during it, and the WAL grew without end (~30 MB a second at 200 runs/s,
         each commit dearer as it grew: BENCHMARKS.md). Holding the writes for more than a
         few frames' copying stalled every request behind them (benchmark 1's p99 went from
@@ -182,8 +188,10 @@ class SQLiteDB:
         else:
             return
         async with self._lock:
+            # FULL: also holds other processes' writes (callback workers') while it copies,
+            # waiting at most CHECKPOINT_WAIT_MS for one in progress (see _start_checkpoints)
             [(_, self._ck_frames, _)] = await self._ck.execute_fetchall(
-                "PRAGMA wal_checkpoint(PASSIVE)")
+                "PRAGMA wal_checkpoint(FULL)")
 
     async def close(self) -> None:
         if self._checkpointer is not None:
