@@ -567,6 +567,26 @@ async def test_wal_starts_over_under_another_process_writes(tmp_path, monkeypatc
     assert len(salts) >= 3
 
 
+async def test_a_store_left_to_another_process_to_checkpoint_never_does(tmp_path, monkeypatch):
+    # a callback worker's: the service's checkpointer, whose last pass holds all writes, is
+    # the one; a second, in the worker, would hold the service's writes as well
+    from tracker import sqlite_db
+
+    monkeypatch.setattr(sqlite_db, "CHECKPOINT_EVERY_S", 0.05)
+    path = tmp_path / "left.db"
+    s = open_store(f"sqlite:///{path}", checkpoints=False)
+    await s.open()
+    salts = set()
+    try:
+        for _ in range(30):
+            await submit(s)
+            await asyncio.sleep(0.01)  # pauses a checkpointer would use
+            salts.add(_wal_salt(path))
+    finally:
+        await s.close()
+    assert len(salts) == 1
+
+
 #: a callback worker's writes, never pausing: a few pages a commit
 WORKER_WRITES = """
 import sqlite3, sys

@@ -109,7 +109,8 @@ def create_worker_app(cfg: Config, secret: str, index: int,
 
 async def _worker_ctx(app: web.Application, cfg: Config, secret: str,
                       reporter: Reporter) -> AsyncIterator[None]:
-    store = open_store(cfg.database.url, cfg.database.synchronous)
+    # the service checkpoints: one checkpointer, whose last pass holds every process's writes
+    store = open_store(cfg.database.url, cfg.database.synchronous, checkpoints=False)
     await store.open()
     letta = LettaClient(cfg.letta.base_url, cfg.letta.api_key, cfg.letta.timeout_s)
     letta.on_call = reporter.letta_call

@@ -29,8 +29,8 @@ class Batch:
 class GroupCommit(SQLiteDB):
     """``_batched`` operations, committed together (a base of ``SQLiteStore``)."""
 
-    def __init__(self, path: str, synchronous: str = "NORMAL") -> None:
-        super().__init__(path, synchronous)
+    def __init__(self, path: str, synchronous: str = "NORMAL", checkpoints: bool = True) -> None:
+        super().__init__(path, synchronous, checkpoints)
         self._queue: list[tuple[Any, asyncio.Future]] = []
         self._drainer: asyncio.Task | None = None
 

@@ -97,9 +97,10 @@ class SQLiteDB:
     """One SQLite file: its connections and transactions (under ``SQLiteStore`` and the
     other sqlite_* classes, which have the operations)."""
 
-    def __init__(self, path: str, synchronous: str = "NORMAL") -> None:
+    def __init__(self, path: str, synchronous: str = "NORMAL", checkpoints: bool = True) -> None:
         self.path = path
         self.synchronous = synchronous
+        self.checkpoints = checkpoints  # False: another process (the service) checkpoints
         self._db: sqlite3.Connection | None = None  # the writer
         self._writer: ThreadPoolExecutor | None = None  # its thread, for slow transactions
         self._r: aiosqlite.Connection | None = None
@@ -144,7 +145,9 @@ class SQLiteDB:
             # a second connection for reads: WAL readers never wait for the writer
             self._r = await self._connect()
             self._now = self._point_reader()
-            await self._start_checkpoints()
+            self._db.execute("PRAGMA wal_autocheckpoint = 0")  # never inside a commit
+            if self.checkpoints:
+                await self._start_checkpoints()
         except sqlite3.Error as e:
             raise Unavailable(f"cannot open database {self.path}: {e}") from e
 
@@ -154,8 +157,6 @@ class SQLiteDB:
     async def _start_checkpoints(self) -> None:
         """Checkpoint the WAL from a connection of its own, every second, instead of inside
         whichever commit crosses the threshold: commits stay short and even."""
-        assert self._db is not None
-        self._db.execute("PRAGMA wal_autocheckpoint = 0")
         self._ck = await self._connect(cache_mb=2)
         # a FULL checkpoint waits this long for another process's write or an older read,
         # with ours held; then it copies what it can, as a PASSIVE one would

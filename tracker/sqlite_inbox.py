@@ -39,8 +39,8 @@ class CallbackInbox(GroupCommit):
     ~15 µs a callback, on random pages of the runs table, that Letta's answer no longer
     waits for."""
 
-    def __init__(self, path: str, synchronous: str = "NORMAL") -> None:
-        super().__init__(path, synchronous)
+    def __init__(self, path: str, synchronous: str = "NORMAL", checkpoints: bool = True) -> None:
+        super().__init__(path, synchronous, checkpoints)
         self._letta_ids: dict[str, str] = {}
         self._loaded: asyncio.Task | None = None
 

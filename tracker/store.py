@@ -243,14 +243,15 @@ class Store(Protocol):
     async def backup(self, path: str) -> None: ...
 
 
-def open_store(url: str, synchronous: str = "NORMAL") -> Store:
+def open_store(url: str, synchronous: str = "NORMAL", checkpoints: bool = True) -> Store:
     """Pick the backend by URL scheme (``sqlite:///path`` or ``sqlite:///:memory:``);
-    ``synchronous`` is ``database.synchronous``."""
+    ``synchronous`` is ``database.synchronous``; ``checkpoints`` False where the service's
+    process checkpoints the database for this one (a callback worker's)."""
     if url.startswith("sqlite://"):
         from tracker.store_sqlite import SQLiteStore
 
         return SQLiteStore(url.removeprefix("sqlite://").removeprefix("/") or ":memory:",
-                           synchronous)
+                           synchronous, checkpoints)
     raise ValueError(f"unsupported database URL {url!r}: only sqlite:/// is available")
 
 
