@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-import sys
 import uuid
 
 import pytest
@@ -545,26 +544,32 @@ async def test_wal_starts_over_under_steady_writes(tmp_path, monkeypatch):
     assert len(salts) >= 3
 
 
-async def test_wal_starts_over_under_another_process_writes(tmp_path, monkeypatch):
+async def test_a_checkpoint_waits_for_another_process_write_and_the_wal_starts_over(
+        tmp_path, monkeypatch):
     # a callback worker writes from its own process: holding this store's writes does not
-    # stop it, and a WAL it added to during every last pass would never start over
+    # stop it, and a write of its committed while the last pass copied would leave the WAL
+    # to grow; the last pass waits for it and copies it too
     from tracker import sqlite_db
 
-    monkeypatch.setattr(sqlite_db, "CHECKPOINT_EVERY_S", 0.05)
+    monkeypatch.setattr(sqlite_db, "CHECKPOINT_EVERY_S", 3600)  # only the round below
     path = tmp_path / "worker.db"
     s = open_store(f"sqlite:///{path}")
     await s.open()
-    worker = await asyncio.create_subprocess_exec(sys.executable, "-c", WORKER_WRITES, str(path))
-    salts = set()
+    worker = sqlite3.connect(path, isolation_level=None)
     try:
-        for _ in range(150):
-            await asyncio.sleep(0.01)
-            salts.add(_wal_salt(path))
+        await submit(s)
+        salt = _wal_salt(path)
+        worker.execute("BEGIN IMMEDIATE")
+        worker.execute("CREATE TABLE filed (body TEXT)")
+        checkpoint = asyncio.create_task(s._checkpoint())
+        await asyncio.sleep(0.02)  # the passes beside the writes are done by now
+        worker.execute("COMMIT")  # within CHECKPOINT_WAIT_MS of the last pass's start
+        await checkpoint
+        await submit(s)  # finds the WAL all copied
+        assert _wal_salt(path) != salt
     finally:
-        worker.kill()
-        await worker.wait()
+        worker.close()
         await s.close()
-    assert len(salts) >= 3
 
 
 async def test_a_store_left_to_another_process_to_checkpoint_never_does(tmp_path, monkeypatch):
@@ -585,14 +590,3 @@ async def test_a_store_left_to_another_process_to_checkpoint_never_does(tmp_path
     finally:
         await s.close()
     assert len(salts) == 1
-
-
-#: a callback worker's writes, never pausing: a few pages a commit
-WORKER_WRITES = """
-import sqlite3, sys
-db = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=10)
-db.execute("PRAGMA wal_autocheckpoint = 0")  # as the worker's store: the service checkpoints
-db.execute("CREATE TABLE IF NOT EXISTS filed (body TEXT)")
-while True:
-    db.executemany("INSERT INTO filed VALUES (?)", [("x" * 2000,)] * 8)
-"""
