@@ -522,10 +522,12 @@ def _wal_salt(path) -> bytes:
 
 async def test_wal_starts_over_under_steady_writes(tmp_path, monkeypatch):
     # writes that never pause: each checkpoint sees new frames come in while it copies, and
-    # the WAL must still be started over, not grow for as long as the writes go on
+    # the WAL must still be started over, not grow for as long as the writes go on (these
+    # come at the store's full speed, a flood by FINISH_FRAMES: allowed more frames here)
     from tracker import sqlite_db
 
     monkeypatch.setattr(sqlite_db, "CHECKPOINT_EVERY_S", 0.05)
+    monkeypatch.setattr(sqlite_db, "FINISH_FRAMES", 256)
     path = tmp_path / "steady.db"
     s = open_store(f"sqlite:///{path}")
     await s.open()
@@ -552,6 +554,7 @@ async def test_a_checkpoint_waits_for_another_process_write_and_the_wal_starts_o
     from tracker import sqlite_db
 
     monkeypatch.setattr(sqlite_db, "CHECKPOINT_EVERY_S", 3600)  # only the round below
+    monkeypatch.setattr(sqlite_db, "CHECKPOINT_WAIT_MS", 2000)  # the test's timing loose
     path = tmp_path / "worker.db"
     s = open_store(f"sqlite:///{path}")
     await s.open()
@@ -590,3 +593,4 @@ async def test_a_store_left_to_another_process_to_checkpoint_never_does(tmp_path
     finally:
         await s.close()
     assert len(salts) == 1
+

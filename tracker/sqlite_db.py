@@ -41,10 +41,14 @@ CLOSE_WAIT_MS = 1_000
 CHECKPOINT_EVERY_S = 1.0
 #: a checkpoint's passes beside the writes, at most, before its last one (see _checkpoint)
 CHECKPOINT_PASSES = 4
-#: frames (pages) the last pass may find to copy with the writes held: a few ms
-FINISH_FRAMES = 256
+#: frames (pages) the last pass may find to copy with the writes held, while the WAL is small:
+#: a few ms, and only when writes come slower than a flood
+FINISH_FRAMES = 64
+#: ... or this share of the WAL's frames, as it grows: the longer the WAL, the longer a hold
+#: worth making to start it over (a flood's WAL stays bounded, with a hold now and then)
+FINISH_SHARE = 1 / 256
 #: how long that last pass waits for another process's write in progress, or an older read
-CHECKPOINT_WAIT_MS = 50
+CHECKPOINT_WAIT_MS = 5
 
 
 def _in_transaction(db: sqlite3.Connection, fn: Callable[[sqlite3.Connection], Any]) -> Any:
@@ -180,10 +184,14 @@ class SQLiteDB:
         24 to 61 ms), so when writes outpace the copying the WAL waits for a later round."""
         start = None
         for _ in range(CHECKPOINT_PASSES):
-            [(_, frames, _)] = await self._ck.execute_fetchall("PRAGMA wal_checkpoint(PASSIVE)")
+            [(busy, frames, _)] = await self._ck.execute_fetchall(
+                "PRAGMA wal_checkpoint(PASSIVE)")
+            if busy:
+                return  # another connection checkpoints (a CLI command closing): next round
             if start is None and frames == self._ck_frames:
                 return  # nothing written since the last round's last pass
-            if start is not None and frames - start <= FINISH_FRAMES:
+            if start is not None and frames - start <= max(FINISH_FRAMES,
+                                                           frames * FINISH_SHARE):
                 break  # few came in during the last pass: copying them is quick
             start = frames
         else:
