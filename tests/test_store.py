@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import threading
 import uuid
 
 import pytest
@@ -594,3 +595,30 @@ async def test_a_store_left_to_another_process_to_checkpoint_never_does(tmp_path
         await s.close()
     assert len(salts) == 1
 
+
+async def test_a_write_finding_another_process_holding_the_database_tries_again_soon(tmp_path):
+    # a callback worker's commit or a checkpoint holds it for a few ms: the write tries again
+    # on the loop within a ms or two of its end, not after SQLite's sleeps on the writer's
+    # thread (1, 2, 5, 10, 15 ms...), which stalled every request behind it
+    path = tmp_path / "busy.db"
+    s = open_store(f"sqlite:///{path}")
+    await s.open()
+    other = sqlite3.connect(path, isolation_level=None)
+    ran_on = []
+
+    def write(db):
+        ran_on.append(threading.get_ident())
+        db.execute("INSERT INTO settings VALUES ('k', 'v')")
+
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        task = asyncio.create_task(s._write(write))
+        await asyncio.sleep(0.003)
+        assert not task.done()  # it waits for the other connection
+        other.execute("COMMIT")
+        await task
+        assert ran_on[-1] == threading.get_ident()  # here, not on the writer's thread
+        assert await s.setting("k", "other") == "v"
+    finally:
+        other.close()
+        await s.close()

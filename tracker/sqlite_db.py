@@ -35,6 +35,9 @@ class MalformedJSON(Unavailable):
 
 #: how long a write waits for a lock another process holds (on the writer's thread)
 BUSY_TIMEOUT_MS = 10_000
+#: a write on the loop that finds another process holding the database tries again after
+#: these (then waits on the writer's thread, up to BUSY_TIMEOUT_MS)
+BUSY_RETRIES_S = (0.0005, 0.001, 0.001, 0.002, 0.002, 0.004, 0.004, 0.008, 0.008)
 #: how long closing waits for another process's lock before it skips its upkeep
 CLOSE_WAIT_MS = 1_000
 #: seconds between WAL checkpoints (the writer never checkpoints itself)
@@ -224,7 +227,7 @@ class SQLiteDB:
         assert self._db is not None, "store is not open"
         async with self._lock:
             try:
-                done = None if slow or not self._inline_ok else self._inline(fn)
+                done = None if slow or not self._inline_ok else await self._inline_soon(fn)
                 result = done[0] if done else await self._in_thread(
                     _waiting, self._db, _in_transaction, fn)
             except (sqlite3.OperationalError, sqlite3.DatabaseError) as e:
@@ -239,6 +242,19 @@ class SQLiteDB:
     def _inline_ok(self) -> bool:
         # with synchronous=FULL every commit waits for the disk: not on the loop
         return self.synchronous.upper() != "FULL"
+
+    async def _inline_soon(self, fn: Callable[[sqlite3.Connection], Any]) -> tuple[Any] | None:
+        """``_inline``, tried again after each of ``BUSY_RETRIES_S`` while another process
+        (a callback worker, a checkpoint) holds the database: its transactions take a few
+        ms, and SQLite's own wait on the writer's thread sleeps 1, 2, 5, 10, 15, 20, 25 ms...
+        between its tries, each sleep a stall for every request behind this write."""
+        done = self._inline(fn)
+        for delay in BUSY_RETRIES_S:
+            if done is not None:
+                break
+            await asyncio.sleep(delay)
+            done = self._inline(fn)
+        return done
 
     def _inline(self, fn: Callable[[sqlite3.Connection], Any]) -> tuple[Any] | None:
         """``(result,)`` of ``fn``'s transaction run here, never waiting for a lock (the
