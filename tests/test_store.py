@@ -523,12 +523,10 @@ def _wal_salt(path) -> bytes:
 
 async def test_wal_starts_over_under_steady_writes(tmp_path, monkeypatch):
     # writes that never pause: each checkpoint sees new frames come in while it copies, and
-    # the WAL must still be started over, not grow for as long as the writes go on (these
-    # come at the store's full speed, a flood by FINISH_FRAMES: allowed more frames here)
+    # the WAL must still be started over, not grow for as long as the writes go on
     from tracker import sqlite_db
 
     monkeypatch.setattr(sqlite_db, "CHECKPOINT_EVERY_S", 0.05)
-    monkeypatch.setattr(sqlite_db, "FINISH_FRAMES", 256)
     path = tmp_path / "steady.db"
     s = open_store(f"sqlite:///{path}")
     await s.open()

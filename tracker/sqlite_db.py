@@ -46,7 +46,7 @@ CHECKPOINT_EVERY_S = 1.0
 CHECKPOINT_PASSES = 4
 #: frames (pages) the last pass may find to copy with the writes held, while the WAL is small:
 #: a few ms, and only when writes come slower than a flood
-FINISH_FRAMES = 64
+FINISH_FRAMES = 256
 #: ... or this share of the WAL's frames, as it grows: the longer the WAL, the longer a hold
 #: worth making to start it over (a flood's WAL stays bounded, with a hold now and then)
 FINISH_SHARE = 1 / 256
