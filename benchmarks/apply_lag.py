@@ -11,7 +11,11 @@ engaged (its log line), and the tracker's CPU use during the load, which says ho
 rate is to the most this machine's tracker takes, and the largest the database's WAL grew
 (a checkpoint that never lets it start over shows here).
 
+With ``--workers N`` the tracker runs N callback worker processes (``callbacks.workers``),
+which take the callbacks; the CPU figure then adds up the tracker's and its workers'.
+
     .venv/bin/python benchmarks/apply_lag.py [--quick] [--rates R ...] [--seconds S]
+        [--workers N]
 """
 
 from __future__ import annotations
@@ -64,19 +68,20 @@ def file_mb(path: str) -> float:
         return 0.0
 
 
-def one_rate(procs: h.Procs, rate: float, seconds: float) -> dict:
+def one_rate(procs: h.Procs, rate: float, seconds: float, workers: int) -> dict:
     sim_url, agents, _ = procs.simulator(f"sim-{rate:.0f}", agents=AGENTS,
                                          run_duration=(0.5, 1.5))
     db = h.fresh_db(h.OUT / "apply-lag.db")
     key = h.create_key(db, "bench", admin=True)
     log_file = h.OUT / f"applylag-tracker-{rate:.0f}.log"
     log_file.unlink(missing_ok=True)  # the harness appends: only this run's lines
-    url, p = procs.tracker(f"tracker-{rate:.0f}", db, sim_url)
+    url, p = procs.tracker(f"tracker-{rate:.0f}", db, sim_url,
+                           env={"TRACKER_CALLBACKS__WORKERS": str(workers)})
     wal = h.MaxSampler(lambda: file_mb(f"{db}-wal"), 0.25)
-    cpu0, t0 = h.cpu_seconds(p.pid), time.monotonic()
+    cpu0, t0 = h.cpu_seconds(p.pid, children=True), time.monotonic()
     wal.start()
     sent, bad = asyncio.run(submit_at(url, key, agents, rate, seconds))
-    busy = (h.cpu_seconds(p.pid) - cpu0) / (time.monotonic() - t0)
+    busy = (h.cpu_seconds(p.pid, children=True) - cpu0) / (time.monotonic() - t0)
     wal_mb = wal.stop()
     end, left = time.monotonic() + 120, -1
     while time.monotonic() < end and left:
@@ -100,12 +105,14 @@ def main() -> None:
     ap.add_argument("--rates", type=float, nargs="+", default=[100, 200, 300],
                     help="submits (and so callbacks) a second")
     ap.add_argument("--seconds", type=float, default=20.0, help="seconds of load per rate")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="the tracker's callbacks.workers: processes taking the callbacks")
     args = ap.parse_args()
     if args.quick:
         args.rates, args.seconds = [100], 5.0
     h.banner("apply lag", args)
     with h.Procs("applylag") as procs:
-        results = [one_rate(procs, rate, args.seconds) for rate in args.rates]
+        results = [one_rate(procs, rate, args.seconds, args.workers) for rate in args.rates]
     print(h.table("apply lag: from Letta's callback to the run recorded", [
         "runs/s", "runs", "non-2xx", "not final", "recorded via", "tracker CPU (cores)",
         "hold engaged", "WAL at most (MB)", "p50 s", "p90 s", "p99 s", "max s"], [
