@@ -584,6 +584,8 @@ async def test_a_store_left_to_another_process_to_checkpoint_never_does(tmp_path
     s = open_store(f"sqlite:///{path}", checkpoints=False)
     await s.open()
     salts = set()
+    service = sqlite3.connect(path)  # still open when the worker's store closes
+    service.execute("SELECT count(*) FROM runs").fetchall()
     try:
         for _ in range(30):
             await submit(s)
@@ -591,7 +593,11 @@ async def test_a_store_left_to_another_process_to_checkpoint_never_does(tmp_path
             salts.add(_wal_salt(path))
     finally:
         await s.close()
-    assert len(salts) == 1
+    try:
+        assert len(salts) == 1
+        assert path.with_name("left.db-wal").stat().st_size > 0  # not emptied at close either
+    finally:
+        service.close()
 
 
 async def test_a_write_finding_another_process_holding_the_database_tries_again_soon(tmp_path):

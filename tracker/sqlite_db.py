@@ -87,16 +87,18 @@ def _migrate(db: sqlite3.Connection, version: int) -> None:
         raise
 
 
-def _close_writer(db: sqlite3.Connection) -> None:
-    # fresh planner statistics (as SQLite recommends before closing), and an empty WAL; both
-    # optional, so another process's lock is waited for briefly (the service's transactions
-    # take milliseconds), not for the full busy timeout: a CLI command exits at once
+def _close_writer(db: sqlite3.Connection, checkpoint: bool) -> None:
+    # fresh planner statistics (as SQLite recommends before closing), and an empty WAL unless
+    # another process checkpoints; both optional, so another process's lock is waited for
+    # briefly (the service's transactions take milliseconds), not for the full busy timeout:
+    # a CLI command exits at once
     db.execute(f"PRAGMA busy_timeout = {CLOSE_WAIT_MS}")
     with contextlib.suppress(sqlite3.Error):
         # not bounded by analysis_limit: its sampled statistics misled the planner
         # (a user's runs of one agent went through runs_user: 23 ms instead of 4)
         db.execute("PRAGMA optimize")
-        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        if checkpoint:  # a worker's would hold the service's writes for up to CLOSE_WAIT_MS
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     db.close()
 
 
@@ -180,9 +182,9 @@ class SQLiteDB:
         """Copy the WAL into the database beside the writes, pass after pass while frames
         keep coming in, then the last few with the writes held (ours by the lock, the
         callback workers' by a FULL checkpoint): the next write finds the WAL all copied and
-        starts it over. With one pass, under steady writes some frames always
-        came in during it, and the WAL grew without end (~30 MB a second at 200 runs/s,
-        each commit dearer as it grew: BENCHMARKS.md). Holding the writes for more than a
+        starts it over. With one pass, under steady writes some frames always came in
+        during it, and the WAL grew without end (~30 MB a second at 200 runs/s, each commit
+        dearer as it grew: BENCHMARKS.md). Holding the writes for more than a
         few frames' copying stalled every request behind them (benchmark 1's p99 went from
         24 to 61 ms), so when writes outpace the copying the WAL waits for a later round."""
         start = None
@@ -211,7 +213,7 @@ class SQLiteDB:
             await asyncio.gather(self._checkpointer, return_exceptions=True)
         if self._db is not None:
             async with self._lock:
-                await self._in_thread(_close_writer, self._db)
+                await self._in_thread(_close_writer, self._db, self.checkpoints)
         if self._writer is not None:
             self._writer.shutdown()
         for db in {id(c): c for c in (self._ck, self._r) if c}.values():
