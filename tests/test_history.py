@@ -54,7 +54,9 @@ async def test_no_key_bad_key_revoked_key(start_tracker, sim):
 
 
 async def test_filters_and_letta_list_semantics(start_tracker, sim):
-    t = await start_tracker()
+    # completed_via is asserted below: the callbacks must come before any poll (CI failed
+    # this once with the test config's 0.3 s grace, the poll first on a loaded machine)
+    t = await start_tracker(polling={"grace_s": 30})
     a1, a2 = sim.create_agent("a1")["id"], sim.create_agent("a2")["id"]
     ok = [await t.submit(a1, f"ok{i}") for i in range(3)]
     failed = await t.submit(a2, "[[fail]] boom")
