@@ -5,8 +5,10 @@ event loop).
 The writer is a plain sqlite3 connection owned here. Its transactions run on the event loop
 itself when the database is free (a group commit is ~50 µs of SQL a run, and a hop to a
 thread cost more: two thread switches, and the GIL fought over with the loop while it
-waited); a transaction that would wait for a lock, fsync each commit (synchronous=FULL) or
-run long (prune, migrations, shutdown) goes to the writer's own thread."""
+waited). One that finds another process holding the database (a callback worker, a CLI
+command) tries again there within milliseconds for ~30 ms, then, like one that would fsync
+each commit (synchronous=FULL) or run long (prune, migrations, shutdown), goes to the
+writer's own thread."""
 
 from __future__ import annotations
 
