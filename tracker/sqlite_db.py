@@ -188,7 +188,8 @@ class SQLiteDB:
         during it, and the WAL grew without end (~30 MB a second at 200 runs/s, each commit
         dearer as it grew: BENCHMARKS.md). Holding the writes for more than a
         few frames' copying stalled every request behind them (benchmark 1's p99 went from
-        24 to 61 ms), so when writes outpace the copying the WAL waits for a later round."""
+        24 to 61 ms), so when writes outpace the copying the WAL waits for a later round,
+        until it is long enough that a longer hold is worth it (FINISH_SHARE)."""
         start = None
         for _ in range(CHECKPOINT_PASSES):
             [(busy, frames, _)] = await self._ck.execute_fetchall(
