@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import os
 import sqlite3
 import time
 from contextlib import closing
@@ -60,14 +59,6 @@ async def submit_at(url: str, key: str, agents: list[str], rate: float,
     return sent, bad
 
 
-def file_mb(path: str) -> float:
-    """A file's size in MB; 0 when it is not there (the WAL before the first write)."""
-    try:
-        return os.path.getsize(path) / 1e6
-    except OSError:
-        return 0.0
-
-
 def one_rate(procs: h.Procs, rate: float, seconds: float, workers: int) -> dict:
     sim_url, agents, _ = procs.simulator(f"sim-{rate:.0f}", agents=AGENTS,
                                          run_duration=(0.5, 1.5))
@@ -77,7 +68,7 @@ def one_rate(procs: h.Procs, rate: float, seconds: float, workers: int) -> dict:
     log_file.unlink(missing_ok=True)  # the harness appends: only this run's lines
     url, p = procs.tracker(f"tracker-{rate:.0f}", db, sim_url,
                            env={"TRACKER_CALLBACKS__WORKERS": str(workers)})
-    wal = h.MaxSampler(lambda: file_mb(f"{db}-wal"), 0.25)
+    wal = h.MaxSampler(lambda: h.file_mb(f"{db}-wal"), 0.25)
     cpu0, t0 = h.cpu_seconds(p.pid, children=True), time.monotonic()
     wal.start()
     sent, bad = asyncio.run(submit_at(url, key, agents, rate, seconds))

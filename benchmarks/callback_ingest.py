@@ -167,9 +167,12 @@ def measure_tracker(procs: h.Procs, template: Path, reqs: Path, args: argparse.N
     since = h.iso(time.time())
     cpu0 = h.cpu_seconds(p.pid, children=True)
     spy = h.py_spy(procs, p.pid, "ingest-tracker") if args.profile else None
+    wal = h.MaxSampler(lambda: h.file_mb(f"{db}-wal"), 0.25)
+    wal.start()
     res = h.wrk(url, SCRIPT, args.connections, args.duration, env={
         "BENCH_REQUESTS": str(reqs), "BENCH_THREADS": "1", "BENCH_ACKED": str(acked),
         "BENCH_CLOSE": args.close})
+    res["wal_mb"] = wal.stop()
     h.end_py_spy(procs, spy)
     res["cpu_s"] = h.cpu_seconds(p.pid, children=True) - cpu0  # its workers' too
     # killed, not stopped: what was acknowledged must already be on disk
@@ -187,11 +190,13 @@ def after_restart(procs: h.Procs, db: Path) -> dict:
     started = time.monotonic()
     _, p = procs.tracker("tracker-restart", db, "http://127.0.0.1:9",
                          env={"TRACKER_CALLBACKS__SECRET": SECRET})
+    wal = h.MaxSampler(lambda: h.file_mb(f"{db}-wal"), 0.25)
+    wal.start()
     while inbox_depth(db) and time.monotonic() - started < 300:
         time.sleep(0.1)
     took = time.monotonic() - started
     procs.stop(p)
-    return {"inbox_at_kill": filed, "inbox_drain_s": took}
+    return {"inbox_at_kill": filed, "inbox_drain_s": took, "drain_wal_mb": wal.stop()}
 
 
 def inbox_depth(db: Path) -> int:
@@ -292,7 +297,8 @@ def main() -> None:
                   f" non-2xx {t['bad']} {t['codes']}, wrapped {t['wrapped']},"
                   f" acked {t['acked']:,} done {t['done']:,} in inbox at kill"
                   f" {t['inbox_at_kill']:,} (applied {t['inbox_drain_s']:.1f}s after restart)"
-                  f" acked-not-done {t['acked_not_done']}",
+                  f" acked-not-done {t['acked_not_done']}, WAL at most {t['wal_mb']:.0f} MB"
+                  f" ({t['drain_wal_mb']:.0f} MB while applying after the restart)",
                   flush=True)
     report(rows, args)
     if args.profile:
@@ -329,9 +335,9 @@ def report(rows: list[dict[str, dict]], args: argparse.Namespace) -> None:
     ]))
     print(h.table("callback ingest: durability per repeat", [
         "repeat", "2xx answers", "distinct runs", "done at SIGKILL", "in the inbox at SIGKILL",
-        "applied after restart in s", "2xx but lost"],
+        "applied after restart in s", "2xx but lost", "WAL at most, MB: load / applying"],
         [(i + 1, t["acked"], t["acked_unique"], t["done"], t["inbox_at_kill"],
-          t["inbox_drain_s"], t["acked_not_done"])
+          t["inbox_drain_s"], t["acked_not_done"], f"{t['wal_mb']:.0f} / {t['drain_wal_mb']:.0f}")
          for i, t in enumerate(r["tracker"] for r in rows)]))
 
 

@@ -319,6 +319,14 @@ class MaxSampler(threading.Thread):
         return self.max
 
 
+def file_mb(path: str) -> float:
+    """A file's size in MB; 0 when it is not there (the WAL before the first write)."""
+    try:
+        return os.path.getsize(path) / 1e6
+    except OSError:
+        return 0.0
+
+
 def rss_mb(pid: int) -> float:
     """Resident set size of a process, in MiB."""
     with open(f"/proc/{pid}/status") as f:
