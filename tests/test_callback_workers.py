@@ -106,10 +106,13 @@ async def test_workers_reports_hold_the_applier_and_mark_runs_filed(start_tracke
     assert not applier._hold(fresh)
     applier.reported(0, SATURATED - 1, [])
     assert not applier._hold(fresh)
+    assert not t.svc.store.flooding()
     applier.reported(1, 1, [])  # saturated across the workers, not in any one of them
     assert applier._hold(fresh)
+    assert t.svc.store.flooding()  # the store's checkpoints hear it too
     applier.reported(1, 0, [])
     assert not applier._hold(fresh)
+    assert not t.svc.store.flooding()
     # runs reported filed are left to the applier by the poller; once the inbox is seen
     # empty after their report, they were applied (or gone): nothing is kept for them
     applier.reported(0, 0, ["run-reported-1", "run-reported-2"])

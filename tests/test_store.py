@@ -545,6 +545,47 @@ async def test_wal_starts_over_under_steady_writes(tmp_path, monkeypatch):
     assert len(salts) >= 3
 
 
+async def test_a_flood_of_writes_is_not_held_until_its_wal_is_long(tmp_path, monkeypatch):
+    # holding every write (the last pass) while callbacks flood in stalls answering them:
+    # the WAL is left to grow, up to WAL_MAX_FRAMES, and starts over once the flood ends;
+    # a long one's file is cut back to WAL_KEEP_BYTES as it starts over
+    from tracker import sqlite_db
+
+    monkeypatch.setattr(sqlite_db, "CHECKPOINT_EVERY_S", 0.05)
+    monkeypatch.setattr(sqlite_db, "WAL_KEEP_BYTES", 64 * 1024)
+    path = tmp_path / "flood.db"
+    s = open_store(f"sqlite:///{path}")
+    await s.open()
+    flood = True
+    s.flooding = lambda: flood
+
+    async def while_writing(seconds: float) -> tuple[set[bytes], list[int]]:
+        salts, sizes = set(), []
+        end = asyncio.get_running_loop().time() + seconds
+
+        async def writer(agent):
+            while asyncio.get_running_loop().time() < end:
+                await submit(s, agent=agent)
+                salts.add(_wal_salt(path))
+                sizes.append(path.with_name("flood.db-wal").stat().st_size)
+
+        await asyncio.gather(*(writer(f"agent-{uuid.uuid4()}") for _ in range(4)))
+        return salts, sizes
+
+    try:
+        salts, sizes = await while_writing(1.0)
+        assert len(salts) == 1  # never started over in the flood
+        monkeypatch.setattr(sqlite_db, "WAL_MAX_FRAMES", 64)
+        salts, after = await while_writing(1.0)
+        assert len(salts) >= 2  # ... until the WAL is long
+        assert min(after) < max(sizes)  # and its file was cut back
+        monkeypatch.setattr(sqlite_db, "WAL_MAX_FRAMES", 2**17)
+        flood = False
+        assert len((await while_writing(1.0))[0]) >= 2  # and when the flood is over
+    finally:
+        await s.close()
+
+
 async def test_a_checkpoint_waits_for_another_process_write_and_the_wal_starts_over(
         tmp_path, monkeypatch):
     # a callback worker writes from its own process: holding this store's writes does not

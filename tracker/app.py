@@ -128,6 +128,7 @@ async def _services_ctx(app: web.Application, cfg: Config) -> AsyncIterator[None
                              relay=Relay(cfg, store, manager.relay_wakeup),
                              applier=Applier(manager))
     app[SERVICES].poller.on_poll = app[METRICS].polled
+    store.flooding = app[SERVICES].applier.flooding
     app[SERVICES].relay.on_outcome = app[METRICS].relay_outcome
     yield
 

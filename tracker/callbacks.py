@@ -212,15 +212,22 @@ class Applier:
     def _busy(self) -> bool:
         return time.monotonic() - self._last_received < BUSY_S
 
+    def _arriving(self) -> int:
+        return self.receiving + sum(self.remote.values())
+
+    def flooding(self) -> bool:
+        """Whether callbacks are arriving faster than they are answered: ``SATURATED`` or
+        more being received at once, here and in the callback workers."""
+        return self._arriving() >= SATURATED
+
     def _hold(self, oldest: InboxItem) -> bool:
         """Whether to leave the inbox be for now: callbacks are saturating the service, and
         the oldest filed one has not waited ``max_lag`` yet."""
-        arriving = self.receiving + sum(self.remote.values())
-        hold = arriving >= SATURATED and clock.now() - oldest.received_at < self.max_lag
+        hold = self.flooding() and clock.now() - oldest.received_at < self.max_lag
         if hold and time.monotonic() - self._hold_logged > 60:  # a line a minute at most
             self._hold_logged = time.monotonic()
             log.info("%d callbacks arriving at once: applying them waits (at most %gs)",
-                     arriving, self.max_lag)
+                     self._arriving(), self.max_lag)
         return hold
 
     async def run(self) -> None:

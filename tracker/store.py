@@ -7,7 +7,7 @@ relay's outbox row in the same transaction.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -175,6 +175,9 @@ class Store(Protocol):
 
     #: False from a failed write until the next write succeeds (health reporting)
     writable: bool
+    #: set by the service: whether writes are flooding in now (callbacks arriving faster
+    #: than they are answered); upkeep that would hold every write waits while it is True
+    flooding: Callable[[], bool]
 
     async def open(self) -> None: ...
     async def close(self) -> None: ...
