@@ -5,11 +5,13 @@ The last tests start real worker processes beside a tracker on the simulator."""
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import os
 import signal
 import socket
 import threading
+import uuid
 
 import pytest
 from aiohttp import web
@@ -20,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import eventually, make_config
 from tracker import clock
 from tracker.app import WORKERS, create_app
-from tracker.callbacks import PATH, SATURATED
+from tracker.callbacks import BUSY_S, FLOOD_PER_S, PATH, SATURATED
 from tracker.config import load_config
 from tracker.errors import ConfigError
 from tracker.metrics import LATENCY_BUCKETS, Metrics, Tally, render
@@ -106,18 +108,44 @@ async def test_workers_reports_hold_the_applier_and_mark_runs_filed(start_tracke
     assert not applier._hold(fresh)
     applier.reported(0, SATURATED - 1, [])
     assert not applier._hold(fresh)
-    assert not t.svc.store.flooding()
     applier.reported(1, 1, [])  # saturated across the workers, not in any one of them
     assert applier._hold(fresh)
-    assert t.svc.store.flooding()  # the store's checkpoints hear it too
     applier.reported(1, 0, [])
     assert not applier._hold(fresh)
-    assert not t.svc.store.flooding()
     # runs reported filed are left to the applier by the poller; once the inbox is seen
     # empty after their report, they were applied (or gone): nothing is kept for them
     applier.reported(0, 0, ["run-reported-1", "run-reported-2"])
     assert {"run-reported-1", "run-reported-2"} <= t.svc.manager.callback_filed
     await eventually(lambda: not t.svc.manager.callback_filed and not applier._reported)
+
+
+async def test_a_flood_is_told_by_the_rate_callbacks_are_filed_not_by_two_at_once(
+        start_tracker):
+    # the store's checkpoints leave the writes be in a flood: two callbacks being received
+    # at once (the applier's hold) happens at steady rates too, and must not count
+    t = await start_tracker()
+    applier, flooding = t.svc.applier, t.svc.store.flooding
+    assert not flooding()
+
+    async def reports(per_report: int, seconds: float, receiving: int = 0) -> None:
+        end = asyncio.get_running_loop().time() + seconds
+        while asyncio.get_running_loop().time() < end:
+            applier.reported(0, receiving, [f"run-{uuid.uuid4()}" for _ in range(per_report)])
+            await asyncio.sleep(0.02)
+
+    await reports(2, 0.6, receiving=SATURATED)  # ~100 a second, two at once
+    assert applier._hold(InboxItem(1, "run-x", clock.now(), b"{}")) and not flooding()
+    await reports(100, 0.6)  # ~5,000 a second, from a worker
+    assert flooding()
+    await reports(2, 0.6)  # eased off
+    assert not flooding()
+    for _ in range(4):  # a flood in this process, twice the rate
+        for _ in range(FLOOD_PER_S // 5):
+            applier.received(f"run-{uuid.uuid4()}")
+        await asyncio.sleep(0.1)
+    assert flooding()
+    await asyncio.sleep(BUSY_S + 0.05)  # stopped
+    assert not flooding()
 
 
 # --- real worker processes -------------------------------------------------------------------

@@ -50,6 +50,14 @@ BUSY_S = 0.2
 #: 3,000/s keeps only two or three in the handler at once; at 8 the wait never began and
 #: one process answered 0.32-0.35 of the bare handler's rate, at 2 0.61 (BENCHMARKS.md)
 SATURATED = 2
+#: callbacks filed a second from which they count as a flood, here and in the callback
+#: workers: the store's checkpoints then leave the writes be (see ``SQLiteDB._checkpoint``).
+#: Letta sends one as each run ends, so steady work stays far under it; a burst (a backlog
+#: released at once, benchmark 1) comes at thousands. ``SATURATED`` does not tell them
+#: apart: two at once happen at 100 a second, and the WAL then doubled (BENCHMARKS.md)
+FLOOD_PER_S = 1_000
+#: the window over which that rate is counted
+FLOOD_WINDOW_S = 0.25
 #: how often a waiting applier looks again
 HOLD_S = 0.05
 #: seconds before the applier tries again after a storage fault
@@ -183,11 +191,14 @@ class Applier:
         #: runs a worker reported filed, and when: ``callback_filed`` holds them too
         self._reported: dict[str, float] = {}
         self._last_received = 0.0
+        self._window = (0.0, 0)  # when the rate's window began, callbacks filed since
+        self._rate = 0.0  # callbacks filed a second in the last whole window
         self._hold_logged = -60.0
 
     def received(self, run_id: str) -> None:
         """A callback was filed: it is for the applier now."""
         self._last_received = time.monotonic()
+        self._count(1, self._last_received)
         self.manager.callback_filed.add(run_id)
         self.wakeup.set()
 
@@ -197,6 +208,7 @@ class Applier:
         self.remote[worker] = receiving
         if filed:
             self._last_received = now = time.monotonic()
+            self._count(len(filed), now)
             self.manager.callback_filed.update(filed)
             self._reported.update(dict.fromkeys(filed, now))
             self.wakeup.set()
@@ -212,22 +224,27 @@ class Applier:
     def _busy(self) -> bool:
         return time.monotonic() - self._last_received < BUSY_S
 
-    def _arriving(self) -> int:
-        return self.receiving + sum(self.remote.values())
+    def _count(self, filed: int, now: float) -> None:
+        start, count = self._window
+        if now - start >= FLOOD_WINDOW_S:
+            self._rate = count / (now - start)
+            start, count = now, 0
+        self._window = (start, count + filed)
 
     def flooding(self) -> bool:
-        """Whether callbacks are arriving faster than they are answered: ``SATURATED`` or
-        more being received at once, here and in the callback workers."""
-        return self._arriving() >= SATURATED
+        """Whether callbacks are flooding in: ``FLOOD_PER_S`` or more filed a second in the
+        last window, here and in the callback workers, and still coming."""
+        return self._rate >= FLOOD_PER_S and self._busy()
 
     def _hold(self, oldest: InboxItem) -> bool:
         """Whether to leave the inbox be for now: callbacks are saturating the service, and
         the oldest filed one has not waited ``max_lag`` yet."""
-        hold = self.flooding() and clock.now() - oldest.received_at < self.max_lag
+        arriving = self.receiving + sum(self.remote.values())
+        hold = arriving >= SATURATED and clock.now() - oldest.received_at < self.max_lag
         if hold and time.monotonic() - self._hold_logged > 60:  # a line a minute at most
             self._hold_logged = time.monotonic()
             log.info("%d callbacks arriving at once: applying them waits (at most %gs)",
-                     self._arriving(), self.max_lag)
+                     arriving, self.max_lag)
         return hold
 
     async def run(self) -> None:

@@ -46,11 +46,15 @@ CLOSE_WAIT_MS = 1_000
 CHECKPOINT_EVERY_S = 1.0
 #: a checkpoint's passes beside the writes, at most, before its last one (see _checkpoint)
 CHECKPOINT_PASSES = 4
-#: frames (pages) the last pass may find to copy with the writes held: a few ms, and only
-#: when writes come slower than the copying
+#: frames (pages) the last pass may find to copy with the writes held, while the WAL is small:
+#: a few ms, and only when writes come slower than the copying
 FINISH_FRAMES = 256
-#: ... past this many (512 MiB of 4 KiB pages) it holds them whatever that takes, flood or
-#: not: writes that never let up (applying a backlog) grew the WAL by 60 MB a second
+#: ... or this share of the WAL's frames, as it grows: the longer the WAL, the longer a hold
+#: worth making to start it over (steady writes' WAL stays bounded, with a hold now and then)
+FINISH_SHARE = 1 / 256
+#: ... past this many (512 MiB of 4 KiB pages) it holds them whatever that takes, in a flood
+#: too: writes that never let up (a backlog applied after a restart) grew the WAL by 60 MB a
+#: second, to 1.8 GB, before their allowance caught up
 WAL_MAX_FRAMES = 2**17
 #: the WAL file is cut back to this when it starts over, after a long one
 WAL_KEEP_BYTES = 64 * 2**20
@@ -192,9 +196,10 @@ class SQLiteDB:
         during it, and the WAL grew without end (~30 MB a second at 200 runs/s, each commit
         dearer as it grew: BENCHMARKS.md). Holding the writes for more than a
         few frames' copying stalled every request behind them (benchmark 1's p99 went from
-        24 to 61 ms), and any hold while callbacks flood in stalls answering them (with
-        callback workers, p99 88 against 47 ms), so then the WAL waits for a later round,
-        until it reaches WAL_MAX_FRAMES."""
+        24 to 61 ms), so when writes outpace the copying the WAL waits for a later round,
+        until it is long enough that a longer hold is worth it (FINISH_SHARE). While
+        callbacks flood in, any hold stalls answering them (with callback workers, p99 88
+        against 47 ms): then it waits until the WAL reaches WAL_MAX_FRAMES."""
         start = None
         for _ in range(CHECKPOINT_PASSES):
             [(busy, frames, _)] = await self._ck.execute_fetchall(
@@ -205,7 +210,8 @@ class SQLiteDB:
                 return  # nothing written since the last round's last pass
             if frames >= WAL_MAX_FRAMES:
                 break  # long enough: started over now, whatever the hold costs
-            if start is not None and frames - start <= FINISH_FRAMES and not self.flooding():
+            allowance = max(FINISH_FRAMES, frames * FINISH_SHARE)
+            if start is not None and frames - start <= allowance and not self.flooding():
                 break  # few came in during the last pass: copying them is quick
             start = frames
         else:
