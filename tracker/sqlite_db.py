@@ -53,8 +53,9 @@ FINISH_FRAMES = 256
 #: worth making to start it over (steady writes' WAL stays bounded, with a hold now and then)
 FINISH_SHARE = 1 / 256
 #: ... past this many (512 MiB of 4 KiB pages) it holds them whatever that takes, in a flood
-#: too: writes that never let up (a backlog applied after a restart) grew the WAL by 60 MB a
-#: second, to 1.8 GB, before their allowance caught up
+#: too. Writes that never let up (a backlog of callbacks applied after a restart) grew the
+#: WAL by 60 MB a second, to 2-5 GB, before their allowance caught up; with this, to 0.7-1.3
+#: GB (a round's passes take seconds then), each hold 0.3-1 s (BENCHMARKS.md)
 WAL_MAX_FRAMES = 2**17
 #: the WAL file is cut back to this when it starts over, after a long one
 WAL_KEEP_BYTES = 64 * 2**20
