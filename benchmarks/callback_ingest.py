@@ -153,6 +153,8 @@ def measure_tracker(procs: h.Procs, template: Path, reqs: Path, args: argparse.N
     acked = h.OUT / "ingest-acked.txt"
     acked.unlink(missing_ok=True)
     cb_port = h.free_port()
+    log = h.OUT / f"{procs.tag}-tracker.log"
+    start = log.stat().st_size if log.exists() else 0  # the harness appends
     url, p = procs.tracker("tracker", db, "http://127.0.0.1:9", env={
         "TRACKER_CALLBACKS__SECRET": SECRET,
         "TRACKER_CALLBACKS__WORKERS": str(args.workers),
@@ -163,6 +165,7 @@ def measure_tracker(procs: h.Procs, template: Path, reqs: Path, args: argparse.N
            if args.apply_max_lag is not None else {})})
     if args.workers:  # Letta's callbacks go to the workers' port
         url = f"http://{h.HOST}:{cb_port}"
+    wait_reconciled(log, start)
     steady(db, p.pid)
     since = h.iso(time.time())
     cpu0 = h.cpu_seconds(p.pid, children=True)
@@ -204,8 +207,22 @@ def inbox_depth(db: Path) -> int:
         return c.execute("SELECT count(*) FROM callback_inbox").fetchone()[0]
 
 
+def wait_reconciled(log: Path, start: int, timeout: float = 300) -> None:
+    """Wait for the tracker's log, from ``start`` on, to say its start-up reconcile is done:
+    the process going idle does not tell (its writes may wait on the database)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        with open(log, "rb") as f:
+            f.seek(start)
+            if b"reconciled after start" in f.read():
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"the tracker did not log its start-up reconcile in {timeout:.0f}s")
+
+
 def steady(db: Path, pid: int) -> None:
-    """Measure steady-state ingest, not start-up: let the start-up reconcile finish, then put
+    """Measure steady-state ingest, not start-up: after the start-up reconcile (waited for
+    first), let the tracker go idle, then put
     the runs' next checks back in the future (reconcile makes every in-flight run due at
     once, and with Letta out of reach here the poller would keep retrying them), and wait
     until the tracker is idle."""
