@@ -139,8 +139,8 @@ async def test_a_flood_is_told_by_the_rate_callbacks_are_filed_not_by_two_at_onc
     assert flooding()
     await reports(2, 0.6)  # eased off
     assert not flooding()
-    for _ in range(4):  # a flood in this process, twice the rate
-        for _ in range(FLOOD_PER_S // 5):
+    for _ in range(4):  # a flood in this process, five times the rate
+        for _ in range(FLOOD_PER_S // 2):
             applier.received(f"run-{uuid.uuid4()}")
         await asyncio.sleep(0.1)
     assert flooding()
