@@ -197,8 +197,7 @@ class Applier:
 
     def received(self, run_id: str) -> None:
         """A callback was filed: it is for the applier now."""
-        self._last_received = time.monotonic()
-        self._count(1, self._last_received)
+        self._filed(1)
         self.manager.callback_filed.add(run_id)
         self.wakeup.set()
 
@@ -207,8 +206,7 @@ class Applier:
         callbacks it filed since its last report."""
         self.remote[worker] = receiving
         if filed:
-            self._last_received = now = time.monotonic()
-            self._count(len(filed), now)
+            now = self._filed(len(filed))
             self.manager.callback_filed.update(filed)
             self._reported.update(dict.fromkeys(filed, now))
             self.wakeup.set()
@@ -224,12 +222,16 @@ class Applier:
     def _busy(self) -> bool:
         return time.monotonic() - self._last_received < BUSY_S
 
-    def _count(self, filed: int, now: float) -> None:
+    def _filed(self, filed: int) -> float:
+        """``filed`` callbacks were filed now (returned): they count as arriving, and
+        towards the rate (``flooding``)."""
+        now = self._last_received = time.monotonic()
         start, count = self._window
         if now - start >= FLOOD_WINDOW_S:
             self._rate = count / (now - start)
             start, count = now, 0
         self._window = (start, count + filed)
+        return now
 
     def flooding(self) -> bool:
         """Whether callbacks are flooding in: ``FLOOD_PER_S`` or more filed a second in the

@@ -175,8 +175,8 @@ class Store(Protocol):
 
     #: False from a failed write until the next write succeeds (health reporting)
     writable: bool
-    #: set by the service: whether writes are flooding in now (callbacks arriving faster
-    #: than they are answered); upkeep that would hold every write waits while it is True
+    #: set by the service: whether writes are flooding in now (callbacks filed at a flood's
+    #: rate, ``Applier.flooding``); upkeep that would hold every write waits while it is True
     flooding: Callable[[], bool]
 
     async def open(self) -> None: ...
