@@ -68,9 +68,8 @@ def one_rate(procs: h.Procs, rate: float, seconds: float, workers: int) -> dict:
     log_file.unlink(missing_ok=True)  # the harness appends: only this run's lines
     url, p = procs.tracker(f"tracker-{rate:.0f}", db, sim_url,
                            env={"TRACKER_CALLBACKS__WORKERS": str(workers)})
-    wal = h.MaxSampler(lambda: h.file_mb(f"{db}-wal"), 0.25)
     cpu0, t0 = h.cpu_seconds(p.pid, children=True), time.monotonic()
-    wal.start()
+    wal = h.wal_sampler(db)
     sent, bad = asyncio.run(submit_at(url, key, agents, rate, seconds))
     busy = (h.cpu_seconds(p.pid, children=True) - cpu0) / (time.monotonic() - t0)
     wal_mb = wal.stop()

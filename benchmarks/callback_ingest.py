@@ -170,8 +170,7 @@ def measure_tracker(procs: h.Procs, template: Path, reqs: Path, args: argparse.N
     since = h.iso(time.time())
     cpu0 = h.cpu_seconds(p.pid, children=True)
     spy = h.py_spy(procs, p.pid, "ingest-tracker") if args.profile else None
-    wal = h.MaxSampler(lambda: h.file_mb(f"{db}-wal"), 0.25)
-    wal.start()
+    wal = h.wal_sampler(db)
     res = h.wrk(url, SCRIPT, args.connections, args.duration, env={
         "BENCH_REQUESTS": str(reqs), "BENCH_THREADS": "1", "BENCH_ACKED": str(acked),
         "BENCH_CLOSE": args.close})
@@ -193,8 +192,7 @@ def after_restart(procs: h.Procs, db: Path) -> dict:
     started = time.monotonic()
     _, p = procs.tracker("tracker-restart", db, "http://127.0.0.1:9",
                          env={"TRACKER_CALLBACKS__SECRET": SECRET})
-    wal = h.MaxSampler(lambda: h.file_mb(f"{db}-wal"), 0.25)
-    wal.start()
+    wal = h.wal_sampler(db)
     while inbox_depth(db) and time.monotonic() - started < 300:
         time.sleep(0.1)
     took = time.monotonic() - started
@@ -221,11 +219,10 @@ def wait_reconciled(log: Path, start: int, timeout: float = 300) -> None:
 
 
 def steady(db: Path, pid: int) -> None:
-    """Measure steady-state ingest, not start-up: after the start-up reconcile (waited for
-    first), let the tracker go idle, then put
-    the runs' next checks back in the future (reconcile makes every in-flight run due at
-    once, and with Letta out of reach here the poller would keep retrying them), and wait
-    until the tracker is idle."""
+    """Measure steady-state ingest, not start-up: once the start-up reconcile is done (see
+    wait_reconciled) and the tracker idle, put the runs' next checks back in the future
+    (reconcile makes every in-flight run due at once, and with Letta out of reach here the
+    poller would keep retrying them), and wait until the tracker is idle again."""
     h.settle(pid)
     with closing(sqlite3.connect(db, timeout=30)) as c, c:
         c.execute("UPDATE runs SET next_check_at = ? WHERE state = 'submitted'",

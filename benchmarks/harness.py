@@ -327,6 +327,13 @@ def file_mb(path: str) -> float:
         return 0.0
 
 
+def wal_sampler(db: Path) -> MaxSampler:
+    """A started sampler of the largest size, in MB, of ``db``'s WAL file."""
+    sampler = MaxSampler(lambda: file_mb(f"{db}-wal"), 0.25)
+    sampler.start()
+    return sampler
+
+
 def rss_mb(pid: int) -> float:
     """Resident set size of a process, in MiB."""
     with open(f"/proc/{pid}/status") as f:
