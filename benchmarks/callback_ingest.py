@@ -220,9 +220,11 @@ def wait_reconciled(log: Path, start: int, timeout: float = 300) -> None:
 
 def steady(db: Path, pid: int) -> None:
     """Measure steady-state ingest, not start-up: once the start-up reconcile is done (see
-    wait_reconciled) and the tracker idle, put the runs' next checks back in the future
-    (reconcile makes every in-flight run due at once, and with Letta out of reach here the
-    poller would keep retrying them), and wait until the tracker is idle again."""
+    wait_reconciled) and the tracker idle, put the runs' next checks back in the future (a
+    template older than a day has them all due, and with Letta out of reach here the poller
+    would keep retrying them), and wait until the tracker is idle again. The start-up sweep
+    of every run in flight stays: its next chunk is tried after each back-off pause (a read
+    of 2,000 runs and one refused connection, every 2 s doubling up to 300 s)."""
     h.settle(pid)
     with closing(sqlite3.connect(db, timeout=30)) as c, c:
         c.execute("UPDATE runs SET next_check_at = ? WHERE state = 'submitted'",

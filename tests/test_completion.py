@@ -255,6 +255,28 @@ async def test_the_live_runs_letta_ids_are_loaded_at_start_up_not_by_the_first_c
     assert (await t2.wait_state(run["id"], "done"))["tracker"]["completed_via"] == "callback"
 
 
+@pytest.mark.parametrize("letta_down_s", [0.0, 1.0])
+async def test_a_restart_checks_every_watched_run_whatever_its_next_check(
+        start_tracker, sim, agent, letta_down_s):
+    """What Letta did while the tracker was down is unknown: at start-up the poller sweeps
+    every watched run, though none is due for ten minutes (with Letta down as it starts,
+    after its pause: the outage drops none of the sweep's runs)."""
+    sim.set_faults(callback_drop=1.0)
+    slow = {"grace_s": 600, "min_interval_s": 600, "max_interval_s": 600}
+    t = await start_tracker(polling=slow, dispatch={"per_agent": "parallel"})
+    runs = [await t.submit(agent, "[[delay=0.2]] hello") for _ in range(5)]
+    letta_ids = [(await t.run(r["id"]))["tracker"]["letta_run_id"] for r in runs]
+    await eventually(lambda: all(sim.store.get(i).status == "completed" for i in letta_ids))
+    await t.client.close()
+    if letta_down_s:
+        sim.down_for(letta_down_s)
+    # the runs' next checks stay ten minutes off; the pause after a failed call is short
+    t2 = await start_tracker(polling={**slow, "min_interval_s": 0.5, "sweep_min": 3})
+    for r in runs:
+        done = await t2.wait_state(r["id"], "done", timeout=5 + letta_down_s)
+        assert done["status"] == "completed" and done["tracker"]["completed_via"] == "poll"
+
+
 async def test_crash_before_letta_got_it_is_sent_again(start_tracker, sim, agent):
     t = await start_tracker(letta={"timeout_s": 0.5}, dispatch={"inline_timeout_s": 0.3})
     t.svc.letta.send_async = hang

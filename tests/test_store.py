@@ -448,7 +448,7 @@ async def test_background_queries_never_scan_a_big_history(tmp_path):
     await s.next_due(WATCHED)
     await s.next_due((State.QUEUED,))
     await s.in_states((State.SUBMITTING,))
-    await s.check_now(WATCHED, now)
+    await s.runs_at(WATCHED, await s.seqs_in(WATCHED))
     await s.count_by_state((State.QUEUED, State.SUBMITTED))
     await s.queued_by_agent(10)
     await s.close()

@@ -167,7 +167,7 @@ def _task(coro: Coroutine, name: str) -> asyncio.Task:
 async def _reconcile_then_run(svc: Services) -> None:
     """Heal what a crash left half-done before sending anything new."""
     with contextlib.suppress(Exception):
-        counts = await reconcile(svc.manager)
+        counts = await reconcile(svc.manager, svc.poller)
         if any(counts.values()):
             log.info("reconciled after start: %s", counts)
     await svc.dispatcher.run()

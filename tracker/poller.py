@@ -12,6 +12,7 @@ import asyncio
 import logging
 import math
 import random
+from array import array
 from collections.abc import Callable
 
 from tracker import clock
@@ -39,6 +40,8 @@ class Poller:
         self._paused_until = 0.0
         self._failures = 0
         self.on_poll: Callable[[int], None] | None = None  # metrics hook: runs checked
+        self._sweep = array("q")  # seqs of runs to check whatever their next check time
+        self._swept = 0  # how many of them are checked
 
     async def run(self) -> None:
         wakeup = self.manager.poll_wakeup
@@ -55,26 +58,47 @@ class Poller:
 
     async def _sleep(self, wakeup: asyncio.Event) -> None:
         self.manager.poll_wake_before = math.inf  # committed during the read: it may miss it
-        nxt = await self.store.next_due(WATCHED)
+        nxt = clock.now() if self._sweeping() else await self.store.next_due(WATCHED)
         at = max(nxt if nxt is not None else clock.now() + 5.0, self._paused_until)
         at = min(at, clock.now() + 5.0)
         self.manager.poll_wake_before = at
         await clock.nap(wakeup, max(0.02, at - clock.now()))
 
+    async def sweep(self) -> int:
+        """Check every watched run over the next ticks, whatever its next check time (at
+        start-up: what Letta did while the tracker was down is unknown); returns how many.
+        Only a read: one UPDATE making them all due held every write for 7-9 s with 250,000
+        runs in flight, long enough for Letta's callbacks to time out."""
+        self._sweep = array("q", await self.store.seqs_in(WATCHED))
+        self._swept = 0
+        self.manager.poll_wakeup.set()
+        return len(self._sweep)
+
+    def _sweeping(self) -> bool:
+        return self._swept < len(self._sweep)
+
     async def tick(self) -> int:
-        """Check every due run once; returns how many were due."""
+        """Check every due run once, the sweep's next first; returns how many were due."""
         if clock.now() < self._paused_until:
             return 0
-        due = await self._unanswered(await self.store.due(WATCHED, clock.now(), BATCH))
+        chunk = self._sweep[self._swept:self._swept + BATCH]
+        due = await self.store.runs_at(WATCHED, chunk) if chunk else []
+        if len(due) < BATCH:
+            ids = {r.id for r in due}
+            due += [r for r in await self.store.due(WATCHED, clock.now(), BATCH - len(due))
+                    if r.id not in ids]
+        due = await self._unanswered(due)
         if not due:
+            self._swept += len(chunk)
             return 0
         if self.on_poll:
             self.on_poll(len(due))
         try:
             finished, known = await self._triage(due)
         except LettaUnavailable as e:
-            self._back_off(e)
+            self._back_off(e)  # the sweep's chunk is taken again after the pause
             return len(due)
+        self._swept += len(chunk)
         self._failures = 0
         await asyncio.gather(*(self.check(r, known.get(r.letta_run_id or "")) for r in finished))
         return len(due)

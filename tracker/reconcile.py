@@ -11,7 +11,8 @@ import logging
 from tracker import clock
 from tracker.errors import LettaUnavailable
 from tracker.manager import Manager
-from tracker.states import WATCHED, Source, State
+from tracker.poller import Poller
+from tracker.states import Source, State
 from tracker.store import RunRecord
 
 log = logging.getLogger("tracker.reconcile")
@@ -51,7 +52,7 @@ async def attach_or_requeue(manager: Manager, run: RunRecord, source: str) -> bo
     return True
 
 
-async def reconcile(manager: Manager) -> dict[str, int]:
+async def reconcile(manager: Manager, poller: Poller) -> dict[str, int]:
     """On start-up: re-find runs cut off mid-send, and check every submitted run at once."""
     counts = {"attached": 0, "requeued": 0, "checked": 0}
     for run in await manager.store.in_states((State.SUBMITTING,)):
@@ -62,7 +63,6 @@ async def reconcile(manager: Manager) -> dict[str, int]:
             await manager.requeue(run, clock.now(), needs_lookup=True, error=str(e))
             attached = False
         counts["attached" if attached else "requeued"] += 1
-    counts["checked"] = await manager.store.check_now(WATCHED, clock.now())
-    manager.poll_wakeup.set()
+    counts["checked"] = await poller.sweep()
     manager.dispatch_wakeup.set()
     return counts

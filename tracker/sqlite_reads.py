@@ -66,6 +66,19 @@ class RunReads(SQLiteDB):
         )
         return as_runs(rows)
 
+    async def seqs_in(self, states: Iterable[State]) -> list[int]:
+        live, states = live_runs(states)
+        # in the order the poller would check them (its index: no table read)
+        rows = await self._read(f"SELECT seq FROM {live} ORDER BY next_check_at", states)
+        return [r[0] for r in rows]
+
+    async def runs_at(self, states: Iterable[State], seqs: Sequence[int]) -> list[RunRecord]:
+        states = tuple(states)
+        rows = await self._read(
+            f"SELECT {SUMMARY_COLS} FROM runs WHERE seq IN ({marks(len(seqs))})"
+            f" AND state IN ({marks(len(states))}) ORDER BY seq", (*seqs, *states))
+        return as_runs(rows)
+
     async def in_states(self, states: Iterable[State], limit: int = 10_000) -> list[RunRecord]:
         live, states = live_runs(states, join=" LEFT JOIN run_payloads USING (seq)")
         rows = await self._read(

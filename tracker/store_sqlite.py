@@ -253,13 +253,6 @@ class SQLiteStore(RunReads, CallbackInbox, Accounts, Deliveries, GroupCommit):
                 "UPDATE runs SET next_check_at = ?, poll_count = ? WHERE id = ?",
                 [(at, count, run_id) for run_id, at, count in checks]))
 
-    async def check_now(self, states: Iterable[State], now: float) -> int:
-        """Make every run in ``states`` due for a check at ``now``; returns how many."""
-        live, states = live_runs(states)
-        return await self._write(lambda db: db.execute(  # every live run: not on the loop
-            f"UPDATE runs SET next_check_at = ? WHERE id IN (SELECT id FROM {live})",
-            (now, *states)).rowcount, slow=True)
-
     # --- operations ------------------------------------------------------------------------
 
     async def prune(self, before: str, batch: int, dry_run: bool = False) -> dict[str, int]:
