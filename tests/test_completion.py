@@ -277,6 +277,31 @@ async def test_a_restart_checks_every_watched_run_whatever_its_next_check(
         assert done["status"] == "completed" and done["tracker"]["completed_via"] == "poll"
 
 
+async def test_a_callback_does_not_wait_for_the_start_up_load_of_the_letta_ids(
+        start_tracker, sim, agent, monkeypatch):
+    """With many runs in flight the load takes a while (a second for 250,000): a callback
+    arriving meanwhile is checked against the database, not held until the load ends."""
+    from tracker.sqlite_inbox import CallbackInbox
+
+    sim.set_faults(callback_drop=1.0)
+    t = await start_tracker(dispatch={"per_agent": "parallel"})
+    runs = [await t.submit(agent, "[[delay=0.2]] hello") for _ in range(2)]
+    letta_ids = [(await t.run(r["id"]))["tracker"]["letta_run_id"] for r in runs]
+    await eventually(lambda: all(sim.store.get(i).status == "completed" for i in letta_ids))
+    await t.client.close()
+    monkeypatch.setattr(CallbackInbox, "_load_letta_ids", hang)  # the load never ends
+    t2 = await start_tracker(letta={"base_url": "http://127.0.0.1:9"})
+    url = f"/callbacks/letta/{t2.svc.signer.token(runs[0]['id'])}"
+    other = callback_json(sim.store.get(letta_ids[1]), "completed", "end_turn", utcnow())
+    resp = await asyncio.wait_for(t2.client.post(url, json=other), 5)
+    assert resp.status == 409  # still checked: the body names the other run's Letta run
+    body = callback_json(sim.store.get(letta_ids[0]), "completed", "end_turn", utcnow())
+    resp = await asyncio.wait_for(t2.client.post(url, json=body), 5)
+    assert resp.status == 200 and (await resp.json())["accepted"] is True
+    done = await t2.wait_state(runs[0]["id"], "done")
+    assert done["tracker"]["completed_via"] == "callback"
+
+
 async def test_crash_before_letta_got_it_is_sent_again(start_tracker, sim, agent):
     t = await start_tracker(letta={"timeout_s": 0.5}, dispatch={"inline_timeout_s": 0.3})
     t.svc.letta.send_async = hang

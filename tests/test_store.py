@@ -351,8 +351,8 @@ async def test_callback_inbox_files_only_callbacks_naming_the_runs_own_letta_run
 async def test_live_runs_letta_ids_are_known_without_a_lookup_even_after_a_restart(
         store, tmp_path):
     """Filing checks a callback's Letta run against its run's; for live runs that comes from
-    memory (kept from each committed change, loaded once after a start: by the service as it
-    starts, or else by the first callback), not from the runs table."""
+    memory (kept from each committed change, loaded once after a start by the service as it
+    starts), not from the runs table; before that load, from the runs table."""
     live, finished = await submit(store), await submit(store, agent=A2)
     await store.claim(serial=False, now=clock.now())
     for run, letta_id in ((live, "run-l1"), (finished, "run-l2")):
@@ -374,6 +374,10 @@ async def test_live_runs_letta_ids_are_known_without_a_lookup_even_after_a_resta
     reopened = open_store(f"sqlite:///{tmp_path / 'store.db'}")
     await reopened.open()
     try:
+        looked_up.clear()
+        assert await verdicts(reopened) == [Verdict.ACCEPTED, Verdict.OTHER_RUN]
+        assert looked_up  # not loaded yet: filing does not wait for it
+        await reopened.warm_up()
         looked_up.clear()
         assert await verdicts(reopened) == [Verdict.ACCEPTED, Verdict.OTHER_RUN]
         assert not looked_up
