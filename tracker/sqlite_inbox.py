@@ -56,7 +56,7 @@ class CallbackInbox(GroupCommit):
         runs); a load at the first callback held p99 at ~170 ms."""
         if self._loaded is None:
             self._loaded = asyncio.create_task(self._load_letta_ids())
-        if not self._loaded.done():  # once it is, filing pays no shield and no await
+        if not self._loaded.done():  # once it is, no shield and no await
             await asyncio.shield(self._loaded)  # a cancelled caller leaves the load be
 
     async def _load_letta_ids(self) -> None:
