@@ -8,7 +8,11 @@ has finished every run and tried every callback, then starts the tracker on the 
 and watches it until every run is recorded final with its messages and usage. Letta API calls
 during recovery come from the simulator's own counts.
 
-    .venv/bin/python benchmarks/recovery.py [--quick] [--runs N] [--repeats R]
+``--running N`` (not the target's measurement) adds N runs, on N more agents, that last an hour:
+still running at Letta when the tracker starts again, as in most real restarts. The start-up
+sweep checks them too; the figures stay those of the ``--runs`` that finished.
+
+    .venv/bin/python benchmarks/recovery.py [--quick] [--runs N] [--repeats R] [--running N]
 """
 
 from __future__ import annotations
@@ -53,9 +57,10 @@ def database(history: int) -> Path:
     return h.copy_db(source, db)
 
 
-def submit_phase(url: str, key: str, agents: list[str], budget: float, rng: random.Random
-                 ) -> float:
-    """Submit one run per agent, each planned to end after ``budget`` seconds + 1..4 s."""
+def submit_phase(url: str, key: str, agents: list[str], budget: float, rng: random.Random,
+                 running: int = 0) -> float:
+    """Submit one run per agent, each planned to end after ``budget`` seconds + 1..4 s; the
+    last ``running`` agents' runs last an hour."""
     t0 = time.time()
     end = t0 + budget
 
@@ -63,19 +68,26 @@ def submit_phase(url: str, key: str, agents: list[str], budget: float, rng: rand
         delay = max(0.5, end - time.time() + rng.uniform(1, 4))
         return f"{h.prose(rng, 150)} [[delay={delay:.2f}]]"
 
-    asyncio.run(h.submit_many(url, key, [(a, text) for a in agents], concurrency=64))
+    def long() -> str:
+        return f"{h.prose(rng, 150)} [[delay=3600]]"
+
+    short = len(agents) - running
+    jobs = [(a, text if k < short else long) for k, a in enumerate(agents)]
+    asyncio.run(h.submit_many(url, key, jobs, concurrency=64))
     return time.time() - t0
 
 
 def one_repeat(procs: h.Procs, args: argparse.Namespace, i: int) -> dict:
     n = args.runs
-    sim, agents, _ = procs.simulator("sim", agents=n, run_duration=(3600, 3600))
+    sim, agents, _ = procs.simulator("sim", agents=n + args.running,
+                                     run_duration=(3600, 3600))
     db = database(args.history)
     key = h.create_key(db, "bench", admin=True)
     since = h.iso(time.time())
     port = h.free_port()
     _, p = procs.tracker("tracker", db, sim, port=port)
-    took = submit_phase(f"http://{h.HOST}:{port}", key, agents, args.budget, random.Random(i))
+    took = submit_phase(f"http://{h.HOST}:{port}", key, agents, args.budget, random.Random(i),
+                        args.running)
     if took > args.budget - 1:
         raise SystemExit(f"submitting took {took:.0f}s, past the planned {args.budget:g}s:"
                          " raise --budget")
@@ -130,6 +142,8 @@ def main() -> None:
     ap.add_argument("--history", type=int, default=0,
                     help="start from a copy of benchmark 3's database of this many runs"
                          " (0: an empty database)")
+    ap.add_argument("--running", type=int, default=0,
+                    help="runs more that are still running at the restart (an hour each)")
     args = ap.parse_args()
     if args.quick:
         args.runs, args.repeats, args.budget = 1000, 1, 12.0

@@ -277,6 +277,41 @@ async def test_a_restart_checks_every_watched_run_whatever_its_next_check(
         assert done["status"] == "completed" and done["tracker"]["completed_via"] == "poll"
 
 
+async def test_the_restart_sweep_lists_lettas_active_runs_once(start_tracker, sim, agent,
+                                                               monkeypatch):
+    """Letta's active runs are listed once for the whole sweep, not once a chunk (with
+    250,000 runs in flight, a listing is 250 calls): the runs that ended while the tracker
+    was down are recorded, the ones still running are left to their callback."""
+    import tracker.poller
+    from tracker.letta import LettaClient
+
+    sim.set_faults(callback_drop=1.0)
+    slow = {"grace_s": 600, "min_interval_s": 600, "max_interval_s": 600}
+    t = await start_tracker(polling=slow, dispatch={"per_agent": "parallel"})
+    ended = [await t.submit(agent, "[[delay=0.2]] hello") for _ in range(3)]
+    running = [await t.submit(agent, "[[delay=60]] hello") for _ in range(3)]
+    letta_ids = [(await t.run(r["id"]))["tracker"]["letta_run_id"] for r in ended]
+    await eventually(lambda: all(sim.store.get(i).status == "completed" for i in letta_ids))
+    await t.client.close()
+    listings = []
+    listed = LettaClient.active_run_ids
+
+    async def counted(self):
+        listings.append(1)
+        return await listed(self)
+
+    monkeypatch.setattr(LettaClient, "active_run_ids", counted)
+    monkeypatch.setattr(tracker.poller, "BATCH", 2)  # three chunks
+    # no wait for a callback on its way: each ended run is checked by the sweep alone
+    t2 = await start_tracker(polling={**slow, "sweep_min": 1, "callback_wait_s": 0})
+    for r in ended:
+        assert (await t2.wait_state(r["id"], "done"))["tracker"]["completed_via"] == "poll"
+    await eventually(lambda: not t2.svc.poller._sweeping())
+    assert len(listings) == 1
+    for r in running:
+        assert (await t2.run(r["id"]))["tracker"]["state"] == "submitted"
+
+
 async def test_a_callback_does_not_wait_for_the_start_up_load_of_the_letta_ids(
         start_tracker, sim, agent, monkeypatch):
     """With many runs in flight the load takes a while (a second for 250,000): a callback

@@ -42,6 +42,8 @@ class Poller:
         self.on_poll: Callable[[int], None] | None = None  # metrics hook: runs checked
         self._sweep = array("q")  # seqs of runs to check whatever their next check time
         self._swept = 0  # how many of them are checked
+        #: Letta's active runs as the sweep first listed them (see _triage)
+        self._sweep_active: set[str] | None = None
 
     async def run(self) -> None:
         wakeup = self.manager.poll_wakeup
@@ -70,7 +72,7 @@ class Poller:
         Only a read: one UPDATE making them all due held every write for 7-9 s with 250,000
         runs in flight, long enough for Letta's callbacks to time out."""
         self._sweep = array("q", await self.store.seqs_in(WATCHED))
-        self._swept = 0
+        self._swept, self._sweep_active = 0, None
         self.manager.poll_wakeup.set()
         return len(self._sweep)
 
@@ -94,11 +96,13 @@ class Poller:
         if self.on_poll:
             self.on_poll(len(due))
         try:
-            finished, known = await self._triage(due)
+            finished, known = await self._triage(due, sweeping=bool(chunk))
         except LettaUnavailable as e:
             self._back_off(e)  # the sweep's chunk is taken again after the pause
             return len(due)
         self._swept += len(chunk)
+        if not self._sweeping():
+            self._sweep_active = None
         self._failures = 0
         await asyncio.gather(*(self.check(r, known.get(r.letta_run_id or "")) for r in finished))
         return len(due)
@@ -114,13 +118,22 @@ class Poller:
             await self.store.reschedule(waiting)
         return [r for r in due if r.id not in filed]
 
-    async def _triage(self, due: list[RunRecord]) -> tuple[list[RunRecord], dict[str, dict]]:
+    async def _triage(self, due: list[RunRecord], sweeping: bool = False
+                      ) -> tuple[list[RunRecord], dict[str, dict]]:
         """Split due runs into finished ones (with their Letta run when a listing had it) and
-        still-active ones, which are rescheduled here without a call each."""
+        still-active ones, which are rescheduled here without a call each. The sweep lists
+        Letta's active runs once, for all its chunks: it looks for what ended while the
+        tracker was down; a run active when it began calls back as it ends, or is polled
+        at its next check. (A listing a chunk: with 250,000 runs in flight, 250 calls each
+        of 125 chunks.)"""
         if len(due) < self.p.sweep_min:
             return due, {}
-        async with self._slots:
-            active = await self.letta.active_run_ids()
+        active = self._sweep_active if sweeping else None
+        if active is None:
+            async with self._slots:
+                active = await self.letta.active_run_ids()
+            if sweeping:
+                self._sweep_active = active
         running = [r for r in due if r.letta_run_id in active]
         await self._reschedule_active(running)
         finished = [r for r in due if r.letta_run_id not in active]
