@@ -473,3 +473,40 @@ async def test_a_submit_wakes_the_poller_only_if_it_would_look_too_late(
     manager.poll_wake_before = float("inf")  # as while it reads
     await t.submit(agent, "maybe missed by the read")
     await eventually(lambda: len(during["read"]) > rounds, timeout=2)
+
+
+async def test_the_poller_lists_lettas_active_runs_only_when_that_costs_fewer_calls(tmp_path):
+    """A listing of Letta's active runs is a call per 1,000 of them: for no more due runs
+    than the calls the last listing took, asking for each run is cheaper."""
+    from types import SimpleNamespace
+
+    from tests.conftest import make_config
+    from tracker.poller import Poller
+    from tracker.store import RunRecord
+
+    class Letta:
+        listings = 0
+        active = {f"run-{i}" for i in range(5_500)}  # six calls to list
+
+        async def active_run_ids(self):
+            self.listings += 1
+            return self.active
+
+    class Store:
+        async def reschedule(self, checks):
+            pass
+
+    letta = Letta()
+    poller = Poller(make_config(tmp_path), SimpleNamespace(store=Store()), letta)
+
+    def due(n: int) -> list[RunRecord]:  # all still running at Letta
+        return [RunRecord(seq=i, id=f"t-{i}", user_id="u", agent_id="a", kind="message",
+                          state=State.SUBMITTED, status="running", created_at="",
+                          letta_run_id=f"run-{i}") for i in range(n)]
+
+    assert await poller._triage(due(4)) == ([], {})  # its size unknown yet: listed
+    assert letta.listings == 1
+    finished, _ = await poller._triage(due(6))  # 6 calls, each, against 6 to list
+    assert len(finished) == 6 and letta.listings == 1
+    assert await poller._triage(due(7)) == ([], {})
+    assert letta.listings == 2

@@ -44,6 +44,8 @@ class Poller:
         self._swept = 0  # how many of them are checked
         #: Letta's active runs as the sweep first listed them (see _triage)
         self._sweep_active: set[str] | None = None
+        #: the calls the last listing of Letta's active runs took (a call per PAGE runs)
+        self._listing_calls = 1
 
     async def run(self) -> None:
         wakeup = self.manager.poll_wakeup
@@ -125,13 +127,17 @@ class Poller:
         Letta's active runs once, for all its chunks: it looks for what ended while the
         tracker was down; a run active when it began calls back as it ends, or is polled
         at its next check. (A listing a chunk: with 250,000 runs in flight, 250 calls each
-        of 125 chunks.)"""
+        of 125 chunks.) Outside the sweep, a listing is only worth it for more due runs than
+        the calls it took last time."""
         if len(due) < self.p.sweep_min:
             return due, {}
         active = self._sweep_active if sweeping else None
         if active is None:
+            if not sweeping and len(due) <= self._listing_calls:
+                return due, {}  # a call each is cheaper than listing Letta's active runs
             async with self._slots:
                 active = await self.letta.active_run_ids()
+            self._listing_calls = len(active) // PAGE + 1
             if sweeping:
                 self._sweep_active = active
         running = [r for r in due if r.letta_run_id in active]
