@@ -35,13 +35,14 @@ async def fire(url: str, lines: list[str], rate: float, duration: float, t0: flo
     (sent at, answered at, status), refused connections retried (the port is not open yet)."""
     out: list[tuple[float, float, int | str]] = []
     timeout = aiohttp.ClientTimeout(total=LETTA_TIMEOUT_S + 25)
+    headers = {"Content-Type": "application/json"}
 
     async def one(session: aiohttp.ClientSession, path: str, body: str, at: float) -> None:
         await asyncio.sleep(max(0.0, at - time.monotonic()))
         sent = time.monotonic()
         while True:
             try:
-                async with session.post(url + path, data=body, headers=ci_headers) as r:
+                async with session.post(url + path, data=body, headers=headers) as r:
                     await r.read()
                     out.append((sent - t0, time.monotonic() - t0, r.status))
                     return
@@ -52,7 +53,6 @@ async def fire(url: str, lines: list[str], rate: float, duration: float, t0: flo
                 out.append((sent - t0, time.monotonic() - t0, type(e).__name__))
                 return
 
-    ci_headers = {"Content-Type": "application/json"}
     conn = aiohttp.TCPConnector(force_close=True, limit=0)
     async with aiohttp.ClientSession(connector=conn, timeout=timeout) as session:
         n = int(rate * duration)
@@ -78,7 +78,7 @@ def repeat(procs: h.Procs, template: Path, lines: list[str], args: argparse.Name
     opened = min((s for s, _ in ok), default=float("nan"))  # first sent once listening
     early = [a - s for s, a in ok if s < opened + 5]
     late = [a - s for s, a in ok if s >= opened + 5]
-    return {"sent": len(got), "ok": len(ok), "open_s": opened,
+    return {"ok": len(ok), "open_s": opened,
             "first_s": min((a for _, a in ok), default=float("nan")),
             "early": early, "late": late,
             "over_5s": sum(1 for s, a in ok if a - s >= LETTA_TIMEOUT_S),

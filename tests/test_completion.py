@@ -255,6 +255,17 @@ async def test_the_live_runs_letta_ids_are_loaded_at_start_up_not_by_the_first_c
     assert (await t2.wait_state(run["id"], "done"))["tracker"]["completed_via"] == "callback"
 
 
+async def ended_while_down(t, sim, agent: str, n: int, text: str = "[[delay=0.2]] hello"
+                           ) -> tuple[list[dict], list[str]]:
+    """``n`` runs submitted, finished at Letta with no callback heard, and the tracker
+    stopped: its runs and their Letta ids."""
+    runs = [await t.submit(agent, text) for _ in range(n)]
+    letta_ids = [(await t.run(r["id"]))["tracker"]["letta_run_id"] for r in runs]
+    await eventually(lambda: all(sim.store.get(i).status == "completed" for i in letta_ids))
+    await t.client.close()
+    return runs, letta_ids
+
+
 @pytest.mark.parametrize("letta_down_s", [0.0, 1.0])
 async def test_a_restart_checks_every_watched_run_whatever_its_next_check(
         start_tracker, sim, agent, letta_down_s):
@@ -264,10 +275,7 @@ async def test_a_restart_checks_every_watched_run_whatever_its_next_check(
     sim.set_faults(callback_drop=1.0)
     slow = {"grace_s": 600, "min_interval_s": 600, "max_interval_s": 600}
     t = await start_tracker(polling=slow, dispatch={"per_agent": "parallel"})
-    runs = [await t.submit(agent, "[[delay=0.2]] hello") for _ in range(5)]
-    letta_ids = [(await t.run(r["id"]))["tracker"]["letta_run_id"] for r in runs]
-    await eventually(lambda: all(sim.store.get(i).status == "completed" for i in letta_ids))
-    await t.client.close()
+    runs, _ = await ended_while_down(t, sim, agent, 5)
     if letta_down_s:
         sim.down_for(letta_down_s)
     # the runs' next checks stay ten minutes off; the pause after a failed call is short
@@ -288,11 +296,8 @@ async def test_the_restart_sweep_lists_lettas_active_runs_once(start_tracker, si
     sim.set_faults(callback_drop=1.0)
     slow = {"grace_s": 600, "min_interval_s": 600, "max_interval_s": 600}
     t = await start_tracker(polling=slow, dispatch={"per_agent": "parallel"})
-    ended = [await t.submit(agent, "[[delay=0.2]] hello") for _ in range(3)]
     running = [await t.submit(agent, "[[delay=60]] hello") for _ in range(3)]
-    letta_ids = [(await t.run(r["id"]))["tracker"]["letta_run_id"] for r in ended]
-    await eventually(lambda: all(sim.store.get(i).status == "completed" for i in letta_ids))
-    await t.client.close()
+    ended, _ = await ended_while_down(t, sim, agent, 3)
     listings = []
     listed = LettaClient.active_run_ids
 
@@ -320,10 +325,7 @@ async def test_a_callback_does_not_wait_for_the_start_up_load_of_the_letta_ids(
 
     sim.set_faults(callback_drop=1.0)
     t = await start_tracker(dispatch={"per_agent": "parallel"})
-    runs = [await t.submit(agent, "[[delay=0.2]] hello") for _ in range(2)]
-    letta_ids = [(await t.run(r["id"]))["tracker"]["letta_run_id"] for r in runs]
-    await eventually(lambda: all(sim.store.get(i).status == "completed" for i in letta_ids))
-    await t.client.close()
+    runs, letta_ids = await ended_while_down(t, sim, agent, 2)
     monkeypatch.setattr(CallbackInbox, "_load_letta_ids", hang)  # the load never ends
     t2 = await start_tracker(letta={"base_url": "http://127.0.0.1:9"})
     url = f"/callbacks/letta/{t2.svc.signer.token(runs[0]['id'])}"
