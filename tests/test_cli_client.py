@@ -25,7 +25,10 @@ class Result:
 async def cli(*args: str, url: str | None = None, key: str | None = None,
               env: dict[str, str] | None = None) -> Result:
     """Run ``python -m tracker ARGS`` without blocking the loop that serves the tracker."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("TRACKER_")}
+    # piped, as here, tables are 200 columns wide unless COLUMNS says otherwise (pytest-xdist's
+    # workers set it to 80)
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith("TRACKER_") and k not in ("COLUMNS", "LINES")}
     clean.update({"TRACKER_URL": url} if url else {})
     clean.update({"TRACKER_API_KEY": key} if key else {})
     clean.update(env or {})

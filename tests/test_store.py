@@ -562,6 +562,14 @@ async def test_a_flood_of_writes_is_not_held_until_its_wal_is_long(tmp_path, mon
     await s.open()
     flood = True
     s.flooding = lambda: flood
+    held = []  # the checkpoint's held passes (FULL: every write waits for them)
+    passive = s._ck.execute_fetchall
+
+    async def checkpoint(sql, *args):
+        held.extend([sql] if "FULL" in sql else [])
+        return await passive(sql, *args)
+
+    s._ck.execute_fetchall = checkpoint
 
     async def while_writing(seconds: float, pause: float = 0) -> tuple[set[bytes], list[int]]:
         salts, sizes = set(), []
@@ -578,11 +586,13 @@ async def test_a_flood_of_writes_is_not_held_until_its_wal_is_long(tmp_path, mon
         return salts, sizes
 
     try:
-        salts, sizes = await while_writing(1.0)
-        assert len(salts) == 1  # never started over in the flood
+        _, sizes = await while_writing(1.0)
+        # never held in the flood (it may still start over, when a pass copies all there is
+        # between two writes: writers slowed down by a busy machine leave such gaps)
+        assert not held
         monkeypatch.setattr(sqlite_db, "WAL_MAX_FRAMES", 64)
         salts, after = await while_writing(1.0)
-        assert len(salts) >= 2  # ... until the WAL is long
+        assert held and len(salts) >= 2  # ... until the WAL is long
         assert min(after) < max(sizes)  # and its file was cut back
         monkeypatch.setattr(sqlite_db, "WAL_MAX_FRAMES", 2**17)
         flood = False
