@@ -74,8 +74,8 @@ def side(procs: h.Procs, which: str, connections: int, duration: float,
     sim_pid = sim.pid
     pids.append(sim_pid)
     cpu0 = {pid: h.cpu_seconds(pid) for pid in pids}
-    spy = (h.py_spy(procs, pids[0], f"submit-tracker-{connections}")
-           if profile and which == "tracker" else None)
+    spy = (h.py_spy(procs, pids[0], f"submit-{which}-{connections}")
+           if profile and which in TRACKERS else None)
     res = h.wrk(url, SCRIPT, connections, duration, env={
         "BENCH_REQUESTS": reqs, "BENCH_THREADS": "1", "BENCH_AUTH": key})
     h.end_py_spy(procs, spy)
@@ -93,7 +93,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per side and load")
-    ap.add_argument("--profile", action="store_true", help="py-spy the tracker in repeat 1")
+    ap.add_argument("--profile", action="store_true",
+                    help="py-spy the tracker and its no-store peer in repeat 1")
     ap.add_argument("--answer-time", type=float, nargs=2, default=(0.05, 0.11),
                     metavar=("MIN", "MAX"), help="the third load's simulated Letta answer time"
                     " in seconds (the real server's: 0.05 0.11; 0 0 leaves the load out)")
@@ -122,7 +123,8 @@ def main() -> None:
     report(results, args)
     for load in loads if args.profile else ():
         if not load.answer_time:  # the profiled loads (see side's profile argument)
-            print("\n" + h.profile_summary(f"submit-tracker-{load.connections}", top=45))
+            for which in TRACKERS:
+                print("\n" + h.profile_summary(f"submit-{which}-{load.connections}", top=45))
 
 
 class Load(NamedTuple):
