@@ -87,6 +87,19 @@ async def test_runs_list_table_and_json(tracker, url, agent):
     assert [r["id"] for r in json.loads(listed.out)] == [run["id"]]
 
 
+async def test_runs_list_fits_an_80_column_terminal(tracker, url, agent):
+    # columns are left out, the least wanted first, rather than every cell cut to a letter
+    run = await tracker.submit(agent)
+    await tracker.wait_state(run["id"], "done")
+    narrow = await cli("runs", "list", url=url, key=tracker.key, env={"COLUMNS": "80"})
+    assert narrow.code == 0, narrow.err
+    assert max(len(line) for line in narrow.out.splitlines()) <= 80
+    row = next(line for line in narrow.out.splitlines() if run["id"] in line)
+    assert row.split()[1:-1:2] == [run["id"], "completed", "done", "callback"]
+    wide = await cli("runs", "list", url=url, key=tracker.key, env={"COLUMNS": "160"})
+    assert agent in wide.out and "polls" in wide.out
+
+
 async def test_runs_list_filters_reach_the_api(tracker, url, agent):
     run = await tracker.submit(agent)
     await tracker.wait_state(run["id"], "done")

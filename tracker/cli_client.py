@@ -197,7 +197,8 @@ async def runs_list(client: TrackerClient, args: argparse.Namespace) -> int:
     if args.json:
         print_json(runs)
     elif runs:
-        console().print(runs_table(runs))
+        out = console()
+        out.print(runs_table(runs, width=out.width))
     else:
         print("no runs match")
     return 0

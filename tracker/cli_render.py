@@ -8,6 +8,7 @@ from datetime import datetime
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from tracker import clock
 from tracker.states import State, Status
@@ -52,20 +53,53 @@ def via(run: dict) -> str:
     return f"[{style}]{source}[/]" if style else source
 
 
-def runs_table(runs: list[dict], names: dict[str, str] | None = None) -> Table:
-    """The history as a table; ``names`` shows agents by name instead of id."""
-    table = Table("id", "agent", "status", "state", "created", "duration", "learnt via",
-                  "polls")
-    # a run id is copied into other commands: never wrapped; a narrow terminal cuts the
-    # agent id short instead (``runs show`` has it in full)
-    table.columns[0].no_wrap = True
-    table.columns[1].overflow = "ellipsis"
+#: the runs table's columns as shown, and (``RUN_COLUMNS_DROPPED``) the order a terminal too
+#: narrow for all of them drops them in, the least wanted first
+RUN_COLUMNS = ("id", "agent", "status", "state", "created", "duration", "learnt via", "polls")
+RUN_COLUMNS_DROPPED = ("polls", "duration", "created", "agent", "learnt via")
+#: the narrowest an agent id is cut to (``agent-5ab4…``): enough to tell agents apart
+AGENT_MIN = 11
+
+
+def runs_table(runs: list[dict], names: dict[str, str] | None = None,
+               width: int | None = None) -> Table:
+    """The history as a table; ``names`` shows agents by name instead of id. Narrower than
+    ``width``, it leaves out columns (``RUN_COLUMNS_DROPPED``) rather than cut every cell to
+    a letter: at 80 columns, the id, status, state and how the outcome was learnt show in
+    full."""
+    rows = []
     for r in runs:
         t = r["tracker"]
         agent = (names or {}).get(r["agent_id"], r["agent_id"])
-        table.add_row(r["id"], agent, r["status"], t["state"], when(r["created_at"]),
-                      duration(r), via(r), str(t.get("poll_count") or 0))
+        rows.append((r["id"], agent, r["status"], t["state"], when(r["created_at"]),
+                     duration(r), via(r), str(t.get("poll_count") or 0)))
+    least = {name: _least_width(name, [row[i] for row in rows])
+             for i, name in enumerate(RUN_COLUMNS)}
+    shown = list(RUN_COLUMNS)
+    for dropped in RUN_COLUMNS_DROPPED:
+        # each column adds its padding (2) and a rule (1) to the table's left edge
+        if width is None or sum(least[n] + 3 for n in shown) + 1 <= width:
+            break
+        shown.remove(dropped)
+    table = Table(*shown)
+    for name, column in zip(shown, table.columns, strict=True):
+        # a run id is copied into other commands: never wrapped; the agent id is cut short
+        # (``runs show`` has it in full); the others are never cut
+        column.no_wrap = name != "agent"
+        column.min_width = least[name]
+        column.overflow = "ellipsis" if name == "agent" else "fold"
+    for row in rows:
+        table.add_row(*(row[RUN_COLUMNS.index(name)] for name in shown))
     return table
+
+
+def _least_width(name: str, cells: list[str]) -> int:
+    """The narrowest a runs table column may be: its longest cell (the agent's: cut to
+    ``AGENT_MIN``), and its header."""
+    longest = max((Text.from_markup(c).cell_len for c in cells), default=0)
+    if name == "agent":
+        longest = min(AGENT_MIN, longest)
+    return max(longest, len(name))
 
 
 def events_table(events: list[dict]) -> Table:

@@ -93,7 +93,7 @@ async def demo(args: argparse.Namespace) -> int:
             first = await submit_batch(client, list(names), args.runs)
             out.print(f"submitted {args.runs} messages across {args.agents} agents")
             runs = await watch(client, first, args.runs, args.timeout)
-            out.print(runs_table(runs, names))
+            out.print(runs_table(runs, names, out.width))
             settled = all(r["tracker"]["state"] in SETTLED for r in runs)
             out.print(summary(runs, sim, args, time.monotonic() - started, settled))
     return 0 if settled else 1
