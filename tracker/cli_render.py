@@ -87,9 +87,9 @@ def runs_table(runs: list[dict], names: dict[str, str] | None = None,
         # (``runs show`` has it in full); the others are never cut
         column.no_wrap = name != "agent"
         column.min_width = least[name]
-        column.overflow = "ellipsis" if name == "agent" else "fold"
+    picked = [RUN_COLUMNS.index(name) for name in shown]
     for row in rows:
-        table.add_row(*(row[RUN_COLUMNS.index(name)] for name in shown))
+        table.add_row(*(row[i] for i in picked))
     return table
 
 
