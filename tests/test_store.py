@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from tracker import clock
+from tracker import clock, sqlite_inbox
 from tracker.errors import Conflict, Unavailable
 from tracker.migrations import LATEST, MIGRATIONS
 from tracker.serialize import dumps, run_out
@@ -352,7 +352,8 @@ async def test_live_runs_letta_ids_are_known_without_a_lookup_even_after_a_resta
         store, tmp_path):
     """Filing checks a callback's Letta run against its run's; for live runs that comes from
     memory (kept from each committed change, loaded once after a start by the service as it
-    starts), not from the runs table; before that load, from the runs table."""
+    starts), not from the runs table; before that load, from the runs table. A callback
+    naming another Letta run is always checked against the runs table."""
     live, finished = await submit(store), await submit(store, agent=A2)
     await store.claim(serial=False, now=clock.now())
     for run, letta_id in ((live, "run-l1"), (finished, "run-l2")):
@@ -364,10 +365,12 @@ async def test_live_runs_letta_ids_are_known_without_a_lookup_even_after_a_resta
     async def verdicts(s) -> list[str]:
         s._db.set_trace_callback(lambda sql: looked_up.append(sql) if "FROM runs" in sql
                                  else None)
-        return list(await asyncio.gather(s.accept_callback(live.id, "run-l1", b"{}"),
-                                         s.accept_callback(live.id, "run-x", b"{}")))
+        return [await s.accept_callback(live.id, "run-l1", b"{}")]
 
-    assert await verdicts(store) == [Verdict.ACCEPTED, Verdict.OTHER_RUN] and not looked_up
+    assert await verdicts(store) == [Verdict.ACCEPTED] and not looked_up
+    assert await store.accept_callback(live.id, "run-x", b"{}") == Verdict.OTHER_RUN
+    assert len(looked_up) == 1
+    looked_up.clear()
     # a finished run's is not kept: a late duplicate is checked against the database
     assert await store.accept_callback(finished.id, "run-l2", b"{}") == Verdict.ACCEPTED
     assert len(looked_up) == 1
@@ -375,14 +378,39 @@ async def test_live_runs_letta_ids_are_known_without_a_lookup_even_after_a_resta
     await reopened.open()
     try:
         looked_up.clear()
-        assert await verdicts(reopened) == [Verdict.ACCEPTED, Verdict.OTHER_RUN]
+        assert await verdicts(reopened) == [Verdict.ACCEPTED]
         assert looked_up  # not loaded yet: filing does not wait for it
         await reopened.warm_up()
         looked_up.clear()
-        assert await verdicts(reopened) == [Verdict.ACCEPTED, Verdict.OTHER_RUN]
+        assert await verdicts(reopened) == [Verdict.ACCEPTED]
         assert not looked_up
     finally:
         await reopened.close()
+
+
+async def test_past_the_bound_of_letta_ids_in_memory_callbacks_are_checked_in_the_table(
+        store, monkeypatch):
+    """The pairs kept in memory are bounded (``LETTA_IDS_MAX``): a run past it still gets its
+    callbacks checked, against the runs table; a finished run's pair makes room."""
+    monkeypatch.setattr(sqlite_inbox, "LETTA_IDS_MAX", 1)
+    first, second = await submit(store), await submit(store, agent=A2)
+    await store.claim(serial=False, now=clock.now())
+    for run, letta_id in ((first, "run-f"), (second, "run-s")):
+        await store.transition(run.id, State.SUBMITTED, (State.SUBMITTING,),
+                               {"letta_run_id": letta_id}, None)
+    looked_up: list[str] = []
+    store._db.set_trace_callback(lambda sql: looked_up.append(sql) if "FROM runs" in sql
+                                 else None)
+    assert await store.accept_callback(first.id, "run-f", b"{}") == Verdict.ACCEPTED
+    assert not looked_up
+    assert await store.accept_callback(second.id, "run-s", b"{}") == Verdict.ACCEPTED
+    assert await store.accept_callback(second.id, "run-x", b"{}") == Verdict.OTHER_RUN
+    assert len(looked_up) == 2
+    await store.transition(first.id, State.DONE, (State.SUBMITTED,), {}, None)
+    await store.transition(second.id, State.CONFIRMING, (State.SUBMITTED,), {}, None)
+    looked_up.clear()
+    assert await store.accept_callback(second.id, "run-s", b"{}") == Verdict.ACCEPTED
+    assert not looked_up
 
 
 async def test_point_reads_on_the_loop_fall_back_to_the_reader_when_busy(store):

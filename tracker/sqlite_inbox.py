@@ -15,9 +15,16 @@ from tracker.sqlite_queries import live_runs, marks
 from tracker.states import FINAL, LANE_BUSY
 from tracker.store import InboxItem, RunRecord, Verdict
 
-#: live runs whose Letta run id is kept in memory at most (~250 bytes each); the callbacks
-#: of any others are checked against the database, as all are after a restart
-LETTA_IDS_MAX = 100_000
+#: live runs whose Letta run id is kept in memory at most (~70 bytes each: ~21 MB, what
+#: 100,000 as strings took); the callbacks of any others are checked against the database,
+#: as all are after a restart until the load of ``warm_up``
+LETTA_IDS_MAX = 300_000
+
+
+def _pair(run_id: str, letta_run_id: str) -> int:
+    """A run and its Letta run as one 64-bit number: Python's string hash is keyed afresh in
+    each process, so a callback cannot be made to match a pair it is not."""
+    return hash((run_id, letta_run_id))
 
 
 @dataclass
@@ -34,14 +41,15 @@ class _Callback:
 class CallbackInbox(GroupCommit):
     """The callback inbox (a base of ``SQLiteStore``).
 
-    Filing a callback checks the Letta run it names against its run's. The Letta run ids of
-    live runs are kept in memory for that (a run's, once set, never changes): a lookup of
-    ~15 µs a callback, on random pages of the runs table, that Letta's answer no longer
-    waits for."""
+    Filing a callback checks the Letta run it names against its run's. The pairs of live
+    runs and their Letta runs are kept in memory for that, hashed (a run's Letta run, once
+    set, never changes): a lookup of ~15 µs a callback, on random pages of the runs table,
+    that Letta's answer no longer waits for. A callback matching no pair (another Letta run,
+    a finished or unknown run, one past the bound) is checked against the runs table."""
 
     def __init__(self, path: str, synchronous: str = "NORMAL", checkpoints: bool = True) -> None:
         super().__init__(path, synchronous, checkpoints)
-        self._letta_ids: dict[str, str] = {}
+        self._letta_ids: set[int] = set()  # of _pair
         self._loaded: asyncio.Task | None = None
 
     async def close(self) -> None:
@@ -67,19 +75,22 @@ class CallbackInbox(GroupCommit):
                                     (*states, LETTA_IDS_MAX))
         except Unavailable:
             return  # every callback is then looked up, as the ones of unknown runs are
-        for run_id, letta_id in rows:
-            # not replacing what a change committed meanwhile noted; a run that finished
-            # meanwhile may come back: its id is still its id, and the bound holds the rest
-            if len(self._letta_ids) < LETTA_IDS_MAX:
-                self._letta_ids.setdefault(run_id, letta_id)
+        # a run that finished meanwhile may come back: its pair is still its pair (a late
+        # duplicate is accepted, as the applier expects), and the bound holds the rest
+        for start in range(0, len(rows), 20_000):
+            room = LETTA_IDS_MAX - len(self._letta_ids)
+            self._letta_ids.update(_pair(*row) for row in rows[start:start + min(room, 20_000)])
+            await asyncio.sleep(0)  # 250,000 in one go held the loop for ~0.1 s
 
     def _remember(self, run: RunRecord) -> None:
         """Note a run's Letta run id as committed; a finished run's is dropped (a callback
         about it is a late duplicate, checked against the database)."""
+        if not run.letta_run_id:
+            return
         if run.state in FINAL:
-            self._letta_ids.pop(run.id, None)
-        elif run.letta_run_id and len(self._letta_ids) < LETTA_IDS_MAX:
-            self._letta_ids[run.id] = run.letta_run_id
+            self._letta_ids.discard(_pair(run.id, run.letta_run_id))
+        elif len(self._letta_ids) < LETTA_IDS_MAX:
+            self._letta_ids.add(_pair(run.id, run.letta_run_id))
 
     async def accept_callback(self, run_id: str, letta_run_id: str, body: bytes,
                               verified: bool = False) -> str:
@@ -99,9 +110,10 @@ class CallbackInbox(GroupCommit):
     def _file_callbacks(self, db: sqlite3.Connection, items: list[_Callback]) -> None:
         if not items:
             return
-        ids = {c.run_id for c in items}
-        known = {i: self._letta_ids[i] for i in ids if i in self._letta_ids}
-        if missed := list(ids - known.keys()):  # unknown, finished, or not sent yet
+        known = {c.run_id: c.letta_run_id for c in items
+                 if _pair(c.run_id, c.letta_run_id) in self._letta_ids}
+        if missed := list({c.run_id for c in items} - known.keys()):
+            # another Letta run's, unknown, finished, not sent yet, or past the bound
             known.update(db.execute(
                 f"SELECT id, letta_run_id FROM runs WHERE id IN ({marks(len(missed))})",
                 missed))
