@@ -413,6 +413,30 @@ async def test_past_the_bound_of_letta_ids_in_memory_callbacks_are_checked_in_th
     assert not looked_up
 
 
+async def test_the_start_up_load_of_letta_ids_reads_in_slices_up_to_the_bound(
+        store, tmp_path, monkeypatch):
+    monkeypatch.setattr(sqlite_inbox, "LOAD_CHUNK", 2)
+    monkeypatch.setattr(sqlite_inbox, "LETTA_IDS_MAX", 3)
+    runs = [await submit(store, agent=f"agent-{i}") for i in range(5)]
+    await store.claim(serial=False, now=clock.now())
+    for i, run in enumerate(runs):
+        await store.transition(run.id, State.SUBMITTED, (State.SUBMITTING,),
+                               {"letta_run_id": f"run-l{i}"}, None)
+    reopened = open_store(f"sqlite:///{tmp_path / 'store.db'}")
+    await reopened.open()
+    try:
+        await reopened.warm_up()
+        assert len(reopened._letta_ids) == 3
+        looked_up: list[str] = []
+        reopened._db.set_trace_callback(lambda sql: looked_up.append(sql)
+                                        if "FROM runs" in sql else None)
+        for i, run in enumerate(runs):
+            assert await reopened.accept_callback(run.id, f"run-l{i}", b"{}") == Verdict.ACCEPTED
+        assert len(looked_up) == 2  # the two past the bound
+    finally:
+        await reopened.close()
+
+
 async def test_point_reads_on_the_loop_fall_back_to_the_reader_when_busy(store):
     run = await submit(store)
 

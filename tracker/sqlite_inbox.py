@@ -19,6 +19,8 @@ from tracker.store import InboxItem, RunRecord, Verdict
 #: 100,000 as strings took); the callbacks of any others are checked against the database,
 #: as all are after a restart until the load of ``warm_up``
 LETTA_IDS_MAX = 300_000
+#: rows of the start-up load of those read and hashed at a time
+LOAD_CHUNK = 20_000
 
 
 def _pair(run_id: str, letta_run_id: str) -> int:
@@ -69,18 +71,22 @@ class CallbackInbox(GroupCommit):
 
     async def _load_letta_ids(self) -> None:
         live, states = live_runs(LANE_BUSY)  # the runs Letta may call back about
-        try:
-            rows = await self._read(f"SELECT id, letta_run_id FROM {live}"
-                                    " AND letta_run_id IS NOT NULL LIMIT ?",
-                                    (*states, LETTA_IDS_MAX))
-        except Unavailable:
-            return  # every callback is then looked up, as the ones of unknown runs are
+        sql = f"SELECT id, letta_run_id FROM {live} AND letta_run_id IS NOT NULL LIMIT ?"
+        params = (*states, LETTA_IDS_MAX)
         # a run that finished meanwhile may come back: its pair is still its pair (a late
         # duplicate is accepted, as the applier expects), and the bound holds the rest
-        for start in range(0, len(rows), 20_000):
-            room = LETTA_IDS_MAX - len(self._letta_ids)
-            self._letta_ids.update(_pair(*row) for row in rows[start:start + min(room, 20_000)])
-            await asyncio.sleep(0)  # 250,000 in one go held the loop for ~0.1 s
+        try:
+            if self._r is None:  # an in-memory database: its one connection
+                self._letta_ids.update(_pair(*row) for row in await self._read(sql, params))
+                return
+            # in slices: 250,000 rows at once took ~90 MB for a moment and held the loop
+            # ~0.3 s as they were hashed
+            async with self._r.execute(sql, params) as rows:
+                while chunk := await rows.fetchmany(LOAD_CHUNK):
+                    room = LETTA_IDS_MAX - len(self._letta_ids)
+                    self._letta_ids.update(_pair(*row) for row in chunk[:max(0, room)])
+        except (Unavailable, sqlite3.DatabaseError):
+            return  # every callback is then looked up, as the ones of unknown runs are
 
     def _remember(self, run: RunRecord) -> None:
         """Note a run's Letta run id as committed; a finished run's is dropped (a callback
