@@ -147,7 +147,8 @@ class Manager:
     async def submit(self, user: User, agent_id: str, body: dict,
                      idempotency_key: str | None = None) -> tuple[RunRecord, bool]:
         """Record a queued run (committed before anything is sent); returns (run, created)."""
-        digest = request_hash(agent_id, body)
+        # compared only when the key was used before: a submit without one is never a retry
+        digest = request_hash(agent_id, body) if idempotency_key else None
         forwarded = ensure_otids(body)
         config = {k: forwarded.get(k, v) for k, v in REQUEST_CONFIG_DEFAULTS.items()}
         new = NewRun(id=new_run_id(), user_id=user.id, agent_id=agent_id,
