@@ -8,8 +8,10 @@ import sqlite3
 import threading
 import uuid
 
+import aiosqlite
 import pytest
 
+from tests.conftest import eventually
 from tracker import clock, sqlite_inbox
 from tracker.errors import Conflict, Unavailable
 from tracker.migrations import LATEST, MIGRATIONS
@@ -433,6 +435,40 @@ async def test_the_start_up_load_of_letta_ids_reads_in_slices_up_to_the_bound(
         for i, run in enumerate(runs):
             assert await reopened.accept_callback(run.id, f"run-l{i}", b"{}") == Verdict.ACCEPTED
         assert len(looked_up) == 2  # the two past the bound
+    finally:
+        await reopened.close()
+
+
+async def test_reads_during_the_start_up_load_of_letta_ids_see_what_is_committed(
+        store, tmp_path, monkeypatch):
+    """The load reads in slices, its statement open in between: on the reader's connection,
+    the other reads would see the database as it was when the load began."""
+    monkeypatch.setattr(sqlite_inbox, "LOAD_CHUNK", 1)
+    runs = [await submit(store, agent=f"agent-{i}") for i in range(40)]
+    await store.claim(serial=False, now=clock.now())
+    for i, run in enumerate(runs):
+        await store.transition(run.id, State.SUBMITTED, (State.SUBMITTING,),
+                               {"letta_run_id": f"run-l{i}"}, None)
+    gate, fetches, fetchmany = asyncio.Event(), [], aiosqlite.Cursor.fetchmany
+
+    async def held(cursor, size=None):  # the load stops after its first slice
+        fetches.append(size)
+        if len(fetches) > 1:
+            await gate.wait()
+        return await fetchmany(cursor, size)
+
+    monkeypatch.setattr(aiosqlite.Cursor, "fetchmany", held)
+    reopened = open_store(f"sqlite:///{tmp_path / 'store.db'}")
+    await reopened.open()
+    try:
+        loading = asyncio.create_task(reopened.warm_up())
+        await eventually(lambda: len(fetches) == 2)
+        late = await submit(reopened, agent="agent-late")
+        listed = await reopened.list_runs(RunFilter(agent_id="agent-late"))
+        assert [r.id for r in listed] == [late.id]
+        gate.set()
+        await loading
+        assert len(reopened._letta_ids) == len(runs)
     finally:
         await reopened.close()
 

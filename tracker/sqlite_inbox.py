@@ -80,11 +80,16 @@ class CallbackInbox(GroupCommit):
                 self._letta_ids.update(_pair(*row) for row in await self._read(sql, params))
                 return
             # in slices: 250,000 rows at once took ~90 MB for a moment and held the loop
-            # ~0.3 s as they were hashed
-            async with self._r.execute(sql, params) as rows:
-                while chunk := await rows.fetchmany(LOAD_CHUNK):
-                    room = LETTA_IDS_MAX - len(self._letta_ids)
-                    self._letta_ids.update(_pair(*row) for row in chunk[:max(0, room)])
+            # ~0.3 s as they were hashed. On a connection of its own: a statement not yet
+            # done holds its connection's snapshot, which the reader's other reads would see
+            db = await self._connect()
+            try:
+                async with db.execute(sql, params) as rows:
+                    while chunk := await rows.fetchmany(LOAD_CHUNK):
+                        room = LETTA_IDS_MAX - len(self._letta_ids)
+                        self._letta_ids.update(_pair(*row) for row in chunk[:max(0, room)])
+            finally:
+                await db.close()
         except (Unavailable, sqlite3.DatabaseError):
             return  # every callback is then looked up, as the ones of unknown runs are
 
