@@ -103,7 +103,10 @@ async def test_background_loop_prunes_every_interval_until_stopped(store, monkey
     first = await add_run(store, monkeypatch, 2, State.DONE)
     task = asyncio.create_task(r.run())
     await eventually(lambda: _gone(store, first))
-    later = await add_run(store, monkeypatch, 2, State.DONE)
+    # finished only once it is in place: the loop, every 50 ms, would prune a finished run
+    # between add_run's steps (its delivery read then found none)
+    later = await add_run(store, monkeypatch, 2, State.SUBMITTED)
+    await store.transition(later, State.DONE, (State.SUBMITTED,), {"status": "completed"}, None)
     await eventually(lambda: _gone(store, later))
     r.stop()
     await asyncio.wait_for(task, 1)
