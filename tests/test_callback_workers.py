@@ -160,17 +160,19 @@ def alive(pid: int) -> bool:
 
 @pytest.fixture
 def workers_tracker(start_tracker, unused_tcp_port_factory):
-    async def start(n: int = 2):
+    async def start(n: int = 2, **sections):
         port = unused_tcp_port_factory()
         t = await start_tracker(callbacks={"workers": n, "port": port},
-                                dispatch={"per_agent": "parallel"})
+                                dispatch={"per_agent": "parallel"}, **sections)
         t.callback_port = port
         return t
     return start
 
 
 async def test_callbacks_land_on_the_workers_and_complete_runs(workers_tracker, sim):
-    t = await workers_tracker(2)
+    # the poller kept away: a poll that finds Letta sent the callback before the worker's
+    # report of it arrived records the run itself (failed once in a full run, likely so)
+    t = await workers_tracker(2, polling={"grace_s": 30.0, "callback_wait_s": 30.0})
     assert len(t.app[WORKERS].pids()) == 2
     agents = [sim.create_agent(f"w{i}")["id"] for i in range(3)]
     runs = [await t.submit(a, f"m{i}") for i in range(2) for a in agents]
