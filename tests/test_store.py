@@ -390,28 +390,34 @@ async def test_live_runs_letta_ids_are_known_without_a_lookup_even_after_a_resta
         await reopened.close()
 
 
+async def sent(store, n: int) -> list:
+    """``n`` runs sent to Letta, each on an agent of its own; run i is Letta's ``run-l{i}``."""
+    runs = [await submit(store, agent=f"agent-{i}") for i in range(n)]
+    await store.claim(serial=False, now=clock.now())
+    for i, run in enumerate(runs):
+        await store.transition(run.id, State.SUBMITTED, (State.SUBMITTING,),
+                               {"letta_run_id": f"run-l{i}"}, None)
+    return runs
+
+
 async def test_past_the_bound_of_letta_ids_in_memory_callbacks_are_checked_in_the_table(
         store, monkeypatch):
     """The pairs kept in memory are bounded (``LETTA_IDS_MAX``): a run past it still gets its
     callbacks checked, against the runs table; a finished run's pair makes room."""
     monkeypatch.setattr(sqlite_inbox, "LETTA_IDS_MAX", 1)
-    first, second = await submit(store), await submit(store, agent=A2)
-    await store.claim(serial=False, now=clock.now())
-    for run, letta_id in ((first, "run-f"), (second, "run-s")):
-        await store.transition(run.id, State.SUBMITTED, (State.SUBMITTING,),
-                               {"letta_run_id": letta_id}, None)
+    first, second = await sent(store, 2)
     looked_up: list[str] = []
     store._db.set_trace_callback(lambda sql: looked_up.append(sql) if "FROM runs" in sql
                                  else None)
-    assert await store.accept_callback(first.id, "run-f", b"{}") == Verdict.ACCEPTED
+    assert await store.accept_callback(first.id, "run-l0", b"{}") == Verdict.ACCEPTED
     assert not looked_up
-    assert await store.accept_callback(second.id, "run-s", b"{}") == Verdict.ACCEPTED
+    assert await store.accept_callback(second.id, "run-l1", b"{}") == Verdict.ACCEPTED
     assert await store.accept_callback(second.id, "run-x", b"{}") == Verdict.OTHER_RUN
     assert len(looked_up) == 2
     await store.transition(first.id, State.DONE, (State.SUBMITTED,), {}, None)
     await store.transition(second.id, State.CONFIRMING, (State.SUBMITTED,), {}, None)
     looked_up.clear()
-    assert await store.accept_callback(second.id, "run-s", b"{}") == Verdict.ACCEPTED
+    assert await store.accept_callback(second.id, "run-l1", b"{}") == Verdict.ACCEPTED
     assert not looked_up
 
 
@@ -419,11 +425,7 @@ async def test_the_start_up_load_of_letta_ids_reads_in_slices_up_to_the_bound(
         store, tmp_path, monkeypatch):
     monkeypatch.setattr(sqlite_inbox, "LOAD_CHUNK", 2)
     monkeypatch.setattr(sqlite_inbox, "LETTA_IDS_MAX", 3)
-    runs = [await submit(store, agent=f"agent-{i}") for i in range(5)]
-    await store.claim(serial=False, now=clock.now())
-    for i, run in enumerate(runs):
-        await store.transition(run.id, State.SUBMITTED, (State.SUBMITTING,),
-                               {"letta_run_id": f"run-l{i}"}, None)
+    runs = await sent(store, 5)
     reopened = open_store(f"sqlite:///{tmp_path / 'store.db'}")
     await reopened.open()
     try:
@@ -444,11 +446,7 @@ async def test_reads_during_the_start_up_load_of_letta_ids_see_what_is_committed
     """The load reads in slices, its statement open in between: on the reader's connection,
     the other reads would see the database as it was when the load began."""
     monkeypatch.setattr(sqlite_inbox, "LOAD_CHUNK", 1)
-    runs = [await submit(store, agent=f"agent-{i}") for i in range(40)]
-    await store.claim(serial=False, now=clock.now())
-    for i, run in enumerate(runs):
-        await store.transition(run.id, State.SUBMITTED, (State.SUBMITTING,),
-                               {"letta_run_id": f"run-l{i}"}, None)
+    runs = await sent(store, 40)
     gate, fetches, fetchmany = asyncio.Event(), [], aiosqlite.Cursor.fetchmany
 
     async def held(cursor, size=None):  # the load stops after its first slice
