@@ -170,8 +170,9 @@ def workers_tracker(start_tracker, unused_tcp_port_factory):
 
 
 async def test_callbacks_land_on_the_workers_and_complete_runs(workers_tracker, sim):
-    # the poller kept away: a poll that finds Letta sent the callback before the worker's
-    # report of it arrived records the run itself (failed once in a full run, likely so)
+    # the poller kept away: a poll more than callback_wait_s (0.3 s in the tests) after
+    # Letta sent the callback, and before the worker's report of it, records the run itself
+    # (failed once in a full run on a loaded machine, likely so)
     t = await workers_tracker(2, polling={"grace_s": 30.0, "callback_wait_s": 30.0})
     assert len(t.app[WORKERS].pids()) == 2
     agents = [sim.create_agent(f"w{i}")["id"] for i in range(3)]

@@ -9,6 +9,7 @@ import uuid
 import pytest
 
 from tests.conftest import eventually
+from tracker import clock
 from tracker.sim_shapes import callback_json, utcnow
 from tracker.states import WATCHED, State
 
@@ -61,6 +62,26 @@ async def test_poll_before_a_late_callback_is_no_error(start_tracker, sim, agent
     await eventually(lambda: _has(t, run["id"], "confirmed"), timeout=5)
     after = await t.run(run["id"])
     assert after["status"] == "completed" and after["tracker"]["completed_via"] == "poll"
+
+
+async def test_a_callback_the_tracker_took_is_left_to_the_applier_a_moment(
+        start_tracker, sim, agent, monkeypatch):
+    """Letta shows the callback answered 2xx: it is filed, and the applier records it. With
+    callback workers the main process hears of it a few ms later; a poll meanwhile waits
+    ``callback_wait_s`` from the callback, as for one not sent yet, before recording the run
+    itself (here nothing is filed, so it does, once that moment has passed)."""
+    sent: list[float] = []
+
+    def taken(letta_run) -> None:  # as the run ends: answered 2xx, but not filed here
+        letta_run.callback_sent_at, letta_run.callback_status_code = utcnow(), 200
+        sent.append(clock.now())
+
+    monkeypatch.setattr(sim.engine, "_schedule_callback", taken)
+    t = await start_tracker(polling={"callback_wait_s": 1.5})
+    run = await t.submit(agent, "[[delay=0.3]] hello")
+    done = await t.wait_state(run["id"], "done")
+    assert done["tracker"]["completed_via"] == "poll"
+    assert clock.epoch(done["tracker"]["recorded_at"]) - sent[0] >= 1.4
 
 
 async def _has(t, run_id, kind):

@@ -199,11 +199,18 @@ class Poller:
 
     def _callback_pending(self, letta_run: dict) -> bool:
         """Letta shows a run finished ~0.2 s before it sends the callback: give it a moment
-        rather than pay two calls for a result that is on its way."""
-        if not letta_run.get("callback_url") or letta_run.get("callback_sent_at"):
+        rather than pay two calls for a result that is on its way. The same moment once the
+        tracker answered the callback 2xx: it is filed (committed before the answer), and the
+        applier records it; a callback worker's report of it comes a few ms after that answer,
+        and a poll meanwhile would record the run as learnt by polling."""
+        if not letta_run.get("callback_url"):
             return False
-        finished = clock.epoch(letta_run.get("completed_at")) or 0
-        return clock.now() - finished < self.p.callback_wait_s
+        since = letta_run.get("completed_at")
+        if letta_run.get("callback_sent_at"):
+            if not 200 <= (letta_run.get("callback_status_code") or 0) < 300:
+                return False  # refused or never answered: polling is how it is learnt
+            since = letta_run["callback_sent_at"]
+        return clock.now() - (clock.epoch(since) or 0) < self.p.callback_wait_s
 
     async def _wait_for_callback(self, run: RunRecord) -> None:
         await self.store.reschedule([(run.id, clock.now() + self.p.callback_wait_s,
