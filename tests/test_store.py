@@ -471,6 +471,38 @@ async def test_reads_during_the_start_up_load_of_letta_ids_see_what_is_committed
         await reopened.close()
 
 
+async def test_a_connection_cancelled_as_it_opens_leaves_no_thread_behind(tmp_path, monkeypatch):
+    """A connection's thread is not a daemon: one left running keeps the process from
+    exiting. The start-up load of Letta ids opens one, and a start that stops at once
+    (its port taken) cancelled it during its pragmas, hanging the process 13 times in 30."""
+    made, connect = [], aiosqlite.connect
+
+    def recorded(*args, **kw):
+        made.append(connect(*args, **kw))
+        return made[-1]
+
+    pragma_sent = asyncio.Event()
+
+    async def stalled(self, sql, *args):  # the first pragma never returns
+        pragma_sent.set()
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(aiosqlite, "connect", recorded)
+    monkeypatch.setattr(aiosqlite.Connection, "execute", stalled)
+    store = open_store(f"sqlite:///{tmp_path / 'store.db'}")
+    opening = asyncio.create_task(store._connect())
+    try:
+        await asyncio.wait_for(pragma_sent.wait(), 5)
+        opening.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await opening
+        await eventually(lambda: not made[0]._thread.is_alive(), timeout=5)
+    finally:
+        for db in made:  # this test's failure must not hang the test run in turn
+            if db._thread.is_alive():
+                db.stop()
+
+
 async def test_point_reads_on_the_loop_fall_back_to_the_reader_when_busy(store):
     run = await submit(store)
 

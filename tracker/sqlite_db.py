@@ -135,8 +135,14 @@ class SQLiteDB:
     async def _connect(self, cache_mb: int = 8) -> aiosqlite.Connection:
         db = await aiosqlite.connect(self.path, isolation_level=None)
         db.row_factory = sqlite3.Row
-        for pragma in self._pragmas(cache_mb):
-            await db.execute(f"PRAGMA {pragma}")
+        try:
+            for pragma in self._pragmas(cache_mb):
+                await db.execute(f"PRAGMA {pragma}")
+        except BaseException:
+            # cancelled or failed here, nobody would close it, and its thread (not a daemon)
+            # would keep the process from exiting
+            db.stop()
+            raise
         return db
 
     def _pragmas(self, cache_mb: int) -> tuple[str, ...]:
