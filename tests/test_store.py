@@ -430,7 +430,7 @@ async def test_the_start_up_load_of_letta_ids_reads_in_slices_up_to_the_bound(
     await reopened.open()
     try:
         await reopened.warm_up()
-        assert len(reopened._letta_ids) == 3
+        assert len(reopened._letta_pairs) == 3
         looked_up: list[str] = []
         reopened._db.set_trace_callback(lambda sql: looked_up.append(sql)
                                         if "FROM runs" in sql else None)
@@ -466,7 +466,7 @@ async def test_reads_during_the_start_up_load_of_letta_ids_see_what_is_committed
         assert [r.id for r in listed] == [late.id]
         gate.set()
         await loading
-        assert len(reopened._letta_ids) == len(runs)
+        assert len(reopened._letta_pairs) == len(runs)
     finally:
         await reopened.close()
 

@@ -51,7 +51,7 @@ class CallbackInbox(GroupCommit):
 
     def __init__(self, path: str, synchronous: str = "NORMAL", checkpoints: bool = True) -> None:
         super().__init__(path, synchronous, checkpoints)
-        self._letta_ids: set[int] = set()  # of _pair
+        self._letta_pairs: set[int] = set()  # of _pair
         self._loaded: asyncio.Task | None = None
 
     async def close(self) -> None:
@@ -77,7 +77,7 @@ class CallbackInbox(GroupCommit):
         # duplicate is accepted, as the applier expects), and the bound holds the rest
         try:
             if self._r is None:  # an in-memory database: its one connection
-                self._letta_ids.update(_pair(*row) for row in await self._read(sql, params))
+                self._note_pairs(await self._read(sql, params))
                 return
             # in slices: 250,000 rows at once took ~90 MB for a moment and held the loop
             # ~0.3 s as they were hashed. On a connection of its own: a statement not yet
@@ -86,12 +86,16 @@ class CallbackInbox(GroupCommit):
             try:
                 async with db.execute(sql, params) as rows:
                     while chunk := await rows.fetchmany(LOAD_CHUNK):
-                        room = LETTA_IDS_MAX - len(self._letta_ids)
-                        self._letta_ids.update(_pair(*row) for row in chunk[:max(0, room)])
+                        self._note_pairs(chunk)
             finally:
                 await db.close()
         except (Unavailable, sqlite3.DatabaseError):
             return  # every callback is then looked up, as the ones of unknown runs are
+
+    def _note_pairs(self, rows: Sequence[tuple[str, str]]) -> None:
+        """Keep the (run id, Letta run id) rows' pairs, as many as the bound leaves room for."""
+        room = max(0, LETTA_IDS_MAX - len(self._letta_pairs))
+        self._letta_pairs.update(_pair(*row) for row in rows[:room])
 
     def _remember(self, run: RunRecord) -> None:
         """Note a run's Letta run id as committed; a finished run's is dropped (a callback
@@ -99,9 +103,9 @@ class CallbackInbox(GroupCommit):
         if not run.letta_run_id:
             return
         if run.state in FINAL:
-            self._letta_ids.discard(_pair(run.id, run.letta_run_id))
-        elif len(self._letta_ids) < LETTA_IDS_MAX:
-            self._letta_ids.add(_pair(run.id, run.letta_run_id))
+            self._letta_pairs.discard(_pair(run.id, run.letta_run_id))
+        elif len(self._letta_pairs) < LETTA_IDS_MAX:
+            self._letta_pairs.add(_pair(run.id, run.letta_run_id))
 
     async def accept_callback(self, run_id: str, letta_run_id: str, body: bytes,
                               verified: bool = False) -> str:
@@ -122,7 +126,7 @@ class CallbackInbox(GroupCommit):
         if not items:
             return
         known = {c.run_id: c.letta_run_id for c in items
-                 if _pair(c.run_id, c.letta_run_id) in self._letta_ids}
+                 if _pair(c.run_id, c.letta_run_id) in self._letta_pairs}
         if missed := list({c.run_id for c in items} - known.keys()):
             # another Letta run's, unknown, finished, not sent yet, or past the bound
             known.update(db.execute(
