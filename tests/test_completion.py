@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hmac
 import uuid
 
 import pytest
 
 from tests.conftest import eventually
 from tracker import clock
+from tracker.callbacks import CallbackSigner
 from tracker.sim_shapes import callback_json, utcnow
 from tracker.states import WATCHED, State
 
@@ -103,6 +106,18 @@ async def test_duplicate_and_replayed_callbacks_change_nothing(start_tracker, si
     after = await t.run(run["id"])
     assert after["status"] == "completed" and after["stop_reason"] == "end_turn"
     assert (await kinds(t, run["id"])).count("ignored") == 2
+
+
+@pytest.mark.parametrize("secret", ["s", "k" * 32, "x" * 64, "y" * 65, "é" * 100],
+                         ids=["1 byte", "32 bytes", "64 bytes", "65 bytes", "200 bytes"])
+def test_a_callback_token_is_the_hmac_sha256_of_its_run_id(secret):
+    # the signer keeps HMAC's keyed states and copies them: the same MAC as hmac's own, for
+    # keys shorter than, as long as and longer than SHA-256's block (hashed first)
+    signer = CallbackSigner(secret, "http://tracker")
+    for run_id in ("run-1", f"run-{uuid.uuid4()}"):
+        mac = hmac.digest(secret.encode(), run_id.encode(), "sha256")[:24]
+        assert signer.token(run_id) == f"{run_id}.{base64.urlsafe_b64encode(mac).decode()}"
+        assert signer.run_id(signer.token(run_id)) == run_id
 
 
 async def test_forged_callbacks_are_refused(start_tracker, sim, agent):
