@@ -353,6 +353,39 @@ async def test_the_restart_sweep_lists_lettas_active_runs_once(start_tracker, si
         assert (await t2.run(r["id"]))["tracker"]["state"] == "submitted"
 
 
+async def test_the_restart_sweep_lists_each_page_of_finished_runs_once(
+        start_tracker, sim, agent, monkeypatch):
+    """The sweep's chunks go newest first, as Letta lists its finished runs, and each
+    chunk's paging goes on where the last one's stopped: every ended run is found in the
+    listing, none takes a call of its own. (Each chunk paging afresh from the newest, with a
+    few pages at most, the oldest chunks' runs were fetched one call each.)"""
+    import tracker.letta
+    import tracker.poller
+    from tracker.letta import LettaClient
+
+    sim.set_faults(callback_drop=1.0)
+    slow = {"grace_s": 600, "min_interval_s": 600, "max_interval_s": 600}
+    t = await start_tracker(polling=slow, dispatch={"per_agent": "parallel"})
+    ended, letta_ids = await ended_while_down(t, sim, agent, 12)
+    calls: list[str] = []
+    for name in ("get_run", "recent_terminal"):
+        def counted(original, name=name):
+            async def call(self, *args):
+                calls.append(name)
+                return await original(self, *args)
+            return call
+        monkeypatch.setattr(LettaClient, name, counted(getattr(LettaClient, name)))
+    for module in (tracker.letta, tracker.poller):
+        monkeypatch.setattr(module, "PAGE", 2)  # six pages of finished runs
+    monkeypatch.setattr(tracker.poller, "BATCH", 2)  # six chunks of two runs
+    t2 = await start_tracker(polling={**slow, "sweep_min": 1, "callback_wait_s": 0})
+    for r in ended:
+        assert (await t2.wait_state(r["id"], "done"))["tracker"]["completed_via"] == "poll"
+    await eventually(lambda: not t2.svc.poller._sweeping())
+    assert calls.count("get_run") == 0
+    assert calls.count("recent_terminal") <= 7  # six pages, and one to see the end
+
+
 async def test_a_callback_does_not_wait_for_the_start_up_load_of_the_letta_ids(
         start_tracker, sim, agent, monkeypatch):
     """With many runs in flight the load takes a while (a second for 250,000): a callback

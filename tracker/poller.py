@@ -14,6 +14,7 @@ import math
 import random
 from array import array
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from tracker import clock
 from tracker.config import Config
@@ -26,6 +27,18 @@ from tracker.store import Add, Event, RunRecord
 log = logging.getLogger("tracker.poller")
 
 BATCH = 2000
+#: listed finished runs the sweep keeps for its next chunks, at most (see _Paging)
+UNCLAIMED_MAX = 2 * PAGE
+
+
+@dataclass
+class _Paging:
+    """How far a paging of Letta's finished runs (newest first) went: the cursor it stopped
+    at, whether it reached the end, and the runs it listed that no chunk has claimed yet."""
+
+    after: str | None = None
+    ended: bool = False
+    unclaimed: dict[str, dict] = field(default_factory=dict)
 
 
 class Poller:
@@ -44,6 +57,8 @@ class Poller:
         self._swept = 0  # how many of them are checked
         #: Letta's active runs as the sweep first listed them (see _triage)
         self._sweep_active: set[str] | None = None
+        #: the sweep's paging of Letta's finished runs, chunk after chunk (_finished_runs)
+        self._sweep_paging = _Paging()
         #: the calls the last listing of Letta's active runs took (a call per PAGE runs)
         self._listing_calls = 1
 
@@ -72,9 +87,10 @@ class Poller:
         """Check every watched run over the next ticks, whatever its next check time (at
         start-up: what Letta did while the tracker was down is unknown); returns how many.
         Only a read: one UPDATE making them all due held every write for 7-9 s with 250,000
-        runs in flight, long enough for Letta's callbacks to time out."""
+        runs in flight, long enough for Letta's callbacks to time out. Newest first, the
+        order in which Letta lists its finished runs (see _finished_runs)."""
         self._sweep = array("q", await self.store.seqs_in(WATCHED))
-        self._swept, self._sweep_active = 0, None
+        self._swept, self._sweep_active, self._sweep_paging = 0, None, _Paging()
         self.manager.poll_wakeup.set()
         return len(self._sweep)
 
@@ -104,7 +120,7 @@ class Poller:
             return len(due)
         self._swept += len(chunk)
         if not self._sweeping():
-            self._sweep_active = None
+            self._sweep_active, self._sweep_paging = None, _Paging()
         self._failures = 0
         await asyncio.gather(*(self.check(r, known.get(r.letta_run_id or "")) for r in finished))
         return len(due)
@@ -145,19 +161,27 @@ class Poller:
         finished = [r for r in due if r.letta_run_id not in active]
         if len(finished) < self.p.sweep_min:
             return finished, {}
-        return finished, await self._finished_runs({r.letta_run_id for r in finished})
+        return finished, await self._finished_runs(
+            {r.letta_run_id for r in finished}, self._sweep_paging if sweeping else _Paging())
 
-    async def _finished_runs(self, wanted: set) -> dict[str, dict]:
-        """Page through Letta's finished runs, newest first, until all wanted are seen."""
-        found: dict[str, dict] = {}
-        after = None
+    async def _finished_runs(self, wanted: set, paging: _Paging) -> dict[str, dict]:
+        """Page through Letta's finished runs, newest first, until all wanted are seen (a
+        few pages more than they fill at most: the rest is fetched a run at a time). The
+        sweep's chunks go newest first too, and its paging goes on where the last chunk's
+        stopped: each page is listed once. (Begun afresh a chunk, it found only the newest
+        chunks' runs: 6,000 of the 10,000 of benchmark 5 took a call each.)"""
+        found = {i: paging.unclaimed.pop(i) for i in wanted & paging.unclaimed.keys()}
         for _ in range(len(wanted) // PAGE + 2):
-            async with self._slots:
-                page = await self.letta.recent_terminal(PAGE, after)
-            found.update({r["id"]: r for r in page if r["id"] in wanted})
-            if len(page) < PAGE or wanted <= found.keys():
+            if paging.ended or wanted <= found.keys():
                 break
-            after = page[-1]["id"]
+            async with self._slots:
+                page = await self.letta.recent_terminal(PAGE, paging.after)
+            for r in page:
+                (found if r["id"] in wanted else paging.unclaimed)[r["id"]] = r
+            paging.ended = len(page) < PAGE
+            paging.after = page[-1]["id"] if page else paging.after
+        if len(paging.unclaimed) > UNCLAIMED_MAX:  # the newest go: the chunks after want older
+            paging.unclaimed = dict(list(paging.unclaimed.items())[-UNCLAIMED_MAX:])
         return found
 
     async def check(self, run: RunRecord, letta_run: dict | None = None) -> None:

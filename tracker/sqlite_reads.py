@@ -68,8 +68,9 @@ class RunReads(SQLiteDB):
 
     async def seqs_in(self, states: Iterable[State]) -> list[int]:
         live, states = live_runs(states)
-        # in the order the poller would check them (its index: no table read)
-        rows = await self._read(f"SELECT seq FROM {live} ORDER BY next_check_at", states)
+        # newest first, the order of Letta's listing of finished runs (see Poller.sweep);
+        # the seqs are in the index (rowids): no table read
+        rows = await self._read(f"SELECT seq FROM {live} ORDER BY seq DESC", states)
         return [r[0] for r in rows]
 
     async def runs_at(self, states: Iterable[State], seqs: Sequence[int]) -> list[RunRecord]:
