@@ -6,6 +6,7 @@ import asyncio
 import base64
 import contextlib
 import hmac
+import sqlite3
 import uuid
 
 import pytest
@@ -353,12 +354,14 @@ async def test_the_restart_sweep_lists_lettas_active_runs_once(start_tracker, si
         assert (await t2.run(r["id"]))["tracker"]["state"] == "submitted"
 
 
+@pytest.mark.parametrize("overdue", [False, True], ids=["not due", "overdue"])
 async def test_the_restart_sweep_lists_each_page_of_finished_runs_once(
-        start_tracker, sim, agent, monkeypatch):
+        start_tracker, sim, agent, monkeypatch, tmp_path, overdue):
     """The sweep's chunks go newest first, as Letta lists its finished runs, and each
     chunk's paging goes on where the last one's stopped: every ended run is found in the
     listing, none takes a call of its own. (Each chunk paging afresh from the newest, with a
-    few pages at most, the oldest chunks' runs were fetched one call each.)"""
+    few pages at most, the oldest chunks' runs were fetched one call each.) Runs overdue at
+    the restart wait for the sweep too: a tick before it took them oldest first."""
     import tracker.letta
     import tracker.poller
     from tracker.letta import LettaClient
@@ -367,6 +370,9 @@ async def test_the_restart_sweep_lists_each_page_of_finished_runs_once(
     slow = {"grace_s": 600, "min_interval_s": 600, "max_interval_s": 600}
     t = await start_tracker(polling=slow, dispatch={"per_agent": "parallel"})
     ended, letta_ids = await ended_while_down(t, sim, agent, 12)
+    if overdue:  # their checks came due while the tracker was down
+        with contextlib.closing(sqlite3.connect(tmp_path / "tracker.db")) as db, db:
+            db.execute("UPDATE runs SET next_check_at = 0")
     calls: list[str] = []
     for name in ("get_run", "recent_terminal"):
         def counted(original, name=name):
