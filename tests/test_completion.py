@@ -112,8 +112,8 @@ async def test_duplicate_and_replayed_callbacks_change_nothing(start_tracker, si
 @pytest.mark.parametrize("secret", ["s", "k" * 32, "x" * 64, "y" * 65, "é" * 100],
                          ids=["1 byte", "32 bytes", "64 bytes", "65 bytes", "200 bytes"])
 def test_a_callback_token_is_the_hmac_sha256_of_its_run_id(secret):
-    # the signer keeps HMAC's keyed states and copies them: the same MAC as hmac's own, for
-    # keys shorter than, as long as and longer than SHA-256's block (hashed first)
+    # the signer keys its HMAC once and copies it: the same MAC as hmac.digest's, for keys
+    # shorter than, as long as and longer than SHA-256's block (hashed first)
     signer = CallbackSigner(secret, "http://tracker")
     for run_id in ("run-1", f"run-{uuid.uuid4()}"):
         mac = hmac.digest(secret.encode(), run_id.encode(), "sha256")[:24]
