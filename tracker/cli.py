@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import logging
+import os
+import signal
 import sys
 from collections.abc import Callable
 
@@ -24,26 +27,49 @@ def _serve(cfg: Config, args: argparse.Namespace) -> int:
         cfg.server.port = args.port
     cfg = checked(cfg)  # --port against callbacks.port
     logs.setup(cfg.logging.level, cfg.logging.format)
-    import logging
-
     log = logging.getLogger("tracker")
     loop = event_loop(cfg.server.event_loop)
     log.info("tracker %s starting: database %s, Letta at %s, event loop %s", __version__,
              cfg.database.url, cfg.letta.base_url, type(loop).__module__.split(".")[0])
-    # run_app handles SIGINT/SIGTERM: stops accepting, lets requests finish, runs cleanups
     app = create_app(cfg)
     app.on_startup.append(tune_gc)
     # run_app calls ``print`` once the port is open: after start-up, migrations included
     listening = lambda _: log.info("tracker listening on http://%s:%s",  # noqa: E731
                                    cfg.server.host, cfg.server.port)
+    stop_on_signals(loop, log)
     try:
-        web.run_app(app, host=cfg.server.host, port=cfg.server.port,
+        web.run_app(app, host=cfg.server.host, port=cfg.server.port, handle_signals=False,
                     print=listening, shutdown_timeout=10.0, access_log=None, loop=loop)
     except OSError as e:  # the port taken, or the address not this machine's
         log.error("cannot listen on %s:%s: %s", cfg.server.host, cfg.server.port,
                   e.strerror or e)
         return 1
     return 0
+
+
+def stop_on_signals(loop: asyncio.AbstractEventLoop, log: logging.Logger) -> None:
+    """SIGTERM or Ctrl-C stops the service gracefully: aiohttp's GracefulExit, after which it
+    takes no new connection, lets the requests in flight finish (10 s at most) and runs the
+    cleanups. aiohttp's own handler raises it again at a second signal, in the middle of the
+    cleanups, which were then abandoned with the database open: its threads kept the process
+    alive for ever (``timeout`` sends SIGTERM twice, to the process and to its group). So
+    after the first, SIGTERM is ignored and a Ctrl-C ends the process at once: what is
+    committed is safe, as after a crash, and a restart heals the rest."""
+
+    def first(sig: signal.Signals) -> None:
+        for s in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(s, again, s)
+        log.info("%s: stopping (requests in flight may take up to 10 s)", sig.name)
+        raise web.GracefulExit()
+
+    def again(sig: signal.Signals) -> None:
+        if sig is signal.SIGINT:
+            log.warning("interrupted again: exiting at once")
+            os._exit(130)
+        log.warning("SIGTERM again: ignored, the stop under way goes on (Ctrl-C to exit at once)")
+
+    for s in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(s, first, s)
 
 
 def event_loop(choice: str) -> asyncio.AbstractEventLoop:
