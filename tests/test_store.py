@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
 import threading
 import uuid
@@ -802,3 +803,19 @@ async def test_a_write_finding_another_process_holding_the_database_tries_again_
     finally:
         other.close()
         await s.close()
+
+
+def test_the_service_lock_is_held_by_one_holder_at_a_time(tmp_path):
+    from tracker.errors import Conflict
+    from tracker.service_lock import ServiceLock
+
+    first, second = ServiceLock(str(tmp_path / "t.db")), ServiceLock(str(tmp_path / "t.db"))
+    first.acquire()
+    with pytest.raises(Conflict, match=rf"pid {os.getpid()}, holding {tmp_path}/t.db.lock"):
+        second.acquire()
+    first.release()
+    second.acquire()  # free again once released (and when a holder's process dies)
+    other = ServiceLock(str(tmp_path / "other.db"))
+    other.acquire()  # one lock per database
+    other.release()
+    second.release()

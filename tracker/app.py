@@ -91,13 +91,19 @@ async def _authenticate(app: web.Application, key: str | None) -> Any:
 
 async def _store_ctx(app: web.Application, cfg: Config) -> AsyncIterator[None]:
     store = open_store(cfg.database.url, cfg.database.synchronous)
-    await store.open()
-    if cfg.auth.required:
-        key = await auth.first_start_key(store)
-        if key:
-            app[FIRST_KEY].append(key)
-            # printed, not logged: log lines are redacted, and this is the one time it shows
-            print(f"first start: created admin API key (shown once): {key}", flush=True)
+    store.lock_for_service()  # before anything is read: a second service stops here
+    try:
+        await store.open()
+        if cfg.auth.required:
+            key = await auth.first_start_key(store)
+            if key:
+                app[FIRST_KEY].append(key)
+                # printed, not logged: log lines are redacted, and this is the one time it
+                # shows
+                print(f"first start: created admin API key (shown once): {key}", flush=True)
+    except BaseException:
+        await store.close()  # the lock dropped, and the threads open made ended
+        raise
     app[STORE] = store
     yield
     await store.close()

@@ -25,6 +25,7 @@ import aiosqlite
 
 from tracker.errors import Unavailable
 from tracker.migrations import LATEST, MIGRATIONS
+from tracker.service_lock import ServiceLock
 
 log = logging.getLogger("tracker.store")
 
@@ -129,6 +130,7 @@ class SQLiteDB:
         self._ck_frames = -1  # the WAL's frames at the last checkpoint's end
         self.writable = True  # False from a failed write until the next one succeeds
         self.flooding: Callable[[], bool] = lambda: False  # set by the service (Store)
+        self._service_lock: ServiceLock | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -229,6 +231,14 @@ class SQLiteDB:
             [(_, self._ck_frames, _)] = await self._ck.execute_fetchall(
                 "PRAGMA wal_checkpoint(FULL)")
 
+    def lock_for_service(self) -> None:
+        """This process's service is the only one on this database (``tracker.service_lock``):
+        raises ``Conflict`` when another holds it. Released by ``close``."""
+        if self.path != ":memory:" and self._service_lock is None:
+            lock = ServiceLock(self.path)
+            lock.acquire()
+            self._service_lock = lock
+
     async def close(self) -> None:
         if self._checkpointer is not None:
             self._checkpointer.cancel()
@@ -243,6 +253,9 @@ class SQLiteDB:
         if self._now is not None:
             self._now.close()
         self._db = self._writer = self._r = self._ck = self._now = None
+        if self._service_lock is not None:  # last: the next service may start now
+            self._service_lock.release()
+            self._service_lock = None
 
     async def _write(self, fn: Callable[[sqlite3.Connection], Any], slow: bool = False) -> Any:
         """Run ``fn`` as one write transaction: on the loop when the database is free (see

@@ -93,6 +93,36 @@ async def test_serve_runs_on_pythons_own_loop_when_configured(tmp_path: Path):
     assert "event loop asyncio" in out and "tracker stopped; database closed" in out
 
 
+async def test_a_second_serve_on_the_same_database_is_refused(tmp_path: Path):
+    """Two services on one database would each take the other's sends in flight for a
+    crash's leftovers and send them again: the second one must not start."""
+    refusal: dict = {}
+
+    async def check(url: str, health: dict) -> None:
+        second = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tracker", "serve", "--port", str(free_port()), cwd=tmp_path,
+            env=clean_env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        try:
+            refusal["out"] = (await asyncio.wait_for(second.communicate(), 20))[0].decode()
+        finally:
+            if second.returncode is None:  # it started: the refusal this test is about failed
+                second.kill()
+        refusal["code"] = second.returncode
+        assert (await wait_healthy(url))["database"] is True  # the first one goes on
+
+    code, out, _ = await serve_until_sigterm(tmp_path, check)
+    assert code == 0, out
+    assert refusal["code"] == 1, refusal["out"]
+    lock = tmp_path / "tracker.db.lock"
+    assert f"another tracker serves this database (pid {int(lock.read_text())}, holding" \
+        f" {lock}): stop it first" in refusal["out"], refusal["out"]
+    assert "Traceback" not in refusal["out"]
+    assert "listening" not in refusal["out"]
+    # the first one's stop let go of the database: the next one starts
+    code, out, _ = await serve_until_sigterm(tmp_path, lambda url, health: asyncio.sleep(0))
+    assert code == 0 and "tracker stopped; database closed" in out, out
+
+
 def test_event_loop_choice(monkeypatch):
     import uvloop
 
