@@ -236,7 +236,11 @@ class SQLiteDB:
         raises ``Conflict`` when another holds it. Released by ``close``."""
         if self.path != ":memory:" and self._service_lock is None:
             lock = ServiceLock(self.path)
-            lock.acquire()
+            try:
+                lock.acquire()
+            except OSError as e:  # its directory missing or not writable: as open would say
+                raise Unavailable(f"cannot open database {self.path}: its lock file"
+                                  f" {lock.path}: {e.strerror or e}") from e
             self._service_lock = lock
 
     async def close(self) -> None:

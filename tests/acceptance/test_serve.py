@@ -123,6 +123,19 @@ async def test_a_second_serve_on_the_same_database_is_refused(tmp_path: Path):
     assert code == 0 and "tracker stopped; database closed" in out, out
 
 
+async def test_a_database_that_cannot_be_opened_stops_startup_with_one_line(tmp_path: Path):
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tracker", "serve", "--port", str(free_port()), cwd=tmp_path,
+        env=clean_env(TRACKER_DATABASE__URL="sqlite:///no/such/dir/t.db"),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out = (await asyncio.wait_for(proc.communicate(), 20))[0].decode()
+    assert proc.returncode == 1, out
+    assert out.splitlines()[-1] == (
+        f"tracker: cannot open database no/such/dir/t.db: its lock file"
+        f" {tmp_path}/no/such/dir/t.db.lock: No such file or directory"), out
+    assert "Traceback" not in out and "cannot listen" not in out
+
+
 def test_event_loop_choice(monkeypatch):
     import uvloop
 
