@@ -69,7 +69,10 @@ def stop_on_signals(loop: asyncio.AbstractEventLoop, log: logging.Logger) -> Non
         log.warning("SIGTERM again: ignored, the stop under way goes on (Ctrl-C to exit at once)")
 
     for s in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(s, first, s)
+        try:
+            loop.add_signal_handler(s, first, s)
+        except NotImplementedError:  # Windows: Ctrl-C's KeyboardInterrupt stops run_app
+            return
 
 
 def event_loop(choice: str) -> asyncio.AbstractEventLoop:

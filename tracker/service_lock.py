@@ -6,12 +6,17 @@ would poll, relay and prune the same runs. The lock is ``flock`` on ``<database>
 operating system drops it when the process ends, however it ends, so a crash leaves no stale
 lock behind. The file holds the pid of the process holding it, for the refusal's message.
 CLI commands and callback workers do not take it: they are made to run beside the service.
+Where there is no ``flock`` (Windows), there is no lock either.
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
 
 from tracker.errors import Conflict
 
@@ -25,6 +30,8 @@ class ServiceLock:
 
     def acquire(self) -> None:
         """Hold the lock, or raise ``Conflict`` naming the process that holds it."""
+        if fcntl is None:
+            return
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by children
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
