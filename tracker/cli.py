@@ -48,18 +48,19 @@ def _serve(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def stop_on_signals(loop: asyncio.AbstractEventLoop, log: logging.Logger) -> None:
-    """SIGTERM or Ctrl-C stops the service gracefully: aiohttp's GracefulExit, after which it
-    takes no new connection, lets the requests in flight finish (10 s at most) and runs the
-    cleanups. aiohttp's own handler raises it again at a second signal, in the middle of the
-    cleanups, which were then abandoned with the database open: its threads kept the process
-    alive for ever (``timeout`` sends SIGTERM twice, to the process and to its group). So
-    after the first, SIGTERM is ignored and a Ctrl-C ends the process at once: what is
-    committed is safe, as after a crash, and a restart heals the rest."""
+    """SIGTERM or Ctrl-C stops the service gracefully: aiohttp's GracefulExit, after which
+    it takes no new connection, lets the requests in flight finish (10 s at most) and runs
+    the cleanups (sends to Letta in flight finish too: ``letta.timeout_s`` at most).
+    aiohttp's own handler raises it again at a second signal, in the middle of the cleanups,
+    which were then abandoned with the database open: its threads kept the process alive for
+    ever (``timeout`` sends SIGTERM twice, to the process and to its group). So after the
+    first, SIGTERM is ignored and a Ctrl-C ends the process at once: what is committed is
+    safe, as after a crash, and a restart heals the rest."""
 
     def first(sig: signal.Signals) -> None:
         for s in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(s, again, s)
-        log.info("%s: stopping (requests in flight may take up to 10 s)", sig.name)
+        log.info("%s: stopping; requests and sends to Letta in flight finish first", sig.name)
         raise web.GracefulExit()
 
     def again(sig: signal.Signals) -> None:
