@@ -98,8 +98,7 @@ async def _store_ctx(app: web.Application, cfg: Config) -> AsyncIterator[None]:
             key = await auth.first_start_key(store)
             if key:
                 app[FIRST_KEY].append(key)
-                # printed, not logged: log lines are redacted, and this is the one time it
-                # shows
+                # printed, not logged: log lines are redacted, and it shows only this once
                 print(f"first start: created admin API key (shown once): {key}", flush=True)
     except BaseException:
         await store.close()  # the lock dropped, and the threads open made ended
