@@ -223,6 +223,15 @@ async def test_watched_runs_come_due(store):
     assert [r.id for r in await store.due(WATCHED, clock.now() + 6, 10)] == [run.id]
 
 
+async def test_the_writer_keeps_statement_journals_in_memory_and_readers_do_not(store):
+    """A run's insert journals ~15 pages, past what SQLite holds in memory before it spills
+    to a temp file (two write() calls a page, ~40% of the insert's cost): the writer keeps
+    them in memory. The readers' large sorts keep the temp files' bound on memory."""
+    [(writer,)] = store._db.execute("PRAGMA temp_store").fetchall()
+    [(reader,)] = await store._r.execute_fetchall("PRAGMA temp_store")
+    assert (writer, reader) == (2, 0)  # MEMORY, DEFAULT (files)
+
+
 async def test_write_failure_is_unavailable_and_leaves_nothing(tmp_path, store):
     await submit(store)
     store._db.execute("PRAGMA query_only = 1")
