@@ -15,7 +15,7 @@ The variants without are not a way to run the tracker (the history's pages and s
 scan the table); they say what a leaner write shape could save at most. The CPU is the
 process's (the writes' thread and the WAL's checkpoints included), per submit.
 
-    .venv/bin/python benchmarks/submit_writes.py [--rounds N] [--repeats N]
+    .venv/bin/python benchmarks/submit_writes.py [--quick] [--rounds N] [--repeats N]
 """
 
 from __future__ import annotations
@@ -108,9 +108,12 @@ async def run(args: argparse.Namespace) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="one short repeat (smoke check)")
     ap.add_argument("--rounds", type=int, default=1500)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
+    if args.quick:
+        args.rounds, args.repeats = 100, 1
     h.banner("submit writes", args)
     import uvloop  # the service's loop (tracker serve's default where installed)
     uvloop.run(run(args))
