@@ -26,6 +26,7 @@ import random
 import sqlite3
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import harness as h
@@ -57,7 +58,7 @@ async def one_submit(store: SQLiteStore, body: dict, agent: str) -> None:
                  callback_url=None)
     run, _ = await store.submit(new, Event("api", "submit"), claim=True)
     now = clock.now()
-    letta_id = "run-" + new_run_id()[4:]
+    letta_id = f"run-{uuid.uuid4()}"  # random, as Letta's (and the simulator's) run ids are
     await store.transition(run.id, State.SUBMITTED, (State.SUBMITTING,), {
         "letta_run_id": letta_id, "submitted_at": clock.iso(now), "status": Status.CREATED,
         "next_check_at": now + 3600, "deadline_at": now + 86400, "needs_lookup": 0},
