@@ -13,7 +13,9 @@ hold them, on a fresh database per variant:
 - without both.
 The variants without are not a way to run the tracker (the history's pages and stats would
 scan the table); they say what a leaner write shape could save at most. The CPU is the
-process's (the writes' thread and the WAL's checkpoints included), per submit.
+whole process's, per submit: the writes on the event loop's thread, as in the service, and
+the WAL's checkpoints on theirs. Letta's run ids are random, as Letta's are (a unique index
+on ids in time order would cost less).
 
     .venv/bin/python benchmarks/submit_writes.py [--quick] [--rounds N] [--repeats N]
 """
