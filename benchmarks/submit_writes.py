@@ -29,6 +29,7 @@ import sqlite3
 import tempfile
 import time
 import uuid
+from contextlib import closing
 from pathlib import Path
 
 import harness as h
@@ -45,12 +46,13 @@ AGENTS = [f"agent-{i:08x}-0000-4000-8000-000000000000" for i in range(100)]
 HISTORY_INDEXES = ("runs_created", "runs_agent", "runs_status", "runs_state", "runs_user",
                    "runs_letta_status", "runs_missed", "runs_active", "runs_recorded", "runs_via")
 TRIGGERS = ("runs_count_insert", "runs_count_update")
+NO_TRIGGERS = [f"DROP TRIGGER {t}" for t in TRIGGERS]
+NO_INDEXES = [f"DROP INDEX {i}" for i in HISTORY_INDEXES]
 VARIANTS = {
     "as is": [],
-    "without the counts' triggers": [f"DROP TRIGGER {t}" for t in TRIGGERS],
-    "without the history's indexes": [f"DROP INDEX {i}" for i in HISTORY_INDEXES],
-    "without both": [f"DROP TRIGGER {t}" for t in TRIGGERS]
-    + [f"DROP INDEX {i}" for i in HISTORY_INDEXES],
+    "without the counts' triggers": NO_TRIGGERS,
+    "without the history's indexes": NO_INDEXES,
+    "without both": NO_TRIGGERS + NO_INDEXES,
 }
 
 
@@ -74,7 +76,7 @@ async def measure(drops: list[str], bodies: list[dict], rounds: int) -> float:
         store = SQLiteStore(path)
         await store.open()
         try:
-            with sqlite3.connect(path) as db:
+            with closing(sqlite3.connect(path)) as db:  # DDL: each statement commits
                 for sql in drops:
                     db.execute(sql)
 
