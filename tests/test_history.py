@@ -97,11 +97,16 @@ async def test_bad_parameters_get_422_naming_them(start_tracker, sim):
         resp = await t.get("/v1/runs", **params)
         assert resp.status == 422, params
         assert (await resp.json())["detail"][0]["loc"][:2] == ["query", name]
-    assert (await t.get("/v1/runs/run-00000000-0000-4000-8000-000000000000")).status == 404
+    one = "/v1/runs/run-00000000-0000-4000-8000-000000000000"
+    for params, name in (({"include": "messages"}, "include"), ({"bogus": "1"}, "bogus")):
+        resp = await t.get(one, **params)
+        assert resp.status == 422, params
+        assert (await resp.json())["detail"][0]["loc"][:2] == ["query", name]
+    assert (await t.get(one)).status == 404
     assert (await t.get("/v1/runs/nonsense/events")).status == 404
 
 
-async def test_messages_pagination_and_timeline(start_tracker, sim, agent):
+async def test_messages_pagination_and_timeline_alone_or_with_the_run(start_tracker, sim, agent):
     t = await start_tracker()
     run = await t.submit(agent, "page me")
     await t.wait_state(run["id"], "done")
@@ -114,6 +119,13 @@ async def test_messages_pagination_and_timeline(start_tracker, sim, agent):
     events = await (await t.get(f"/v1/runs/{run['id']}/events")).json()
     assert [(e["source"], e["kind"]) for e in events] == [
         ("api", "submit"), ("dispatch", "submitted"), ("callback", "completed")]
+    # the run with its timeline in one request, by either id; Letta's shape unless asked
+    plain = await t.run(run["id"])
+    assert "events" not in plain
+    for run_id in (run["id"], plain["tracker"]["letta_run_id"]):
+        both = await (await t.get(f"/v1/runs/{run_id}", include="events")).json()
+        assert both.pop("events") == events
+        assert both == plain
 
 
 async def test_cancel_queued_locally_and_all_active(start_tracker, sim, agent):

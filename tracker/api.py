@@ -19,6 +19,8 @@ from tracker.models import (
     HealthOut,
     LettaCallback,
     MessageListParams,
+    RunDetailOut,
+    RunGetParams,
     RunListParams,
     RunOut,
     UsageOut,
@@ -149,9 +151,18 @@ async def list_runs(request: web.Request) -> web.Response:
 
 
 async def get_run(request: web.Request) -> web.Response:
+    include = parsing.query(request, RunGetParams).include or ()
     run = await _run_or_404(request)
     relay = await _svc(request).store.delivery_state(run.id) if run.callback_url else None
-    return json_response(run_out(run, relay))
+    out = run_out(run, relay)
+    if "events" in include:
+        # the run and its timeline in one round trip (`tracker runs show` shows both)
+        out["events"] = await _events_out(request, run)
+    return json_response(out)
+
+
+async def _events_out(request: web.Request, run: RunRecord) -> list[dict[str, Any]]:
+    return [event_out(e) for e in await _svc(request).store.events(run.id)]
 
 
 async def run_messages(request: web.Request) -> web.Response:
@@ -168,8 +179,7 @@ async def run_usage(request: web.Request) -> web.Response:
 
 
 async def run_events(request: web.Request) -> web.Response:
-    run = await _run_or_404(request)
-    return json_response([event_out(e) for e in await _svc(request).store.events(run.id)])
+    return json_response(await _events_out(request, await _run_or_404(request)))
 
 
 async def run_deliveries(request: web.Request) -> web.Response:
@@ -233,7 +243,8 @@ ROUTES: list[Route] = [
     Route("GET", "/v1/runs", list_runs, "List runs", query=RunListParams, response=list[RunOut]),
     Route("GET", "/v1/runs/", list_runs, "List runs", query=RunListParams,
           response=list[RunOut]),
-    Route("GET", RUN, get_run, "One run, by tracker or Letta run id", response=RunOut),
+    Route("GET", RUN, get_run, "One run, by tracker or Letta run id; with ?include=events,"
+          " its timeline too", query=RunGetParams, response=RunDetailOut),
     Route("GET", RUN + "/messages", run_messages, "The run's result messages",
           query=MessageListParams, response=list[dict[str, Any]]),
     Route("GET", RUN + "/usage", run_usage, "The run's token usage", response=UsageOut),

@@ -82,9 +82,11 @@ class TrackerClient:
         body = {"messages": [{"role": "user", "content": text}]}
         return await self.call("POST", f"/v1/agents/{agent_id}/messages/async", body=body)
 
-    async def run(self, run_id: str) -> dict:
-        """One run, by tracker or Letta run id."""
-        return await self.call("GET", f"/v1/runs/{run_id}")
+    async def run(self, run_id: str, events: bool = False) -> dict:
+        """One run, by tracker or Letta run id; with ``events``, its timeline under
+        ``"events"`` (one request instead of two)."""
+        return await self.call("GET", f"/v1/runs/{run_id}",
+                               params={"include": "events"} if events else None)
 
     async def runs(self, params: list[tuple[str, str]] | None = None) -> list[dict]:
         """Runs matching the API's filters (repeat a key for a list filter)."""
@@ -206,8 +208,8 @@ async def runs_list(client: TrackerClient, args: argparse.Namespace) -> int:
 
 async def runs_show(client: TrackerClient, args: argparse.Namespace) -> int:
     """``tracker runs show ID``."""
-    run = await client.run(args.run_id)
-    events = await client.events(run["id"])
+    run = await client.run(args.run_id, events=True)
+    events = run.pop("events")
     if args.json:
         print_json({"run": run, "events": events})
         return 0

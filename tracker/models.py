@@ -178,6 +178,21 @@ class EventOut(BaseModel):
     detail: dict[str, Any] | None = None
 
 
+class RunGetParams(BaseModel):
+    """``GET /v1/runs/{id}``: what comes with the run (Letta's own takes nothing)."""
+
+    model_config = ConfigDict(extra="forbid")
+    include: list[Literal["events"]] | None = Field(
+        None, description="events: the run's timeline with it, in one request")
+
+
+class RunDetailOut(RunOut):
+    """One run; with ``?include=events``, its timeline too."""
+
+    events: list[EventOut] | None = Field(
+        None, description="with ?include=events: the run's timeline, as GET .../events gives it")
+
+
 class UsageOut(BaseModel):
     """Letta's run usage."""
 
