@@ -3,8 +3,9 @@
 
 The tracker serves the cached database (Letta unreachable: only history is asked of it). One
 client on a keep-alive connection asks, one request at a time, for pages of runs by agent,
-by status, by time range, the next page by cursor, one run and its timeline, and the stats,
-with parameters drawn at random; latencies are taken at the client. The tracker's RSS is
+by status, by time range, the next page by cursor, one run and its timeline (in one request,
+``?include=events``, and in two), and the stats, with parameters drawn at random; latencies
+are taken at the client. The tracker's RSS is
 sampled every 20 ms throughout. A first pass warms the caches and is not counted.
 
     .venv/bin/python benchmarks/history_scale.py [--quick] [--runs N] [--passes P]
@@ -29,7 +30,10 @@ import harness as h
 TARGETS = {"runs: by agent": 10, "runs: by agent, as its user": 10, "runs: by status": 10,
            "runs: by two statuses": 10, "runs: by time range": 10, "runs: newest (no filter)": 10,
            "runs: callback missed": 10, "runs: next page by cursor": 10,
-           "run: one": 5, "run: its timeline (events)": 5, "run: one + timeline": 5,
+           "run: one": 5, "run: its timeline (events)": 5,
+           "run: with its timeline (one request)": 5,
+           # what a client without ?include=events pays: two requests, one after the other
+           "run: one + timeline (two requests)": None,
            "stats: all (admin)": 250, "stats: one user": 250}
 
 
@@ -98,6 +102,9 @@ def kinds(s: dict, meta: dict, admin: Client, users: dict[str, Client]) -> dict[
     def timeline(rng: random.Random) -> tuple:
         return admin.get(f"/v1/runs/{rng.choice(s['runs'])}/events")[:2]
 
+    def with_events(rng: random.Random) -> tuple:
+        return admin.get(f"/v1/runs/{rng.choice(s['runs'])}?include=events")[:2]
+
     def both(rng: random.Random) -> tuple:
         run_id = rng.choice(s["runs"])
         a, b = admin.get(f"/v1/runs/{run_id}"), admin.get(f"/v1/runs/{run_id}/events")
@@ -116,7 +123,8 @@ def kinds(s: dict, meta: dict, admin: Client, users: dict[str, Client]) -> dict[
         "runs: next page by cursor": next_page,
         "run: one": one_run,
         "run: its timeline (events)": timeline,
-        "run: one + timeline": both,
+        "run: with its timeline (one request)": with_events,
+        "run: one + timeline (two requests)": both,
         "stats: all (admin)": lambda rng: admin.get("/v1/stats")[:2],
         "stats: one user": lambda rng: users[rng.choice(list(users))].get("/v1/stats")[:2],
     }
@@ -185,11 +193,11 @@ def report(passes: list[dict[str, list[float]]], rss_max: float, rss_end: float,
         p50 = h.median(h.pct(p[kind], 50) for p in passes)
         p99 = h.median(h.pct(p[kind], 99) for p in passes)
         worst = max(max(p[kind]) for p in passes)
-        ok = p99 < target
+        ok = target is None or p99 < target
         if not ok:
             missed.append(kind)
         rows.append((kind, sum(len(p[kind]) for p in passes), p50, p99, worst,
-                     f"< {target}", h.verdict(ok)))
+                     f"< {target}" if target else "(peer)", h.verdict(ok) if target else ""))
     print(h.table(f"history at scale: {args.runs:,} runs, latency at the client in ms,"
                   f" median over {len(passes)} pass(es)",
                   ["request", "n", "p50", "p99", "max", "target p99", ""], rows))
