@@ -5,8 +5,8 @@ The tracker serves the cached database (Letta unreachable: only history is asked
 client on a keep-alive connection asks, one request at a time, for pages of runs by agent,
 by status, by time range, the next page by cursor, one run and its timeline (in one request,
 ``?include=events``, and in two), and the stats, with parameters drawn at random; latencies
-are taken at the client. The tracker's RSS is
-sampled every 20 ms throughout. A first pass warms the caches and is not counted.
+are taken at the client. The tracker's RSS is sampled every 20 ms throughout. A first pass
+warms the caches and is not counted.
 
     .venv/bin/python benchmarks/history_scale.py [--quick] [--runs N] [--passes P]
 """

@@ -96,10 +96,6 @@ class TrackerClient:
         """The run's result messages, oldest first."""
         return await self.call("GET", f"/v1/runs/{run_id}/messages", params={"order": "asc"})
 
-    async def events(self, run_id: str) -> list[dict]:
-        """The run's timeline."""
-        return await self.call("GET", f"/v1/runs/{run_id}/events")
-
 
 def error_line(status: int, reason: str, text: str) -> str:
     """An API error as one line: status, reason and the body's ``detail``."""
