@@ -2,8 +2,8 @@
 and how much of it the history's indexes and the counts' triggers take.
 
 Not one of the five targets: a diagnostic for benchmark 2. No server and no network: the
-store's own ``submit`` (the queued run, claimed) and ``transition`` (Letta's answer, as
-``Manager.mark_submitted`` writes it), 16 submits at a time as benchmark 2's group commits
+manager's own ``submit`` (the queued run, claimed) and ``mark_submitted`` (Letta's answer),
+so the writes keep the service's shape, 16 submits at a time as benchmark 2's group commits
 hold them, on a fresh database per variant:
 - as is;
 - without the triggers that keep ``run_counts`` (what ``/v1/stats`` reads);
@@ -34,11 +34,10 @@ from pathlib import Path
 
 import harness as h
 
-from tracker import clock
-from tracker.letta_request import ensure_otids
-from tracker.manager import REQUEST_CONFIG_DEFAULTS, new_run_id
-from tracker.states import State, Status
-from tracker.store import Event, NewRun
+from tracker.config import load_config
+from tracker.manager import Manager
+from tracker.states import Source, Status
+from tracker.store import User
 from tracker.store_sqlite import SQLiteStore
 
 BATCH = 16  # benchmark 2's group commits held 15.4 writes on average (BENCHMARKS.md)
@@ -56,17 +55,15 @@ VARIANTS = {
 }
 
 
-async def one_submit(store: SQLiteStore, body: dict, agent: str) -> None:
-    new = NewRun(id=new_run_id(), user_id="user-bench", agent_id=agent, kind="message",
-                 request=ensure_otids(body), request_config=dict(REQUEST_CONFIG_DEFAULTS),
-                 callback_url=None)
-    run, _ = await store.submit(new, Event("api", "submit"), claim=True)
-    now = clock.now()
-    letta_id = f"run-{uuid.uuid4()}"  # random, as Letta's (and the simulator's) run ids are
-    await store.transition(run.id, State.SUBMITTED, (State.SUBMITTING,), {
-        "letta_run_id": letta_id, "submitted_at": clock.iso(now), "status": Status.CREATED,
-        "next_check_at": now + 3600, "deadline_at": now + 86400, "needs_lookup": 0},
-        Event("api", "submitted", {"letta_run_id": letta_id}))
+USER = User(id="user-bench", name="bench", is_admin=True, created_at="")
+
+
+async def one_submit(manager: Manager, body: dict, agent: str) -> None:
+    """The two writes as a submit makes them: the manager's own calls, no Letta."""
+    run, _ = await manager.submit(USER, agent, dict(body))
+    # random, as Letta's (and the simulator's) run ids are
+    letta_run = {"id": f"run-{uuid.uuid4()}", "status": Status.CREATED}
+    await manager.mark_submitted(run, letta_run, Source.DISPATCH)
 
 
 async def measure(drops: list[str], bodies: list[dict], rounds: int) -> float:
@@ -75,13 +72,16 @@ async def measure(drops: list[str], bodies: list[dict], rounds: int) -> float:
         path = str(Path(d) / "writes.db")
         store = SQLiteStore(path)
         await store.open()
+        # claimed in the submit's own transaction, as benchmark 2's parallel dispatch does
+        cfg = load_config(None, environ={"TRACKER_DISPATCH__PER_AGENT": "parallel"})
+        manager = Manager(cfg, store, None, lambda run_id: "")  # type: ignore[arg-type]
         try:
             with closing(sqlite3.connect(path)) as db:  # DDL: each statement commits
                 for sql in drops:
                     db.execute(sql)
 
             async def round_(r: int) -> None:
-                await asyncio.gather(*(one_submit(store, bodies[(r * BATCH + k) % len(bodies)],
+                await asyncio.gather(*(one_submit(manager, bodies[(r * BATCH + k) % len(bodies)],
                                                   AGENTS[(r * BATCH + k) % len(AGENTS)])
                                        for k in range(BATCH)))
 
