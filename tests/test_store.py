@@ -680,7 +680,9 @@ async def test_wal_starts_over_under_steady_writes(tmp_path, monkeypatch):
 async def test_a_flood_of_writes_is_not_held_until_its_wal_is_long(tmp_path, monkeypatch):
     # holding every write (the last pass) while callbacks flood in stalls answering them:
     # the WAL is left to grow, up to WAL_MAX_FRAMES, and starts over once the flood ends;
-    # a long one's file is cut back to WAL_KEEP_BYTES as it starts over
+    # the hold at WAL_MAX_FRAMES comes after the database file was synced beside the writes;
+    # a long WAL's file is cut back only once the flood is over, by the checkpoint, never by
+    # a commit (on the event loop) as the WAL starts over
     from tracker import sqlite_db
 
     monkeypatch.setattr(sqlite_db, "CHECKPOINT_EVERY_S", 0.05)
@@ -690,14 +692,20 @@ async def test_a_flood_of_writes_is_not_held_until_its_wal_is_long(tmp_path, mon
     await s.open()
     flood = True
     s.flooding = lambda: flood
-    held = []  # the checkpoint's held passes (FULL: every write waits for them)
+    steps = []  # the checkpoint's held passes (every write waits for them), and syncs
     passive = s._ck.execute_fetchall
+    sync_database = s._sync_database
 
     async def checkpoint(sql, *args):
-        held.extend([sql] if "FULL" in sql else [])
+        steps.extend([sql.split("(")[1][:-1]] if "PASSIVE" not in sql else [])
         return await passive(sql, *args)
 
+    async def synced():
+        steps.append("sync")
+        await sync_database()
+
     s._ck.execute_fetchall = checkpoint
+    s._sync_database = synced
 
     async def while_writing(seconds: float, pause: float = 0) -> tuple[set[bytes], list[int]]:
         salts, sizes = set(), []
@@ -714,19 +722,28 @@ async def test_a_flood_of_writes_is_not_held_until_its_wal_is_long(tmp_path, mon
         return salts, sizes
 
     try:
-        _, sizes = await while_writing(1.0)
+        await while_writing(1.0)
         # never held in the flood (it may still start over, when a pass copies all there is
         # between two writes: writers slowed down by a busy machine leave such gaps)
-        assert not held
+        assert not steps
         monkeypatch.setattr(sqlite_db, "WAL_MAX_FRAMES", 64)
-        salts, after = await while_writing(1.0)
-        assert held and len(salts) >= 2  # ... until the WAL is long
-        assert min(after) < max(sizes)  # and its file was cut back
+        salts, sizes = await while_writing(1.0)
+        assert "FULL" in steps and len(salts) >= 2  # ... until the WAL is long
+        assert all(i and steps[i - 1] == "sync" for i, step in enumerate(steps)
+                   if step == "FULL")  # synced first
+        assert sizes == sorted(sizes) and sizes[-1] > 64 * 1024  # its file never cut back
         monkeypatch.setattr(sqlite_db, "WAL_MAX_FRAMES", 2**17)
         flood = False
         # and when the flood is over (writes at a steady pace: nonstop ones the allowance
         # catches only as the WAL grows, in seconds on a slow machine)
         assert len((await while_writing(1.0, pause=0.01))[0]) >= 2
+        # and once they pause, the file is cut back
+        del steps[:]
+        for _ in range(100):
+            if "TRUNCATE" in steps:
+                break
+            await asyncio.sleep(0.02)
+        assert path.with_name("flood.db-wal").stat().st_size < 64 * 1024
     finally:
         await s.close()
 

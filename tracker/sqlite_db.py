@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -56,10 +57,18 @@ FINISH_SHARE = 1 / 256
 #: ... past this many (512 MiB of 4 KiB pages) it holds them whatever that takes, in a flood
 #: too. Writes that never let up (a backlog of callbacks applied after a restart) grew the
 #: WAL by 60 MB a second, to 2-5 GB, before their allowance caught up; with this, to 0.7-1.3
-#: GB (a round's passes take seconds then), each hold 0.3-1 s (BENCHMARKS.md)
+#: GB (a round's passes take seconds then), each hold ~0.1 s there, a few ms in a flood
+#: (_catch_up; BENCHMARKS.md)
 WAL_MAX_FRAMES = 2**17
-#: the WAL file is cut back to this when it starts over, after a long one
+#: a WAL file longer than this (left so by a flood) is cut back to nothing by the first held
+#: pass outside a flood. Not by SQLite's journal_size_limit as the WAL starts over: that
+#: truncation runs inside the next commit, on the event loop, and cutting 580 MB back took it
+#: 135 ms, every time a flood's WAL reached WAL_MAX_FRAMES (BENCHMARKS.md)
 WAL_KEEP_BYTES = 64 * 2**20
+#: a WAL frame: a page of the database (SQLite's default size, which ours keep) and its header
+FRAME_BYTES = 4096 + 24
+#: passes beside the writes, at most, that bring a long WAL's copy up to date before its hold
+CATCH_UP_PASSES = 6
 #: how long that last pass waits for another process's write in progress, or an older read
 CHECKPOINT_WAIT_MS = 5
 
@@ -75,6 +84,11 @@ def _in_transaction(db: sqlite3.Connection, fn: Callable[[sqlite3.Connection], A
             db.execute("ROLLBACK")
         raise
     return result
+
+
+def _allowance(frames: int) -> int:
+    """Frames a held pass may find to copy (see FINISH_FRAMES, FINISH_SHARE)."""
+    return max(FINISH_FRAMES, int(frames * FINISH_SHARE))
 
 
 def _waiting(db: sqlite3.Connection, fn: Callable[..., Any], *args: Any) -> Any:
@@ -128,6 +142,7 @@ class SQLiteDB:
         self._ck: aiosqlite.Connection | None = None
         self._checkpointer: asyncio.Task | None = None
         self._ck_frames = -1  # the WAL's frames at the last checkpoint's end
+        self._file: int | None = None  # the database file, for _sync_database
         self.writable = True  # False from a failed write until the next one succeeds
         self.flooding: Callable[[], bool] = lambda: False  # set by the service (Store)
         self._service_lock: ServiceLock | None = None
@@ -149,7 +164,7 @@ class SQLiteDB:
 
     def _pragmas(self, cache_mb: int) -> tuple[str, ...]:
         return (f"busy_timeout = {BUSY_TIMEOUT_MS}", "journal_mode = WAL",
-                f"journal_size_limit = {WAL_KEEP_BYTES}",
+                "journal_size_limit = -1",  # never on the loop: see WAL_KEEP_BYTES
                 f"synchronous = {self.synchronous}", "foreign_keys = ON",
                 f"cache_size = -{cache_mb * 1024}")
 
@@ -193,6 +208,10 @@ class SQLiteDB:
         """Checkpoint the WAL from a connection of its own, every second, instead of inside
         whichever commit crosses the threshold: commits stay short and even."""
         self._ck = await self._connect(cache_mb=2)
+        # open until the connections are closed: closing a descriptor of the file drops all
+        # of this process's POSIX locks on it, SQLite's too (another process's reader then
+        # found the database malformed)
+        self._file = os.open(self.path, os.O_RDONLY)
         # a FULL checkpoint waits this long for another process's write or an older read,
         # with ours held; then it copies what it can, as a PASSIVE one would
         await self._ck.execute(f"PRAGMA busy_timeout = {CHECKPOINT_WAIT_MS}")
@@ -215,7 +234,8 @@ class SQLiteDB:
         24 to 61 ms), so when writes outpace the copying the WAL waits for a later round,
         until it is long enough that a longer hold is worth it (FINISH_SHARE). While
         callbacks flood in, any hold stalls answering them (with callback workers, p99 88
-        against 47 ms): then it waits until the WAL reaches WAL_MAX_FRAMES."""
+        against 47 ms): then it waits until the WAL reaches WAL_MAX_FRAMES, and catches up
+        before it holds them. A long WAL's file is cut back after, when writes slow down."""
         start = None
         for _ in range(CHECKPOINT_PASSES):
             [(busy, frames, _)] = await self._ck.execute_fetchall(
@@ -223,20 +243,58 @@ class SQLiteDB:
             if busy:
                 return  # another connection checkpoints (a CLI command closing): next round
             if start is None and frames == self._ck_frames:
-                return  # nothing written since the last round's last pass
+                # nothing written since the last round's last pass
+                if not self._cut_back_due(0):
+                    return
+                frames = 0  # idle: what the WAL holds is all copied, and none will be
+                break
             if frames >= WAL_MAX_FRAMES:
-                break  # long enough: started over now, whatever the hold costs
-            allowance = max(FINISH_FRAMES, frames * FINISH_SHARE)
-            if start is not None and frames - start <= allowance and not self.flooding():
+                # long enough: started over now, whatever the hold costs
+                await self._catch_up(frames)
+                break
+            if start is not None and frames - start <= _allowance(frames) and not self.flooding():
                 break  # few came in during the last pass: copying them is quick
             start = frames
         else:
             return
+        # FULL: also holds other processes' writes (callback workers') while it copies,
+        # waiting at most CHECKPOINT_WAIT_MS for one in progress (see _start_checkpoints);
+        # TRUNCATE: and then cuts the WAL file back to nothing
+        mode = "TRUNCATE" if self._cut_back_due(frames) else "FULL"
         async with self._lock:
-            # FULL: also holds other processes' writes (callback workers') while it copies,
-            # waiting at most CHECKPOINT_WAIT_MS for one in progress (see _start_checkpoints)
             [(_, self._ck_frames, _)] = await self._ck.execute_fetchall(
-                "PRAGMA wal_checkpoint(FULL)")
+                f"PRAGMA wal_checkpoint({mode})")
+
+    async def _catch_up(self, frames: int) -> None:
+        """Before the hold at WAL_MAX_FRAMES: the database file synced, and the WAL copied
+        again, beside the writes, until few frames come in during a pass. A pass syncs the
+        database file only when it has copied the whole WAL, which writes that never pause
+        never let it do: the hold then synced all that the passes had copied since the WAL
+        started over, hundreds of MB (with the copying, 0.2-0.27 s of every write waiting, in
+        benchmark 1 on a fast machine; BENCHMARKS.md). Writes faster than the copying (a
+        backlog applied after a restart) leave as many frames to each pass: then no more."""
+        came = frames
+        for _ in range(CATCH_UP_PASSES):
+            await self._sync_database()
+            [(busy, now, _)] = await self._ck.execute_fetchall(
+                "PRAGMA wal_checkpoint(PASSIVE)")
+            if busy or now - frames <= _allowance(now) or now - frames > came * 3 / 4:
+                return
+            came, frames = now - frames, now
+
+    async def _sync_database(self) -> None:
+        assert self._file is not None
+        await asyncio.to_thread(os.fdatasync, self._file)
+
+    def _cut_back_due(self, frames: int) -> bool:
+        """The WAL file is longer than WAL_KEEP_BYTES, but the WAL in it is not (``frames``
+        since it started over, 0 when idle), and no flood is on: writes slow enough for the
+        file's truncation (~0.2 s a GB) to be held once."""
+        try:
+            size = os.path.getsize(f"{self.path}-wal")
+        except OSError:  # no WAL file (yet)
+            return False
+        return frames * FRAME_BYTES < WAL_KEEP_BYTES < size and not self.flooding()
 
     def lock_for_service(self) -> None:
         """This process's service is the only one on this database (``tracker.service_lock``):
@@ -263,7 +321,9 @@ class SQLiteDB:
             await db.close()
         if self._now is not None:
             self._now.close()
-        self._db = self._writer = self._r = self._ck = self._now = None
+        if self._file is not None:  # after the connections (see _start_checkpoints)
+            os.close(self._file)
+        self._db = self._writer = self._r = self._ck = self._now = self._file = None
         if self._service_lock is not None:  # last: the next service may start now
             self._service_lock.release()
             self._service_lock = None
