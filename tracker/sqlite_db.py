@@ -283,6 +283,7 @@ class SQLiteDB:
             came, frames = now - frames, now
 
     async def _sync_database(self) -> None:
+        """The database file's pages written so far, to the disk, on a worker thread."""
         assert self._file is not None
         await asyncio.to_thread(os.fdatasync, self._file)
 
