@@ -184,10 +184,15 @@ async def test_callbacks_land_on_the_workers_and_complete_runs(workers_tracker, 
         # Letta was handed the workers' port, and the worker answered it
         assert letta_run.callback_url.startswith(f"http://127.0.0.1:{t.callback_port}/")
         assert letta_run.callback_status_code == 200
-    # the main process took none of them, yet /metrics counts them all (from the reports)
+    # the main process took none of them, yet /metrics counts them all (from the reports;
+    # a request is counted once answered, so its count may come a report after its run)
     await eventually(lambda: t.svc.applier.remote.keys() == {0, 1})
-    text = await (await t.get("/metrics")).text()
-    assert 'tracker_callbacks_received_total 6.0' in text
+
+    async def counted() -> str | None:
+        text = await (await t.get("/metrics")).text()
+        return text if 'tracker_callbacks_received_total 6.0' in text else None
+
+    text = await eventually(counted)
     assert 'route="/callbacks/letta/{token}",status="200"} 6.0' in text
 
 
