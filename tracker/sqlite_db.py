@@ -44,8 +44,11 @@ BUSY_TIMEOUT_MS = 10_000
 BUSY_RETRIES_S = (0.0005, 0.001, 0.001, 0.002, 0.002, 0.004, 0.004, 0.008, 0.008)
 #: how long closing waits for another process's lock before it skips its upkeep
 CLOSE_WAIT_MS = 1_000
-#: seconds between WAL checkpoints (the writer never checkpoints itself)
-CHECKPOINT_EVERY_S = 1.0
+#: seconds between WAL checkpoints (the writer never checkpoints itself). A round's first pass
+#: syncs the WAL, and commits appending to it wait: at a round a second, in a flood (~70 MB of
+#: WAL a second), some took 35-60 ms, and benchmark 1's p99 went over 50 ms; at four a second,
+#: none over 15 (BENCHMARKS.md)
+CHECKPOINT_EVERY_S = 0.25
 #: a checkpoint's passes beside the writes, at most, before its last one (see _checkpoint)
 CHECKPOINT_PASSES = 4
 #: frames (pages) the last pass may find to copy with the writes held, while the WAL is small:
@@ -205,8 +208,8 @@ class SQLiteDB:
         return await asyncio.get_running_loop().run_in_executor(self._writer, fn, *args)
 
     async def _start_checkpoints(self) -> None:
-        """Checkpoint the WAL from a connection of its own, every second, instead of inside
-        whichever commit crosses the threshold: commits stay short and even."""
+        """Checkpoint the WAL from a connection of its own, every CHECKPOINT_EVERY_S, instead
+        of inside whichever commit crosses the threshold: commits stay short and even."""
         self._ck = await self._connect(cache_mb=2)
         # open until the connections are closed: closing a descriptor of the file drops all
         # of this process's POSIX locks on it, SQLite's too (another process's reader then
