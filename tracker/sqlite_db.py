@@ -65,9 +65,9 @@ FINISH_SHARE = 1 / 256
 WAL_MAX_FRAMES = 2**17
 #: a WAL file longer than this (left so by a flood) is cut back to nothing by a held pass once
 #: no flood is on and the WAL in it is short again, or writes pause (_cut_back_due). Not by
-#: SQLite's journal_size_limit as the WAL starts over: that
-#: truncation runs inside the next commit, on the event loop, and cutting 580 MB back took it
-#: 135 ms, every time a flood's WAL reached WAL_MAX_FRAMES (BENCHMARKS.md)
+#: SQLite's journal_size_limit as the WAL starts over: that truncation runs inside the next
+#: commit, on the event loop, and cutting 580 MB back took it 135 ms, every time a flood's WAL
+#: reached WAL_MAX_FRAMES (BENCHMARKS.md)
 WAL_KEEP_BYTES = 64 * 2**20
 #: a WAL frame: a page of the database (SQLite's default size, which ours keep) and its header
 FRAME_BYTES = 4096 + 24
