@@ -1,4 +1,4 @@
-"""The Letta client: every call the tracker makes to Letta, on one aiohttp session."""
+"""The Letta client: every call the tracker makes to Letta, on one pool of connections."""
 
 from __future__ import annotations
 
@@ -7,23 +7,29 @@ import logging
 from collections import Counter
 from typing import Any
 
-import aiohttp
-
 from tracker.errors import LettaError, LettaUnavailable, NotFound
+from tracker.letta_http import Answer, HttpPool, TransportError
 from tracker.serialize import dumps
 
 log = logging.getLogger("tracker.letta")
 
 TERMINAL_FILTER = [("statuses", "completed"), ("statuses", "failed"), ("statuses", "cancelled")]
 PAGE = 1000
-JSON = {"Content-Type": "application/json"}
 
 
-def _retry_after(headers: Any) -> float | None:
+def _retry_after(headers: dict[str, str]) -> float | None:
     try:
-        return max(0.0, float(headers.get("Retry-After", "")))
+        return max(0.0, float(headers.get("retry-after", "")))
     except ValueError:
         return None
+
+
+def _decode(raw: bytes) -> Any:
+    # not orjson: it reads an integer past 64 bits as a float, silently
+    try:
+        return json.loads(raw) if raw else None
+    except ValueError:
+        return {"detail": raw.decode(errors="replace")}
 
 
 class LettaClient:
@@ -32,66 +38,58 @@ class LettaClient:
     def __init__(self, base_url: str, api_key: str = "", timeout_s: float = 30.0) -> None:
         self.base_url = base_url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
-        self._session: aiohttp.ClientSession | None = None
+        self._timeout_s = timeout_s
+        self._pool: HttpPool | None = None
         self.calls: Counter[tuple[str, int | str]] = Counter()
         self.on_call: Any = None  # metrics hook: (endpoint, status) -> None
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=100, ttl_dns_cache=300)
-        self._session = aiohttp.ClientSession(
-            connector=connector, headers=self._headers, timeout=self._timeout
-        )
+        self._pool = HttpPool(self.base_url, self._headers, self._timeout_s, limit=100)
 
     async def close(self) -> None:
-        if self._session:
-            await self._session.close()
-            self._session = None
+        if self._pool:
+            await self._pool.close()
+            self._pool = None
 
     def _count(self, endpoint: str, status: int | str) -> None:
         self.calls[(endpoint, status)] += 1
         if self.on_call:
             self.on_call(endpoint, status)
 
-    async def _request(self, method: str, path: str, endpoint: str, **kw: Any) -> Any:
+    async def _request(self, method: str, path: str, endpoint: str, body: Any = None,
+                       params: list[tuple[str, str]] | None = None) -> Any:
         """One call; 2xx returns the JSON, 4xx raises LettaError/NotFound, the rest
         (connection errors, timeouts, 5xx, 429) raise LettaUnavailable."""
-        assert self._session is not None, "client is not started"
+        assert self._pool is not None, "client is not started"
         try:
-            async with self._session.request(method, self.base_url + path, **kw) as resp:
-                self._count(endpoint, resp.status)
-                body = await self._body(resp)
-                if resp.status < 300:
-                    return body
-                detail = body.get("detail", body) if isinstance(body, dict) else body
-                if resp.status == 429 or resp.status >= 500:
-                    # a 429 was refused at the door; a 5xx may have created the run
-                    raise LettaUnavailable(f"Letta answered {resp.status}: {detail}",
-                                           _retry_after(resp.headers), sent=resp.status != 429)
-                if resp.status == 404:
-                    raise NotFound(detail)
-                raise LettaError(resp.status, detail)
-        except aiohttp.ClientConnectorError as e:
-            self._count(endpoint, "unreachable")
-            raise LettaUnavailable(f"Letta unreachable: {e}", sent=False) from e
-        except (aiohttp.ClientError, TimeoutError) as e:
-            self._count(endpoint, "error")
-            raise LettaUnavailable(f"Letta call failed: {e!r}") from e
+            # encoded with orjson: on every submit's path
+            answer = await self._pool.request(method, path, None if body is None
+                                              else dumps(body), params)
+        except TransportError as e:
+            self._count(endpoint, "error" if e.sent else "unreachable")
+            raise LettaUnavailable(f"Letta {'call failed' if e.sent else 'unreachable'}: {e}",
+                                   sent=e.sent) from e
+        self._count(endpoint, answer.status)
+        return self._answered(answer)
 
     @staticmethod
-    async def _body(resp: aiohttp.ClientResponse) -> Any:
-        # not orjson: it reads an integer past 64 bits as a float, silently
-        raw = await resp.read()
-        try:
-            return json.loads(raw) if raw else None
-        except ValueError:
-            return {"detail": raw.decode(errors="replace")}
+    def _answered(answer: Answer) -> Any:
+        data = _decode(answer.body)
+        if answer.status < 300:
+            return data
+        detail = data.get("detail", data) if isinstance(data, dict) else data
+        if answer.status == 429 or answer.status >= 500:
+            # a 429 was refused at the door; a 5xx may have created the run
+            raise LettaUnavailable(f"Letta answered {answer.status}: {detail}",
+                                   _retry_after(answer.headers), sent=answer.status != 429)
+        if answer.status == 404:
+            raise NotFound(detail)
+        raise LettaError(answer.status, detail)
 
     async def send_async(self, agent_id: str, body: dict) -> dict:
         """POST messages/async; returns Letta's Run."""
-        # encoded with orjson (aiohttp's json= uses json.dumps): on every submit's path
         return await self._request("POST", f"/v1/agents/{agent_id}/messages/async",
-                                   "messages_async", data=dumps(body), headers=JSON)
+                                   "messages_async", body)
 
     async def get_run(self, run_id: str) -> dict:
         return await self._request("GET", f"/v1/runs/{run_id}", "get_run")
@@ -135,7 +133,7 @@ class LettaClient:
 
     async def cancel(self, agent_id: str, run_ids: list[str]) -> dict[str, str]:
         return await self._request("POST", f"/v1/agents/{agent_id}/messages/cancel", "cancel",
-                                   json={"run_ids": run_ids})
+                                   {"run_ids": run_ids})
 
     async def agent_runs(self, agent_id: str, limit: int = 100) -> list[dict]:
         """An agent's most recent runs, newest first (used to find a run again by otid)."""
