@@ -91,17 +91,17 @@ async def test_concurrent_calls_open_at_most_limit_connections():
 
 async def test_request_carries_prefix_query_headers_and_body():
     async with RawServer(answer_ok) as srv:
-        pool = HttpPool(srv.url + "/letta/", {"Authorization": "Bearer k-123"})
+        pool = HttpPool(srv.url + "/let%20ta/", {"Authorization": "Bearer k-123"})
         await pool.request("POST", "/v1/agents/agent-1/messages/async", b'{"a": 1}')
         await pool.request("GET", "/v1/runs/", params=[("statuses", "completed"),
                                                           ("after", "run a&b")])
         await pool.close()
     post, get = srv.requests
-    assert post.startswith(b"POST /letta/v1/agents/agent-1/messages/async HTTP/1.1\r\n")
+    assert post.startswith(b"POST /let%20ta/v1/agents/agent-1/messages/async HTTP/1.1\r\n")
     assert b"\r\nAuthorization: Bearer k-123\r\n" in post
     assert b"\r\nContent-Type: application/json\r\nContent-Length: 8\r\n" in post
     assert post.endswith(b'\r\n\r\n{"a": 1}')
-    assert get.startswith(b"GET /letta/v1/runs/?statuses=completed&after=run+a%26b HTTP/1.1")
+    assert get.startswith(b"GET /let%20ta/v1/runs/?statuses=completed&after=run+a%26b HTTP/1.1")
     assert b"Content-Length" not in get
 
 
@@ -196,6 +196,22 @@ async def test_no_answer_in_time_is_an_error_and_the_connection_is_dropped():
         assert (await pool.request("POST", "/x", b"{}")).status == 200
         await pool.close()
     assert srv.connections == 2
+
+
+async def test_the_wait_for_a_free_connection_counts_and_sends_nothing():
+    async def never_answers(request: bytes, n: int) -> bytes:
+        await asyncio.sleep(10)
+        return ok()
+
+    async with RawServer(never_answers) as srv:
+        pool = HttpPool(srv.url, timeout_s=0.2, limit=1)
+        first, second = await asyncio.gather(pool.request("POST", "/x", b"{}"),
+                                             pool.request("POST", "/x", b"{}"),
+                                             return_exceptions=True)
+        await pool.close()
+    assert isinstance(first, TransportError) and first.sent
+    assert isinstance(second, TransportError) and not second.sent
+    assert len(srv.requests) == 1
 
 
 async def test_a_cancelled_call_does_not_leave_its_connection_in_the_pool():

@@ -23,8 +23,9 @@ from tracker import __version__
 #: an idle connection older than this is closed, not reused (aiohttp's default); a server
 #: closing one sooner is seen (its FIN) and the connection dropped from the pool
 KEEPALIVE_S = 15.0
-#: characters a path keeps as they are (the rest is percent-encoded, as yarl does)
-PATH_SAFE = "/:@-._~!$&'()*+,;="
+#: characters a path keeps as they are (the rest is percent-encoded, as yarl does; a "%"
+#: is taken as already encoding, as yarl takes it)
+PATH_SAFE = "/:@-._~!$&'()*+,;=%"
 #: methods sent again, once, on a new connection when a reused one turns out closed before
 #: any answer: never a POST, which could create a second run at Letta
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -161,24 +162,24 @@ class HttpPool:
         there is none, a timeout included."""
         data = self._head(method, path, params, body, content_type) + (body or b"")
         connected = False
-        async with self._slots:
-            try:
-                async with asyncio.timeout(self._timeout_s):
-                    while True:
-                        conn = self._take()
-                        reused = conn is not None
-                        conn = conn or await self._connect()
-                        connected = True
-                        try:
-                            return await self._exchange(conn, data)
-                        except TransportError:
-                            # a kept connection the server had just closed, before any answer
-                            if reused and not conn.answered and method in IDEMPOTENT:
-                                continue
-                            raise
-            except TimeoutError:
-                raise TransportError(f"no answer within {self._timeout_s:g}s",
-                                     sent=connected) from None
+        try:
+            # the wait for a free connection counts too (as in aiohttp's total timeout)
+            async with asyncio.timeout(self._timeout_s), self._slots:
+                while True:
+                    conn = self._take()
+                    reused = conn is not None
+                    conn = conn or await self._connect()
+                    connected = True
+                    try:
+                        return await self._exchange(conn, data)
+                    except TransportError:
+                        # a kept connection the server had just closed, before any answer
+                        if reused and not conn.answered and method in IDEMPOTENT:
+                            continue
+                        raise
+        except TimeoutError:
+            raise TransportError(f"no answer within {self._timeout_s:g}s",
+                                 sent=connected) from None
 
     def _head(self, method: str, path: str, params: list[tuple[str, str]] | None,
               body: bytes | None, content_type: str) -> bytes:
