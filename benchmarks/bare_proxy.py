@@ -3,9 +3,11 @@
     .venv/bin/python benchmarks/bare_proxy.py PORT LETTA_URL [asyncio|uvloop]
 
 It takes a submit and POSTs its bytes on to Letta with one shared aiohttp client session (the
-tracker's connector settings), then answers with Letta's status and body. Nothing is parsed,
-checked or stored. So it costs what any service built like the tracker pays to stand in the
-path, before it does any of the tracker's work. Its throughput against the direct path, in the
+connector settings the tracker's Letta client had until it got a transport of its own,
+``tracker.letta_http``, in the twenty-ninth session), then answers with Letta's status and
+body. Nothing is parsed, checked or stored. So it costs what a service built on aiohttp alone
+pays to stand in the path, before it does any of the tracker's work (kept so, that its figures
+compare with the earlier sessions'). Its throughput against the direct path, in the
 same run, is about as close to direct as such a service can get on this machine.
 """
 
@@ -31,7 +33,7 @@ async def submit(request: web.Request) -> web.Response:
 
 
 async def client(app: web.Application):
-    # as the tracker's Letta client opens its session (tracker.letta.LettaClient.start)
+    # as the tracker's Letta client opened its session before tracker.letta_http
     app[SESSION] = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=100, ttl_dns_cache=300),
         timeout=aiohttp.ClientTimeout(total=30))
