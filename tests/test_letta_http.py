@@ -151,6 +151,17 @@ async def test_an_interim_answer_is_skipped():
     assert (answer.status, answer.body) == (200, b"{}")
 
 
+async def test_a_connection_lost_after_an_interim_answer_is_an_error():
+    async def continue_then_hang_up(request: bytes, n: int) -> bytes | None:
+        return b"HTTP/1.1 100 Continue\r\n\r\n"
+
+    async with RawServer(continue_then_hang_up, close=True) as srv:
+        pool = HttpPool(srv.url)
+        with pytest.raises(TransportError, match="closed the connection"):
+            await pool.request("POST", "/x", b"{}")
+        await pool.close()
+
+
 async def test_a_connection_the_server_closed_while_idle_is_not_reused():
     async with RawServer(answer_ok, close=True) as srv:
         pool = HttpPool(srv.url)

@@ -1,9 +1,9 @@
 """The Letta client's HTTP/1.1 transport: keep-alive connections to the one Letta server.
 
 Not aiohttp's client session (which the relay and the CLI use): on every submit's path it
-cost about three times the CPU of this transport (~150 µs a call against ~50 in a
-side-by-side measurement, BENCHMARKS.md), and the tracker's calls to Letta need little of
-what it offers: one server, JSON bodies read whole, no cookies, redirects, proxies or
+cost more than twice the CPU of this transport (167 µs a call against 71, side by side:
+``benchmarks/client_cpu.py``, BENCHMARKS.md), and the tracker's calls to Letta need little
+of what it offers: one server, JSON bodies read whole, no cookies, redirects, proxies or
 streaming. What an answer means is parsed by httptools (llhttp, the parser of Node.js and
 uvicorn): this module only keeps the connections and frames the requests.
 """
@@ -117,9 +117,11 @@ class _Connection(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
-        if self.parser.get_status_code() >= 200:  # a 1xx is followed by the real answer
-            # asked now: the parser forgets it once the next message begins
-            self._finish(self.parser.should_keep_alive())
+        if self.parser.get_status_code() < 200:
+            self._start()  # an interim answer (100 Continue): the real one follows
+            return
+        # asked now: the parser forgets it once the next message begins
+        self._finish(self.parser.should_keep_alive())
 
     def _finish(self, keep_alive: bool) -> None:
         self.reusable = keep_alive and not self.closed
