@@ -10,6 +10,7 @@ import pytest
 import trustme
 from aiohttp import web
 
+from tracker import letta_http
 from tracker.errors import LettaUnavailable
 from tracker.letta import LettaClient
 from tracker.letta_http import HttpPool, TransportError
@@ -170,6 +171,18 @@ async def test_a_connection_the_server_closed_while_idle_is_not_reused():
         await pool.request("POST", "/x", b"{}")
         await pool.close()
     assert srv.connections == 2 and len(srv.requests) == 2
+
+
+async def test_a_connection_idle_too_long_is_not_reused(monkeypatch):
+    monkeypatch.setattr(letta_http, "KEEPALIVE_S", 0.1)
+    async with RawServer(answer_ok) as srv:
+        pool = HttpPool(srv.url)
+        await pool.request("POST", "/x", b"{}")
+        await pool.request("POST", "/x", b"{}")
+        await asyncio.sleep(0.15)
+        await pool.request("POST", "/x", b"{}")
+        await pool.close()
+    assert srv.connections == 2 and len(srv.requests) == 3
 
 
 async def test_a_kept_connection_lost_before_the_answer():

@@ -20,9 +20,12 @@ import httptools
 
 from tracker import __version__
 
-#: an idle connection older than this is closed, not reused (aiohttp's default); a server
-#: closing one sooner is seen (its FIN) and the connection dropped from the pool
-KEEPALIVE_S = 15.0
+#: an idle connection older than this is closed, not reused. Under uvicorn's default (Letta's
+#: server: it closes a connection idle for 5 s) a request sent on a connection just as the
+#: server closes it is lost, and a submit lost so must be looked up at Letta before it is sent
+#: again: so a connection is given up before the server would. A server that closes one even
+#: sooner is seen doing so (its FIN) and the connection dropped from the pool.
+KEEPALIVE_S = 4.0
 #: characters a path keeps as they are (the rest is percent-encoded, as yarl does; a "%"
 #: is taken as already encoding, as yarl takes it)
 PATH_SAFE = "/:@-._~!$&'()*+,;=%"
