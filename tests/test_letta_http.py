@@ -10,6 +10,7 @@ import pytest
 import trustme
 from aiohttp import web
 
+from tests.conftest import eventually
 from tracker import letta_http
 from tracker.errors import LettaUnavailable
 from tracker.letta import LettaClient
@@ -167,19 +168,20 @@ async def test_a_connection_the_server_closed_while_idle_is_not_reused():
     async with RawServer(answer_ok, close=True) as srv:
         pool = HttpPool(srv.url)
         await pool.request("POST", "/x", b"{}")
-        await asyncio.sleep(0.05)  # the server's FIN arrives
+        await eventually(lambda: srv.open == 0)  # the server has closed it
+        await asyncio.sleep(0.05)  # and its FIN has reached the pool
         await pool.request("POST", "/x", b"{}")
         await pool.close()
     assert srv.connections == 2 and len(srv.requests) == 2
 
 
 async def test_a_connection_idle_too_long_is_not_reused(monkeypatch):
-    monkeypatch.setattr(letta_http, "KEEPALIVE_S", 0.1)
+    monkeypatch.setattr(letta_http, "KEEPALIVE_S", 0.5)
     async with RawServer(answer_ok) as srv:
         pool = HttpPool(srv.url)
         await pool.request("POST", "/x", b"{}")
         await pool.request("POST", "/x", b"{}")
-        await asyncio.sleep(0.15)
+        await asyncio.sleep(0.6)
         await pool.request("POST", "/x", b"{}")
         await pool.close()
     assert srv.connections == 2 and len(srv.requests) == 3
@@ -246,7 +248,7 @@ async def test_a_cancelled_call_does_not_leave_its_connection_in_the_pool():
     async with RawServer(slow_first) as srv:
         pool = HttpPool(srv.url)
         call = asyncio.create_task(pool.request("GET", "/x"))
-        await asyncio.sleep(0.05)
+        await eventually(lambda: srv.requests)  # the server has it, and takes its time
         call.cancel()
         with pytest.raises(asyncio.CancelledError):
             await call
