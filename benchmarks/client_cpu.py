@@ -24,7 +24,8 @@ from tracker.letta import LettaClient
 from tracker.serialize import dumps
 
 
-async def with_aiohttp(url: str, agents: list[str], bodies: list[dict], conc: int) -> None:
+async def with_aiohttp(url: str, agents: list[str], bodies: list[dict], conc: int,
+                       calls: int) -> tuple[float, float]:
     # as tracker.letta.LettaClient opened its session and sent a submit before letta_http
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=100, ttl_dns_cache=300),
@@ -38,12 +39,13 @@ async def with_aiohttp(url: str, agents: list[str], bodies: list[dict], conc: in
             json.loads(await resp.read())
 
     try:
-        return await _load(call, conc)
+        return await _load(call, conc, calls)
     finally:
         await session.close()
 
 
-async def with_tracker(url: str, agents: list[str], bodies: list[dict], conc: int) -> None:
+async def with_tracker(url: str, agents: list[str], bodies: list[dict], conc: int,
+                       calls: int) -> tuple[float, float]:
     letta = LettaClient(url)
     await letta.start()
 
@@ -51,15 +53,12 @@ async def with_tracker(url: str, agents: list[str], bodies: list[dict], conc: in
         await letta.send_async(agents[i % len(agents)], bodies[i % len(bodies)])
 
     try:
-        return await _load(call, conc)
+        return await _load(call, conc, calls)
     finally:
         await letta.close()
 
 
-CALLS = 20_000
-
-
-async def _load(call, conc: int) -> tuple[float, float]:
+async def _load(call, conc: int, calls: int) -> tuple[float, float]:
     """(CPU µs a call, calls/s): ``conc`` workers, each one call after the other."""
     counter = iter(range(10**9))
 
@@ -69,23 +68,21 @@ async def _load(call, conc: int) -> tuple[float, float]:
 
     await asyncio.gather(*(worker(50) for _ in range(conc)))  # connections opened, warm
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    await asyncio.gather(*(worker(CALLS // conc) for _ in range(conc)))
+    await asyncio.gather(*(worker(calls // conc) for _ in range(conc)))
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-    n = CALLS // conc * conc
+    n = calls // conc * conc
     return cpu / n * 1e6, n / wall
 
 
 def main() -> None:
-    global CALLS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="one short repeat (smoke check)")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--calls", type=int, default=CALLS)
+    ap.add_argument("--calls", type=int, default=20_000)
     ap.add_argument("--connections", type=int, default=32)
     args = ap.parse_args()
     if args.quick:
         args.repeats, args.calls = 1, 2_000
-    CALLS = args.calls
     h.banner("Letta client CPU", args)
     rng = random.Random(5)
     bodies = [{"messages": [{"role": "user", "content": h.prose(rng, rng.randint(80, 400))}],
@@ -100,7 +97,7 @@ def main() -> None:
             names = list(clients) if i % 2 == 0 else list(clients)[::-1]  # each first in turn
             for name in names:
                 got[name].append(uvloop.run(clients[name](url, agents, bodies,
-                                                          args.connections)))
+                                                          args.connections, args.calls)))
             print(f"repeat {i + 1}: " + " | ".join(
                 f"{n} {got[n][-1][0]:.1f} µs a call, {got[n][-1][1]:,.0f}/s" for n in clients),
                 flush=True)
