@@ -4,7 +4,11 @@ answer can be framed, and every way a call can fail told apart (sent or surely n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 
 import pytest
 import trustme
@@ -270,33 +274,45 @@ async def test_a_garbled_answer_is_an_error():
         await pool.close()
 
 
-async def test_a_refused_connection_surely_sent_nothing(unused_tcp_port):
-    letta = LettaClient(f"http://127.0.0.1:{unused_tcp_port}")
+@contextlib.asynccontextmanager
+async def started(url: str) -> AsyncIterator[LettaClient]:
+    letta = LettaClient(url)
     await letta.start()
     try:
-        with pytest.raises(LettaUnavailable, match="unreachable") as e:
-            await letta.send_async("agent-1", {"messages": []})
+        yield letta
     finally:
         await letta.close()
+
+
+async def test_a_refused_connection_surely_sent_nothing(unused_tcp_port):
+    async with started(f"http://127.0.0.1:{unused_tcp_port}") as letta:
+        with pytest.raises(LettaUnavailable, match="unreachable") as e:
+            await letta.send_async("agent-1", {"messages": []})
     assert e.value.sent is False
     assert letta.calls[("messages_async", "unreachable")] == 1
 
 
-async def test_retry_after_reaches_the_client():
+def in_a_minute() -> str:
+    return format_datetime(datetime.now(UTC) + timedelta(seconds=60), usegmt=True)
+
+
+@pytest.mark.parametrize("header, low, high", [(lambda: "3", 3.0, 3.0),
+                                               (in_a_minute, 50.0, 61.0)],
+                         ids=["seconds", "http-date"])
+async def test_retry_after_reaches_the_client(header, low, high):
+    """In seconds, or as an HTTP-date (as a proxy in front of Letta may send it)."""
+    header = header()
+
     async def busy(request: bytes, n: int) -> bytes:
         body = b'{"detail": "busy"}'
-        return b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 3\r\nContent-Length: %d" \
-               b"\r\n\r\n%s" % (len(body), body)
+        return b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: %s\r\nContent-Length: %d" \
+               b"\r\n\r\n%s" % (header.encode(), len(body), body)
 
-    async with RawServer(busy) as srv:
-        letta = LettaClient(srv.url)
-        await letta.start()
-        try:
-            with pytest.raises(LettaUnavailable, match="429: busy") as e:
-                await letta.send_async("agent-1", {"messages": []})
-        finally:
-            await letta.close()
-    assert (e.value.retry_after, e.value.sent) == (3.0, False)
+    async with RawServer(busy) as srv, started(srv.url) as letta:
+        with pytest.raises(LettaUnavailable, match="429: busy") as e:
+            await letta.send_async("agent-1", {"messages": []})
+    assert low <= e.value.retry_after <= high
+    assert e.value.sent is False
 
 
 async def test_https():

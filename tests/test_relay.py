@@ -21,6 +21,7 @@ from tests import samples
 from tests.conftest import eventually, make_config
 from tracker import clock
 from tracker.auth import new_webhook_secret
+from tracker.clock import parse_retry_after
 from tracker.relay import Relay, rotate_secret
 from tracker.relay_guard import RefusedDestination, check_url, refusal
 from tracker.relay_policy import (
@@ -29,7 +30,6 @@ from tracker.relay_policy import (
     Outcome,
     jittered,
     next_step,
-    parse_retry_after,
 )
 from tracker.states import State
 from tracker.store import Event, NewRun, open_store
@@ -401,8 +401,10 @@ def test_retry_after_seconds_and_http_date():
     now = time.time()
     later = format_datetime(datetime.now(UTC) + timedelta(seconds=120), usegmt=True)
     assert parse_retry_after("30", now) == 30.0
+    assert parse_retry_after(" 1.5 ", now) == 1.5
     assert 110 < parse_retry_after(later, now) <= 121
-    assert parse_retry_after("soon", now) is None and parse_retry_after(None, now) is None
+    for bad in ("soon", None, "-3", "inf", "nan", "1e9"):
+        assert parse_retry_after(bad, now) is None, bad
 
 
 def test_jitter_stays_within_20_percent_and_never_negative():

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import re
 import time
 from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 
 
 def now() -> float:
@@ -63,3 +65,21 @@ async def nap(wakeup: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(max(0.0, seconds)):
             await wakeup.wait()
+
+
+#: delay-seconds as HTTP has it (a whole number), or with a fraction, as some servers send
+_SECONDS = re.compile(r"\d+(\.\d+)?")
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds to wait from a Retry-After header (delay-seconds or an HTTP-date, which a
+    proxy in front of the server may send), or None when it says neither."""
+    value = (value or "").strip()
+    if _SECONDS.fullmatch(value):
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    when = when if when.tzinfo else when.replace(tzinfo=UTC)
+    return max(0.0, when.timestamp() - now)

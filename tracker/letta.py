@@ -3,25 +3,16 @@
 from __future__ import annotations
 
 import json
-import logging
 from collections import Counter
 from typing import Any
 
+from tracker import clock
 from tracker.errors import LettaError, LettaUnavailable, NotFound
 from tracker.letta_http import Answer, HttpPool, TransportError
 from tracker.serialize import dumps
 
-log = logging.getLogger("tracker.letta")
-
 TERMINAL_FILTER = [("statuses", "completed"), ("statuses", "failed"), ("statuses", "cancelled")]
 PAGE = 1000
-
-
-def _retry_after(headers: dict[str, str]) -> float | None:
-    try:
-        return max(0.0, float(headers.get("retry-after", "")))
-    except ValueError:
-        return None
 
 
 def _decode(raw: bytes) -> Any:
@@ -80,8 +71,9 @@ class LettaClient:
         detail = data.get("detail", data) if isinstance(data, dict) else data
         if answer.status == 429 or answer.status >= 500:
             # a 429 was refused at the door; a 5xx may have created the run
-            raise LettaUnavailable(f"Letta answered {answer.status}: {detail}",
-                                   _retry_after(answer.headers), sent=answer.status != 429)
+            wait = clock.parse_retry_after(answer.headers.get("retry-after"), clock.now())
+            raise LettaUnavailable(f"Letta answered {answer.status}: {detail}", wait,
+                                   sent=answer.status != 429)
         if answer.status == 404:
             raise NotFound(detail)
         raise LettaError(answer.status, detail)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC
-from email.utils import parsedate_to_datetime
 from enum import StrEnum
+
+from tracker.clock import parse_retry_after
 
 JITTER = 0.2
 #: a receiver's Retry-After is honoured up to this; beyond it the delivery would stall for good
@@ -53,19 +53,6 @@ def from_response(status: int, retry_after: str | None, location: str | None,
     error = f"redirect to {location!r} not followed" if 300 <= status < 400 else None
     return Outcome(status_code=status, latency_ms=latency_ms, error=error,
                    retry_after=parse_retry_after(retry_after, now), final=status == 410)
-
-
-def parse_retry_after(value: str | None, now: float) -> float | None:
-    """Seconds to wait from a Retry-After header (delay-seconds or HTTP-date), or None."""
-    value = (value or "").strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    when = when if when.tzinfo else when.replace(tzinfo=UTC)
-    return max(0.0, when.timestamp() - now)
 
 
 def jittered(delay: float, rng: random.Random | None = None) -> float:
