@@ -241,6 +241,7 @@ class SQLiteDB:
         against 47 ms): then it waits until the WAL reaches WAL_MAX_FRAMES, and catches up
         before it holds them. A long WAL's file is cut back after, when writes slow down."""
         start = None
+        cut_back = False
         for _ in range(CHECKPOINT_PASSES):
             [(busy, frames, _)] = await self._ck.execute_fetchall(
                 "PRAGMA wal_checkpoint(PASSIVE)")
@@ -250,7 +251,8 @@ class SQLiteDB:
                 # nothing written since the last round's last pass
                 if not self._cut_back_due(0):
                     return
-                frames = 0  # idle: what the WAL holds is all copied, and none will be
+                # idle: what the WAL holds is all copied, and none will be
+                frames, cut_back = 0, True
                 break
             if frames >= WAL_MAX_FRAMES:
                 # long enough: started over now, whatever the hold costs
@@ -264,7 +266,7 @@ class SQLiteDB:
         # FULL: also holds other processes' writes (callback workers') while it copies,
         # waiting at most CHECKPOINT_WAIT_MS for one in progress (see _start_checkpoints);
         # TRUNCATE: and then cuts the WAL file back to nothing
-        mode = "TRUNCATE" if self._cut_back_due(frames) else "FULL"
+        mode = "TRUNCATE" if cut_back or self._cut_back_due(frames) else "FULL"
         async with self._lock:
             [(_, self._ck_frames, _)] = await self._ck.execute_fetchall(
                 f"PRAGMA wal_checkpoint({mode})")
