@@ -292,6 +292,12 @@ def copy_db(src: Path, dst: Path) -> Path:
     for suffix in ("-wal", "-shm"):
         Path(str(dst) + suffix).unlink(missing_ok=True)
     shutil.copyfile(src, dst)
+    # the copy (1 GB for benchmark 1) and what ran before it would otherwise be written back
+    # by the kernel ~30 s later, inside the load that follows and on the tracker's side only
+    # (the bare handlers write nothing). Measured with 4 GB left dirty before benchmark 1:
+    # 102 against 109 µs of CPU a callback (medians of 3 runs), within the noise, but a cost
+    # the ceiling never pays (BENCHMARKS.md)
+    os.sync()
     return dst
 
 
