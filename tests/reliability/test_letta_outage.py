@@ -74,6 +74,9 @@ async def test_letta_down_under_load_then_back(procs):
     await wait_all_final(reader, len(out.acked), 60, "after the outage")
     sim_runs = await verify_exactly_once(reader, sim, out, "outage")
     await verify_order(reader, sim, out, sim_runs, "outage")
-    # the tracker saw the outage (and did not merely wait it out before answering)
-    kinds = {e["kind"] for run_id in queued[:10] for e in await reader.events(run_id)}
-    assert "retry" in kinds, kinds
+    # the tracker saw the outage (and did not merely wait it out before answering): sends
+    # failed and were queued again. Which runs those were is a matter of timing (the first
+    # came 6th to 9th among the runs answered "queued" on a quiet machine; a look at only the
+    # first 10 failed under CI's load), so every run answered "queued" is looked at
+    retried = [r for r in queued if any(e["kind"] == "retry" for e in await reader.events(r))]
+    assert retried, f"none of the {len(queued)} queued runs was retried: the outage missed them"
