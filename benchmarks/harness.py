@@ -274,11 +274,16 @@ def tracker_cli(db: Path, *argv: str) -> str:
     return out.stdout
 
 
-def fresh_db(path: Path) -> Path:
-    """A new database at the tracker's latest schema (created by the tracker itself)."""
+def no_db(path: Path) -> Path:
+    """``path`` with no database there (nor its WAL and shared memory files)."""
     for suffix in ("", "-wal", "-shm"):
         Path(str(path) + suffix).unlink(missing_ok=True)
-    tracker_cli(path, "db", "status")
+    return path
+
+
+def fresh_db(path: Path) -> Path:
+    """A new database at the tracker's latest schema (created by the tracker itself)."""
+    tracker_cli(no_db(path), "db", "status")
     return path
 
 

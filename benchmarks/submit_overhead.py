@@ -3,6 +3,8 @@ straight to the simulator, by wrk, with the same requests and concurrency, in th
 Two peers, in the same run, bound what the tracker could reach:
 - the same submits through a bare aiohttp forwarder (``bare_proxy.py``), which only passes the
   bytes on: what any service standing in the path costs;
+- the same forwarder writing and committing the run before calling Letta and Letta's answer
+  after (``bare_store_proxy.py``): about the most a tracker on aiohttp and SQLite could reach;
 - the tracker with its two run writes kept in memory (``nostore_tracker.py``, a diagnostic,
   not a way to run it): what the tracker's request path costs without the durable storage.
 
@@ -34,9 +36,11 @@ SCRIPT = h.HERE / "replay.lua"
 AGENTS = 100
 #: the paths a submit takes: straight to the simulator; through a bare aiohttp forwarder
 #: (bare_proxy.py: what standing in the path costs before any of the tracker's work); through
-#: the tracker with its run writes in memory (nostore_tracker.py: all of its work but the
-#: durable storage); through the tracker
-PATHS = ["direct", "forwarder", "no-store", "tracker"]
+#: the same forwarder with the run's two writes committed (bare_store_proxy.py: the least a
+#: tracker must do); through the tracker with its run writes in memory (nostore_tracker.py:
+#: all of its work but the durable storage); through the tracker
+PATHS = ["direct", "forwarder", "stored-fwd", "no-store", "tracker"]
+FORWARDERS = {"forwarder": "bare_proxy.py", "stored-fwd": "bare_store_proxy.py"}
 TRACKERS = {"tracker": None, "no-store": "nostore_tracker.py"}
 
 
@@ -61,8 +65,9 @@ def side(procs: h.Procs, which: str, connections: int, duration: float,
         extra=["--answer-time", *map(str, answer_time)])
     reqs = requests_file(agents, 20_000)
     url, key, pids = sim_url, "", []
-    if which == "forwarder":
-        url, p = procs.bare("forwarder", "bare_proxy.py", sim_url)
+    if which in FORWARDERS:
+        db_arg = [str(h.no_db(h.OUT / "submit-forwarder.db"))] if which == "stored-fwd" else []
+        url, p = procs.bare(which, FORWARDERS[which], sim_url, *db_arg)
         pids.append(p.pid)
     if which in TRACKERS:
         db = h.fresh_db(h.OUT / "submit-tracker.db")
@@ -157,6 +162,8 @@ def report(results: dict[Load, list[dict[str, dict]]], args: argparse.Namespace)
                       "forwarder": of("forwarder", "direct"),
                       "forwarder_added_p50": added("forwarder"),
                       "of_forwarder": of("tracker", "forwarder"),
+                      "stored_fwd": of("stored-fwd", "direct"),
+                      "of_stored_fwd": of("tracker", "stored-fwd"),
                       "no_store": of("no-store", "direct"),
                       "of_no_store": of("tracker", "no-store")}
     print(h.table(f"submit overhead: median of {args.repeats} repeat(s)",
@@ -180,6 +187,11 @@ def report(results: dict[Load, list[dict[str, dict]]], args: argparse.Namespace)
          "(peer)", ""),
         ("bare forwarder's added median latency, 1 connection (ms)", one["forwarder_added_p50"],
          "(peer)", ""),
+        (f"forwarder with the run's two writes committed / direct throughput, {args.connections}"
+         " connections (the least a tracker does, on aiohttp and SQLite)", hi["stored_fwd"],
+         "(peer)", ""),
+        (f"tracker / forwarder with the two writes throughput, {args.connections} connections"
+         " (what the tracker's work beyond the least costs)", hi["of_stored_fwd"], "(peer)", ""),
         (f"tracker without its durable writes / direct throughput, {args.connections}"
          " connections (a diagnostic: the most any storage could let it reach)",
          hi["no_store"], "(peer)", ""),
