@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+from pathlib import Path
 from typing import NamedTuple
 
 import harness as h
@@ -40,7 +41,10 @@ AGENTS = 100
 #: tracker must do); through the tracker with its run writes in memory (nostore_tracker.py:
 #: all of its work but the durable storage); through the tracker
 PATHS = ["direct", "forwarder", "stored-fwd", "no-store", "tracker"]
-FORWARDERS = {"forwarder": "bare_proxy.py", "stored-fwd": "bare_store_proxy.py"}
+#: the forwarders' scripts, and the shape of their writes for those that store
+#: (bare_store_proxy.py's SHAPE)
+FORWARDERS: dict[str, tuple[str, str | None]] = {
+    "forwarder": ("bare_proxy.py", None), "stored-fwd": ("bare_store_proxy.py", "floor")}
 TRACKERS = {"tracker": None, "no-store": "nostore_tracker.py"}
 
 
@@ -66,8 +70,11 @@ def side(procs: h.Procs, which: str, connections: int, duration: float,
     reqs = requests_file(agents, 20_000)
     url, key, pids = sim_url, "", []
     if which in FORWARDERS:
-        db_arg = [str(h.no_db(h.OUT / "submit-forwarder.db"))] if which == "stored-fwd" else []
-        url, p = procs.bare(which, FORWARDERS[which], sim_url, *db_arg)
+        script, shape = FORWARDERS[which]
+        db = h.OUT / "submit-forwarder.db"
+        for path in (db, Path(f"{db}.journal.db")):
+            h.no_db(path)
+        url, p = procs.bare(which, script, sim_url, *([str(db), shape] if shape else []))
         pids.append(p.pid)
     if which in TRACKERS:
         db = h.fresh_db(h.OUT / "submit-tracker.db")
@@ -87,6 +94,8 @@ def side(procs: h.Procs, which: str, connections: int, duration: float,
     res["cpu_us"] = {(which if pid != sim_pid else "simulator"):
                      (h.cpu_seconds(pid) - cpu0[pid]) / max(1, res["ok"]) * 1e6 for pid in pids}
     res["letta_calls"] = sum(h.http_json("GET", sim_url + "/_sim/stats")["calls"].values())
+    if which in FORWARDERS and FORWARDERS[which][1]:
+        res["fold"] = h.http_json("GET", url + "/_fold")
     for proc in list(procs.procs):
         procs.stop(proc)
     return res
