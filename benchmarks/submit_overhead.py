@@ -1,6 +1,6 @@
 """Benchmark 2, submit overhead: messages submitted through the tracker to the simulator versus
 straight to the simulator, by wrk, with the same requests and concurrency, in the same run.
-Two peers, in the same run, bound what the tracker could reach:
+Three peers, in the same run, bound what the tracker could reach:
 - the same submits through a bare aiohttp forwarder (``bare_proxy.py``), which only passes the
   bytes on: what any service standing in the path costs;
 - the same forwarder writing and committing the run before calling Letta and Letta's answer

@@ -16,8 +16,8 @@ once, a fresh simulator and database each side), in rounds, each side first in t
 
 Printed per side: submits/s and its share of direct's, and the CPU a submit of the server's
 process (all its threads) and of the simulator, from ``/proc``; for the journal, how many of
-its rows were folded and at what CPU a row, and how many were still waiting when the load
-stopped (so that its figure does not leave work undone).
+its rows were folded and at what CPU a row, and how many its last fold before the figures
+were read left waiting (so that its figure does not leave work undone).
 
     .venv/bin/python benchmarks/submit_storage.py [--rounds N] [--duration S]
 """
