@@ -1,6 +1,11 @@
 """The ceiling of benchmark 1: a bare aiohttp handler that only parses the JSON and answers 204.
 
-    .venv/bin/python benchmarks/bare_server.py PORT [asyncio|uvloop]
+    .venv/bin/python benchmarks/bare_server.py PORT [asyncio|uvloop] [DB]
+
+With ``DB`` (a new file), benchmark 1's durable peer: each callback's body is also committed
+to one narrow table before the 204 (SQLite as the tracker's writer is set up, concurrent
+callbacks sharing a commit: ``bare_store_proxy.Writes``). The least a tracker that answers
+only what it has stored does.
 
 Served like the tracker (one process, no access log), on the same route, so that the same load
 against both tells what the tracker's own work costs. The tracker runs on uvloop, so the
@@ -17,9 +22,15 @@ from aiohttp import web
 
 from tracker.cli import event_loop
 
+INBOX = web.AppKey("inbox", object)
+
 
 async def callback(request: web.Request) -> web.Response:
-    json.loads(await request.read())
+    raw = await request.read()
+    json.loads(raw)
+    if INBOX in request.app:
+        await request.app[INBOX].write([("INSERT INTO inbox (token, body) VALUES (?, ?)",
+                                         (request.match_info["token"], raw))])
     return web.Response(status=204)
 
 
@@ -36,6 +47,11 @@ def serve(app: web.Application, port: int, loop: str) -> None:
 
 def main() -> None:
     app = web.Application(client_max_size=1_048_576)
+    if len(sys.argv) > 3:
+        from bare_store_proxy import Writes, connect  # here: it imports this module
+        db = connect(sys.argv[3])
+        db.execute("CREATE TABLE inbox (id INTEGER PRIMARY KEY, token TEXT, body BLOB)")
+        app[INBOX] = Writes(db)
     app.router.add_post("/callbacks/letta/{token}", callback)
     serve(app, int(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "asyncio")
 

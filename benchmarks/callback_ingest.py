@@ -9,7 +9,9 @@ repeats. The faster of the two bare handlers is the repeat's ceiling. Right afte
 the tracker is killed with SIGKILL (no graceful shutdown) and the database is checked: every
 run whose callback got a 2xx must be ``done`` or have its callback in the inbox; then the
 tracker is started again on that database, and once its inbox is empty every one of them
-must be ``done``.
+must be ``done``. A peer, after the tracker in each repeat: the same bare handler on uvloop
+committing each callback's body to one narrow SQLite table before its 204 (the least a
+tracker that answers only what it has stored does).
 
     .venv/bin/python benchmarks/callback_ingest.py [--quick] [--repeats N] [--connections C]
         [--workers N]
@@ -138,8 +140,12 @@ def add_history(c: sqlite3.Connection, n: int, user_id: str, agents: list[str],
             c.executemany(bulkdata.EVENT_SQL, events)
 
 
-def measure_ceiling(procs: h.Procs, reqs: Path, args: argparse.Namespace, loop: str) -> dict:
-    url, p = procs.bare(f"ceiling-{loop}", "bare_server.py", loop)
+def measure_ceiling(procs: h.Procs, reqs: Path, args: argparse.Namespace, loop: str,
+                    durable: bool = False) -> dict:
+    """The bare handler on ``loop``; ``durable``, the peer that commits each callback first."""
+    db = [str(h.no_db(h.OUT / "ingest-durable-peer.db"))] if durable else []
+    url, p = procs.bare("durable-peer" if durable else f"ceiling-{loop}", "bare_server.py",
+                        loop, *db)
     cpu0 = h.cpu_seconds(p.pid)
     res = h.wrk(url, SCRIPT, args.connections, args.duration, env={
         "BENCH_REQUESTS": str(reqs), "BENCH_THREADS": "1", "BENCH_CLOSE": args.close})
@@ -309,6 +315,7 @@ def main() -> None:
             order = LOOPS if i % 2 == 0 else LOOPS[::-1]
             got = {order[0]: measure_ceiling(procs, reqs, args, order[0]),
                    "tracker": measure_tracker(procs, template, reqs, args),
+                   "durable": measure_ceiling(procs, reqs, args, "uvloop", durable=True),
                    order[1]: measure_ceiling(procs, reqs, args, order[1])}
             c = got["ceiling"] = max((got[loop] for loop in LOOPS), key=h.rate)
             t = got["tracker"]
@@ -316,7 +323,7 @@ def main() -> None:
             print(f"repeat {i + 1}: ceiling {h.rate(c):,.0f}/s"
                   f" p99 {c['latency_us']['p99'] / 1e3:.1f} ms ("
                   + ", ".join(f"{loop} {h.rate(got[loop]):,.0f}/s" for loop in LOOPS)
-                  + f") | tracker {h.rate(t):,.0f}/s"
+                  + f"; durable peer {h.rate(got['durable']):,.0f}/s) | tracker {h.rate(t):,.0f}/s"
                   f" p99 {t['latency_us']['p99'] / 1e3:.1f} ms,"
                   f" non-2xx {t['bad']} {t['codes']}, wrapped {t['wrapped']},"
                   f" acked {t['acked']:,} done {t['done']:,} in inbox at kill"
@@ -348,6 +355,8 @@ def report(rows: list[dict[str, dict]], args: argparse.Namespace) -> None:
                    "server CPU µs/req"],
                   [side_row("ceiling (bare aiohttp, parse + 204; the faster loop)", "ceiling"),
                    *(side_row(f"  bare aiohttp on {loop}", loop) for loop in LOOPS),
+                   side_row("durable peer (the same, committing each callback first; uvloop)",
+                            "durable"),
                    side_row("tracker (uvloop)", "tracker")]))
     print(h.table("callback ingest: targets", ["figure", "value", "target", ""], [
         ("tracker / ceiling (median of per-repeat ratios)", ratio, ">= 0.5",
@@ -356,6 +365,10 @@ def report(rows: list[dict[str, dict]], args: argparse.Namespace) -> None:
         ("2xx answers lost (neither done nor in the inbox after SIGKILL, or not done after"
          " the restart)", lost, "0", h.verdict(lost == 0)),
         ("non-2xx answers and timeouts (all repeats)", errors, "0", h.verdict(errors == 0)),
+        ("durable peer / ceiling (the least a tracker that stores first does)",
+         h.median(h.rate(r["durable"]) / h.rate(r["ceiling"]) for r in rows), "(peer)", ""),
+        ("tracker / durable peer", h.median(h.rate(r["tracker"]) / h.rate(r["durable"])
+                                            for r in rows), "(peer)", ""),
     ]))
     print(h.table("callback ingest: durability per repeat", [
         "repeat", "2xx answers", "distinct runs", "done at SIGKILL", "in the inbox at SIGKILL",
