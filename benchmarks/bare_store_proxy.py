@@ -32,14 +32,17 @@ import sqlite3
 import sys
 import threading
 import time
+from pathlib import Path
 
 from aiohttp import web
 from bare_proxy import LETTA, SESSION, client
 from bare_server import serve
+from harness import no_db
 
 from tracker import clock
 from tracker.manager import new_run_id
 from tracker.store import open_store
+from tracker.store_sqlite import EVENT_SQL
 
 DB = web.AppKey("db", "Writes")
 #: how often the journal shape's thread folds the journal into the schema
@@ -50,8 +53,11 @@ FLOOR_TABLE = ("CREATE TABLE IF NOT EXISTS runs (id TEXT PRIMARY KEY, agent_id T
 JOURNAL_TABLE = ("CREATE TABLE IF NOT EXISTS journal (seq INTEGER PRIMARY KEY, kind INTEGER,"
                  " run_id TEXT, agent_id TEXT, at TEXT, request TEXT, letta_run_id TEXT,"
                  " t REAL)")
-EVENT = ("INSERT INTO run_events (run_id, at, source, kind, state, status, detail)"
-         " VALUES (?, ?, ?, ?, ?, 'created', ?)")
+
+
+def journal_path(path: str) -> str:
+    """The journal shape's file, beside the database at ``path``."""
+    return f"{path}.journal.db"
 
 
 def connect(path: str) -> sqlite3.Connection:
@@ -130,7 +136,7 @@ class SchemaWrites(Writes):
              " ?, 0, 1)", (run_id, agent_id, now)),
             ("INSERT INTO run_payloads (seq, request) VALUES (last_insert_rowid(), ?)",
              (request,)),
-            (EVENT, (run_id, now, "api", "submit", "queued", None))])
+            (EVENT_SQL, (run_id, now, "api", "submit", "queued", "created", None))])
 
     async def submitted(self, run_id: str, agent_id: str, letta_run_id: str) -> None:
         now = clock.now()
@@ -138,8 +144,8 @@ class SchemaWrites(Writes):
             ("UPDATE runs SET state = 'submitted', letta_run_id = ?, submitted_at = ?,"
              " next_check_at = ?, deadline_at = ? WHERE id = ? AND state IN ('submitting')",
              (letta_run_id, clock.iso(now), now + 3600, now + 7200, run_id)),
-            (EVENT, (run_id, clock.iso(now), "dispatch", "submitted", "submitted",
-                     json.dumps({"letta_run_id": letta_run_id})))])
+            (EVENT_SQL, (run_id, clock.iso(now), "dispatch", "submitted", "submitted",
+                         "created", json.dumps({"letta_run_id": letta_run_id})))])
 
 
 class JournalWrites(Writes):
@@ -164,7 +170,7 @@ class JournalWrites(Writes):
 
     def fold(self) -> None:
         db = connect(self.main)
-        db.execute(f"ATTACH '{self.main}.journal.db' AS j")
+        db.execute(f"ATTACH '{journal_path(self.main)}' AS j")
         # the journal's rows folded so far, committed with what they made: a fold is atomic
         # in the main database whatever happens to the journal's file
         db.execute("CREATE TABLE folded (seq INTEGER)")
@@ -215,8 +221,8 @@ def open_writes(path: str, shape: str) -> Writes:
     tracker_schema(path)
     if shape == "schema":
         return SchemaWrites(connect(path))
-    if shape == "journal":
-        return JournalWrites(connect(f"{path}.journal.db"), path)
+    if shape == "journal":  # its journal starts empty, as the database does
+        return JournalWrites(connect(str(no_db(Path(journal_path(path))))), path)
     raise SystemExit(f"unknown shape {shape!r}: floor, schema or journal")
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-from pathlib import Path
 from typing import NamedTuple
 
 import harness as h
@@ -71,9 +70,7 @@ def side(procs: h.Procs, which: str, connections: int, duration: float,
     url, key, pids = sim_url, "", []
     if which in FORWARDERS:
         script, shape = FORWARDERS[which]
-        db = h.OUT / "submit-forwarder.db"
-        for path in (db, Path(f"{db}.journal.db")):
-            h.no_db(path)
+        db = h.no_db(h.OUT / "submit-forwarder.db")
         url, p = procs.bare(which, script, sim_url, *([str(db), shape] if shape else []))
         pids.append(p.pid)
     if which in TRACKERS:
