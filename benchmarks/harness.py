@@ -301,7 +301,7 @@ def copy_db(src: Path, dst: Path) -> Path:
     # by the kernel ~30 s later, inside the load that follows and on the tracker's side only
     # (the bare handlers write nothing). Measured with 4 GB left dirty before benchmark 1:
     # 102 against 109 µs of CPU a callback (medians of 3 runs), within the noise, but a cost
-    # the ceiling never pays (BENCHMARKS.md)
+    # the ceiling never pays (BENCHMARKS-HISTORY.md)
     os.sync()
     return dst
 

@@ -40,7 +40,7 @@ from tracker.states import Source, Status
 from tracker.store import User
 from tracker.store_sqlite import SQLiteStore
 
-BATCH = 16  # benchmark 2's group commits held 15.4 writes on average (BENCHMARKS.md)
+BATCH = 16  # benchmark 2's group commits held 15.4 writes on average (BENCHMARKS-HISTORY.md)
 AGENTS = [f"agent-{i:08x}-0000-4000-8000-000000000000" for i in range(100)]
 HISTORY_INDEXES = ("runs_created", "runs_agent", "runs_status", "runs_state", "runs_user",
                    "runs_letta_status", "runs_missed", "runs_active", "runs_recorded", "runs_via")

@@ -48,13 +48,13 @@ BUSY_S = 0.2
 #: filing one costs, so applying then waits (see Applier) and Letta's answers keep the loop.
 #: Two, not more: with a new connection per callback, as Letta sends them, a flood of
 #: 3,000/s keeps only two or three in the handler at once; at 8 the wait never began and
-#: one process answered 0.32-0.35 of the bare handler's rate, at 2 0.61 (BENCHMARKS.md)
+#: one process answered 0.32-0.35 of the bare handler's rate, at 2 0.61 (BENCHMARKS-HISTORY.md)
 SATURATED = 2
 #: callbacks filed a second from which they count as a flood, here and in the callback
 #: workers: the store's checkpoints then leave the writes be (see ``SQLiteDB._checkpoint``).
 #: Letta sends one as each run ends, so steady work stays far under it; a burst (a backlog
 #: released at once, benchmark 1) comes at thousands. ``SATURATED`` does not tell them
-#: apart: two at once happen at 100 a second, and the WAL then doubled (BENCHMARKS.md)
+#: apart: two at once happen at 100 a second, and the WAL then doubled (BENCHMARKS-HISTORY.md)
 FLOOD_PER_S = 1_000
 #: the window over which that rate is counted
 FLOOD_WINDOW_S = 0.25

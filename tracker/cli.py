@@ -79,7 +79,8 @@ def stop_on_signals(loop: asyncio.AbstractEventLoop, log: logging.Logger) -> Non
 def event_loop(choice: str) -> asyncio.AbstractEventLoop:
     """The service's event loop: uvloop when asked for, or ("auto") when it is installed.
     The same asyncio API with its loop, transports and futures in C: ~25% less CPU per
-    callback answered (see BENCHMARKS.md); "asyncio" is the fallback if uvloop misbehaves."""
+    callback answered (see BENCHMARKS-HISTORY.md); "asyncio" is the fallback if uvloop
+    misbehaves."""
     if choice != "asyncio":
         try:
             import uvloop
@@ -94,7 +95,7 @@ def event_loop(choice: str) -> asyncio.AbstractEventLoop:
 
 async def tune_gc(app: web.Application) -> None:
     # everything built at start-up lives as long as the process: keep it out of the full
-    # collections that would otherwise stall a request for ~20 ms each (see BENCHMARKS.md)
+    # collections that would otherwise stall a request for ~20 ms each (see BENCHMARKS-HISTORY.md)
     gc.collect()
     gc.freeze()
     # a young collection every 20,000 allocations, not 700: each one walks the objects of

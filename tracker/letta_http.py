@@ -2,7 +2,7 @@
 
 Not aiohttp's client session (which the relay and the CLI use): on every submit's path it
 cost more than twice the CPU of this transport (167 µs a call against 71, side by side:
-``benchmarks/client_cpu.py``, BENCHMARKS.md), and the tracker's calls to Letta need little
+``benchmarks/client_cpu.py``, BENCHMARKS-HISTORY.md), and the tracker's calls to Letta need little
 of what it offers: one server, JSON bodies read whole, no cookies, redirects, proxies or
 streaming. What an answer means is parsed by httptools (llhttp, the parser of Node.js and
 uvicorn): this module only keeps the connections and frames the requests.

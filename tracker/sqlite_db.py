@@ -47,7 +47,7 @@ CLOSE_WAIT_MS = 1_000
 #: seconds between WAL checkpoints (the writer never checkpoints itself). A round's first pass
 #: syncs the WAL, and commits appending to it wait: at a round a second, in a flood (~70 MB of
 #: WAL a second), some took 35-60 ms, and benchmark 1's p99 went over 50 ms; at four a second,
-#: none over 15 (BENCHMARKS.md)
+#: none over 15 (BENCHMARKS-HISTORY.md)
 CHECKPOINT_EVERY_S = 0.25
 #: a checkpoint's passes beside the writes, at most, before its last one (see _checkpoint)
 CHECKPOINT_PASSES = 4
@@ -61,13 +61,13 @@ FINISH_SHARE = 1 / 256
 #: too. Writes that never let up (a backlog of callbacks applied after a restart) grew the
 #: WAL by 60 MB a second, to 2-5 GB, before their allowance caught up; with this, to 0.7-1.3
 #: GB (a round's passes take seconds then), each hold ~0.1 s there, a few ms in a flood
-#: (_catch_up; BENCHMARKS.md)
+#: (_catch_up; BENCHMARKS-HISTORY.md)
 WAL_MAX_FRAMES = 2**17
 #: a WAL file longer than this (left so by a flood) is cut back to nothing by a held pass once
 #: no flood is on and the WAL in it is short again, or writes pause (_cut_back_due). Not by
 #: SQLite's journal_size_limit as the WAL starts over: that truncation runs inside the next
 #: commit, on the event loop, and cutting 580 MB back took it 135 ms, every time a flood's WAL
-#: reached WAL_MAX_FRAMES (BENCHMARKS.md)
+#: reached WAL_MAX_FRAMES (BENCHMARKS-HISTORY.md)
 WAL_KEEP_BYTES = 64 * 2**20
 #: a WAL frame: a page of the database (SQLite's default size, which ours keep) and its header
 FRAME_BYTES = 4096 + 24
@@ -233,7 +233,7 @@ class SQLiteDB:
         callback workers' by a FULL checkpoint): the next write finds the WAL all copied and
         starts it over. With one pass, under steady writes some frames always came in
         during it, and the WAL grew without end (~30 MB a second at 200 runs/s, each commit
-        dearer as it grew: BENCHMARKS.md). Holding the writes for more than a
+        dearer as it grew: BENCHMARKS-HISTORY.md). Holding the writes for more than a
         few frames' copying stalled every request behind them (benchmark 1's p99 went from
         24 to 61 ms), so when writes outpace the copying the WAL waits for a later round,
         until it is long enough that a longer hold is worth it (FINISH_SHARE). While
@@ -277,7 +277,7 @@ class SQLiteDB:
         database file only when it has copied the whole WAL, which writes that never pause
         never let it do: the hold then synced all that the passes had copied since the WAL
         started over, hundreds of MB (with the copying, 0.2-0.27 s of every write waiting, in
-        benchmark 1 on a fast machine; BENCHMARKS.md). Writes faster than the copying (a
+        benchmark 1 on a fast machine; BENCHMARKS-HISTORY.md). Writes faster than the copying (a
         backlog applied after a restart) leave as many frames to each pass: then no more."""
         came = frames
         for _ in range(CATCH_UP_PASSES):

@@ -3,7 +3,7 @@ before it sends anything, restarted when one dies, stopped with it. Their report
 applier (what they filed and are receiving) and the metrics (what they counted).
 
 One process answers Letta's callbacks at about half the speed of a bare handler (see
-BENCHMARKS.md, benchmark 1): the workers spread answering a flood over more cores."""
+BENCHMARKS-HISTORY.md, benchmark 1): the workers spread answering a flood over more cores."""
 
 from __future__ import annotations
 
