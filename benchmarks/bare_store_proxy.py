@@ -37,11 +37,10 @@ from pathlib import Path
 from aiohttp import web
 from bare_proxy import LETTA, SESSION, client
 from bare_server import serve
-from harness import no_db
+from harness import fresh_db, no_db
 
 from tracker import clock
 from tracker.manager import new_run_id
-from tracker.store import open_store
 from tracker.store_sqlite import EVENT_SQL
 
 DB = web.AppKey("db", "Writes")
@@ -69,17 +68,6 @@ def connect(path: str) -> sqlite3.Connection:
                    "cache_size = -32768", "temp_store = MEMORY"):
         db.execute(f"PRAGMA {pragma}")
     return db
-
-
-def tracker_schema(path: str) -> None:
-    """A new database at the tracker's latest schema, made by its own migrations."""
-    async def make() -> None:
-        store = open_store(f"sqlite:///{path}")
-        await store.open()
-        await store.migrate()
-        await store.close()
-
-    asyncio.run(make())
 
 
 class Writes:
@@ -218,7 +206,7 @@ def open_writes(path: str, shape: str) -> Writes:
         db = connect(path)
         db.execute(FLOOR_TABLE)
         return Writes(db)
-    tracker_schema(path)
+    fresh_db(Path(path))  # the tracker's latest schema, made by the tracker itself
     if shape == "schema":
         return SchemaWrites(connect(path))
     if shape == "journal":  # its journal starts empty, as the database does

@@ -70,8 +70,8 @@ def side(procs: h.Procs, which: str, connections: int, duration: float,
     url, key, pids = sim_url, "", []
     if which in FORWARDERS:
         script, shape = FORWARDERS[which]
-        db = h.no_db(h.OUT / "submit-forwarder.db")
-        url, p = procs.bare(which, script, sim_url, *([str(db), shape] if shape else []))
+        stores = [str(h.no_db(h.OUT / "submit-forwarder.db")), shape] if shape else []
+        url, p = procs.bare(which, script, sim_url, *stores)
         pids.append(p.pid)
     if which in TRACKERS:
         db = h.fresh_db(h.OUT / "submit-tracker.db")
