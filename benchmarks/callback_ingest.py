@@ -146,10 +146,10 @@ def measure_ceiling(procs: h.Procs, reqs: Path, args: argparse.Namespace, loop: 
     db = [str(h.no_db(h.OUT / "ingest-durable-peer.db"))] if durable else []
     url, p = procs.bare("durable-peer" if durable else f"ceiling-{loop}", "bare_server.py",
                         loop, *db)
-    cpu0 = h.cpu_seconds(p.pid)
+    cpu = h.CpuMeter(p.pid)
     res = h.wrk(url, SCRIPT, args.connections, args.duration, env={
         "BENCH_REQUESTS": str(reqs), "BENCH_THREADS": "1", "BENCH_CLOSE": args.close})
-    res["cpu_s"] = h.cpu_seconds(p.pid) - cpu0
+    res.update(cpu.stop())
     procs.stop(p)
     return res
 
@@ -174,15 +174,15 @@ def measure_tracker(procs: h.Procs, template: Path, reqs: Path, args: argparse.N
     wait_reconciled(log, start)
     steady(db, p.pid)
     since = h.iso(time.time())
-    cpu0 = h.cpu_seconds(p.pid, children=True)
+    cpu = h.CpuMeter(p.pid, children=True)  # its workers' too
     spy = h.py_spy(procs, p.pid, "ingest-tracker") if args.profile else None
     wal = h.wal_sampler(db)
     res = h.wrk(url, SCRIPT, args.connections, args.duration, env={
         "BENCH_REQUESTS": str(reqs), "BENCH_THREADS": "1", "BENCH_ACKED": str(acked),
         "BENCH_CLOSE": args.close})
+    res.update(cpu.stop())
     res["wal_mb"] = wal.stop()
     h.end_py_spy(procs, spy)
-    res["cpu_s"] = h.cpu_seconds(p.pid, children=True) - cpu0  # its workers' too
     # killed, not stopped: what was acknowledged must already be on disk
     procs.stop(p, sig=signal.SIGKILL)
     res.update(durability(db, acked, since))
@@ -341,10 +341,17 @@ def report(rows: list[dict[str, dict]], args: argparse.Namespace) -> None:
     ratio = h.median(h.rate(r["tracker"]) / h.rate(r["ceiling"]) for r in rows)
     lat = lambda side, q: h.median(r[side]["latency_us"][q] / 1e3 for r in rows)  # noqa: E731
 
+    def per_cb(side: str, key: str) -> float:
+        return h.median(r[side][key] / max(1, r[side]["ok"]) * 1e6 for r in rows)
+
     def side_row(label: str, side: str) -> tuple:
-        cpu = h.median(r[side]["cpu_s"] / max(1, r[side]["ok"]) * 1e6 for r in rows)
         return (label, h.median(h.rate(r[side]) for r in rows), lat(side, "p50"),
-                lat(side, "p90"), lat(side, "p99"), lat(side, "max"), cpu)
+                lat(side, "p90"), lat(side, "p99"), lat(side, "max"), per_cb(side, "cpu_s"))
+
+    def cpu_row(label: str, side: str) -> tuple:
+        busy = h.median(r[side]["loop_busy"] for r in rows)
+        return (label, per_cb(side, "cpu_s"), per_cb(side, "loop_user_s"),
+                per_cb(side, "loop_sys_s"), f"{busy:.0%}")
 
     p99 = lat("tracker", "p99")
     lost = max(r["tracker"]["acked_not_done"] for r in rows)
@@ -358,6 +365,12 @@ def report(rows: list[dict[str, dict]], args: argparse.Namespace) -> None:
                    side_row("durable peer (the same, committing each callback first; uvloop)",
                             "durable"),
                    side_row("tracker (uvloop)", "tracker")]))
+    print(h.table("callback ingest: where the CPU goes (median µs a callback answered)",
+                  ["side", "all threads", "event loop's thread: user", "system",
+                   "the loop's thread busy"],
+                  [cpu_row("ceiling", "ceiling"), cpu_row("durable peer", "durable"),
+                   cpu_row("tracker" + (" (its process; workers in all threads)"
+                                        if args.workers else ""), "tracker")]))
     print(h.table("callback ingest: targets", ["figure", "value", "target", ""], [
         ("tracker / ceiling (median of per-repeat ratios)", ratio, ">= 0.5",
          h.verdict(ratio >= 0.5)),

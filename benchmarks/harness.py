@@ -364,20 +364,52 @@ def settle(pid: int, busy: float = 0.05, timeout: float = 60.0) -> None:
             return
 
 
+def cpu_times(pid: int, loop_thread: bool = False) -> tuple[float, float]:
+    """User and system CPU seconds a process has used so far; with ``loop_thread``, only its
+    main thread's (the event loop's, in the tracker and the bare servers: the one a
+    single-process server's rate is bound by, where SQLite's writes and commits run too)."""
+    path = f"/proc/{pid}/task/{pid}/stat" if loop_thread else f"/proc/{pid}/stat"
+    try:
+        with open(path) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except FileNotFoundError:  # a child gone meanwhile
+        return 0.0, 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
 def cpu_seconds(pid: int, children: bool = False) -> float:
     """User + system CPU time a process has used so far (with ``children``, plus what its
     live child processes have used: the tracker's callback workers)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except FileNotFoundError:  # a child gone meanwhile
-        return 0.0
-    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = sum(cpu_times(pid))
     if not children:
         return own
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        kids = [int(k) for k in f.read().split()]
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            kids = [int(k) for k in f.read().split()]
+    except FileNotFoundError:  # gone meanwhile
+        return own
     return own + sum(cpu_seconds(k, children=True) for k in kids)
+
+
+class CpuMeter:
+    """The CPU a server uses over a load: all its processes' (with ``children``: the tracker's
+    callback workers), and its event loop's thread's, user and system apart."""
+
+    def __init__(self, pid: int, children: bool = False) -> None:
+        self.pid, self.children = pid, children
+        self.start = self._now()
+
+    def _now(self) -> tuple[float, float, float, float]:
+        return (time.monotonic(), cpu_seconds(self.pid, self.children),
+                *cpu_times(self.pid, loop_thread=True))
+
+    def stop(self) -> dict[str, float]:
+        """``cpu_s`` (all), ``loop_user_s``, ``loop_sys_s`` and ``loop_busy`` (the loop's
+        thread's share of the wall time) since the meter started."""
+        wall, cpu, user, system = (b - a for a, b in zip(self.start, self._now(), strict=True))
+        return {"cpu_s": cpu, "loop_user_s": user, "loop_sys_s": system,
+                "loop_busy": (user + system) / wall if wall > 0 else 0.0}
 
 
 # --- wrk -------------------------------------------------------------------------------------

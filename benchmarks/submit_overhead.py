@@ -82,14 +82,17 @@ def side(procs: h.Procs, which: str, connections: int, duration: float,
         pids.append(p.pid)
     sim_pid = sim.pid
     pids.append(sim_pid)
-    cpu0 = {pid: h.cpu_seconds(pid) for pid in pids}
+    meters = {(which if pid != sim_pid else "simulator"): h.CpuMeter(pid) for pid in pids}
     spy = (h.py_spy(procs, pids[0], f"submit-{which}-{connections}")
            if profile and which in TRACKERS else None)
     res = h.wrk(url, SCRIPT, connections, duration, env={
         "BENCH_REQUESTS": reqs, "BENCH_THREADS": "1", "BENCH_AUTH": key})
+    # per server: CPU µs a submit (all threads; the event loop's thread, user and system) and
+    # the loop's thread's share of the wall time
+    res["cpu"] = {name: {k: v if k == "loop_busy" else v / max(1, res["ok"]) * 1e6
+                         for k, v in m.stop().items()} for name, m in meters.items()}
+    res["cpu_us"] = {name: c["cpu_s"] for name, c in res["cpu"].items()}
     h.end_py_spy(procs, spy)
-    res["cpu_us"] = {(which if pid != sim_pid else "simulator"):
-                     (h.cpu_seconds(pid) - cpu0[pid]) / max(1, res["ok"]) * 1e6 for pid in pids}
     res["letta_calls"] = sum(h.http_json("GET", sim_url + "/_sim/stats")["calls"].values())
     if which in FORWARDERS and FORWARDERS[which][1]:
         res["fold"] = h.http_json("GET", url + "/_fold")
@@ -138,6 +141,23 @@ def main() -> None:
                 print("\n" + h.profile_summary(f"submit-{which}-{load.connections}", top=45))
 
 
+def cpu_table(reps: list[dict[str, dict]], args: argparse.Namespace) -> str:
+    """Where the CPU goes at the throughput load: each path's server, its event loop's thread
+    apart (a single-process server's rate is bound by it), and the simulator behind it."""
+    rows = []
+    for w in PATHS:
+        med = lambda name, key, w=w: h.median(r[w]["cpu"][name][key] for r in reps)  # noqa: E731
+        server = [] if w == "direct" else [
+            med(w, "cpu_s"), med(w, "loop_user_s"), med(w, "loop_sys_s"),
+            f"{med(w, 'loop_busy'):.0%}"]
+        rows.append((w, *(server or ["", "", "", ""]), med("simulator", "cpu_s"),
+                     f"{med('simulator', 'loop_busy'):.0%}"))
+    return h.table(f"submit overhead: where the CPU goes, {args.connections} connections "
+                   "(median µs a submit answered)",
+                   ["path", "server: all threads", "its event loop's thread: user", "system",
+                    "the loop's thread busy", "simulator", "the simulator's loop busy"], rows)
+
+
 class Load(NamedTuple):
     """One load: wrk's connections, and the simulator's time to answer (None: at once)."""
 
@@ -175,6 +195,7 @@ def report(results: dict[Load, list[dict[str, dict]]], args: argparse.Namespace)
     print(h.table(f"submit overhead: median of {args.repeats} repeat(s)",
                   ["load", "path", "submits/s", "p50 ms", "p90 ms", "p99 ms",
                    "CPU µs/submit (all servers)", "Letta calls/submit"], rows))
+    print(cpu_table(results[Load(args.connections)], args))
     hi, one = figures[Load(args.connections)], figures[Load(1)]
     real = figures.get(Load(args.connections, tuple(args.answer_time)))
     errors = sum(r["tracker"]["bad"] for reps in results.values() for r in reps)
