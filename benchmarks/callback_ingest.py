@@ -149,7 +149,7 @@ def measure_ceiling(procs: h.Procs, reqs: Path, args: argparse.Namespace, loop: 
     cpu = h.CpuMeter(p.pid)
     res = h.wrk(url, SCRIPT, args.connections, args.duration, env={
         "BENCH_REQUESTS": str(reqs), "BENCH_THREADS": "1", "BENCH_CLOSE": args.close})
-    res.update(cpu.stop())
+    res.update(cpu.stop(res))
     procs.stop(p)
     return res
 
@@ -180,7 +180,7 @@ def measure_tracker(procs: h.Procs, template: Path, reqs: Path, args: argparse.N
     res = h.wrk(url, SCRIPT, args.connections, args.duration, env={
         "BENCH_REQUESTS": str(reqs), "BENCH_THREADS": "1", "BENCH_ACKED": str(acked),
         "BENCH_CLOSE": args.close})
-    res.update(cpu.stop())
+    res.update(cpu.stop(res))
     res["wal_mb"] = wal.stop()
     h.end_py_spy(procs, spy)
     # killed, not stopped: what was acknowledged must already be on disk

@@ -404,10 +404,14 @@ class CpuMeter:
         return (time.monotonic(), cpu_seconds(self.pid, self.children),
                 *cpu_times(self.pid, loop_thread=True))
 
-    def stop(self) -> dict[str, float]:
+    def stop(self, load: dict | None = None) -> dict[str, float]:
         """``cpu_s`` (all), ``loop_user_s``, ``loop_sys_s`` and ``loop_busy`` (the loop's
-        thread's share of the wall time) since the meter started."""
+        thread's share of the wall time) since the meter started; with ``load`` (``wrk``'s
+        result), of the load's own duration: wrk first reads its requests file, for a second
+        or more, while the server waits."""
         wall, cpu, user, system = (b - a for a, b in zip(self.start, self._now(), strict=True))
+        if load is not None:
+            wall = load["duration_us"] / 1e6
         return {"cpu_s": cpu, "loop_user_s": user, "loop_sys_s": system,
                 "loop_busy": (user + system) / wall if wall > 0 else 0.0}
 

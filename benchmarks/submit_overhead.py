@@ -90,7 +90,7 @@ def side(procs: h.Procs, which: str, connections: int, duration: float,
     # per server: CPU µs a submit (all threads; the event loop's thread, user and system) and
     # the loop's thread's share of the wall time
     res["cpu"] = {name: {k: v if k == "loop_busy" else v / max(1, res["ok"]) * 1e6
-                         for k, v in m.stop().items()} for name, m in meters.items()}
+                         for k, v in m.stop(res).items()} for name, m in meters.items()}
     res["cpu_us"] = {name: c["cpu_s"] for name, c in res["cpu"].items()}
     h.end_py_spy(procs, spy)
     res["letta_calls"] = sum(h.http_json("GET", sim_url + "/_sim/stats")["calls"].values())
