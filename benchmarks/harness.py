@@ -400,19 +400,19 @@ class CpuMeter:
         self.pid, self.children = pid, children
         self.start = self._now()
 
-    def _now(self) -> tuple[float, float, float, float]:
-        return (time.monotonic(), cpu_seconds(self.pid, self.children),
-                *cpu_times(self.pid, loop_thread=True))
+    def _now(self) -> tuple[float, float, float]:
+        return (cpu_seconds(self.pid, self.children), *cpu_times(self.pid, loop_thread=True))
 
-    def stop(self, load: dict | None = None) -> dict[str, float]:
-        """``cpu_s`` (all), ``loop_user_s``, ``loop_sys_s`` and ``loop_busy`` (the loop's
-        thread's share of the wall time) since the meter started; with ``load`` (``wrk``'s
-        result), of the load's own duration: wrk first reads its requests file, for a second
-        or more, while the server waits."""
-        wall, cpu, user, system = (b - a for a, b in zip(self.start, self._now(), strict=True))
-        if load is not None:
-            wall = load["duration_us"] / 1e6
-        return {"cpu_s": cpu, "loop_user_s": user, "loop_sys_s": system,
+    def stop(self, load: dict) -> dict[str, float]:
+        """Since the meter started, over ``load`` (``wrk``'s result): ``cpu_us`` (all
+        threads), ``loop_user_us`` and ``loop_sys_us``, each a request answered, and
+        ``loop_busy``, the loop's thread's share of the load's own duration (wrk first reads
+        its requests file, for a second or more, while the server waits)."""
+        cpu, user, system = (b - a for a, b in zip(self.start, self._now(), strict=True))
+        per_request = 1e6 / max(1, load["ok"])
+        wall = load["duration_us"] / 1e6
+        return {"cpu_us": cpu * per_request, "loop_user_us": user * per_request,
+                "loop_sys_us": system * per_request,
                 "loop_busy": (user + system) / wall if wall > 0 else 0.0}
 
 

@@ -88,7 +88,7 @@ def side(procs: h.Procs, which: str, connections: int, duration: float,
     res = h.wrk(url, SCRIPT, connections, duration, env={
         "BENCH_REQUESTS": reqs, "BENCH_THREADS": "1", "BENCH_AUTH": key})
     res["cpu"] = {name: m.stop(res) for name, m in meters.items()}  # per server (see cpu_table)
-    res["cpu_us"] = {name: c["cpu_s"] / max(1, res["ok"]) * 1e6 for name, c in res["cpu"].items()}
+    res["cpu_us"] = {name: c["cpu_us"] for name, c in res["cpu"].items()}
     h.end_py_spy(procs, spy)
     res["letta_calls"] = sum(h.http_json("GET", sim_url + "/_sim/stats")["calls"].values())
     if which in FORWARDERS and FORWARDERS[which][1]:
@@ -141,17 +141,16 @@ def main() -> None:
 def cpu_table(reps: list[dict[str, dict]], args: argparse.Namespace) -> str:
     """Where the CPU goes at the throughput load: each path's server, its event loop's thread
     apart (a single-process server's rate is bound by it), and the simulator behind it."""
-    def us(w: str, name: str, key: str) -> float:  # µs a submit answered, median
-        return h.median(r[w]["cpu"][name][key] / max(1, r[w]["ok"]) * 1e6 for r in reps)
-
-    def busy(w: str, name: str) -> str:
-        return f"{h.median(r[w]['cpu'][name]['loop_busy'] for r in reps):.0%}"
+    def med(w: str, name: str, key: str) -> float:  # µs a submit answered, or the busy share
+        return h.median(r[w]["cpu"][name][key] for r in reps)
 
     rows = []
     for w in PATHS:
         server = ["", "", "", ""] if w == "direct" else [
-            us(w, w, "cpu_s"), us(w, w, "loop_user_s"), us(w, w, "loop_sys_s"), busy(w, w)]
-        rows.append((w, *server, us(w, "simulator", "cpu_s"), busy(w, "simulator")))
+            med(w, w, "cpu_us"), med(w, w, "loop_user_us"), med(w, w, "loop_sys_us"),
+            f"{med(w, w, 'loop_busy'):.0%}"]
+        rows.append((w, *server, med(w, "simulator", "cpu_us"),
+                     f"{med(w, 'simulator', 'loop_busy'):.0%}"))
     return h.table(f"submit overhead: where the CPU goes, {args.connections} connections "
                    "(median µs a submit answered)",
                    ["path", "server: all threads", "its event loop's thread: user", "system",
