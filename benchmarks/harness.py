@@ -42,7 +42,7 @@ if SRC:
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {**os.environ, **(extra or {})}
-    if SRC:
+    if SRC and "PYTHONPATH" not in (extra or {}):  # a process given its own copy keeps it
         env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
     return env
 

@@ -60,9 +60,10 @@ def requests_file(agents: list[str], n: int) -> str:
 
 
 def side(procs: h.Procs, which: str, connections: int, duration: float,
-         profile: bool = False, answer_time: tuple[float, float] = (0, 0)) -> dict:
+         profile: bool = False, answer_time: tuple[float, float] = (0, 0),
+         src: str | None = None) -> dict:
     """One measurement: a fresh simulator, and the forwarder or the tracker in front of it
-    unless direct."""
+    unless direct; ``src``: the tracker's package from that directory (submit_compare.py)."""
     sim_url, agents, sim = procs.simulator(
         f"sim-{which}", agents=AGENTS, run_duration=(3600, 3600),
         extra=["--answer-time", *map(str, answer_time)])
@@ -77,8 +78,8 @@ def side(procs: h.Procs, which: str, connections: int, duration: float,
         db = h.fresh_db(h.OUT / "submit-tracker.db")
         key = h.create_key(db, "bench", admin=True)
         url, p = procs.tracker(which, db, sim_url, env={
-            "TRACKER_DISPATCH__PER_AGENT": "parallel", "TRACKER_POLLING__GRACE_S": "3600"},
-            script=TRACKERS[which])
+            "TRACKER_DISPATCH__PER_AGENT": "parallel", "TRACKER_POLLING__GRACE_S": "3600",
+            **({"PYTHONPATH": src} if src else {})}, script=TRACKERS[which])
         pids.append(p.pid)
     sim_pid = sim.pid
     pids.append(sim_pid)
