@@ -267,9 +267,11 @@ def tracker_env(db: Path, letta_url: str = "http://127.0.0.1:9") -> dict[str, st
             "TRACKER_RELAY__ALLOW_PRIVATE": "true"}
 
 
-def tracker_cli(db: Path, *argv: str) -> str:
-    """Run a tracker command on ``db``; returns its stdout."""
-    out = subprocess.run([PY, "-m", "tracker", *argv], cwd=OUT, env=child_env(tracker_env(db)),
+def tracker_cli(db: Path, *argv: str, src: str | None = None) -> str:
+    """Run a tracker command on ``db`` (with the tracker package in ``src``, if given);
+    returns its stdout."""
+    env = {**tracker_env(db), **({"PYTHONPATH": src} if src else {})}
+    out = subprocess.run([PY, "-m", "tracker", *argv], cwd=OUT, env=child_env(env),
                          capture_output=True, text=True, check=True)
     return out.stdout
 
@@ -281,16 +283,17 @@ def no_db(path: Path) -> Path:
     return path
 
 
-def fresh_db(path: Path) -> Path:
-    """A new database at the tracker's latest schema (created by the tracker itself)."""
-    tracker_cli(no_db(path), "db", "status")
+def fresh_db(path: Path, src: str | None = None) -> Path:
+    """A new database at the tracker's latest schema (created by the tracker itself: the
+    one in ``src``, if given, so that a copy being compared gets its own schema)."""
+    tracker_cli(no_db(path), "db", "status", src=src)
     return path
 
 
-def create_key(db: Path, name: str, admin: bool = False) -> str:
+def create_key(db: Path, name: str, admin: bool = False, src: str | None = None) -> str:
     """A new API key (the last line ``tracker keys create`` prints)."""
     args = ["keys", "create", name] + (["--admin"] if admin else [])
-    return tracker_cli(db, *args).strip().splitlines()[-1]
+    return tracker_cli(db, *args, src=src).strip().splitlines()[-1]
 
 
 def copy_db(src: Path, dst: Path) -> Path:

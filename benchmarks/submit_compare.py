@@ -6,8 +6,8 @@ Benchmark 2's load (``submit_overhead.side``: wrk, 32 connections, the simulator
 once, a fresh simulator and database for each side), in rounds, each side first in turn:
 direct to the simulator, then each copy given with ``--src`` (a directory holding a
 ``tracker`` package, for example a ``git archive`` of a commit: ``git archive HEAD tracker |
-tar -x -C /tmp/a``; ``..`` is the tree's own). The simulator is the same for all: the tree's,
-or ``BENCH_TRACKER_SRC``'s.
+tar -x -C /tmp/a``; ``..`` is the tree's own). Each copy's database is made by that copy (its
+own schema); the simulator is the same for all: the tree's, or ``BENCH_TRACKER_SRC``'s.
 
 Printed per round and as medians: each copy's submits/s and its share of direct's in the
 same round, and the CPU a submit of its event loop's thread (user + system, what bounds its

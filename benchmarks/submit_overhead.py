@@ -75,8 +75,8 @@ def side(procs: h.Procs, which: str, connections: int, duration: float,
         url, p = procs.bare(which, script, sim_url, *stores)
         pids.append(p.pid)
     if which in TRACKERS:
-        db = h.fresh_db(h.OUT / "submit-tracker.db")
-        key = h.create_key(db, "bench", admin=True)
+        db = h.fresh_db(h.OUT / "submit-tracker.db", src=src)
+        key = h.create_key(db, "bench", admin=True, src=src)
         url, p = procs.tracker(which, db, sim_url, env={
             "TRACKER_DISPATCH__PER_AGENT": "parallel", "TRACKER_POLLING__GRACE_S": "3600",
             **({"PYTHONPATH": src} if src else {})}, script=TRACKERS[which])
