@@ -40,6 +40,12 @@ if SRC:
     sys.path.insert(0, SRC)
 
 
+def package_env(src: str | None) -> dict[str, str]:
+    """The environment that has a child import the tracker package in ``src`` (none: the
+    tree's, or ``BENCH_TRACKER_SRC``'s): a copy being compared (submit_compare.py)."""
+    return {"PYTHONPATH": src} if src else {}
+
+
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {**os.environ, **(extra or {})}
     if SRC and "PYTHONPATH" not in (extra or {}):  # a process given its own copy keeps it
@@ -248,14 +254,16 @@ class Procs:
         return url, p
 
     def tracker(self, name: str, db: Path, letta_url: str, port: int | None = None,
-                env: dict[str, str] | None = None,
-                script: str | None = None) -> tuple[str, subprocess.Popen]:
+                env: dict[str, str] | None = None, script: str | None = None,
+                src: str | None = None) -> tuple[str, subprocess.Popen]:
         """Start ``tracker serve`` on ``db`` (or ``benchmarks/<script>``, which serves the
-        tracker configured the same way); returns its base URL and process."""
+        tracker configured the same way), with the package in ``src`` if given; returns its
+        base URL and process."""
         port = port or free_port()
         argv = [PY, str(HERE / script)] if script else [PY, "-m", "tracker", "serve"]
         p = self.start(name, argv, env={
-            **tracker_env(db, letta_url), "TRACKER_SERVER__PORT": str(port), **(env or {})})
+            **tracker_env(db, letta_url), "TRACKER_SERVER__PORT": str(port), **(env or {}),
+            **package_env(src)})
         url = f"http://{HOST}:{port}"
         wait_http(url + "/healthz", proc=p)
         return url, p
@@ -270,8 +278,8 @@ def tracker_env(db: Path, letta_url: str = "http://127.0.0.1:9") -> dict[str, st
 def tracker_cli(db: Path, *argv: str, src: str | None = None) -> str:
     """Run a tracker command on ``db`` (with the tracker package in ``src``, if given);
     returns its stdout."""
-    env = {**tracker_env(db), **({"PYTHONPATH": src} if src else {})}
-    out = subprocess.run([PY, "-m", "tracker", *argv], cwd=OUT, env=child_env(env),
+    out = subprocess.run([PY, "-m", "tracker", *argv], cwd=OUT,
+                         env=child_env({**tracker_env(db), **package_env(src)}),
                          capture_output=True, text=True, check=True)
     return out.stdout
 

@@ -35,13 +35,14 @@ def copies(srcs: list[str]) -> dict[str, str]:
         path = Path(src).resolve()
         if not (path / "tracker" / "__init__.py").is_file():
             raise SystemExit(f"--src {src}: no tracker package in {path}")
-        label, n = path.name or "root", 1
+        base = path.name or "root"
+        label, n = base, 1
         while label in found:
             n += 1
-            label = f"{path.name}-{n}"
+            label = f"{base}-{n}"
         imported = subprocess.run(
             [h.PY, "-c", "import tracker; print(tracker.__file__)"], cwd=h.OUT, check=True,
-            env=h.child_env({"PYTHONPATH": str(path)}), capture_output=True, text=True)
+            env=h.child_env(h.package_env(str(path))), capture_output=True, text=True)
         print(f"{label}: {imported.stdout.strip()}")
         found[label] = str(path)
     return found

@@ -78,8 +78,8 @@ def side(procs: h.Procs, which: str, connections: int, duration: float,
         db = h.fresh_db(h.OUT / "submit-tracker.db", src=src)
         key = h.create_key(db, "bench", admin=True, src=src)
         url, p = procs.tracker(which, db, sim_url, env={
-            "TRACKER_DISPATCH__PER_AGENT": "parallel", "TRACKER_POLLING__GRACE_S": "3600",
-            **({"PYTHONPATH": src} if src else {})}, script=TRACKERS[which])
+            "TRACKER_DISPATCH__PER_AGENT": "parallel", "TRACKER_POLLING__GRACE_S": "3600"},
+            script=TRACKERS[which], src=src)
         pids.append(p.pid)
     sim_pid = sim.pid
     pids.append(sim_pid)
