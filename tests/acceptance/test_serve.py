@@ -28,15 +28,21 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-async def wait_healthy(url: str, timeout: float = 15.0) -> dict:
+async def wait_healthy(url: str, timeout: float = 15.0,
+                       proc: asyncio.subprocess.Process | None = None) -> dict:
+    """The health of the tracker at ``url`` once it answers 200; fails at once when ``proc``
+    (that tracker) has exited, as one that could not take its port does."""
     deadline = asyncio.get_running_loop().time() + timeout
-    async with aiohttp.ClientSession() as http:
+    # each try short: whatever else holds the port may never answer
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
         while True:
+            assert proc is None or proc.returncode is None, \
+                f"tracker exited with {proc.returncode} before it was healthy"
             try:
                 async with http.get(url + "/healthz") as resp:
                     if resp.status == 200:
                         return await resp.json()
-            except aiohttp.ClientError:
+            except (aiohttp.ClientError, TimeoutError):
                 pass
             assert asyncio.get_running_loop().time() < deadline, "tracker did not start"
             await asyncio.sleep(0.1)
@@ -51,9 +57,16 @@ async def serve_until_sigterm(tmp_path: Path, check, **env: str) -> tuple[int, s
         sys.executable, "-m", "tracker", "serve", "--port", str(port), cwd=tmp_path,
         env=clean_env(**env), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     try:
-        await check(url, await wait_healthy(url))
+        await check(url, await wait_healthy(url, proc=proc))
         proc.send_signal(signal.SIGTERM)
         out = (await asyncio.wait_for(proc.communicate(), 20))[0].decode()
+    except (AssertionError, TimeoutError) as e:
+        # what the tracker printed says why (a rare failure under the whole suite's load
+        # left nothing else to go on)
+        if proc.returncode is None:
+            proc.kill()
+        printed = (await proc.communicate())[0].decode()
+        raise AssertionError(f"{e!r}\n--- tracker serve printed ---\n{printed}") from e
     finally:
         if proc.returncode is None:
             proc.kill()
