@@ -13,13 +13,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from tests.reliability import harness
+from tests.reliability.harness import free_port
 from tracker.errors import ConfigError
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -30,22 +26,10 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 async def wait_healthy(url: str, timeout: float = 15.0,
                        proc: asyncio.subprocess.Process | None = None) -> dict:
-    """The health of the tracker at ``url`` once it answers 200; fails at once when ``proc``
-    (that tracker) has exited, as one that could not take its port does."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    # each try short: whatever else holds the port may never answer
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
-        while True:
-            assert proc is None or proc.returncode is None, \
-                f"tracker exited with {proc.returncode} before it was healthy"
-            try:
-                async with http.get(url + "/healthz") as resp:
-                    if resp.status == 200:
-                        return await resp.json()
-            except (aiohttp.ClientError, TimeoutError):
-                pass
-            assert asyncio.get_running_loop().time() < deadline, "tracker did not start"
-            await asyncio.sleep(0.1)
+    """The tracker's health once it answers (``harness.wait_healthy``; ``proc``: that
+    tracker, whose exit ends the wait at once)."""
+    return await harness.wait_healthy(
+        url, timeout, alive=None if proc is None else lambda: proc.returncode is None)
 
 
 async def serve_until_sigterm(tmp_path: Path, check, **env: str) -> tuple[int, str, str]:
@@ -60,7 +44,7 @@ async def serve_until_sigterm(tmp_path: Path, check, **env: str) -> tuple[int, s
         await check(url, await wait_healthy(url, proc=proc))
         proc.send_signal(signal.SIGTERM)
         out = (await asyncio.wait_for(proc.communicate(), 20))[0].decode()
-    except (AssertionError, TimeoutError) as e:
+    except (AssertionError, RuntimeError, TimeoutError) as e:
         # what the tracker printed says why (a rare failure under the whole suite's load
         # left nothing else to go on)
         if proc.returncode is None:

@@ -18,7 +18,7 @@ import socket
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,6 +159,26 @@ class SimProcess:
         await self.proc.stop(5)
 
 
+async def wait_healthy(url: str, timeout: float,
+                       alive: Callable[[], bool] | None = None) -> dict:
+    """The body of the tracker's /healthz once it answers 200. Raises RuntimeError as soon as
+    ``alive`` says its process has exited (as one that could not take its port does), and
+    TimeoutError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    # each try short: whatever else holds the port may never answer
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as s:
+        while True:
+            if alive is not None and not alive():
+                raise RuntimeError("tracker exited before it was healthy")
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with s.get(url + "/healthz") as r:
+                    if r.status == 200:
+                        return await r.json()
+            if time.monotonic() >= deadline:
+                raise TimeoutError("tracker did not become healthy")
+            await asyncio.sleep(0.05)
+
+
 class TrackerProcess:
     """`tracker serve` in a subprocess, restartable on the same port and database."""
 
@@ -196,19 +216,12 @@ class TrackerProcess:
     async def start(self, timeout: float = 30.0) -> None:
         """Start `tracker serve` and wait for /healthz to answer 200."""
         assert self.proc is None or not self.proc.alive
-        self.proc = await spawn("tracker", ["serve"], self.env, self.log, stdout=None)
+        proc = self.proc = await spawn("tracker", ["serve"], self.env, self.log, stdout=None)
         self.starts += 1
-        deadline = time.monotonic() + timeout
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as s:
-            while time.monotonic() < deadline:
-                if not self.proc.alive:
-                    raise RuntimeError("tracker exited: " + self.log.read_text()[-3000:])
-                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                    async with s.get(self.url + "/healthz") as r:
-                        if r.status == 200:
-                            return
-                await asyncio.sleep(0.05)
-        raise RuntimeError("tracker did not become healthy: " + self.log.read_text()[-3000:])
+        try:
+            await wait_healthy(self.url, timeout, alive=lambda: proc.alive)
+        except (RuntimeError, TimeoutError) as e:
+            raise RuntimeError(f"{e}: {self.log.read_text()[-3000:]}") from e
 
     async def kill(self) -> None:
         if self.proc is not None:
