@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import eventually, make_config
 from tracker import clock
 from tracker.app import WORKERS, create_app
-from tracker.callbacks import BUSY_S, FLOOD_PER_S, PATH, SATURATED
+from tracker.callbacks import BUSY_S, FLOOD_PER_S, FLOOD_WINDOW_S, PATH, SATURATED
 from tracker.config import load_config
 from tracker.errors import ConfigError
 from tracker.metrics import LATENCY_BUCKETS, Metrics, Tally, render
@@ -143,6 +143,22 @@ async def test_a_flood_is_told_by_the_rate_callbacks_are_filed_not_by_two_at_onc
         for _ in range(FLOOD_PER_S // 2):
             applier.received(f"run-{uuid.uuid4()}")
         await asyncio.sleep(0.1)
+    assert flooding()
+    await asyncio.sleep(BUSY_S + 0.05)  # stopped
+    assert not flooding()
+
+
+async def test_a_flood_is_told_as_soon_as_a_windows_worth_has_come(start_tracker):
+    # not a quarter second into it, once its first window ends: the checkpoints would hold
+    # the flood's first answers meanwhile
+    t = await start_tracker()
+    applier, flooding = t.svc.applier, t.svc.store.flooding
+    await asyncio.sleep(FLOOD_WINDOW_S)  # idle: the next callback begins a new window
+    needed = int(FLOOD_PER_S * FLOOD_WINDOW_S)
+    for _ in range(needed - 1):
+        applier.received(f"run-{uuid.uuid4()}")
+    assert not flooding()  # fewer than a flood's rate would bring in a whole window
+    applier.reported(0, 0, [f"run-{uuid.uuid4()}"])  # the last one from a worker
     assert flooding()
     await asyncio.sleep(BUSY_S + 0.05)  # stopped
     assert not flooding()
