@@ -242,7 +242,7 @@ class Applier:
         last window, here and in the callback workers, and still coming. A window's worth
         filed before the window is over is that rate already: a flood is told as soon as
         that many came, not once its first window ends (a checkpoint's hold in that first
-        quarter second stalled the flood's first answers 23-34 ms, BENCHMARKS-HISTORY.md)."""
+        quarter second stalled the flood's first answers 23-38 ms, BENCHMARKS-HISTORY.md)."""
         return (self._rate >= FLOOD_PER_S or self._window[1] >= FLOOD_PER_S * FLOOD_WINDOW_S) \
             and self._busy()
 
