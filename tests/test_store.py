@@ -7,6 +7,7 @@ import json
 import os
 import sqlite3
 import threading
+import time
 import uuid
 
 import aiosqlite
@@ -829,6 +830,33 @@ async def test_a_write_finding_another_process_holding_the_database_tries_again_
         await task
         assert ran_on[-1] == threading.get_ident()  # here, not on the writer's thread
         assert await s.setting("k", "other") == "v"
+    finally:
+        other.close()
+        await s.close()
+
+
+async def test_a_write_that_keeps_finding_the_database_held_gets_in_soon_after_it_is_free(
+        tmp_path):
+    # two callback workers commit back to back: a write that waited longer and longer between
+    # its tries (up to 8 ms) kept missing the moment the other let go, 20-38 ms in all
+    path = tmp_path / "busy.db"
+    s = open_store(f"sqlite:///{path}")
+    await s.open()
+    other = sqlite3.connect(path, isolation_level=None)
+    late = []
+    try:
+        for i in range(5):
+            ran = []
+            other.execute("BEGIN IMMEDIATE")
+            task = asyncio.create_task(s._write(lambda db, i=i, ran=ran: (
+                ran.append(time.monotonic()),
+                db.execute("INSERT INTO settings VALUES (?, 'v')", (f"k{i}",)))))
+            await asyncio.sleep(0.017)  # held past several tries
+            other.execute("COMMIT")
+            free = time.monotonic()
+            await task
+            late.append(ran[-1] - free)
+        assert sorted(late)[2] < 0.003, late  # within a try's ms of it, not 5 ms on
     finally:
         other.close()
         await s.close()

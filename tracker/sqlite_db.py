@@ -40,8 +40,11 @@ class MalformedJSON(Unavailable):
 #: how long a write waits for a lock another process holds (on the writer's thread)
 BUSY_TIMEOUT_MS = 10_000
 #: a write on the loop that finds another process holding the database tries again after
-#: these (then waits on the writer's thread, up to BUSY_TIMEOUT_MS)
-BUSY_RETRIES_S = (0.0005, 0.001, 0.001, 0.002, 0.002, 0.004, 0.004, 0.008, 0.008)
+#: these, 31 ms in all (then waits on the writer's thread, up to BUSY_TIMEOUT_MS). A ms
+#: apart at most: two callback workers commit back to back, and tries 4 and 8 ms apart kept
+#: missing the moment the other let go (writes waiting 23-38 ms, 102 answers over 30 ms in
+#: two loads; a ms apart, none: BENCHMARKS-HISTORY.md)
+BUSY_RETRIES_S = (0.0005,) * 2 + (0.001,) * 30
 #: how long closing waits for another process's lock before it skips its upkeep
 CLOSE_WAIT_MS = 1_000
 #: seconds between WAL checkpoints (the writer never checkpoints itself). A round's first pass
