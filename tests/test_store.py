@@ -527,28 +527,29 @@ async def test_point_reads_on_the_loop_fall_back_to_the_reader_when_busy(store):
     store._now = None
 
 
-async def test_a_write_blocked_by_another_process_waits_off_the_loop(tmp_path):
+@pytest.fixture
+def other(store):
+    """A second connection to the store's database, as another process (a callback worker, a
+    CLI command) has: to hold its write lock. Closed before the store."""
+    db = sqlite3.connect(store.path, isolation_level=None)
+    yield db
+    db.close()
+
+
+async def test_a_write_blocked_by_another_process_waits_off_the_loop(store, other):
     """Writes run on the event loop only when the database is free: while another connection
     holds the write lock, a submit waits on the writer's thread and the loop keeps going."""
-    path = tmp_path / "locked.db"
-    s = open_store(f"sqlite:///{path}")
-    await s.open()
-    other = sqlite3.connect(path, isolation_level=None)
-    try:
-        other.execute("BEGIN IMMEDIATE")  # e.g. `tracker keys create` from a shell
-        pending = asyncio.create_task(s.submit(new_run(), Event("api", "submit")))
-        ticks = 0
-        for _ in range(20):  # the loop is free all along
-            await asyncio.sleep(0.01)
-            ticks += 1
-        assert ticks == 20 and not pending.done()
-        other.execute("COMMIT")
-        run, created = await asyncio.wait_for(pending, 5)
-        assert created and (await s.get_run(run.id)) is not None
-        await submit(s)  # and the next write is back on the loop
-    finally:
-        other.close()
-        await s.close()
+    other.execute("BEGIN IMMEDIATE")  # e.g. `tracker keys create` from a shell
+    pending = asyncio.create_task(store.submit(new_run(), Event("api", "submit")))
+    ticks = 0
+    for _ in range(20):  # the loop is free all along
+        await asyncio.sleep(0.01)
+        ticks += 1
+    assert ticks == 20 and not pending.done()
+    other.execute("COMMIT")
+    run, created = await asyncio.wait_for(pending, 5)
+    assert created and (await store.get_run(run.id)) is not None
+    await submit(store)  # and the next write is back on the loop
 
 
 async def test_background_queries_never_scan_a_big_history(tmp_path):
@@ -807,59 +808,44 @@ async def test_a_store_left_to_another_process_to_checkpoint_never_does(tmp_path
         service.close()
 
 
-async def test_a_write_finding_another_process_holding_the_database_tries_again_soon(tmp_path):
+async def test_a_write_finding_another_process_holding_the_database_tries_again_soon(
+        store, other):
     # a callback worker's commit or a checkpoint holds it for a few ms: the write tries again
     # on the loop within a ms or two of its end, not after SQLite's sleeps on the writer's
     # thread (1, 2, 5, 10, 15 ms...), which stalled every request behind it
-    path = tmp_path / "busy.db"
-    s = open_store(f"sqlite:///{path}")
-    await s.open()
-    other = sqlite3.connect(path, isolation_level=None)
     ran_on = []
 
     def write(db):
         ran_on.append(threading.get_ident())
         db.execute("INSERT INTO settings VALUES ('k', 'v')")
 
-    try:
-        other.execute("BEGIN IMMEDIATE")
-        task = asyncio.create_task(s._write(write))
-        await asyncio.sleep(0.003)
-        assert not task.done()  # it waits for the other connection
-        other.execute("COMMIT")
-        await task
-        assert ran_on[-1] == threading.get_ident()  # here, not on the writer's thread
-        assert await s.setting("k", "other") == "v"
-    finally:
-        other.close()
-        await s.close()
+    other.execute("BEGIN IMMEDIATE")
+    task = asyncio.create_task(store._write(write))
+    await asyncio.sleep(0.003)
+    assert not task.done()  # it waits for the other connection
+    other.execute("COMMIT")
+    await task
+    assert ran_on[-1] == threading.get_ident()  # here, not on the writer's thread
+    assert await store.setting("k", "other") == "v"
 
 
 async def test_a_write_that_keeps_finding_the_database_held_gets_in_soon_after_it_is_free(
-        tmp_path):
+        store, other):
     # two callback workers commit back to back: a write that waited longer and longer between
-    # its tries (up to 8 ms) kept missing the moment the other let go, 20-38 ms in all
-    path = tmp_path / "busy.db"
-    s = open_store(f"sqlite:///{path}")
-    await s.open()
-    other = sqlite3.connect(path, isolation_level=None)
+    # its tries (up to 8 ms) kept missing the moment the other let go, 23-38 ms in all
     late = []
-    try:
-        for i in range(5):
-            ran = []
-            other.execute("BEGIN IMMEDIATE")
-            task = asyncio.create_task(s._write(lambda db, i=i, ran=ran: (
-                ran.append(time.monotonic()),
-                db.execute("INSERT INTO settings VALUES (?, 'v')", (f"k{i}",)))))
-            await asyncio.sleep(0.017)  # held past several tries
-            other.execute("COMMIT")
-            free = time.monotonic()
-            await task
-            late.append(ran[-1] - free)
-        assert sorted(late)[2] < 0.003, late  # within a try's ms of it, not 5 ms on
-    finally:
-        other.close()
-        await s.close()
+    for i in range(5):
+        ran = []
+        other.execute("BEGIN IMMEDIATE")
+        task = asyncio.create_task(store._write(lambda db, i=i, ran=ran: (
+            ran.append(time.monotonic()),
+            db.execute("INSERT INTO settings VALUES (?, 'v')", (f"k{i}",)))))
+        await asyncio.sleep(0.017)  # held past several tries
+        other.execute("COMMIT")
+        free = time.monotonic()
+        await task
+        late.append(ran[-1] - free)
+    assert sorted(late)[2] < 0.003, late  # within a try's ms of it, not 5 ms on
 
 
 def test_the_service_lock_is_held_by_one_holder_at_a_time(tmp_path):
