@@ -124,7 +124,22 @@ def machine() -> str:
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     return (f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, Linux {platform.release()}, "
-            f"Python {platform.python_version()}, load average {load} at start")
+            f"Python {platform.python_version()} ({interpreter()}), load average {load} at start")
+
+
+def interpreter() -> str:
+    """The interpreter every process runs on, and how fast it runs plain Python here: how it
+    was built moves every figure that is not a ratio (two builds of Python 3.11 on one machine
+    took 0.66 and 1.00 s: BENCHMARKS.md). The gauge is the sessions' own (``python3 -c``
+    summing ``range(10_000_000)`` in a loop, at module level), the best of three."""
+    code = compile("s = 0\nfor i in range(10_000_000): s += i", "<gauge>", "exec")
+
+    def once() -> float:
+        start = time.perf_counter()
+        exec(code, {})  # module-level names, as under ``python3 -c``
+        return time.perf_counter() - start
+
+    return f"{Path(PY).resolve()}, gauge {min(once() for _ in range(3)):.2f} s"
 
 
 def tree() -> str:
