@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import eventually, make_config
 from tracker import clock
 from tracker.app import WORKERS, create_app
-from tracker.callbacks import BUSY_S, FLOOD_PER_S, FLOOD_WINDOW_S, PATH, SATURATED
+from tracker.callbacks import BUSY_S, FLOOD_PER_S, FLOOD_PER_WINDOW, FLOOD_WINDOW_S, PATH, SATURATED
 from tracker.config import load_config
 from tracker.errors import ConfigError
 from tracker.metrics import LATENCY_BUCKETS, Metrics, Tally, render
@@ -154,8 +154,7 @@ async def test_a_flood_is_told_as_soon_as_a_windows_worth_has_come(start_tracker
     t = await start_tracker()
     applier, flooding = t.svc.applier, t.svc.store.flooding
     await asyncio.sleep(FLOOD_WINDOW_S)  # idle: the next callback begins a new window
-    needed = int(FLOOD_PER_S * FLOOD_WINDOW_S)
-    for _ in range(needed - 1):
+    for _ in range(FLOOD_PER_WINDOW - 1):
         applier.received(f"run-{uuid.uuid4()}")
     assert not flooding()  # fewer than a flood's rate would bring in a whole window
     applier.reported(0, 0, [f"run-{uuid.uuid4()}"])  # the last one from a worker

@@ -58,6 +58,9 @@ SATURATED = 2
 FLOOD_PER_S = 1_000
 #: the window over which that rate is counted
 FLOOD_WINDOW_S = 0.25
+#: callbacks that make that rate in one window: as many filed before a window is over is a
+#: flood already (``flooding``)
+FLOOD_PER_WINDOW = int(FLOOD_PER_S * FLOOD_WINDOW_S)
 #: how often a waiting applier looks again
 HOLD_S = 0.05
 #: seconds before the applier tries again after a storage fault
@@ -243,8 +246,7 @@ class Applier:
         filed before the window is over is that rate already: a flood is told as soon as
         that many came, not once its first window ends (a checkpoint's hold in that first
         quarter second stalled the flood's first answers 23-38 ms, BENCHMARKS-HISTORY.md)."""
-        return (self._rate >= FLOOD_PER_S or self._window[1] >= FLOOD_PER_S * FLOOD_WINDOW_S) \
-            and self._busy()
+        return (self._rate >= FLOOD_PER_S or self._window[1] >= FLOOD_PER_WINDOW) and self._busy()
 
     def _hold(self, oldest: InboxItem) -> bool:
         """Whether to leave the inbox be for now: callbacks are saturating the service, and
