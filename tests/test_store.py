@@ -514,6 +514,59 @@ async def test_a_connection_cancelled_as_it_opens_leaves_no_thread_behind(tmp_pa
                 db.stop()
 
 
+class _SlowClose:
+    """A sqlite3 connection whose close takes a moment (a busy machine's)."""
+
+    def __init__(self, real: sqlite3.Connection) -> None:
+        self.real = real
+
+    def close(self) -> None:
+        time.sleep(0.2)
+        self.real.close()
+
+
+@pytest.mark.parametrize("cancelled_in", ["connect", "pragmas"])
+def test_a_connection_cancelled_as_it_opens_is_done_with_its_loop_before_it_returns(
+        tmp_path, monkeypatch, cancelled_in):
+    """Stopping a connection, its thread posts the end to the event loop. When the cancelled
+    opening returned at once, a loop closed meanwhile (a service stopping as it starts, a
+    test's end) made the thread die with "Event loop is closed" (a warning in CI)."""
+    made, connect, real_sqlite_connect = [], aiosqlite.connect, sqlite3.connect
+    errors: list = []
+    monkeypatch.setattr(threading, "excepthook", errors.append)
+    monkeypatch.setattr(aiosqlite, "connect", lambda *a, **kw: made.append(connect(*a, **kw))
+                        or made[-1])
+    store = open_store(f"sqlite:///{tmp_path / 'store.db'}")
+
+    async def opening_cancelled() -> None:
+        reached = threading.Event()  # set on the connection's thread, or on the loop
+
+        def slow_connect(*args, **kw):  # on the connection's thread
+            reached.set()
+            time.sleep(0.2)
+            return real_sqlite_connect(*args, **kw)
+
+        async def stalled(self, sql, *args):  # the first pragma never returns
+            self._connection = _SlowClose(self._connection)
+            reached.set()
+            await asyncio.Event().wait()
+
+        if cancelled_in == "connect":
+            monkeypatch.setattr(sqlite3, "connect", slow_connect)
+        else:
+            monkeypatch.setattr(aiosqlite.Connection, "execute", stalled)
+        opening = asyncio.create_task(store._connect())
+        await eventually(reached.is_set, timeout=5)
+        opening.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await opening
+
+    asyncio.run(opening_cancelled())  # and its loop closed at once
+    made[0]._thread.join(5)
+    assert not made[0]._thread.is_alive()
+    assert errors == []
+
+
 async def test_point_reads_on_the_loop_fall_back_to_the_reader_when_busy(store):
     run = await submit(store)
 

@@ -93,6 +93,20 @@ def _in_transaction(db: sqlite3.Connection, fn: Callable[[sqlite3.Connection], A
     return result
 
 
+async def _stopped(db: aiosqlite.Connection) -> None:
+    """``db`` stopped, its thread waited for (a second at most): the thread's last act posts
+    to this event loop, and one that finds it closed (a start cancelled as it shuts down, a
+    test's end) dies with an exception instead. Stopped once only: aiosqlite stops a
+    connection whose opening failed itself, without waiting, and a second stop is never run.
+    aiosqlite has no public state for either: its private ``_running`` and ``_thread``."""
+    if db._running:
+        db.stop()
+    thread = db._thread
+    deadline = time.monotonic() + 1
+    while thread.is_alive() and time.monotonic() < deadline:
+        await asyncio.sleep(0.001)
+
+
 def _allowance(frames: int) -> int:
     """Frames a held pass may find to copy (see FINISH_FRAMES, FINISH_SHARE)."""
     return max(FINISH_FRAMES, int(frames * FINISH_SHARE))
@@ -157,15 +171,16 @@ class SQLiteDB:
     # --- lifecycle -------------------------------------------------------------------------
 
     async def _connect(self, cache_mb: int = 8) -> aiosqlite.Connection:
-        db = await aiosqlite.connect(self.path, isolation_level=None)
-        db.row_factory = sqlite3.Row
+        db = aiosqlite.connect(self.path, isolation_level=None)
         try:
+            await db
+            db.row_factory = sqlite3.Row
             for pragma in self._pragmas(cache_mb):
                 await db.execute(f"PRAGMA {pragma}")
         except BaseException:
             # cancelled or failed here, nobody would close it, and its thread (not a daemon)
             # would keep the process from exiting
-            db.stop()
+            await _stopped(db)
             raise
         return db
 
