@@ -7,6 +7,7 @@ and ``api.py`` are meant to, and reads ``GET /metrics`` over HTTP.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import uuid
 from pathlib import Path
@@ -29,7 +30,7 @@ from tracker.metrics import (
     refusal_reason,
     render,
 )
-from tracker.middleware import timing_middleware
+from tracker.middleware import InFlight, timing_middleware
 from tracker.states import Source, State
 from tracker.store import Event, NewRun
 
@@ -143,6 +144,41 @@ async def test_requests_are_labelled_by_route_pattern_not_raw_path(aiohttp_clien
     assert value(m, "tracker_http_requests_total", method="other", route="unmatched",
                  status="405") == 1
     assert not any("run-a" in str(labels) for _, labels in got)
+
+
+async def test_in_flight_knows_when_the_running_code_serves_the_only_request(aiohttp_client):
+    in_flight, seen = InFlight(), {}
+    held, other_in = asyncio.Event(), asyncio.Event()
+    app = web.Application(middlewares=[timing_middleware(Metrics().request, in_flight)])
+
+    async def lone() -> bool:
+        return in_flight.lone()
+
+    async def handler(request):
+        name = request.query["n"]
+        seen[name] = in_flight.lone()
+        seen[f"{name}, a task it starts"] = await asyncio.create_task(lone())
+        if name == "held":  # in flight until another request comes in
+            held.set()
+            await asyncio.wait_for(other_in.wait(), 5)
+            seen["held, with another"] = in_flight.lone()
+        elif name == "other":
+            other_in.set()
+            await asyncio.sleep(0.05)
+        return web.json_response({})
+
+    app.router.add_get("/", handler)
+    client = await aiohttp_client(app)
+    assert (await client.get("/?n=alone")).status == 200
+    assert seen == {"alone": True, "alone, a task it starts": True}
+    first = asyncio.create_task(client.get("/?n=held"))
+    await asyncio.wait_for(held.wait(), 5)
+    assert in_flight.n == 1 and not await asyncio.create_task(lone())  # not serving it
+    assert (await client.get("/?n=other")).status == 200
+    assert (await first).status == 200
+    assert seen["held"] and not seen["other"] and not seen["held, with another"]
+    assert not seen["other, a task it starts"]
+    assert in_flight.n == 0
 
 
 def test_callback_requests_count_received_and_refused_by_reason():

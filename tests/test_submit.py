@@ -85,6 +85,31 @@ async def test_run_is_committed_before_letta_is_called(start_tracker, sim, agent
     assert [e["kind"] for e in events][:2] == ["submit", "submitted"]
 
 
+async def test_a_lone_submit_commits_at_once_and_submits_together_share_commits(
+        start_tracker, sim, agent):
+    """The only request in flight has no other request's writes to wait for: both its
+    writes commit in its own tasks, with no turn of the loop spent on a drain. Submits in
+    flight together still go through the drain and share commits."""
+    sim.set_faults(run_duration_s=(30, 30))  # no callback comes in meanwhile
+    t = await start_tracker()
+    store, commits = t.svc.store, []
+    commit_batch = store._commit_batch
+
+    async def counted(ops):
+        commits.append((len(ops), asyncio.current_task() is store._drainer))
+        return await commit_batch(ops)
+
+    store._commit_batch = counted
+    await t.submit(agent)
+    assert commits == [(1, False), (1, False)]  # the insert, then Letta's answer
+    commits.clear()
+    agents = [sim.create_agent(f"together-{i}")["id"] for i in range(8)]  # lanes all free
+    runs = await asyncio.gather(*(t.submit(a) for a in agents))
+    assert all(r["tracker"]["state"] == "submitted" for r in runs)
+    assert sum(n for n, _ in commits) == 16
+    assert len(commits) < 16 and all(drained for n, drained in commits if n > 1)
+
+
 async def test_refusals_record_and_send_nothing(start_tracker, sim, agent):
     t = await start_tracker(server={"max_body_bytes": 2048})
     cases = [

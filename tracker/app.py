@@ -18,7 +18,12 @@ from tracker.dispatcher import Dispatcher
 from tracker.letta import LettaClient
 from tracker.manager import Manager
 from tracker.metrics import METRICS, Metrics
-from tracker.middleware import error_middleware, make_auth_middleware, timing_middleware
+from tracker.middleware import (
+    InFlight,
+    error_middleware,
+    make_auth_middleware,
+    timing_middleware,
+)
 from tracker.poller import Poller
 from tracker.reconcile import reconcile
 from tracker.relay import Relay
@@ -39,17 +44,18 @@ def create_app(cfg: Config) -> web.Application:
     """Build the tracker application for ``cfg`` (nothing runs until it is started)."""
     logs_redact.register(cfg.letta.api_key, cfg.callbacks.secret)
     metrics = Metrics()
+    in_flight = InFlight()
     app = web.Application(
         client_max_size=cfg.server.max_body_bytes,
         # timing first: it sees the status error_middleware finally answers with
-        middlewares=[timing_middleware(metrics.request), error_middleware,
+        middlewares=[timing_middleware(metrics.request, in_flight), error_middleware,
                      make_auth_middleware(lambda key: _authenticate(app, key), api.is_public)],
     )
     app[METRICS] = metrics
     app[FIRST_KEY] = []
     api.add_routes(app)
     app.cleanup_ctx.append(lambda a: _all_or_nothing(a, [
-        lambda a: _store_ctx(a, cfg),
+        lambda a: _store_ctx(a, cfg, in_flight),
         lambda a: _letta_ctx(a, cfg),
         lambda a: _services_ctx(a, cfg),
         _workers_ctx,  # before anything is sent: Letta may call back on the workers' port
@@ -89,8 +95,10 @@ async def _authenticate(app: web.Application, key: str | None) -> Any:
     return await auth.authenticate(svc.store, key)
 
 
-async def _store_ctx(app: web.Application, cfg: Config) -> AsyncIterator[None]:
+async def _store_ctx(app: web.Application, cfg: Config,
+                     in_flight: InFlight) -> AsyncIterator[None]:
     store = open_store(cfg.database.url, cfg.database.synchronous)
+    store.alone = in_flight.lone
     store.lock_for_service()  # before anything is read: a second service stops here
     try:
         await store.open()

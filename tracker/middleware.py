@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 
 from aiohttp import web
 
@@ -16,6 +17,21 @@ log = logging.getLogger("tracker.api")
 USER: web.RequestKey = web.RequestKey("user", object)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+#: True in a task serving a request, and in the tasks it starts (an inline send)
+SERVING: ContextVar[bool] = ContextVar("tracker_serving", default=False)
+
+
+class InFlight:
+    """The requests being handled now (counted by ``timing_middleware``)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def lone(self) -> bool:
+        """Whether the running code serves the only request in flight: its writes have no
+        other request's to share a commit with (``GroupCommit._batched``)."""
+        return self.n == 1 and SERVING.get()
 
 
 def _json_error(status: int, detail: object) -> web.Response:
@@ -66,13 +82,18 @@ def make_auth_middleware(authenticate: Callable, public: Callable[[str], bool]):
     return auth_middleware
 
 
-def timing_middleware(observe: Callable[[str, str, int, float], None]):
-    """Report each request's route, status and latency to ``observe`` (metrics)."""
+def timing_middleware(observe: Callable[[str, str, int, float], None],
+                      in_flight: InFlight | None = None):
+    """Report each request's route, status and latency to ``observe`` (metrics), and count
+    the requests in flight in ``in_flight``."""
+    counted = in_flight or InFlight()
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         start = time.perf_counter()
         status = 500
+        counted.n += 1
+        SERVING.set(True)  # each request has a task of its own: nothing to reset after
         try:
             response = await handler(request)
             status = response.status
@@ -81,6 +102,7 @@ def timing_middleware(observe: Callable[[str, str, int, float], None]):
             status = e.status
             raise
         finally:
+            counted.n -= 1
             route = request.match_info.route.resource
             name = route.canonical if route is not None else "unmatched"
             observe(request.method, name, status, time.perf_counter() - start)

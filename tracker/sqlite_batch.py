@@ -41,7 +41,15 @@ class GroupCommit(SQLiteDB):
 
     async def _batched(self, op: Any) -> Any:
         """Group commit: concurrent writers share one transaction, each still committed
-        before its caller returns. Under load this turns N commits into one."""
+        before its caller returns. Under load this turns N commits into one. The only
+        request in flight commits its write at once, when nothing else is being written:
+        no other request's could join it, and the turns of the loop spent waiting for them
+        (the drain's task, its gathering, the caller's wake-up) cost a lone submit 4-11% of
+        the loop's time (BENCHMARKS-HISTORY.md). Background work (the poller, the applier)
+        is not a request: its writes made together still share commits."""
+        if not self._queue and (self._drainer is None or self._drainer.done()) and self.alone():
+            [result] = await self._commit_batch([op])
+            return result
         fut = asyncio.get_running_loop().create_future()
         self._queue.append((op, fut))
         if self._drainer is None or self._drainer.done():
@@ -67,7 +75,8 @@ class GroupCommit(SQLiteDB):
         """Let the writes of requests a turn of the loop behind join this commit, for as long
         as more keep coming (a few turns at most, and not past GATHER_ENOUGH): under load,
         fewer and larger commits, whose cost grows with the pages they write and many of
-        which the runs share; alone, one turn of the loop (microseconds) before committing."""
+        which the runs share; alone, a turn or two of the loop before committing (none for
+        the only request in flight: ``_batched``)."""
         for _ in range(GATHER_TURNS):
             waiting = len(self._queue)
             if waiting >= GATHER_ENOUGH:

@@ -166,6 +166,7 @@ class SQLiteDB:
         self._file: int | None = None  # the database file, for _sync_database
         self.writable = True  # False from a failed write until the next one succeeds
         self.flooding: Callable[[], bool] = lambda: False  # set by the service (Store)
+        self.alone: Callable[[], bool] = lambda: False  # likewise
         self._service_lock: ServiceLock | None = None
 
     # --- lifecycle -------------------------------------------------------------------------

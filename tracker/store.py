@@ -178,6 +178,9 @@ class Store(Protocol):
     #: set by the service: whether writes are flooding in now (callbacks filed at a flood's
     #: rate, ``Applier.flooding``); upkeep that would hold every write waits while it is True
     flooding: Callable[[], bool]
+    #: set by the service: whether the running code serves the only request in flight
+    #: (``InFlight.lone``): its writes commit at once, with no wait for others to join
+    alone: Callable[[], bool]
 
     async def open(self) -> None: ...
     async def close(self) -> None: ...
