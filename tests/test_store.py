@@ -339,6 +339,40 @@ async def test_writes_a_turn_of_the_loop_apart_share_one_commit(store):
     assert commits == [3, 1, GATHER_ENOUGH, 1]
 
 
+async def test_a_lone_write_commits_at_once_but_writes_coming_together_share_a_commit(store):
+    """The only request in flight commits at once, with no turn of the loop waited. Writes
+    that each look alone but come in one turn (a flood of callbacks: handlers that run one
+    after the other) go through the drain but the first; and after a drain that several
+    joined, so do the next, until one comes alone again."""
+    commits = []
+    commit_batch = store._commit_batch
+
+    async def counted(ops):
+        commits.append((len(ops), asyncio.current_task() is store._drainer))
+        return await commit_batch(ops)
+
+    store._commit_batch = counted
+    store.alone = lambda: True
+
+    async def later():  # a write of a later turn of the loop (a lone request's next)
+        await asyncio.sleep(0)
+        return await submit(store)
+
+    await later()
+    await later()
+    assert commits == [(1, False), (1, False)]
+    commits.clear()
+    await asyncio.gather(*(submit(store) for _ in range(5)))
+    assert commits == [(1, False), (4, True)]
+    commits.clear()
+    await later()  # after a drain of four: not yet quiet
+    await later()  # after a drain of one: quiet again
+    assert commits == [(1, True), (1, False)]
+    store.alone = lambda: False  # another request in flight, or background work
+    await submit(store)
+    assert commits[-1] == (1, True)
+
+
 async def test_callback_inbox_files_only_callbacks_naming_the_runs_own_letta_run(store):
     run, early = await submit(store), await submit(store, agent=A2)
     await store.claim(serial=False, now=clock.now())

@@ -33,6 +33,10 @@ class GroupCommit(SQLiteDB):
         super().__init__(path, synchronous, checkpoints)
         self._queue: list[tuple[Any, asyncio.Future]] = []
         self._drainer: asyncio.Task | None = None
+        #: the last drain committed one write: nobody joined it (see _alone_now)
+        self._quiet = True
+        #: a write committed alone in this turn of the loop (see _alone_now)
+        self._alone_this_turn = False
 
     async def close(self) -> None:
         if self._drainer is not None:  # the writes already queued go in first
@@ -41,13 +45,11 @@ class GroupCommit(SQLiteDB):
 
     async def _batched(self, op: Any) -> Any:
         """Group commit: concurrent writers share one transaction, each still committed
-        before its caller returns. Under load this turns N commits into one. The only
-        request in flight commits its write at once, when nothing else is being written:
-        no other request's could join it, and the turns of the loop spent waiting for them
-        (the drain's task, its gathering, the caller's wake-up) cost a lone submit 4-11% of
-        the loop's time (BENCHMARKS-HISTORY.md). Background work (the poller, the applier)
-        is not a request: its writes made together still share commits."""
-        if not self._queue and (self._drainer is None or self._drainer.done()) and self.alone():
+        before its caller returns. Under load this turns N commits into one. A lone write
+        commits at once (``_alone_now``)."""
+        if self._alone_now():
+            self._alone_this_turn = True
+            asyncio.get_running_loop().call_soon(self._next_turn)
             [result] = await self._commit_batch([op])
             return result
         fut = asyncio.get_running_loop().create_future()
@@ -55,6 +57,23 @@ class GroupCommit(SQLiteDB):
         if self._drainer is None or self._drainer.done():
             self._drainer = asyncio.create_task(self._drain())
         return await fut
+
+    def _alone_now(self) -> bool:
+        """Whether this write commits at once, without the drain: the turns of the loop
+        spent waiting for others to join it (the drain's task, its gathering, the caller's
+        wake-up) cost a lone submit 4-11% of the loop's time (BENCHMARKS-HISTORY.md). Only
+        the only request in flight (``alone``: background work's writes made together still
+        share commits), while nothing is being written, and when writes are quiet: the last
+        drain had one write, and no write committed alone yet in this turn of the loop. A
+        request counts once its handler runs, and a flood of callbacks, none of which waits
+        for anything but its commit, comes as handlers that each run alone in turn: without
+        the last two conditions each committed alone, and benchmark 1 fell from 0.56 of its
+        ceiling to 0.29-0.36."""
+        return (self._quiet and not self._alone_this_turn and not self._queue
+                and (self._drainer is None or self._drainer.done()) and self.alone())
+
+    def _next_turn(self) -> None:
+        self._alone_this_turn = False
 
     async def _drain(self) -> None:
         await self._gather()
@@ -67,6 +86,7 @@ class GroupCommit(SQLiteDB):
                 for op, fut in batch:
                     await self._commit_alone(op, fut)
                 continue
+            self._quiet = len(batch) == 1
             for (_, fut), result in zip(batch, results, strict=True):
                 if not fut.done():
                     fut.set_result(result)
