@@ -59,16 +59,16 @@ class GroupCommit(SQLiteDB):
         return await fut
 
     def _alone_now(self) -> bool:
-        """Whether this write commits at once, without the drain: the turns of the loop
-        spent waiting for others to join it (the drain's task, its gathering, the caller's
-        wake-up) cost a lone submit 4-11% of the loop's time (BENCHMARKS-HISTORY.md). Only
-        the only request in flight (``alone``: background work's writes made together still
-        share commits), while nothing is being written, and when writes are quiet: the last
-        drain had one write, and no write committed alone yet in this turn of the loop. A
-        request counts once its handler runs, and a flood of callbacks, none of which waits
-        for anything but its commit, comes as handlers that each run alone in turn: without
-        the last two conditions each committed alone, and benchmark 1 fell from 0.56 of its
-        ceiling to 0.29-0.36."""
+        """Whether this write commits at once instead of through the drain, whose turns of
+        the loop (its task's start, its gathering, the caller's wake-up) cost a lone submit
+        ~4% of the loop's CPU (BENCHMARKS-HISTORY.md, fortieth session). Only for the code
+        serving the only request in flight (``alone``: the poller's and the applier's writes
+        made together still share commits), with nothing queued or draining, and while
+        writes are quiet: the last drain had one write, and none committed alone yet in this
+        turn of the loop. A request counts from when its handler runs, and the handlers of a
+        flood of callbacks (each waiting for nothing but its commit) run one after the
+        other, each alone by that count: without the last two conditions each committed
+        alone, and benchmark 1 fell from 0.56 of its ceiling to 0.29."""
         return (self._quiet and not self._alone_this_turn and not self._queue
                 and (self._drainer is None or self._drainer.done()) and self.alone())
 
