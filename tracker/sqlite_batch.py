@@ -54,9 +54,13 @@ class GroupCommit(SQLiteDB):
             return result
         fut = asyncio.get_running_loop().create_future()
         self._queue.append((op, fut))
-        if self._drainer is None or self._drainer.done():
+        if not self._draining:
             self._drainer = asyncio.create_task(self._drain())
         return await fut
+
+    @property
+    def _draining(self) -> bool:
+        return self._drainer is not None and not self._drainer.done()
 
     def _alone_now(self) -> bool:
         """Whether this write commits at once instead of through the drain, whose turns of
@@ -70,7 +74,7 @@ class GroupCommit(SQLiteDB):
         other, each alone by that count: without the last two conditions each committed
         alone, and benchmark 1 fell from 0.56 of its ceiling to 0.29."""
         return (self._quiet and not self._alone_this_turn and not self._queue
-                and (self._drainer is None or self._drainer.done()) and self.alone())
+                and not self._draining and self.alone())
 
     def _next_turn(self) -> None:
         self._alone_this_turn = False
