@@ -39,6 +39,20 @@ def make_config(tmp_path: Path, **sections: dict[str, Any]) -> Config:
     return cfg.model_validate(data)
 
 
+def record_commits(store) -> list[tuple[int, bool]]:
+    """The group commits ``store`` makes from now on, each as (its writes, whether the drain
+    made it rather than a lone write's own task)."""
+    commits: list[tuple[int, bool]] = []
+    commit_batch = store._commit_batch
+
+    async def counted(ops):
+        commits.append((len(ops), asyncio.current_task() is store._drainer))
+        return await commit_batch(ops)
+
+    store._commit_batch = counted
+    return commits
+
+
 async def eventually(check: Callable[[], Any], timeout: float = 10.0, every: float = 0.05):
     """Await ``check()`` until it returns something truthy (tests of background work)."""
     deadline = asyncio.get_running_loop().time() + timeout

@@ -13,7 +13,7 @@ import uuid
 import aiosqlite
 import pytest
 
-from tests.conftest import eventually
+from tests.conftest import eventually, record_commits
 from tracker import clock, sqlite_inbox
 from tracker.errors import Conflict, Unavailable
 from tracker.migrations import LATEST, MIGRATIONS
@@ -344,14 +344,7 @@ async def test_a_lone_write_commits_at_once_but_writes_coming_together_share_a_c
     that each look alone but come in one turn (a flood of callbacks: handlers that run one
     after the other) go through the drain but the first; and after a drain that several
     joined, so do the next, until one comes alone again."""
-    commits = []
-    commit_batch = store._commit_batch
-
-    async def counted(ops):
-        commits.append((len(ops), asyncio.current_task() is store._drainer))
-        return await commit_batch(ops)
-
-    store._commit_batch = counted
+    commits = record_commits(store)
     store.alone = lambda: True
 
     async def later():  # a write of a later turn of the loop (a lone request's next)

@@ -13,7 +13,7 @@ import uuid
 import pytest
 from aiohttp import web
 
-from tests.conftest import eventually
+from tests.conftest import eventually, record_commits
 from tracker.errors import LettaUnavailable
 from tracker.letta import LettaClient
 from tracker.letta_request import RUN_ID_PATTERN
@@ -92,14 +92,8 @@ async def test_a_lone_submit_commits_at_once_and_submits_together_share_commits(
     flight together still go through the drain and share commits."""
     sim.set_faults(run_duration_s=(30, 30))  # no callback comes in meanwhile
     t = await start_tracker()
-    store, commits = t.svc.store, []
-    commit_batch = store._commit_batch
-
-    async def counted(ops):
-        commits.append((len(ops), asyncio.current_task() is store._drainer))
-        return await commit_batch(ops)
-
-    store._commit_batch = counted
+    store = t.svc.store
+    commits = record_commits(store)
     await t.submit(agent)
     assert commits == [(1, False), (1, False)]  # the insert, then Letta's answer
     commits.clear()
