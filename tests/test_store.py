@@ -316,27 +316,26 @@ async def test_writes_a_turn_of_the_loop_apart_share_one_commit(store):
     """Under load the next requests' writes are a turn or two of the event loop behind: the
     group commit waits for them while more keep coming, unless it has enough already; a
     write alone does not wait."""
-    commits = []
-    commit_batch = store._commit_batch
+    commits = record_commits(store)
 
-    async def counted(ops):
-        commits.append(len(ops))
-        return await commit_batch(ops)
+    def sizes() -> list[int]:
+        return [n for n, _ in commits]
 
-    store._commit_batch = counted
-
-    async def after(turns: int):
-        for _ in range(turns):
-            await asyncio.sleep(0)
-        return await submit(store)
-
-    await asyncio.gather(*(after(i) for i in range(3)))
-    assert commits == [3]
+    await asyncio.gather(*(submit_after(store, i) for i in range(3)))
+    assert sizes() == [3]
     await submit(store)
-    assert commits == [3, 1]
+    assert sizes() == [3, 1]
     # enough writes at once: they commit without waiting for the next turn's
-    await asyncio.gather(*(after(0) for _ in range(GATHER_ENOUGH)), after(1))
-    assert commits == [3, 1, GATHER_ENOUGH, 1]
+    await asyncio.gather(*(submit_after(store, 0) for _ in range(GATHER_ENOUGH)),
+                         submit_after(store, 1))
+    assert sizes() == [3, 1, GATHER_ENOUGH, 1]
+
+
+async def submit_after(store, turns: int):
+    """A submit's write ``turns`` turns of the event loop from now (a later request's)."""
+    for _ in range(turns):
+        await asyncio.sleep(0)
+    return await submit(store)
 
 
 async def test_a_lone_write_commits_at_once_but_writes_coming_together_share_a_commit(store):
@@ -347,9 +346,8 @@ async def test_a_lone_write_commits_at_once_but_writes_coming_together_share_a_c
     commits = record_commits(store)
     store.alone = lambda: True
 
-    async def later():  # a write of a later turn of the loop (a lone request's next)
-        await asyncio.sleep(0)
-        return await submit(store)
+    def later():  # a write of a later turn of the loop (a lone request's next)
+        return submit_after(store, 1)
 
     await later()
     await later()
