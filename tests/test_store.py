@@ -161,6 +161,48 @@ async def test_paused_lane_lets_only_the_answer_through_ahead_of_others(store):
     assert (await store.get_run(waiting.id)).state is State.QUEUED
 
 
+async def test_the_pause_holds_until_letta_has_the_answer(store):
+    """An answer whose send failed (a 429, a timeout: requeued) still goes ahead of the
+    messages queued behind the pause: the pause ends when Letta has the answer, not when the
+    answer is claimed. Refused by Letta, the answer leaves the agent paused."""
+    first = await submit(store)
+    await store.claim(serial=True, now=clock.now())
+    await store.transition(first.id, State.PAUSED, (State.SUBMITTING,), {}, None)
+    waiting = await submit(store)
+    answer = await submit(store, kind="answer")
+    [claimed] = await store.claim(serial=True, now=clock.now())
+    assert claimed.id == answer.id
+    assert (await store.get_run(first.id)).state is State.PAUSED  # Letta has nothing yet
+    await store.transition(answer.id, State.QUEUED, (State.SUBMITTING,), {}, None)
+    [again] = await store.claim(serial=True, now=clock.now())
+    assert again.id == answer.id  # not the message behind the pause
+    await store.transition(answer.id, State.REJECTED, (State.SUBMITTING,), {}, None)
+    assert (await store.get_run(first.id)).state is State.PAUSED
+    assert await store.claim(serial=True, now=clock.now()) == []
+    # a second answer that Letta takes ends the pause; the message goes next
+    retry = await submit(store, kind="answer")
+    await store.claim(serial=True, now=clock.now())
+    await store.transition(retry.id, State.SUBMITTED, (State.SUBMITTING,),
+                           {"letta_run_id": "run-letta-answer"}, None)
+    assert (await store.get_run(first.id)).state is State.DONE
+    assert "answered" in [e.kind for e in await store.events(first.id)]
+    await store.transition(retry.id, State.DONE, (State.SUBMITTED,), {}, None)
+    [nxt] = await store.claim(serial=True, now=clock.now())
+    assert nxt.id == waiting.id
+
+
+async def test_an_answer_sent_inline_also_waits_for_letta_to_end_the_pause(store):
+    first = await submit(store)
+    await store.claim(serial=True, now=clock.now())
+    await store.transition(first.id, State.PAUSED, (State.SUBMITTING,), {}, None)
+    answer, _ = await store.submit(new_run(kind="answer"), Event("api", "submit"), claim=False)
+    assert answer.state is State.SUBMITTING
+    assert (await store.get_run(first.id)).state is State.PAUSED
+    # a fast callback can record the answer's outcome before the submit records Letta's answer
+    await store.transition(answer.id, State.DONE, (State.SUBMITTING, State.SUBMITTED), {}, None)
+    assert (await store.get_run(first.id)).state is State.DONE
+
+
 async def test_parallel_claims_everything_due(store):
     runs = [await submit(store) for _ in range(3)]
     claimed = await store.claim(serial=False, now=clock.now())

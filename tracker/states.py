@@ -63,6 +63,9 @@ FINAL = frozenset({State.DONE, State.REJECTED, State.CANCELLED, State.LOST})
 WATCHED = frozenset({State.SUBMITTED, State.STUCK, State.CONFIRMING})
 #: runs that keep their agent's lane busy (serial dispatch)
 LANE_BUSY = frozenset({State.SUBMITTING, State.SUBMITTED, State.STUCK, State.CONFIRMING})
+#: states a run reaches only once Letta has taken it: an answer in one ends its agent's pause
+AT_LETTA = frozenset(
+    {State.SUBMITTED, State.STUCK, State.CONFIRMING, State.PAUSED, State.DONE, State.LOST})
 #: runs the relay reports to the user's callback_url once reached
 REPORTED = frozenset({State.PAUSED, *FINAL})
 

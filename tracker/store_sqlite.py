@@ -26,7 +26,7 @@ from tracker.sqlite_queries import (
     marks,
 )
 from tracker.sqlite_reads import RunReads
-from tracker.states import FINAL, LANE_BUSY, State
+from tracker.states import AT_LETTA, FINAL, LANE_BUSY, Source, State
 from tracker.store import Add, Event, NewRun, RunRecord
 
 EVENT_SQL = ("INSERT INTO run_events (run_id, at, source, kind, state, status, detail)"
@@ -75,8 +75,6 @@ class SQLiteStore(RunReads, CallbackInbox, Accounts, Deliveries, GroupCommit):
             db.execute("INSERT INTO run_payloads (seq, request) VALUES (?, ?)", (run.seq, request))
             run.request = new.request
             self._add_event(db, new.id, event, State.QUEUED, "created", now)
-            if go and new.kind == "answer":
-                self._answer_pause(db, new.agent_id, new.id)
             return run
 
         try:
@@ -115,13 +113,11 @@ class SQLiteStore(RunReads, CallbackInbox, Accounts, Deliveries, GroupCommit):
     def _claim_one(self, db: sqlite3.Connection, run_id: str) -> RunRecord | None:
         rows = db.execute(
             "UPDATE runs SET state = 'submitting', attempts = attempts + 1 "
-            "WHERE id = ? AND state = 'queued' RETURNING seq, kind, agent_id", (run_id,)
+            "WHERE id = ? AND state = 'queued' RETURNING seq", (run_id,)
         ).fetchall()
         if not rows:
             return None
-        seq, kind, agent_id = rows[0]
-        if kind == "answer":
-            self._answer_pause(db, agent_id, run_id)
+        seq = rows[0][0]
         # read back whole, request included (the dispatcher sends it): RETURNING cannot join
         return as_run(db.execute(f"SELECT {FULL_COLS} FROM {WITH_PAYLOAD} WHERE seq = ?",
                                (seq,)).fetchone())
@@ -142,13 +138,15 @@ class SQLiteStore(RunReads, CallbackInbox, Accounts, Deliveries, GroupCommit):
             (new.agent_id,)).fetchall()
         return not earlier
 
-    def _answer_pause(self, db: sqlite3.Connection, agent_id: str, by: str) -> None:
-        """The approval or tool return goes out: the run that paused for it is done."""
+    def _answer_pause(self, db: sqlite3.Connection, answer: RunRecord, source: str) -> None:
+        """Letta has the approval or tool return: the run that paused for it is done. Not
+        before (at the answer's claim): an answer requeued or refused leaves the agent
+        paused at Letta, and the messages queued behind the pause must wait on."""
         rows = db.execute(
             "UPDATE runs SET state = 'done' WHERE agent_id = ? AND state = 'paused'"
-            " RETURNING id, status", (agent_id,)).fetchall()
+            " AND seq < ? RETURNING id, status", (answer.agent_id, answer.seq)).fetchall()
         for run_id, status in rows:
-            self._add_event(db, run_id, Event("dispatch", "answered", {"by": by}),
+            self._add_event(db, run_id, Event(source, "answered", {"by": answer.id}),
                             State.DONE, status, clock.iso())
 
     def _due_queued(self, db: sqlite3.Connection, now: float, agent_id: str | None,
@@ -219,6 +217,8 @@ class SQLiteStore(RunReads, CallbackInbox, Accounts, Deliveries, GroupCommit):
             if not rows:
                 return None
             run = as_run(rows[0])
+            if run.kind == "answer" and run.state in AT_LETTA:
+                self._answer_pause(db, run, event.source if event else Source.DISPATCH)
             if payload:
                 db.execute(payload_sql, (*payload.values(), run.seq))
             if event:
