@@ -453,6 +453,52 @@ async def test_a_slow_submit_is_not_rescued_as_stranded(start_tracker, sim, agen
     assert "rescued" not in await kinds(t, run["id"])
 
 
+async def _sent_but_unanswered(start_tracker, sim, agent, text: str):
+    """A run whose send timed out although Letta took it: queued again, to be looked up
+    before any resend (``needs_lookup``), the next try a minute away."""
+    t = await start_tracker(letta={"timeout_s": 0.3}, dispatch={
+        "inline_timeout_s": 0.2, "retry_min_s": 60, "retry_max_s": 60})
+    sim.set_faults(answer_time_s=(0.6, 0.6))
+    run = await t.submit(agent, text)
+
+    async def requeued():
+        rec = await t.svc.store.get_run(run["id"])
+        return rec.state is State.QUEUED and rec.needs_lookup
+
+    await eventually(requeued)
+    sim.set_faults(answer_time_s=(0.0, 0.0))
+    assert len(sim.received) == 1
+    return t, run
+
+
+async def test_cancel_of_a_run_a_failed_send_may_have_delivered_stops_it_at_letta(
+        start_tracker, sim, agent):
+    """Cancelled while queued to be looked up, the run is looked for first: found at
+    Letta, it is cancelled there, not marked cancelled here while Letta works on."""
+    t, run = await _sent_but_unanswered(start_tracker, sim, agent, "[[never]] forever")
+    resp = await t.post(f"/v1/agents/{agent}/messages/cancel", {"run_ids": [run["id"]]})
+    assert await resp.json() == {run["id"]: "cancelled"}
+    [letta_run] = list(sim.store.runs())
+    assert letta_run.status == "cancelled"  # stopped at Letta
+    final = await t.wait_state(run["id"], "done")
+    assert final["status"] == "cancelled" and final["tracker"]["letta_run_id"] == letta_run.id
+    assert "found_in_letta" in await kinds(t, run["id"])
+    assert len(sim.received) == 1
+
+
+async def test_cancel_of_a_queued_run_that_never_went_cancels_it_here(start_tracker, sim, agent):
+    t = await start_tracker()
+    ahead = await t.submit(agent, "[[never]] holds the lane")
+    run = await t.submit(agent, "never sent")
+    assert run["tracker"]["state"] == "queued"
+    resp = await t.post(f"/v1/agents/{agent}/messages/cancel", {"run_ids": [run["id"]]})
+    assert await resp.json() == {run["id"]: "cancelled"}
+    final = await t.run(run["id"])
+    assert final["tracker"]["state"] == "cancelled" and final["status"] == "cancelled"
+    assert (await t.run(ahead["id"]))["tracker"]["state"] == "submitted"
+    assert len(sim.received) == 1
+
+
 @contextlib.asynccontextmanager
 async def flood(t, n: int = 10):
     """``n`` callbacks stuck mid-body: to the tracker, callbacks arriving faster than it

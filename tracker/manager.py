@@ -23,6 +23,7 @@ from tracker.config import Config
 from tracker.errors import Conflict, NotFound
 from tracker.letta import LettaClient
 from tracker.letta_request import answers_pause, ensure_otids
+from tracker.reconcile import find_in_letta
 from tracker.states import (
     REPORTED,
     WATCHED,
@@ -261,9 +262,11 @@ class Manager:
         answers: dict[str, str] = {}
         at_letta: dict[str, str] = {}
         for ref, run in targets.items():
+            if run is not None and run.agent_id == agent_id and run.state is State.QUEUED:
+                run = await self._cancel_queued(run)
             if run is None or run.agent_id != agent_id:
                 answers[ref] = "failed"
-            elif run.state is State.QUEUED and await self._cancel_queued(run):
+            elif run.state is State.CANCELLED:
                 answers[ref] = "cancelled"
             elif run.state is State.PAUSED:
                 answers[ref] = await self._release_pause(run)
@@ -286,14 +289,34 @@ class Manager:
             raise Conflict(f"CONFLICT: No active runs to cancel for agent {agent_id}")
         return {r.id: r for r in runs}
 
-    async def _cancel_queued(self, run: RunRecord) -> bool:
+    async def _cancel_queued(self, run: RunRecord) -> RunRecord | None:
+        """A queued run, cancelled here if it never reached Letta; returns it as it now is.
+        Claimed first, so that no send starts meanwhile and so that the claim reads whether
+        an earlier send that failed may have reached Letta (``needs_lookup``): such a run is
+        looked for there, and found, attached and cancelled at Letta like any submitted run;
+        when the look fails, it stays queued (and its cancel fails), never forgotten."""
+        claimed = await self.store.transition(run.id, State.SUBMITTING, (State.QUEUED,), {}, None)
+        if claimed is None:
+            return await self.store.get_run(run.id)  # moved on meanwhile: as it is now
+        self.sending.add(run.id)  # no rescue of stranded runs while this looks
+        try:
+            found = await find_in_letta(self, claimed) if claimed.needs_lookup else None
+        except Exception as e:  # Letta down, or refusing the look: it may still have the run
+            await self.requeue(claimed, clock.now(), needs_lookup=True, error=str(e),
+                               kind="cancel_lookup_failed", source=Source.API)
+            return await self.store.get_run(run.id)
+        finally:
+            self.sending.discard(run.id)
+        if found is not None:
+            return (await self.mark_submitted(claimed, found, Source.API, "found_in_letta")
+                    or await self.store.get_run(run.id))
         fields = {"status": Status.CANCELLED, "stop_reason": "cancelled",
-                  "recorded_at": clock.iso(), "completed_via": Source.API}
-        done = await self.store.transition(run.id, State.CANCELLED, (State.QUEUED,), fields,
+                  "recorded_at": clock.iso(), "completed_via": Source.API, "needs_lookup": 0}
+        done = await self.store.transition(run.id, State.CANCELLED, (State.SUBMITTING,), fields,
                                            Event(Source.API, "cancelled"), relay=True)
         if done:
             self._after_change(done, Source.API)
-        return done is not None
+        return done or await self.store.get_run(run.id)
 
     async def _release_pause(self, run: RunRecord) -> str:
         done = await self.store.transition(run.id, State.DONE, (State.PAUSED,), {},

@@ -7,13 +7,16 @@ its Letta run is found by our callback URL (unique per run) or by the otids we s
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from tracker import clock
 from tracker.errors import LettaUnavailable
-from tracker.manager import Manager
-from tracker.poller import Poller
 from tracker.states import Source, State
 from tracker.store import RunRecord
+
+if TYPE_CHECKING:  # the manager's cancel looks runs up here too
+    from tracker.manager import Manager
+    from tracker.poller import Poller
 
 log = logging.getLogger("tracker.reconcile")
 

@@ -28,7 +28,7 @@ class State(StrEnum):
     DONE = "done"
     #: final: Letta refused the request (4xx) at submit
     REJECTED = "rejected"
-    #: final: cancelled while still queued; never sent to Letta
+    #: final: cancelled while still queued; never reached Letta
     CANCELLED = "cancelled"
     #: final: Letta no longer knows the run (404)
     LOST = "lost"
@@ -71,9 +71,11 @@ REPORTED = frozenset({State.PAUSED, *FINAL})
 
 TRANSITIONS: dict[State, frozenset[State]] = {
     State.QUEUED: frozenset({State.SUBMITTING, State.CANCELLED}),
-    # a fast callback can land before the submit call has stored Letta's answer
+    # a fast callback can land before the submit call has stored Letta's answer; a cancel
+    # claims a queued run, and cancels it if it never reached Letta (looked for when unsure)
     State.SUBMITTING: frozenset(
-        {State.QUEUED, State.SUBMITTED, State.REJECTED, State.PAUSED, State.CONFIRMING, State.DONE}
+        {State.QUEUED, State.SUBMITTED, State.REJECTED, State.PAUSED, State.CONFIRMING, State.DONE,
+         State.CANCELLED}
     ),
     State.SUBMITTED: frozenset(
         {State.STUCK, State.CONFIRMING, State.PAUSED, State.DONE, State.LOST}
