@@ -8,12 +8,15 @@ import contextlib
 import hmac
 import sqlite3
 import uuid
+from types import SimpleNamespace
 
 import pytest
 
 from tests.conftest import eventually
 from tracker import clock
 from tracker.callbacks import CallbackSigner
+from tracker.errors import LettaError, NotFound
+from tracker.reconcile import find_in_letta
 from tracker.sim_shapes import callback_json, utcnow
 from tracker.states import WATCHED, State
 
@@ -497,6 +500,50 @@ async def test_cancel_of_a_queued_run_that_never_went_cancels_it_here(start_trac
     assert final["tracker"]["state"] == "cancelled" and final["status"] == "cancelled"
     assert (await t.run(ahead["id"]))["tracker"]["state"] == "submitted"
     assert len(sim.received) == 1
+
+
+async def test_a_refused_look_at_letta_is_tried_again_not_a_rejection(start_tracker, sim, agent):
+    """Letta refusing the look (a 401 as keys rotate, say) says nothing about the run, which
+    may be at Letta: it is looked for again later, never rejected for it (nor sent twice)."""
+    t = await start_tracker(letta={"timeout_s": 0.3}, dispatch={
+        "inline_timeout_s": 0.2, "retry_min_s": 0.2, "retry_max_s": 0.2})
+    letta, original = t.svc.letta, t.svc.letta.agent_runs
+    refused = []
+
+    async def refuse_once(*args, **kwargs):
+        if not refused:
+            refused.append(1)
+            sim.set_faults(answer_time_s=(0.0, 0.0))
+            raise LettaError(401, "Unauthorized")
+        return await original(*args, **kwargs)
+
+    letta.agent_runs = refuse_once
+    sim.set_faults(answer_time_s=(0.6, 0.6))  # the send times out, but Letta has the run
+    run = await t.submit(agent, "[[delay=1]] ends after the looks")
+    final = await t.wait_state(run["id"], "done", "rejected")
+    assert refused and final["tracker"]["state"] == "done"
+    assert "found_in_letta" in await kinds(t, run["id"])
+    assert len(sim.received) == 1
+
+
+async def test_a_candidate_deleted_during_the_look_is_passed_over():
+    """Letta lists a run, then it is deleted before its messages are read (404): the look
+    goes on to the other candidates instead of failing the run."""
+    now = clock.iso()
+
+    class Letta:
+        async def agent_runs(self, agent_id, limit):
+            return [{"id": "run-gone", "created_at": now}, {"id": "run-ours", "created_at": now}]
+
+        async def run_messages(self, run_id):
+            if run_id == "run-gone":
+                raise NotFound("run not found")
+            return [{"otid": "otid-1"}]
+
+    manager = SimpleNamespace(letta=Letta(), callback_url=lambda run_id: "http://t/cb")
+    run = SimpleNamespace(id="run-1", agent_id="agent-1", created_at=now,
+                          request={"messages": [{"role": "user", "otid": "otid-1"}]})
+    assert (await find_in_letta(manager, run))["id"] == "run-ours"
 
 
 @contextlib.asynccontextmanager

@@ -117,8 +117,7 @@ class Dispatcher:
         async with self._slots:
             try:
                 if run.needs_lookup:
-                    # found at Letta: attached; not found: requeued, the loop sends it next
-                    await attach_or_requeue(self.manager, run, Source.DISPATCH)
+                    await self._look_up(run)
                     return None
                 letta_run = await self.letta.send_async(run.agent_id, self._body(run))
             except LettaUnavailable as e:
@@ -130,6 +129,15 @@ class Dispatcher:
                 await self._unexpected(run, e)
                 return None
             return await self._submitted(run, letta_run)
+
+    async def _look_up(self, run: RunRecord) -> None:
+        """Found at Letta: attached; not found: requeued, the loop sends it next. A refused
+        look (a 401, a 400) says nothing of the run, which may be at Letta: look again later,
+        never reject it for that."""
+        try:
+            await attach_or_requeue(self.manager, run, Source.DISPATCH)
+        except LettaError as e:
+            await self._retry(run, LettaUnavailable(f"looking for the run at Letta: {e}"))
 
     async def _submitted(self, run: RunRecord, letta_run: dict) -> RunRecord | None:
         try:

@@ -10,7 +10,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from tracker import clock
-from tracker.errors import LettaUnavailable
+from tracker.errors import LettaUnavailable, NotFound
 from tracker.states import Source, State
 from tracker.store import RunRecord
 
@@ -37,7 +37,10 @@ async def find_in_letta(manager: Manager, run: RunRecord) -> dict | None:
     created = (clock.epoch(run.created_at) or 0) - CLOCK_SLACK_S
     for r in candidates[:10]:
         if otids and (clock.epoch(r.get("created_at")) or 0) >= created:
-            messages = await manager.letta.run_messages(r["id"])
+            try:
+                messages = await manager.letta.run_messages(r["id"])
+            except NotFound:
+                continue  # deleted since the listing: Letta holds nothing of it any more
             if otids & {m.get("otid") for m in messages}:
                 return r
     return None
