@@ -15,7 +15,7 @@ import pytest
 from tests.conftest import eventually
 from tracker import clock
 from tracker.callbacks import CallbackSigner
-from tracker.errors import LettaError, NotFound
+from tracker.errors import LettaError, LettaUnavailable, NotFound
 from tracker.reconcile import find_in_letta
 from tracker.sim_shapes import callback_json, utcnow
 from tracker.states import WATCHED, State
@@ -216,6 +216,38 @@ async def test_letta_down_makes_the_poller_back_off_then_finish(start_tracker, s
     sim.down_for(1.0)
     done = await t.wait_state(run["id"], "done", timeout=10)
     assert done["tracker"]["completed_via"] == "poll"
+
+
+async def test_a_poll_letta_refuses_is_tried_again_later_not_at_once(start_tracker, sim, agent):
+    """Letta refusing a run's GET (a 403, not a 5xx) ends that poll rescheduled by the usual
+    backoff: the run was left due, and the poller asked again ~50 times a second."""
+    t = await start_tracker()
+    sim.set_faults(callback_drop=1.0)
+    run = await t.submit(agent, "[[never]] forever")
+    calls = []
+
+    async def refuse(letta_run_id):
+        calls.append(letta_run_id)
+        raise LettaError(403, "Forbidden")
+
+    t.svc.letta.get_run = refuse
+    await asyncio.sleep(1.5)  # polls every 0.2-1 s here
+    assert 1 <= len(calls) <= 8
+    rec = await t.svc.store.get_run(run["id"])
+    assert rec.state is State.SUBMITTED and rec.next_check_at > clock.now()
+
+
+async def test_the_checks_of_one_tick_failing_together_back_off_once(start_tracker):
+    """A tick's checks run at once: one Letta blip fails them all, and that is one failure
+    of the backoff, not one a run (nine paused polling 2^8 intervals)."""
+    t = await start_tracker()
+    poller, interval = t.svc.poller, t.svc.cfg.polling.min_interval_s
+    for _ in range(9):
+        poller._back_off(LettaUnavailable("502 Bad Gateway"))
+    assert poller._paused_until - clock.now() <= interval
+    poller._paused_until = clock.now()  # the pause is over, and the next tick fails again
+    poller._back_off(LettaUnavailable("502 Bad Gateway"))
+    assert interval < poller._paused_until - clock.now() <= 2 * interval
 
 
 async def test_callback_wakes_the_next_message_of_the_lane(start_tracker, sim, agent):

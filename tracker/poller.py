@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from tracker import clock
 from tracker.config import Config
-from tracker.errors import LettaUnavailable, NotFound
+from tracker.errors import LettaError, LettaUnavailable, NotFound
 from tracker.letta import PAGE, LettaClient
 from tracker.manager import Manager, Observation
 from tracker.states import LETTA_ACTIVE, WATCHED, Source, State
@@ -126,7 +126,7 @@ class Poller:
             self.on_poll(len(due))
         try:
             finished, known = await self._triage(due, sweeping=bool(chunk))
-        except LettaUnavailable as e:
+        except (LettaUnavailable, LettaError) as e:
             self._back_off(e)  # the sweep's chunk is taken again after the pause
             return len(due)
         self._swept += len(chunk)
@@ -212,6 +212,13 @@ class Poller:
         except LettaUnavailable as e:
             self._back_off(e)
             await self.store.reschedule([(run.id, self._paused_until, run.poll_count)])
+        except Exception as e:
+            # Letta refusing this look (a 400, a 401 as keys rotate), or a fault recording
+            # it: looked at again later, as the backoff says, not at once (unrescheduled, the
+            # run stayed due and the loop called Letta for it ~50 times a second)
+            log.warning("poll of run %s failed: %r", run.id, e, extra={"run_id": run.id})
+            nxt = self._next(run)
+            await self.store.reschedule([(run.id, nxt["next_check_at"], nxt["poll_count"])])
 
     async def _finish(self, run: RunRecord, letta_run: dict) -> None:
         async with self._slots:
@@ -285,10 +292,14 @@ class Poller:
         jittered = interval * random.uniform(0.8, 1.0)
         return {"next_check_at": clock.now() + jittered, "poll_count": run.poll_count + 1}
 
-    def _back_off(self, e: LettaUnavailable) -> None:
-        """Letta is down or rate-limiting: pause all polling (Retry-After when given)."""
-        self._failures += 1
-        delay = e.retry_after if e.retry_after is not None else min(
+    def _back_off(self, e: LettaUnavailable | LettaError) -> None:
+        """Letta is down, rate-limiting or refusing the listing: pause all polling
+        (Retry-After when given). The failures of one pause count once: a tick's checks run
+        together, and nine failing on one blip paused polling 2^8 minimum intervals."""
+        if clock.now() >= self._paused_until:
+            self._failures += 1
+        retry_after = e.retry_after if isinstance(e, LettaUnavailable) else None
+        delay = retry_after if retry_after is not None else min(
             self.p.max_interval_s, self.p.min_interval_s * 2 ** (self._failures - 1))
         self._paused_until = max(self._paused_until, clock.now() + delay)
         log.warning("Letta unavailable to the poller; pausing %.1fs: %s", delay, e)
