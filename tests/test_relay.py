@@ -20,6 +20,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from tests import samples
 from tests.conftest import eventually, make_config
 from tracker import clock
+from tracker import relay as relay_module
 from tracker.auth import new_webhook_secret
 from tracker.clock import parse_retry_after
 from tracker.relay import Relay, rotate_secret
@@ -323,6 +324,57 @@ async def test_slow_destination_does_not_delay_a_fast_one(store, user, serve, re
     assert fast_done < 0.5
     assert slow.max_active == 2 and len(slow.seen) == 2
     assert [await finished(store, r.id) for r in slow_runs] == [None] * 6
+
+
+async def test_a_dead_destinations_backlog_does_not_hold_up_the_others(store, user, serve,
+                                                                        relays, tmp_path):
+    # a burst of runs finishing for a user whose webhook hangs: more of its deliveries are due
+    # than the relay reads in one page, all older than another user's
+    dead, healthy = Receiver(Reply(delay=1.0)), Receiver()
+    dead_url, healthy_url = await serve(dead), await serve(healthy)
+    for _ in range(60):
+        await final_run(store, user, dead_url)
+    run = await final_run(store, user, healthy_url)
+    cfg = cfg_with(tmp_path, concurrency=2, per_destination=1, timeout_s=0.3,
+                   retry_schedule_s=[0, 60])  # page of 1 + 2 * 16 rows; 60 * 0.3 s to drain
+    started = time.monotonic()
+    await relays(cfg, store)
+    d = await eventually(lambda: finished(store, run.id), timeout=30)
+    took = time.monotonic() - started
+    assert d.state == "delivered" and took < 1.0
+    assert dead.max_active == 1 and len(dead.seen) <= 4
+
+
+async def test_a_backlog_longer_than_a_loops_pages_is_crossed_over_loops(store, user, serve,
+                                                                         relays, tmp_path,
+                                                                         monkeypatch):
+    monkeypatch.setattr(relay_module, "SCAN_PAGES_PER_LOOP", 2)  # 66 rows a loop, not 264
+    dead, healthy = Receiver(Reply(delay=1.0)), Receiver()
+    dead_url, healthy_url = await serve(dead), await serve(healthy)
+    for _ in range(150):
+        await final_run(store, user, dead_url)
+    run = await final_run(store, user, healthy_url)
+    cfg = cfg_with(tmp_path, concurrency=2, per_destination=1, timeout_s=0.2,
+                   retry_schedule_s=[0, 60])
+    started = time.monotonic()
+    await relays(cfg, store)
+    d = await eventually(lambda: finished(store, run.id), timeout=30)
+    # each loop (here one per timed-out attempt) reads a page further on; from the oldest page
+    # each time, the healthy delivery would wait for 85 of those attempts, 17 s
+    assert d.state == "delivered" and time.monotonic() - started < 3.0
+
+
+async def test_due_deliveries_pages_by_key_through_equal_due_times(store, user):
+    runs = [await final_run(store, user, "http://127.0.0.1:9/hook") for _ in range(5)]
+    now = clock.now()
+    for run in runs:  # all due at the same instant: only the insertion order tells them apart
+        await store.redeliver(run.id, now)
+    pages, after = [], None
+    while page := await store.due_deliveries(now, 2, after):
+        pages.append([d.run_id for d in page])
+        after = page[-1]
+    assert pages == [[r.id for r in runs[i:i + 2]] for i in (0, 2, 4)]
+    assert await store.due_deliveries(now - 1, 10) == []
 
 
 # --- SSRF guard --------------------------------------------------------------------------------

@@ -26,9 +26,12 @@ from tracker.store import Delivery, Store
 
 log = logging.getLogger("tracker.relay")
 
-#: rows read per loop beyond those in flight; rows of a destination at its limit are skipped,
-#: so the window must reach past a slow destination's backlog to the others
+#: rows read per page beyond those in flight
 CLAIM_WINDOW_PER_SLOT = 16
+#: pages read per loop at most. Rows of a destination at its limit are skipped, and one whose
+#: webhook hangs may have thousands due: the loop reads on past them while slots are free, but
+#: no further than this, so that such a backlog does not make every loop read all of it
+SCAN_PAGES_PER_LOOP = 8
 IDLE_S = 30.0
 ERROR_PAUSE_S = 5.0
 STOP_GRACE_S = 2.0
@@ -49,6 +52,9 @@ class Relay:
         #: predate their recorded attempt, so they are not claimed from it
         self._finished_during_read: set[str] = set()
         self._busy: Counter[str] = Counter()
+        #: where the last loop's read stopped short of the end of what is due; the next one
+        #: goes on from there, so a backlog longer than a loop's pages is crossed, not a wall
+        self._sweep: Delivery | None = None
         self._loop_task: asyncio.Task | None = None
         self.on_outcome: Callable[[str], None] | None = None  # metrics hook
 
@@ -72,12 +78,37 @@ class Relay:
             self.wakeup.clear()
             self._finished_during_read.clear()
             try:
-                self._claim(await self.store.due_deliveries(clock.now(), self._window()))
+                await self._claim_due()
                 wait = await self._idle_for()
             except Exception:
                 log.exception("relay loop error; retrying")
                 wait = ERROR_PAUSE_S
             await clock.nap(self.wakeup, wait)
+
+    async def _claim_due(self) -> None:
+        """Start what is due and the limits allow, oldest first, reading page after page."""
+        now = clock.now()
+        last = self._past_sweep(await self._page(now, None))
+        for _ in range(SCAN_PAGES_PER_LOOP - 1):
+            if last is None or len(self._inflight) >= self.r.concurrency:
+                break
+            last = await self._page(now, last)
+        self._sweep = last
+
+    async def _page(self, now: float, after: Delivery | None) -> Delivery | None:
+        """Claim from one page of due deliveries; its last row if more may follow."""
+        limit = self._window()
+        due = await self.store.due_deliveries(now, limit, after)
+        self._claim(due)
+        return due[-1] if len(due) == limit else None
+
+    def _past_sweep(self, last: Delivery | None) -> Delivery | None:
+        # the oldest page is always read first (retries fall due there); the rest from where
+        # the last loop stopped, unless the oldest page already reaches past it
+        sweep = self._sweep
+        if last is None or sweep is None or sweep.next_attempt_at <= last.next_attempt_at:
+            return last
+        return sweep
 
     def _window(self) -> int:
         return len(self._inflight) + self.r.concurrency * CLAIM_WINDOW_PER_SLOT

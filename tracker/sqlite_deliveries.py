@@ -23,11 +23,21 @@ class Deliveries(SQLiteDB):
              clock.iso()),
         )
 
-    async def due_deliveries(self, now: float, limit: int) -> list[Delivery]:
+    async def due_deliveries(self, now: float, limit: int,
+                             after: Delivery | None = None) -> list[Delivery]:
+        """The next ``limit`` due deliveries in outbox order, from ``after`` (exclusive) if given.
+
+        The order is (next_attempt_at, rowid), which the partial index deliveries_due holds
+        as it is, so a page deep in a backlog is a seek, not a sort of the rows before it.
+        """
+        key, params = "", (now,)
+        if after is not None:  # its rowid never changes, even if the row did since
+            key = " AND (next_attempt_at, rowid) > (?, (SELECT rowid FROM deliveries WHERE id = ?))"
+            params = (now, after.next_attempt_at, after.id)
         rows = await self._read(
             f"SELECT {DELIVERY_COLS} FROM deliveries WHERE state = 'pending'"
-            " AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?", (now, limit)
-        )
+            f" AND next_attempt_at <= ?{key} ORDER BY next_attempt_at, rowid LIMIT ?",
+            (*params, limit))
         return [Delivery(**dict(r)) for r in rows]
 
     async def next_delivery_due(self) -> float | None:
