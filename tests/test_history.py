@@ -88,6 +88,89 @@ async def test_filters_and_letta_list_semantics(start_tracker, sim):
     assert len(await resp.json()) == 4
 
 
+async def finished_runs(t, agents: list[str], n: int, text: str = "ok") -> list[dict]:
+    """``n`` runs, round-robin over ``agents``, each waited until done; oldest first."""
+    runs = [await t.submit(agents[i % len(agents)], f"{text}{i}") for i in range(n)]
+    for r in runs:
+        await t.wait_state(r["id"], "done")
+    return runs
+
+
+async def list_ids(t, params, key: str | None = None) -> list[str]:
+    resp = await t.client.get("/v1/runs", params=params,
+                              headers={"Authorization": f"Bearer {key or t.key}"})
+    assert resp.status == 200, await resp.text()
+    return [r["id"] for r in await resp.json()]
+
+
+async def test_a_repeated_status_is_one_filter(start_tracker, sim):
+    # each value was a branch of the merged query: a page of `limit` counted each run twice
+    # and ran short, and ~500 repeats passed SQLite's compound SELECT limit (a 503)
+    t = await start_tracker()
+    agents = [sim.create_agent(f"s{i}")["id"] for i in range(3)]
+    runs = [r["id"] for r in await finished_runs(t, agents, 6)]
+    twice = [("statuses", "completed"), ("statuses", "completed")]
+    assert await list_ids(t, [*twice, ("limit", "4")]) == runs[::-1][:4]
+    assert await list_ids(t, [*twice, ("statuses", "failed"), ("limit", "4")]) == runs[::-1][:4]
+    assert await list_ids(t, [("statuses", "failed")] * 502) == []
+
+
+async def test_several_agent_ids_list_the_runs_of_each(start_tracker, sim):
+    from tracker.store import RunFilter
+
+    t = await start_tracker()
+    a1, a2, a3 = (sim.create_agent(f"m{i}")["id"] for i in range(3))
+    runs = await finished_runs(t, [a1, a2, a3], 6)
+    failed = await t.submit(a2, "[[fail]] boom")
+    await t.wait_state(failed["id"], "done")
+    newest = [failed["id"], *(r["id"] for r in reversed(runs))]
+    of_a1_a2 = [i for i in newest if i not in (runs[2]["id"], runs[5]["id"])]
+    both = [("agent_ids", a1), ("agent_ids", a2)]
+    assert await list_ids(t, both) == of_a1_a2
+    assert await list_ids(t, [*both, ("agent_ids", a1)]) == of_a1_a2
+    page = await list_ids(t, [*both, ("limit", "3")])
+    assert page + await list_ids(t, [*both, ("after", page[-1])]) == of_a1_a2
+    assert await list_ids(t, [*both, ("order", "asc")]) == of_a1_a2[::-1]
+    assert await list_ids(t, [*both, ("statuses", "failed"), ("statuses", "completed"),
+                              ("limit", "2")]) == of_a1_a2[:2]
+    assert await list_ids(t, [*both, ("statuses", "failed")]) == [failed["id"]]
+    # as in Letta, agent_id wins over agent_ids
+    assert await list_ids(t, [*both, ("agent_id", a3)]) == [runs[5]["id"], runs[2]["id"]]
+    # each agent (and status) is a page down its own index, merged: no scan of the table
+    for statuses in ((), ("completed", "failed")):
+        plan = " ".join(await t.svc.store.explain(RunFilter(agent_ids=[a1, a2],
+                                                            statuses=statuses)))
+        assert "SCAN runs" not in plan, plan
+        assert plan.count(" INDEX runs_") == 2 * (len(statuses) or 1), plan
+    too_many = [("agent_ids", f"agent-{i:08d}-0000-4000-8000-000000000000") for i in range(51)]
+    resp = await t.client.get("/v1/runs", params=too_many,
+                              headers={"Authorization": f"Bearer {t.key}"})
+    assert resp.status == 422
+    assert (await resp.json())["detail"][0]["loc"][:2] == ["query", "agent_ids"]
+
+
+async def test_cursors_keep_both_bounds_and_a_gone_one_is_refused(start_tracker, sim, agent):
+    t = await start_tracker()
+    runs = [r["id"] for r in await finished_runs(t, [agent], 5)]
+    assert await list_ids(t, {"after": runs[4], "before": runs[0]}) == runs[3:0:-1]
+    assert await list_ids(t, {"after": runs[0], "before": runs[4], "order": "asc"}) == runs[1:4]
+    assert await list_ids(t, {"after": runs[2], "before": runs[2]}) == []
+    # the cursor's run pruned between pages: a 400 naming it, never page 1 again
+    page = await list_ids(t, {"limit": 2})
+    assert page == [runs[4], runs[3]]
+    pruned = await t.svc.store.get_run(runs[4])
+    assert (await t.svc.store.prune(pruned.created_at, 100))["runs"] == 4
+    unknown = "run-00000000-0000-4000-8000-000000000000"
+    other = await user_key(t, "dave")
+    for params, key in (({"after": page[-1]}, None), ({"before": unknown}, None),
+                        ({"after": runs[4]}, other)):
+        resp = await t.get("/v1/runs", key=key, **params)
+        assert resp.status == 400, params
+        detail = (await resp.json())["detail"]
+        assert [*params.values()][0] in detail and [*params][0] in detail, detail
+    assert await list_ids(t, {"before": runs[4]}) == []
+
+
 async def test_bad_parameters_get_422_naming_them(start_tracker, sim):
     t = await start_tracker()
     for params, name in (({"limit": "0"}, "limit"), ({"limit": "abc"}, "limit"),

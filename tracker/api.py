@@ -127,7 +127,7 @@ def run_filter(request: web.Request, p: RunListParams) -> RunFilter:
     if p.user_id and scope and p.user_id != scope:
         raise NotFound("no such user")
     return RunFilter(
-        user_id=scope or p.user_id, agent_id=p.agent_id or (p.agent_ids or [None])[0],
+        user_id=scope or p.user_id, agent_id=p.agent_id, agent_ids=p.agent_ids or (),
         statuses=p.statuses or (), states=[s.value for s in p.state or ()],
         stop_reason=p.stop_reason, conversation_id=p.conversation_id, background=p.background,
         active=p.active, completed_via=p.completed_via, callback_missed=p.callback_missed,

@@ -130,12 +130,20 @@ class CancelRequest(BaseModel):
     run_ids: list[str] | None = None
 
 
+#: more agent_ids than this are refused: each agent (with several statuses, each agent and
+#: status) is a branch of the page's merged query, and SQLite takes at most 500
+MAX_AGENT_IDS = 50
+
+
 class RunListParams(BaseModel):
     """``GET /v1/runs``: Letta's filters plus the tracker's."""
 
     model_config = ConfigDict(extra="forbid")
     agent_id: str | None = None
-    agent_ids: list[str] | None = Field(None, description="Letta's older, repeatable filter")
+    agent_ids: list[str] | None = Field(
+        None, max_length=MAX_AGENT_IDS,
+        description="Letta's repeatable filter: runs of any of these agents (agent_id, when"
+                    " given, wins, as in Letta)")
     statuses: list[StatusLit] | None = None
     background: bool | None = None
     stop_reason: str | None = None

@@ -7,6 +7,7 @@ import json
 import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
+from itertools import product
 from typing import Any
 
 from tracker.migrations import LIVE_STATES_SQL
@@ -148,24 +149,33 @@ def _hint(flt: RunFilter) -> str:
     return ""
 
 
-def list_query(flt: RunFilter, cursor: tuple[str, int] | None,
+#: a run's place in the history's order: (created_at, seq)
+Key = tuple[str, int]
+
+
+def list_query(flt: RunFilter, after: Key | None = None, before: Key | None = None,
                cols: str = SUMMARY_COLS) -> tuple[str, list[Any]]:
     """Keyset-paginated history query of ``cols``, newest (or oldest) first by
-    (created_at, seq)."""
-    if len(flt.statuses) > 1:
-        return _merged(flt, cursor, cols)
-    return _single(flt, cursor, cols)
+    (created_at, seq), between the ``after`` and ``before`` cursors' runs."""
+    # a value given twice is one filter: as two branches of the merge it counted runs twice
+    agents = [flt.agent_id] if flt.agent_id else list(dict.fromkeys(flt.agent_ids))
+    statuses = list(dict.fromkeys(flt.statuses))
+    if len(agents) > 1 or len(statuses) > 1:
+        return _merged(flt, agents, statuses, after, before, cols)
+    one = replace(flt, agent_id=agents[0] if agents else None, agent_ids=(), statuses=statuses)
+    return _single(one, after, before, cols)
 
 
-def _merged(flt: RunFilter, cursor: tuple[str, int] | None,
-            cols: str) -> tuple[str, list[Any]]:
-    """Several statuses: one ordered page per status, each down its own index, merged. A
-    single `status IN (...)` query walks the time index and filters, which is slower. The
-    merge needs only (created_at, seq), which the status index holds: rows are read for the
-    page's runs alone."""
+def _merged(flt: RunFilter, agents: list[str], statuses: list[str], after: Key | None,
+            before: Key | None, cols: str) -> tuple[str, list[Any]]:
+    """Several agents or statuses: one ordered page per agent and status, each down its own
+    index, merged. A single `IN (...)` query walks the time index and filters, which is
+    slower. The merge needs only (created_at, seq), which those indexes hold: rows are read
+    for the page's runs alone."""
     parts, params = [], []
-    for status in flt.statuses:
-        sql, sub_params = _single(replace(flt, statuses=[status]), cursor, "seq, created_at")
+    for agent, status in product(agents or [None], statuses or [None]):
+        branch = replace(flt, agent_id=agent, agent_ids=(), statuses=[status] if status else [])
+        sql, sub_params = _single(branch, after, before, "seq, created_at")
         parts.append(f"SELECT * FROM ({sql})")
         params.extend(sub_params)
     direction = "ASC" if flt.ascending else "DESC"
@@ -175,15 +185,17 @@ def _merged(flt: RunFilter, cursor: tuple[str, int] | None,
             [*params, flt.limit])
 
 
-def _single(flt: RunFilter, cursor: tuple[str, int] | None,
+def _single(flt: RunFilter, after: Key | None, before: Key | None,
             cols: str) -> tuple[str, list[Any]]:
     where, params = _filters(flt)
-    if cursor:
-        # Letta's cursors are positional in the listing's order (as its SDK pages with
-        # after=<last id>): `after` is further along, `before` is back towards the start
-        further = (flt.after is not None) == flt.ascending
-        where.append(f"(created_at, seq) {'>' if further else '<'} (?, ?)")
-        params.extend(cursor)
+    # Letta's cursors are positional in the listing's order (as its SDK pages with
+    # after=<last id>): `after` is further along, `before` is back towards the start; with
+    # both, the runs between them
+    further, back = (">", "<") if flt.ascending else ("<", ">")
+    for key, op in ((after, further), (before, back)):
+        if key:
+            where.append(f"(created_at, seq) {op} (?, ?)")
+            params.extend(key)
     direction = "ASC" if flt.ascending else "DESC"
     sql = (f"SELECT {cols} FROM runs{_hint(flt)}"
            + (" WHERE " + " AND ".join(where) if where else "")

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Iterable, Sequence
-from dataclasses import replace
 from typing import Any
 
+from tracker.errors import BadRequest
 from tracker.serialize import dumps, run_out
 from tracker.sqlite_db import MalformedJSON, SQLiteDB
 from tracker.sqlite_queries import (
@@ -16,6 +16,7 @@ from tracker.sqlite_queries import (
     RUN_JSON,
     SUMMARY_COLS,
     WITH_PAYLOAD,
+    Key,
     as_run,
     as_runs,
     list_query,
@@ -123,20 +124,29 @@ class RunReads(SQLiteDB):
         return f"[{','.join(row[0] for row in rows)}]".encode()
 
     async def _page(self, flt: RunFilter, cols: str) -> list[sqlite3.Row]:
-        cursor = None
-        ref = flt.after or flt.before
-        if ref:
-            # scoped like the listing: another user's run is no cursor (it would tell where
-            # that run sits), it is ignored like an unknown id
-            rows = await self._find("created_at, seq FROM runs", ref, flt.user_id)
-            # Letta ignores a cursor naming no run
-            cursor = tuple(rows[0]) if rows else None
-            flt = flt if rows else replace(flt, before=None, after=None)
-        return await self._read(*list_query(flt, cursor, cols))
+        after = await self._cursor(flt, "after")
+        before = await self._cursor(flt, "before")
+        return await self._read(*list_query(flt, after, before, cols))
+
+    async def _cursor(self, flt: RunFilter, name: str) -> Key | None:
+        """Where the run named by the ``after`` or ``before`` cursor sits in the order."""
+        ref = getattr(flt, name)
+        if not ref:
+            return None
+        # scoped like the listing: another user's run is no cursor (it would tell where that
+        # run sits), refused like an unknown id
+        rows = await self._find("created_at, seq FROM runs", ref, flt.user_id)
+        if not rows:
+            # Letta ignores a cursor naming no run and serves the first page again: a pager
+            # whose cursor run was pruned between pages would go round for ever
+            raise BadRequest(f"INVALID_ARGUMENT: {name}={ref} names no run you can list (it"
+                             " may have been pruned): start again without it")
+        return tuple(rows[0])
 
     async def explain(self, flt: RunFilter) -> list[str]:
         """The query plan of a history query (tests assert it uses an index)."""
-        sql, params = list_query(flt, ("2026-01-01", 1) if flt.before or flt.after else None)
+        key = ("2026-01-01", 1)
+        sql, params = list_query(flt, key if flt.after else None, key if flt.before else None)
         return [r[3] for r in await self._read("EXPLAIN QUERY PLAN " + sql, params)]
 
     async def events(self, run_id: str) -> list[Event]:

@@ -92,6 +92,8 @@ class RunFilter:
 
     user_id: str | None = None
     agent_id: str | None = None
+    #: runs of any of these agents; ``agent_id``, when given, wins (as in Letta)
+    agent_ids: Sequence[str] = ()
     statuses: Sequence[str] = ()
     states: Sequence[str] = ()
     stop_reason: str | None = None
