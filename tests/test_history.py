@@ -230,6 +230,24 @@ async def test_cancel_queued_locally_and_all_active(start_tracker, sim, agent):
     assert (await resp.json())["detail"].startswith("CONFLICT: No active runs")
 
 
+async def test_cancel_with_a_body_that_is_no_object_cancels_nothing(start_tracker, sim,
+                                                                    agent):
+    t = await start_tracker()
+    busy = await t.submit(agent, "[[delay=1]] busy")
+    queued = await t.submit(agent, "waits")
+    path = f"/v1/agents/{agent}/messages/cancel"
+    for body in ([], 0, False, "", [queued["id"]], "all"):
+        resp = await t.post(path, body)
+        assert resp.status == 422, body
+        assert (await resp.json())["detail"][0]["loc"] == ["body"], body
+    assert (await t.run(queued["id"]))["tracker"]["state"] == "queued"
+    assert (await t.run(busy["id"]))["status"] != "cancelled"
+    # JSON null is no body, as in Letta (its cancel body defaults to None): every active run
+    resp = await t.client.post(path, data=b"null", headers={
+        "Authorization": f"Bearer {t.key}", "Content-Type": "application/json"})
+    assert await resp.json() == {busy["id"]: "cancelled", queued["id"]: "cancelled"}
+
+
 async def test_stats(start_tracker, sim, agent):
     t = await start_tracker()
     sim.set_faults(callback_drop=1.0)

@@ -115,7 +115,10 @@ def _detail(text: str | None) -> Any:
 
 async def cancel(request: web.Request) -> web.Response:
     agent_id = parsing.agent_id(request)
-    body = parsing.validate(CancelRequest, await parsing.read_json(request, optional=True) or {})
+    data = await parsing.read_json(request, optional=True)
+    # no body (or null) is Letta's "every active run of the agent"; any other value that is no
+    # object ([], 0, false, "") is a 422 and cancels nothing
+    body = parsing.validate(CancelRequest, {} if data is None else data)
     answers = await _svc(request).manager.cancel(_user(request), agent_id, body.run_ids)
     return json_response(answers)
 
