@@ -110,7 +110,7 @@ async def test_refusals_record_and_send_nothing(start_tracker, sim, agent):
         ({"messages": [{"role": "robot", "content": "x"}]}, 422),
         ({"callback_url": "x"}, 422),
         ({"input": "x", "messages": [{"role": "user", "content": "y"}]}, 422),
-        ({"input": "x", "top_logprobs": 30, "return_logprobs": True}, 422),
+        ({"input": "x", "max_steps": "many"}, 422),
         ({"input": "x" * 5000}, 413),
     ]
     for body, status in cases:

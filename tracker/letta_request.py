@@ -11,7 +11,7 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
+from pydantic import Discriminator, Field, Tag, model_validator
 
 from tracker.letta_content import Content, OpenModel, TaggedModel, ToolReturnValue
 
@@ -254,11 +254,10 @@ class AsyncMessageRequest(OpenModel):
         "Useful for RL training. Only supported for OpenAI-compatible providers (including "
         "SGLang).",
     )
-    # Declared after return_logprobs: its validator reads the already-validated return_logprobs.
+    # Letta describes a range and a dependence on return_logprobs but checks neither: a body it
+    # takes, we take
     top_logprobs: int | None = Field(
         None,
-        ge=0,
-        le=20,
         description="Number of most likely tokens to return at each position (0-20). "
         "Requires return_logprobs=True.",
     )
@@ -272,14 +271,6 @@ class AsyncMessageRequest(OpenModel):
     callback_url: str | None = Field(
         None, description="Optional callback URL to POST to when the job completes"
     )
-
-    @field_validator("top_logprobs")
-    @classmethod
-    def _needs_return_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
-        # return_logprobs is absent from info.data when it failed; that error is reported already
-        if value is not None and info.data.get("return_logprobs") is False:
-            raise ValueError("top_logprobs requires return_logprobs=True")
-        return value
 
     @model_validator(mode="after")
     def _input_or_messages(self) -> AsyncMessageRequest:
