@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import uuid
 
 from openapi_spec_validator import validate as validate_openapi
 
+from tests import samples
 from tests.conftest import eventually
 from tests.test_letta_request import walk
 from tracker import auth
@@ -186,7 +188,8 @@ async def test_bad_parameters_get_422_naming_them(start_tracker, sim):
         assert resp.status == 422, params
         assert (await resp.json())["detail"][0]["loc"][:2] == ["query", name]
     assert (await t.get(one)).status == 404
-    assert (await t.get("/v1/runs/nonsense/events")).status == 404
+    assert (await t.get("/v1/runs/nonsense/events")).status == 400  # no run id: Letta says so
+    assert (await t.get(f"/v1/runs/run-{uuid.uuid4()}/events")).status == 404
 
 
 async def test_messages_pagination_and_timeline_alone_or_with_the_run(start_tracker, sim, agent):
@@ -246,6 +249,27 @@ async def test_cancel_with_a_body_that_is_no_object_cancels_nothing(start_tracke
     resp = await t.client.post(path, data=b"null", headers={
         "Authorization": f"Bearer {t.key}", "Content-Type": "application/json"})
     assert await resp.json() == {busy["id"]: "cancelled", queued["id"]: "cancelled"}
+
+
+async def test_cancel_ignores_keys_letta_ignores(start_tracker, sim, agent):
+    t = await start_tracker()
+    await t.submit(agent, "[[delay=1]] busy")
+    queued = await t.submit(agent, "waits")
+    resp = await t.post(f"/v1/agents/{agent}/messages/cancel",
+                        {"run_ids": [queued["id"]], "reason": "no longer needed"})
+    assert resp.status == 200 and await resp.json() == {queued["id"]: "cancelled"}
+
+
+async def test_a_malformed_run_id_is_lettas_400(start_tracker, sim):
+    """An id that cannot be a run's gets Letta's 400, word for word, on every run route."""
+    t = await start_tracker()
+    expected = samples.body("get_run_malformed")
+    for path in ("/v1/runs/not-a-run-id", "/v1/runs/not-a-run-id/messages",
+                 "/v1/runs/not-a-run-id/events"):
+        resp = await t.get(path)
+        assert resp.status == 400 and await resp.json() == expected, path
+    resp = await t.get(f"/v1/runs/run-{uuid.uuid4()}")
+    assert resp.status == 404
 
 
 async def test_stats(start_tracker, sim, agent):

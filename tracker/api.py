@@ -69,7 +69,7 @@ def _scope(request: web.Request) -> str | None:
 
 
 async def _run_or_404(request: web.Request, full: bool = False) -> RunRecord:
-    run_id = request.match_info["run_id"]
+    run_id = parsing.run_id(request)
     run = await _svc(request).store.get_run(run_id, _scope(request), full=full)
     if run is None:
         raise NotFound(f"Run not found with id={run_id}")

@@ -124,9 +124,9 @@ class LettaCallback(LettaCallbackShape):
 
 
 class CancelRequest(BaseModel):
-    """Letta's cancel body: the runs to cancel, or none for all the agent's active runs."""
+    """Letta's cancel body: the runs to cancel, or none for all the agent's active runs.
+    Other keys are ignored, as Letta's model ignores them."""
 
-    model_config = ConfigDict(extra="forbid")
     run_ids: list[str] | None = None
 
 

@@ -10,10 +10,11 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from tracker.errors import BadRequest, Invalid, TrackerError
-from tracker.letta_request import AGENT_ID_PATTERN
+from tracker.letta_request import AGENT_ID_PATTERN, RUN_ID_PATTERN
 
 M = TypeVar("M", bound=BaseModel)
 _AGENT_RE = re.compile(AGENT_ID_PATTERN)
+_RUN_RE = re.compile(RUN_ID_PATTERN)
 
 
 class UnsupportedMediaType(TrackerError):
@@ -122,6 +123,16 @@ def agent_id(request: web.Request) -> str:
     if not _AGENT_RE.match(value):
         raise Invalid([{"loc": ["path", "agent_id"], "type": "string_pattern_mismatch",
                         "msg": f"String should match pattern '{AGENT_ID_PATTERN}'"}])
+    return value
+
+
+def run_id(request: web.Request) -> str:
+    """The path's run id (ours or Letta's), 400 when it is not ``run-<uuid4>``, with Letta's
+    words: a client sees what Letta would tell it, not a 404 for an id that cannot exist."""
+    value = request.match_info["run_id"]
+    if not _RUN_RE.match(value):
+        raise BadRequest(f"INVALID_ARGUMENT: Invalid run ID format: {value}."
+                         " Expected format: 'run-<uuid4>'")
     return value
 
 
