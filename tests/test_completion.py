@@ -250,6 +250,18 @@ async def test_the_checks_of_one_tick_failing_together_back_off_once(start_track
     assert interval < poller._paused_until - clock.now() <= 2 * interval
 
 
+def test_a_callbacks_metadata_is_kept_as_letta_sent_it():
+    """The run's metadata is what Letta's callback held, less its result (kept apart), with
+    nothing the model adds (it added "error": null)."""
+    from tests import samples
+    from tracker.manager import Observation
+    from tracker.models import LettaCallback
+
+    sent = samples.body("async_basic__callback")
+    obs = Observation.from_callback(LettaCallback.model_validate(sent))
+    assert obs.fields["metadata"] == {k: v for k, v in sent["metadata"].items() if k != "result"}
+
+
 async def test_callback_wakes_the_next_message_of_the_lane(start_tracker, sim, agent):
     t = await start_tracker(polling={"grace_s": 30})
     first = await t.submit(agent, "one")

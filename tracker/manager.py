@@ -88,7 +88,8 @@ class Observation:
     @classmethod
     def from_callback(cls, body: Any) -> Observation:
         """From Letta's callback body (a validated ``LettaCallback``)."""
-        meta = body.metadata.model_dump() if body.metadata else {}
+        # only what Letta sent: the model's defaults (an absent "error") are not Letta's
+        meta = body.metadata.model_dump(exclude_unset=True) if body.metadata else {}
         result = meta.pop("result", None) or {}
         stop = (result.get("stop_reason") or {}).get("stop_reason")
         return cls(letta_run_id=body.run_id, status=body.status, stop_reason=stop,
