@@ -9,6 +9,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from contextlib import closing
 
 import aiosqlite
 import pytest
@@ -982,3 +983,60 @@ def test_the_service_lock_is_held_by_one_holder_at_a_time(tmp_path):
     other.acquire()  # one lock per database
     other.release()
     second.release()
+
+
+def test_two_paths_to_one_database_are_one_lock(tmp_path):
+    """SQLite opens a symlink's target: a service started through the link must find the
+    lock of a service started on the file itself."""
+    from tracker.errors import Conflict
+    from tracker.service_lock import ServiceLock
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "t.db").touch()
+    (tmp_path / "b" / "t.db").symlink_to(tmp_path / "a" / "t.db")
+    first = ServiceLock(str(tmp_path / "a" / "t.db"))
+    first.acquire()
+    through_link = ServiceLock(str(tmp_path / "b" / "t.db"))
+    assert through_link.held_elsewhere()
+    with pytest.raises(Conflict):
+        through_link.acquire()
+    first.release()
+    assert not through_link.held_elsewhere()
+
+
+async def test_two_processes_opening_a_new_database_at_once_both_open_it(tmp_path):
+    """Both read its schema version before either migrates: the second's migrations find
+    them applied (they fail as re-runs, atomically) and take them as done."""
+    path = tmp_path / "new.db"
+    with closing(sqlite3.connect(path)) as db:  # made, empty, in WAL mode (as open leaves it)
+        db.execute("PRAGMA journal_mode = WAL")
+    a, b = open_store(f"sqlite:///{path}"), open_store(f"sqlite:///{path}")
+    try:
+        await asyncio.gather(a.open(), b.open())
+        assert await a.schema_version() == await b.schema_version() == LATEST
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_command_does_not_migrate_a_database_a_service_is_using(tmp_path):
+    """A newer CLI beside an older running service would change the schema under it: it
+    refuses, naming what to do; the service, holding the lock, migrates at its start."""
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.executescript(MIGRATIONS[0])
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+    service = open_store(f"sqlite:///{path}")
+    service.lock_for_service()
+    command = open_store(f"sqlite:///{path}")
+    with pytest.raises(Unavailable, match="a tracker service is using it"):
+        await command.open()
+    await command.close()
+    await service.open()  # the lock's holder migrates
+    try:
+        assert await service.schema_version() == LATEST
+    finally:
+        await service.close()

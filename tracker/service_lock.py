@@ -25,7 +25,9 @@ class ServiceLock:
     """The lock of one database file, held from ``acquire`` to ``release``."""
 
     def __init__(self, db_path: str) -> None:
-        self.path = os.path.abspath(db_path) + ".lock"
+        # the file SQLite opens, links resolved as SQLite resolves them: two paths to one
+        # database (a symlink) must name one lock
+        self.path = os.path.realpath(db_path) + ".lock"
         self._fd: int | None = None
 
     def acquire(self) -> None:
@@ -48,6 +50,17 @@ class ServiceLock:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
+
+    def held_elsewhere(self) -> bool:
+        """Whether another process holds the lock now (a service on this database)."""
+        try:
+            self.acquire()
+        except Conflict:
+            return True
+        except OSError:
+            return False  # no lock file can be made here (a read-only directory): none held
+        self.release()
+        return False
 
     def release(self) -> None:
         if self._fd is not None:

@@ -448,6 +448,13 @@ class SQLiteDB:
         current = self._db.execute("PRAGMA user_version").fetchone()[0]
         if current > LATEST:
             raise Unavailable(f"database schema v{current} is newer than this tracker (v{LATEST})")
+        if current < LATEST and self._service_lock is None and self.path != ":memory:" \
+                and ServiceLock(self.path).held_elsewhere():
+            # a CLI command beside a running service: the service's code is on the older
+            # schema, and migrating under it would break it; it migrates when started
+            raise Unavailable(f"database schema v{current} is older than this tracker's"
+                              f" (v{LATEST}) and a tracker service is using it: upgrade and"
+                              " restart the service, which migrates it, then run this again")
         applied = []
         for version in range(current + 1, LATEST + 1):
             if current:  # some rewrite a table: minutes on a history of millions of runs
@@ -457,7 +464,10 @@ class SQLiteDB:
                 try:
                     await self._in_thread(_waiting, self._db, _migrate, version)
                 except sqlite3.Error as e:
-                    raise Unavailable(f"migration to schema v{version} failed: {e}") from e
+                    # another process opening the database at the same moment may have applied
+                    # it first (each is atomic, so this attempt changed nothing): taken as done
+                    if self._db.execute("PRAGMA user_version").fetchone()[0] < version:
+                        raise Unavailable(f"migration to schema v{version} failed: {e}") from e
             if current:
                 log.info("database at schema v%d (%.1f s)", version, time.monotonic() - started)
             applied.append(version)
