@@ -128,3 +128,47 @@ def test_backup_refuses_the_live_database_and_missing_directories(db: Path, tmp_
     missing = run_cli(db, "backup", str(tmp_path / "nowhere" / "copy.db"))
     assert missing.returncode == 1 and "does not exist" in missing.stderr
     assert counts(db)["runs"] == 4
+
+
+# --- the command line's own errors ---------------------------------------------------------
+
+def test_config_given_before_a_nested_command_is_the_one_used(db: Path, tmp_path: Path):
+    """``tracker keys --config X create``: X was overwritten by ``create``'s own default, and
+    the key went to ./tracker.db instead, exit 0."""
+    other = tmp_path / "other.db"
+    config = tmp_path / "other.toml"
+    config.write_text(f'[database]\nurl = "sqlite:///{other}"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACKER_")}
+    for argv in (["keys", "--config", str(config), "create", "ops"],
+                 ["keys", "create", "ops2", "--config", str(config)]):
+        done = subprocess.run([sys.executable, "-m", "tracker", *argv], cwd=tmp_path, env={
+            **env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+    with closing(sqlite3.connect(other)) as con:
+        assert con.execute("SELECT count(*) FROM api_keys").fetchone()[0] == 2
+    assert not (tmp_path / "tracker.db").exists()
+    missing = run_cli(db, "db", "--config", str(tmp_path / "nope.toml"), "status")
+    assert missing.returncode == 2 and "config file not found" in missing.stderr
+
+
+def test_a_database_url_that_is_not_sqlite_is_a_config_error(db: Path):
+    done = run_cli(db, "db", "status")
+    assert done.returncode == 0
+    for url in ("postgres://x/y", "tracker.db"):
+        done = subprocess.run([sys.executable, "-m", "tracker", "db", "status"], env={
+            **os.environ, "TRACKER_DATABASE__URL": url, "PYTHONPATH": str(ROOT)},
+            cwd=db.parent, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert "database.url" in done.stderr and "sqlite:///" in done.stderr
+
+
+def test_simulate_on_a_port_in_use_says_so_in_one_line(db: Path):
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        done = run_cli(db, "simulate", "--port", str(port))
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr

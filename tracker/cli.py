@@ -14,7 +14,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from tracker import __version__, logs
-from tracker.config import Config, checked, load_config
+from tracker.config import Config, add_config_option, checked, load_config
 from tracker.errors import ConfigError, TrackerError
 
 
@@ -108,8 +108,7 @@ def _simulate(cfg: Config, args: argparse.Namespace) -> int:
     from tracker import simulator
 
     logs.setup(cfg.logging.level, cfg.logging.format)
-    simulator.run_from_args(args)
-    return 0
+    return simulator.run_from_args(args)
 
 
 def _with_store(fn: Callable) -> Callable[[Config, argparse.Namespace], int]:
@@ -119,7 +118,7 @@ def _with_store(fn: Callable) -> Callable[[Config, argparse.Namespace], int]:
         from tracker.store import open_store
 
         async def go() -> int:
-            store = open_store(cfg.database.url)
+            store = open_store(cfg.database.url, cfg.database.synchronous)
             await store.open()
             try:
                 return await fn(store, args) or 0
@@ -140,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def cmd(name: str, fn: Callable, help: str) -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help)
-        s.add_argument("--config", help="TOML config file (TRACKER_* variables override it)")
+        add_config_option(s)
         s.set_defaults(fn=fn)
         return s
 

@@ -25,7 +25,7 @@ from tracker.cli_render import (
     run_fields,
     runs_table,
 )
-from tracker.config import Config
+from tracker.config import Config, add_config_option
 from tracker.errors import TrackerError
 from tracker.states import FINAL, State, Status
 
@@ -284,7 +284,7 @@ def add_commands(cmd: Callable) -> None:
     show = runs.add_parser("show", help="one run and its timeline")
     show.add_argument("run_id", metavar="ID", help="tracker or Letta run id")
     for p, fn in ((lst, runs_list), (show, runs_show)):
-        p.add_argument("--config", help="TOML config file (TRACKER_* variables override it)")
+        add_config_option(p, nested=True)
         client_options(p)
         p.set_defaults(fn=with_client(fn))
     demo.add_command(cmd)

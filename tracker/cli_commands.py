@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tracker import auth
+from tracker.config import add_config_option
 from tracker.migrations import LATEST
 from tracker.relay import rotate_secret
 from tracker.store import Store
@@ -72,24 +73,24 @@ def add_commands(cmd: Callable, with_store: Callable) -> None:
     create = keys.add_parser("create", help="create a key (printed once, last line)")
     create.add_argument("name")
     create.add_argument("--admin", action="store_true")
-    create.add_argument("--config")
+    add_config_option(create, nested=True)
     create.set_defaults(fn=with_store(keys_create))
     lst = keys.add_parser("list", help="list keys")
-    lst.add_argument("--config")
+    add_config_option(lst, nested=True)
     lst.set_defaults(fn=with_store(keys_list))
     revoke = keys.add_parser("revoke", help="revoke a key by id or prefix")
     revoke.add_argument("key")
-    revoke.add_argument("--config")
+    add_config_option(revoke, nested=True)
     revoke.set_defaults(fn=with_store(keys_revoke))
     rotate = keys.add_parser("rotate-webhook-secret",
                              help="new webhook signing secret for a user (printed, last line)")
     rotate.add_argument("name")
-    rotate.add_argument("--config")
+    add_config_option(rotate, nested=True)
     rotate.set_defaults(fn=with_store(keys_rotate_webhook_secret))
     db = cmd("db", None, "database").add_subparsers(dest="db_cmd", required=True)
     st = db.add_parser("status", help="schema version and row counts")
-    st.add_argument("--config")
+    add_config_option(st, nested=True)
     st.set_defaults(fn=with_store(db_status))
     mg = db.add_parser("migrate", help="apply pending migrations")
-    mg.add_argument("--config")
+    add_config_option(mg, nested=True)
     mg.set_defaults(fn=with_store(db_migrate))

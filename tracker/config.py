@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import tomllib
@@ -51,6 +52,13 @@ class DatabaseConfig(Section):
     url: str = "sqlite:///tracker.db"
     # NORMAL in WAL mode survives any process crash; FULL also survives power loss
     synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
+
+    @field_validator("url")
+    @classmethod
+    def _sqlite_url(cls, v: str) -> str:
+        if not v.startswith("sqlite://"):
+            raise ValueError("must be sqlite:///PATH (or sqlite:///:memory:), the only store")
+        return v
 
 
 class CallbacksConfig(Section):
@@ -211,3 +219,11 @@ def load_config(path: str | Path | None = None, environ: dict[str, str] | None =
         return Config.model_validate(data)
     except ValidationError as e:
         raise _first_error(e, origin + " + environment") from None
+
+
+def add_config_option(parser: Any, nested: bool = False) -> None:
+    """``--config PATH`` on a command; ``nested`` on a sub-subcommand (``keys create``), whose
+    default must not overwrite a ``--config`` given before it (``tracker keys --config X
+    create``: argparse sets the nested parser's defaults last)."""
+    parser.add_argument("--config", help="TOML config file (TRACKER_* variables override it)",
+                        **({"default": argparse.SUPPRESS} if nested else {}))

@@ -67,10 +67,17 @@ def faults_from_args(args: argparse.Namespace) -> Faults:
     return Faults().merged(changes)
 
 
-def serve(app: web.Application, host: str, port: int, agent_ids: list[str]) -> None:
-    """Serve `app` until SIGINT/SIGTERM; print agent ids, then where it listens."""
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(app, host, port, agent_ids))
+def serve(app: web.Application, host: str, port: int, agent_ids: list[str]) -> int:
+    """Serve `app` until SIGINT/SIGTERM; print agent ids, then where it listens. 1, with one
+    line saying why, when it cannot listen there (the port taken, or no such port)."""
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(_serve(app, host, port, agent_ids))
+    except (OSError, OverflowError) as e:
+        why = getattr(e, "strerror", None) or e
+        print(f"tracker simulate: cannot listen on {host}:{port}: {why}", file=sys.stderr)
+        return 1
+    return 0
 
 
 async def _serve(app: web.Application, host: str, port: int, agent_ids: list[str]) -> None:

@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import random
 import re
+import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -237,14 +238,15 @@ class Simulator:
         await self.close()
 
 
-def run_from_args(args: argparse.Namespace) -> None:
-    """Serve a simulator configured from `add_arguments` options until interrupted."""
+def run_from_args(args: argparse.Namespace) -> int:
+    """Serve a simulator configured from `add_arguments` options until interrupted; the exit
+    status."""
     sim = Simulator(seed=args.seed, faults=faults_from_args(args), api_key=args.api_key)
     agents = [sim.create_agent(f"sim-agent-{i + 1}")["id"] for i in range(args.agents)]
-    serve(sim.app(), args.host, args.port, agents)
+    return serve(sim.app(), args.host, args.port, agents)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m tracker.simulator", description=__doc__)
     add_arguments(parser)
-    run_from_args(parser.parse_args())
+    sys.exit(run_from_args(parser.parse_args()))
