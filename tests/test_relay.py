@@ -32,6 +32,7 @@ from tracker.relay_policy import (
     jittered,
     next_step,
 )
+from tracker.serialize import run_out
 from tracker.states import State
 from tracker.store import Event, NewRun, open_store
 
@@ -270,6 +271,83 @@ async def test_redeliver_sends_again_under_the_same_webhook_id(store, user, serv
     d = await eventually(lambda: finished(store, run.id))
     assert d.state == "delivered" and d.attempts == 2
     assert rx.seen[0].headers["webhook-id"] == rx.seen[1].headers["webhook-id"]
+
+
+async def test_an_attempt_on_a_delivery_deleted_during_its_post_leaves_no_row(store, user, serve,
+                                                                             relays, tmp_path):
+    """A POST can take 15 s: the run and its delivery deleted meanwhile (as prune deletes
+    them), the attempt's row would belong to nothing, and nothing would ever remove it."""
+    rx = Receiver(Reply(delay=0.5))
+    run = await final_run(store, user, await serve(rx))
+    relay = await relays(cfg_with(tmp_path), store)
+    outcomes: list[str] = []
+    relay.on_outcome = outcomes.append
+    await eventually(lambda: rx.seen)
+    await store._write(lambda db: store._delete_runs(db, [run.id]))
+    await eventually(lambda: outcomes)  # the attempt ended and was recorded
+    counts = await store.table_counts()
+    assert (counts["deliveries"], counts["delivery_attempts"]) == (0, 0)
+
+
+# --- the run's callback fields -----------------------------------------------------------------
+
+#: Letta's run after a callback that got no answer: the run's fields are set in its formats
+LETTA_UNREACHABLE = samples.body("callback_unreachable__run_after")
+LETTA_ERROR = "Failed to dispatch callback for run {} to {}: "
+
+
+def callback_fields(run: dict) -> tuple:
+    return run["callback_sent_at"], run["callback_status_code"], run["callback_error"]
+
+
+async def test_a_delivery_no_answer_came_to_shows_why_on_the_run(store, user, relays, tmp_path):
+    url = "http://127.0.0.1:9/hook"  # nothing listens there
+    run = await final_run(store, user, url)
+    await relays(cfg_with(tmp_path), store)
+    d = await eventually(lambda: finished(store, run.id))
+    last = d.attempt_log[-1]
+    sent_at, code, error = callback_fields(run_out(await store.get_run(run.id)))
+    sample = LETTA_UNREACHABLE
+    assert sample["callback_error"].startswith(LETTA_ERROR.format(sample["id"],
+                                                                  sample["callback_url"]))
+    assert (code, error) == (None, LETTA_ERROR.format(run.id, url) + last["error"])
+    assert sent_at == last["at"].removesuffix("Z")
+    assert samples.string_format(sent_at) == samples.string_format(
+        sample["callback_sent_at"]) == "naive timestamp"
+
+
+async def test_the_run_shows_its_latest_attempt(store, user, serve, relays, tmp_path):
+    rx = Receiver(Reply(delay=1.0), Reply(201))
+    run = await final_run(store, user, await serve(rx))
+    await relays(cfg_with(tmp_path, timeout_s=0.3), store)
+    d = await eventually(lambda: finished(store, run.id))
+    assert [a["status_code"] for a in d.attempt_log] == [None, 201]
+    shown = run_out(await store.get_run(run.id))
+    assert callback_fields(shown) == (d.attempt_log[-1]["at"].removesuffix("Z"), 201, None)
+
+
+async def test_the_users_delivery_is_shown_not_lettas_to_the_tracker(start_tracker, sim, agent,
+                                                                     serve):
+    """Letta's callback to the tracker is missed (the run is learnt by polling, and Letta's run
+    holds the failure); the user's receiver answers 500: the run shows that 500 without an
+    error, as Letta's shows a receiver's 500 (callback_receiver_500)."""
+    t = await start_tracker()
+    sim.set_faults(callback_drop=1.0)
+    url = await serve(Receiver(Reply(500)))
+    run = await t.submit(agent, callback_url=url)
+
+    async def relayed():
+        return (await t.run(run["id"]))["tracker"]["relay"] == "failed"
+
+    await eventually(relayed)
+    done = await t.run(run["id"])
+    assert done["tracker"]["completed_via"] == "poll"
+    assert sim.store.get(done["tracker"]["letta_run_id"]).callback_error  # Letta's, to us
+    [d] = await t.svc.store.deliveries(run["id"])
+    [listed] = await (await t.get("/v1/runs")).json()
+    for shown in (done, listed):
+        assert shown["callback_url"] == url
+        assert callback_fields(shown) == (d.attempt_log[-1]["at"].removesuffix("Z"), 500, None)
 
 
 # --- durability and isolation ------------------------------------------------------------------

@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import os
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,8 +37,10 @@ from tracker.store import Event, NewRun, RunFilter, RunRecord, Store, User
 
 log = logging.getLogger("tracker.manager")
 
-LETTA_FIELDS = ("conversation_id", "base_template_id", "background", "metadata",
-                "callback_sent_at", "callback_status_code", "callback_error", "ttft_ns",
+#: what Letta's run holds that the tracker's shows as it is. Not its callback_sent_at,
+#: callback_status_code and callback_error: those tell of Letta's callback to the tracker, and
+#: the run shows the relay's delivery to the user's callback_url there (the relay sets them)
+LETTA_FIELDS = ("conversation_id", "base_template_id", "background", "metadata", "ttft_ns",
                 "total_duration_ns")
 USAGE_KEYS = ("completion_tokens", "prompt_tokens", "total_tokens", "prompt_tokens_details",
               "completion_tokens_details")
@@ -47,14 +48,6 @@ REQUEST_CONFIG_DEFAULTS = {"use_assistant_message": True,
                            "assistant_message_tool_name": "send_message",
                            "assistant_message_tool_kwarg": "message",
                            "include_return_message_types": None}
-
-
-_TOKEN_MAC = re.compile(r"(/callbacks/letta/run-[0-9a-fA-F-]+\.)[A-Za-z0-9_=-]+")
-
-
-def mask_token(text: str) -> str:
-    """Letta's callback_error quotes our callback URL, whose MAC is a credential: hide it."""
-    return _TOKEN_MAC.sub(r"\1***", text)
 
 
 def letta_usage(usage: dict | None) -> dict | None:
@@ -79,8 +72,6 @@ class Observation:
                  usage: dict | None = None) -> Observation:
         """From Letta's Run object (a poll), with the result fetched beside it."""
         fields = {k: run.get(k) for k in LETTA_FIELDS if k in run}
-        if fields.get("callback_error"):
-            fields["callback_error"] = mask_token(fields["callback_error"])
         return cls(letta_run_id=run["id"], status=run.get("status") or Status.CREATED,
                    stop_reason=run.get("stop_reason"), completed_at=run.get("completed_at"),
                    fields=fields, messages=messages, usage=letta_usage(usage))

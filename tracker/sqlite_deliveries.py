@@ -48,21 +48,24 @@ class Deliveries(SQLiteDB):
 
     async def record_attempt(self, delivery_id: str, attempt: dict, state: str,
                              next_attempt_at: float | None) -> None:
+        """Log an attempt and reschedule or close its delivery; nothing if that is gone."""
         finished = clock.iso() if state != "pending" else None
 
         def write(db: sqlite3.Connection) -> None:
+            if not db.execute(
+                "UPDATE deliveries SET attempts = attempts + 1, state = ?, next_attempt_at = ?,"
+                " last_status = ?, last_error = ?, finished_at = ? WHERE id = ?",
+                (state, next_attempt_at, attempt.get("status_code"), attempt.get("error"),
+                 finished, delivery_id),
+            ).rowcount:
+                return  # deleted with its run during the POST: an attempt row would be orphaned
             db.execute(
                 "INSERT INTO delivery_attempts (delivery_id, at, status_code, latency_ms, error)"
                 " VALUES (?, ?, ?, ?, ?)",
                 (delivery_id, attempt["at"], attempt.get("status_code"),
                  attempt.get("latency_ms"), attempt.get("error")),
             )
-            db.execute(
-                "UPDATE deliveries SET attempts = attempts + 1, state = ?, next_attempt_at = ?,"
-                " last_status = ?, last_error = ?, finished_at = ? WHERE id = ?",
-                (state, next_attempt_at, attempt.get("status_code"), attempt.get("error"),
-                 finished, delivery_id),
-            )
+            _show_on_run(db, delivery_id, attempt)
 
         await self._write(write)
 
@@ -92,3 +95,20 @@ class Deliveries(SQLiteDB):
             " ORDER BY created_at DESC LIMIT 1)", (now, run_id)))
         found = await self.deliveries(run_id)
         return found[-1] if found else None
+
+
+def _show_on_run(db: sqlite3.Connection, delivery_id: str, attempt: dict) -> None:
+    """The run's callback_sent_at, callback_status_code and callback_error, set from its
+    latest attempt as Letta sets its run's from its callback: the time without a zone, then
+    the receiver's status or, when no answer came, why in Letta's words. Any answer (a 500, a
+    redirect) is a status without an error, as at Letta; the attempt log keeps the rest."""
+    row = db.execute("SELECT run_id, url FROM deliveries WHERE id = ?", (delivery_id,)).fetchone()
+    if row is None:
+        return
+    run_id, url = row
+    code, error = attempt.get("status_code"), attempt.get("error")
+    text = (f"Failed to dispatch callback for run {run_id} to {url}: {error}"
+            if code is None and error else None)
+    db.execute("UPDATE runs SET callback_sent_at = ?, callback_status_code = ?,"
+               " callback_error = ? WHERE id = ?",
+               (attempt["at"].removesuffix("Z"), code, text, run_id))
