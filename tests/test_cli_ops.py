@@ -56,8 +56,8 @@ def test_prune_dry_run_counts_and_deletes_nothing(db: Path):
     before = counts(db)
     out = run_cli(db, "prune", "--older-than", "30d", "--dry-run")
     assert out.returncode == 0, out.stderr
-    assert "dry run: would remove 2 finished runs created before" in out.stdout
-    assert "(older than 30d)" in out.stdout
+    assert "dry run: would remove 2 runs finished before" in out.stdout
+    assert "(more than 30d ago), and not awaiting a webhook retry:" in out.stdout
     lines = dict(line.split() for line in out.stdout.splitlines() if line.startswith("  "))
     assert lines == {"runs": "2", "run_events": "6", "deliveries": "2", "delivery_attempts": "2"}
     assert "nothing was deleted" in out.stdout
@@ -67,10 +67,36 @@ def test_prune_dry_run_counts_and_deletes_nothing(db: Path):
 def test_prune_removes_old_finished_runs_and_says_how_many(db: Path):
     out = run_cli(db, "prune", "--older-than", "30d")
     assert out.returncode == 0, out.stderr
-    assert "removed 2 finished runs" in out.stdout and "12 rows removed in all" in out.stdout
+    assert "removed 2 runs finished before" in out.stdout
+    assert "12 rows removed in all" in out.stdout
     assert counts(db) == {"runs": 2, "run_events": 4, "deliveries": 1}
     again = run_cli(db, "prune", "--older-than", "720h")
     assert again.returncode == 0 and "nothing to remove" in again.stdout
+
+
+async def test_prune_keeps_runs_finished_lately_or_awaiting_a_webhook_retry(db: Path,
+                                                                            monkeypatch):
+    """Both created 40 days ago, as the two it removes: one sat queued until an hour ago; one
+    finished then, but its user's endpoint is down and the relay retries it."""
+    store = open_store(f"sqlite:///{db}")
+    await store.open()
+    late = await aged_run(store, monkeypatch, 40, State.DONE, finished_days=1 / 24)
+    retrying = await aged_run(store, monkeypatch, 40, State.DONE, webhook="pending")
+    await store.close()
+    dry = run_cli(db, "prune", "--older-than", "30d", "--dry-run")
+    assert "would remove 2 runs" in dry.stdout, dry.stdout + dry.stderr
+    out = run_cli(db, "prune", "--older-than", "30d")
+    assert "removed 2 runs" in out.stdout, out.stdout + out.stderr
+    with closing(sqlite3.connect(db)) as con:
+        kept = {r[0] for r in con.execute("SELECT id FROM runs")}
+    assert len(kept) == 4 and {late, retrying} <= kept
+
+
+def test_prune_help_says_which_runs_go(db: Path):
+    out = run_cli(db, "prune", "--help")
+    assert out.returncode == 0, out.stderr
+    assert ("runs that finished more than AGE ago, and are not awaiting a webhook retry"
+            in " ".join(out.stdout.split()))
 
 
 def test_prune_refuses_a_bad_age(db: Path):
@@ -172,3 +198,6 @@ def test_simulate_on_a_port_in_use_says_so_in_one_line(db: Path):
         done = run_cli(db, "simulate", "--port", str(port))
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
+
+
+# --- db status -----------------------------------------------------------------------------

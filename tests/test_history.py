@@ -161,7 +161,7 @@ async def test_cursors_keep_both_bounds_and_a_gone_one_is_refused(start_tracker,
     page = await list_ids(t, {"limit": 2})
     assert page == [runs[4], runs[3]]
     pruned = await t.svc.store.get_run(runs[4])
-    assert (await t.svc.store.prune(pruned.created_at, 100))["runs"] == 4
+    assert (await t.svc.store.prune(pruned.recorded_at, 100))["runs"] == 4
     unknown = "run-00000000-0000-4000-8000-000000000000"
     other = await user_key(t, "dave")
     for params, key in (({"after": page[-1]}, None), ({"before": unknown}, None),

@@ -19,9 +19,11 @@ from tracker.store import Event, NewRun
 A1 = "agent-11111111-1111-4111-8111-111111111111"
 
 
-async def add_run(store, monkeypatch, age_days: float, state: State) -> str:
+async def add_run(store, monkeypatch, age_days: float, state: State,
+                  finished_days: float | None = None, webhook: str = "delivered") -> str:
     """A run created ``age_days`` ago, taken to ``state`` the way the service would, with
-    events, and for a finished run a relay delivery and one attempt."""
+    events, and for a finished run (``finished_days`` ago, by default as it was created) a
+    relay delivery and one attempt, which left the delivery ``webhook``."""
     created = clock.now() - age_days * DAY
     with monkeypatch.context() as m:
         m.setattr(clock, "now", lambda: created)
@@ -35,12 +37,23 @@ async def add_run(store, monkeypatch, age_days: float, state: State) -> str:
     await store.transition(run.id, State.SUBMITTED, (State.SUBMITTING,),
                            {"letta_run_id": f"run-{uuid.uuid4()}"}, Event("dispatch", "sent"))
     if state is State.DONE:
-        await store.transition(run.id, State.DONE, (State.SUBMITTED,), {"status": "completed"},
+        finished = clock.iso(clock.now() - (age_days if finished_days is None
+                                            else finished_days) * DAY)
+        await store.transition(run.id, State.DONE, (State.SUBMITTED,),
+                               {"status": "completed", "recorded_at": finished},
                                Event("callback", "completed"), relay=True)
         [delivery] = await store.deliveries(run.id)
-        await store.record_attempt(delivery.id, {"at": clock.iso(), "status_code": 200},
-                                   "delivered", None)
+        await webhook_attempt(store, delivery.id, webhook)
     return run.id
+
+
+async def webhook_attempt(store, delivery_id: str, state: str) -> None:
+    """An attempt that left the delivery ``state``: answered, or, with the user's endpoint
+    down, to be retried in 10 h (pending) or given up (failed)."""
+    code = 200 if state == "delivered" else 503
+    retry_at = clock.now() + 36_000 if state == "pending" else None
+    await store.record_attempt(delivery_id, {"at": clock.iso(), "status_code": code}, state,
+                               retry_at)
 
 
 def retention(store, keep_days: float | None = 30, interval_s: float = 3600,
@@ -90,6 +103,68 @@ async def test_prune_removes_only_finished_runs_older_than_keep_days(store, monk
     assert before["run_payloads"] - after["run_payloads"] == 1  # the request and result too
 
 
+async def test_a_run_is_kept_keep_days_after_it_finished_however_long_it_waited(store,
+                                                                               monkeypatch):
+    """Pruned by creation time, a run that sat queued or stuck past keep_days went, result
+    and outbox, at the first pass after it finished."""
+    finished_long_ago = await add_run(store, monkeypatch, 40, State.DONE, finished_days=31)
+    finished_lately = await add_run(store, monkeypatch, 40, State.DONE, finished_days=1 / 24)
+
+    dry = await store.prune(cutoff(30 * DAY), 500, dry_run=True)
+    removed = await retention(store, keep_days=30).prune_once()
+
+    assert removed == dry == {"runs": 1, "run_events": 3, "deliveries": 1,
+                              "delivery_attempts": 1}
+    assert await store.get_run(finished_long_ago) is None
+    assert await store.get_run(finished_lately) is not None
+    assert len(await store.deliveries(finished_lately)) == 1
+
+
+async def test_a_run_whose_webhook_awaits_a_retry_is_kept_until_its_delivery_ends(store,
+                                                                                 monkeypatch):
+    """The retry schedule spans ~27 h: with keep_days = 1, a run whose user's endpoint is
+    down went with its delivery, and its last retries with them."""
+    run_id = await add_run(store, monkeypatch, 2, State.DONE, webhook="pending")
+    r = retention(store, keep_days=1)
+
+    assert (await store.prune(cutoff(DAY), 500, dry_run=True))["runs"] == 0
+    assert (await r.prune_once())["runs"] == 0
+    [delivery] = await store.deliveries(run_id)
+    assert delivery.state == "pending" and len(delivery.attempt_log) == 1
+
+    await webhook_attempt(store, delivery.id, "failed")  # the schedule's last attempt
+    assert (await r.prune_once())["runs"] == 1
+    assert await store.get_run(run_id) is None
+
+
+async def test_prune_seeks_the_finish_time_index_batch_after_batch(store, monkeypatch):
+    """A history of a million runs: every batch's selection is a seek into runs_recorded,
+    never a scan of runs, and each starts past the runs kept before it."""
+    waiting = [await add_run(store, monkeypatch, 40, State.DONE, finished_days=35,
+                             webhook="pending") for _ in range(3)]
+    for _ in range(5):
+        await add_run(store, monkeypatch, 40, State.DONE, finished_days=32)
+    statements: list[str] = []
+    store._db.set_trace_callback(statements.append)
+    try:
+        removed = await retention(store, keep_days=30, batch_size=2).prune_once()
+    finally:
+        store._db.set_trace_callback(None)
+
+    assert removed["runs"] == 5
+    assert all([await store.get_run(r) for r in waiting])
+    plans = {sql: " | ".join(row[3] for row in store._db.execute(f"EXPLAIN QUERY PLAN {sql}"))
+             for sql in statements if sql.startswith(("SELECT", "DELETE"))}
+    assert not [p for p in plans.values() if "SCAN" in p], plans
+    selections = {sql: p for sql, p in plans.items() if sql.startswith("SELECT")}
+    assert len(selections) == 4, plans  # 2 + 2 + 1 runs, then none
+    assert all(p.startswith("SEARCH runs USING INDEX runs_recorded")
+               for p in selections.values()), plans
+    # only the first starts at the beginning (the waiting runs); the rest past the last deleted
+    assert [sql.endswith("> ('', 0) ORDER BY recorded_at, seq LIMIT 2")
+            for sql in selections] == [True, False, False, False], selections
+
+
 async def test_without_keep_days_nothing_is_pruned_and_run_returns(store, monkeypatch):
     old_done = await add_run(store, monkeypatch, 400, State.DONE)
     r = retention(store, keep_days=None)
@@ -106,7 +181,8 @@ async def test_background_loop_prunes_every_interval_until_stopped(store, monkey
     # finished only once it is in place: the loop, every 50 ms, would prune a finished run
     # between add_run's steps (its delivery read then found none)
     later = await add_run(store, monkeypatch, 2, State.SUBMITTED)
-    await store.transition(later, State.DONE, (State.SUBMITTED,), {"status": "completed"}, None)
+    await store.transition(later, State.DONE, (State.SUBMITTED,), {
+        "status": "completed", "recorded_at": cutoff(2 * DAY)}, None)
     await eventually(lambda: _gone(store, later))
     r.stop()
     await asyncio.wait_for(task, 1)

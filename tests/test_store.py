@@ -289,7 +289,8 @@ async def test_write_failure_is_unavailable_and_leaves_nothing(tmp_path, store):
 async def test_prune_removes_old_finished_runs_only(store):
     old = await submit(store)
     await store.transition(old.id, State.CANCELLED, (State.QUEUED,),
-                           {"created_at": "2020-01-01T00:00:00.000000Z"}, Event("api", "x"))
+                           {"created_at": "2020-01-01T00:00:00.000000Z",
+                            "recorded_at": "2020-01-01T00:00:00.000000Z"}, Event("api", "x"))
     live = await submit(store)
     dry = await store.prune("2021-01-01T00:00:00.000000Z", 10, dry_run=True)
     assert dry["runs"] == 1 and await store.get_run(old.id) is not None
@@ -314,10 +315,12 @@ async def test_counts_kept_by_triggers_match_the_rows(store):
     await store.claim(serial=False, now=clock.now())
     for r in runs[:4]:
         await store.transition(r.id, State.DONE, (State.SUBMITTING,),
-                               {"status": "completed", "completed_via": "poll"}, None)
+                               {"status": "completed", "completed_via": "poll",
+                                "recorded_at": clock.iso()}, None)
     await store.transition(runs[4].id, State.REJECTED, (State.SUBMITTING,),
-                           {"status": "failed"}, None)
-    await store.prune("9999", 100)  # deletes the finished ones: counts follow deletes too
+                           {"status": "failed", "recorded_at": clock.iso()}, None)
+    # deletes the finished ones: counts follow deletes too
+    assert (await store.prune("9999", 100))["runs"] == 5
     await submit(store)
 
     def grouped(rows):

@@ -38,10 +38,12 @@ def _age(text: str) -> str:
 
 
 async def prune(store: Store, args: argparse.Namespace) -> int:
-    """Delete (or with --dry-run, count) finished runs older than --older-than."""
+    """Delete (or with --dry-run, count) runs that finished more than --older-than ago, and
+    are not awaiting a webhook retry."""
     before = cutoff(parse_age(args.older_than))
     counts = await store.prune(before, args.batch, dry_run=args.dry_run)
-    scope = f"finished runs created before {before} (older than {args.older_than})"
+    scope = (f"runs finished before {before} (more than {args.older_than} ago), and not"
+             " awaiting a webhook retry")
     if not counts.get("runs"):
         print(f"no {scope}: nothing to remove")
         return 0
@@ -115,9 +117,11 @@ def _size(n: int) -> str:
 def add_commands(cmd: Callable, with_store: Callable) -> None:
     """Register ``prune`` and ``backup`` on the ``tracker`` parser."""
     p = cmd("prune", with_store(prune),
-            "delete finished runs (events, results, deliveries) older than an age")
+            "delete runs (events, results, deliveries) that finished more than an age ago,"
+            " and are not awaiting a webhook retry")
     p.add_argument("--older-than", required=True, type=_age, metavar="AGE",
-                   help="age like 30d, 12h, 90m or 45s (by creation time)")
+                   help="age like 30d, 12h, 90m or 45s: runs that finished more than AGE"
+                        " ago, and are not awaiting a webhook retry")
     p.add_argument("--dry-run", action="store_true", help="count what would go; delete nothing")
     p.add_argument("--batch", type=_positive, default=PRUNE_BATCH, metavar="N",
                    help=f"runs deleted per transaction (default {PRUNE_BATCH})")

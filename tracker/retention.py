@@ -1,4 +1,7 @@
-"""Retention: prune finished runs (with their events, results and deliveries) past an age.
+"""Retention: prune runs (with their events, results and deliveries) that finished more than
+an age ago, and are not awaiting a webhook retry: a run that waited long before it finished
+is kept as long as any other, and the relay's last retries to a user's endpoint that is down
+(its default schedule spans ~27 h) are never deleted under it.
 
 The store deletes in batches of ``batch_size`` runs per transaction and yields between them,
 so a large first prune never holds the writer long enough to delay requests.
@@ -60,7 +63,8 @@ class Retention:
             await clock.nap(self._stopping, self.cfg.interval_s)
 
     async def prune_once(self) -> dict[str, int]:
-        """One pass: delete finished runs older than ``keep_days``; returns rows per table."""
+        """One pass: delete runs that finished more than ``keep_days`` ago (and are not awaiting
+        a webhook retry); returns rows per table."""
         if self.cfg.keep_days is None:
             return {}
         before = cutoff(self.cfg.keep_days * DAY)
@@ -71,7 +75,7 @@ class Retention:
             log.warning("retention: prune failed, retrying in %gs: %s", self.cfg.interval_s, e)
             return {}
         if removed.get("runs"):
-            log.info("retention: removed %d finished runs created before %s (%s)",
+            log.info("retention: removed %d runs finished before %s (%s)",
                      removed["runs"], before, _rows(removed))
         return removed
 

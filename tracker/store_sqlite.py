@@ -256,29 +256,51 @@ class SQLiteStore(RunReads, CallbackInbox, Accounts, Deliveries, GroupCommit):
     # --- operations ------------------------------------------------------------------------
 
     async def prune(self, before: str, batch: int, dry_run: bool = False) -> dict[str, int]:
-        """Delete finished runs created before ``before`` with their events and deliveries,
-        ``batch`` runs per transaction so that requests are never held up for long."""
-        final = tuple(FINAL)
-        where = f"state IN ({marks(len(final))}) AND created_at < ?"
-        totals = {"runs": 0, "run_events": 0, "deliveries": 0, "delivery_attempts": 0}
+        """Delete runs that finished before ``before`` and are not awaiting a webhook retry,
+        with their events and deliveries, ``batch`` runs per transaction so that requests are
+        never held up for long."""
         if dry_run:
-            return await self._prune_counts(where, (*final, before))
-
-        def write(db: sqlite3.Connection) -> dict[str, int]:
-            ids = [r[0] for r in db.execute(f"SELECT id FROM runs WHERE {where} LIMIT ?",
-                                            (*final, before, batch))]
-            return self._delete_runs(db, ids) if ids else {}
-
-        while deleted := await self._write(write, slow=True):
+            return await self._prune_counts(before)
+        totals = {"runs": 0, "run_events": 0, "deliveries": 0, "delivery_attempts": 0}
+        key = ("", 0)  # (recorded_at, seq) of the last run deleted
+        while True:
+            deleted, key = await self._write(
+                lambda db, after=key: self._prune_batch(db, before, after, batch), slow=True)
+            if not deleted:
+                return totals
             for table, n in deleted.items():
                 totals[table] += n
             await asyncio.sleep(0)  # let requests in between batches
-        return totals
 
-    async def _prune_counts(self, where: str, params: tuple) -> dict[str, int]:
-        sub = f"SELECT id FROM runs WHERE {where}"
+    @staticmethod
+    def _prunable(before: str) -> tuple[str, tuple]:
+        """``FROM ... WHERE`` for the runs prune may delete: final, finished (recorded_at)
+        before ``before``, and with no delivery pending, whose retries (~27 h by default)
+        would go with it. Through the finish-time index, forced: SQLite may pick runs_state
+        instead (it does on a new database), all of a history that is nearly all final."""
+        final = tuple(FINAL)
+        return ("runs INDEXED BY runs_recorded WHERE recorded_at < ?"
+                f" AND state IN ({marks(len(final))}) AND NOT EXISTS (SELECT 1 FROM deliveries"
+                " WHERE deliveries.run_id = runs.id AND deliveries.state = 'pending')",
+                (before, *final))
+
+    def _prune_batch(self, db: sqlite3.Connection, before: str, key: tuple,
+                     batch: int) -> tuple[dict[str, int], tuple]:
+        """One batch, in finish order from past ``key``: the runs kept earlier in the order
+        (awaiting a retry, paused) are not walked again by every batch after them."""
+        where, params = self._prunable(before)
+        rows = db.execute(f"SELECT recorded_at, seq, id FROM {where}"
+                          " AND (recorded_at, seq) > (?, ?) ORDER BY recorded_at, seq LIMIT ?",
+                          (*params, *key, batch)).fetchall()
+        if not rows:
+            return {}, key
+        return self._delete_runs(db, [r[2] for r in rows]), tuple(rows[-1][:2])
+
+    async def _prune_counts(self, before: str) -> dict[str, int]:
+        where, params = self._prunable(before)
+        sub = f"SELECT id FROM {where}"
         q = {
-            "runs": f"SELECT count(*) FROM runs WHERE {where}",
+            "runs": f"SELECT count(*) FROM {where}",
             "run_events": f"SELECT count(*) FROM run_events WHERE run_id IN ({sub})",
             "deliveries": f"SELECT count(*) FROM deliveries WHERE run_id IN ({sub})",
             "delivery_attempts": "SELECT count(*) FROM delivery_attempts WHERE delivery_id IN"
