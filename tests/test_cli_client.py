@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import eventually
+
 REPO = Path(__file__).resolve().parents[1]
 REPLY = "Hello from fake LLM."
 
@@ -170,3 +172,51 @@ async def test_submit_wait_shows_progress_then_the_failure(tracker, url, sim):
     assert "did not complete" in r.out
     # stderr is no terminal here: one plain status line per change, not a spinner
     assert "submitted / " in r.err
+
+
+async def test_submit_wait_gives_up_at_its_timeout(start_tracker, agent):
+    """A run stuck at Letta is checked for ever: ``--wait`` waited with it, for ever."""
+    t = await start_tracker(polling={"deadline_s": 0.5})
+    url = str(t.client.make_url("/")).rstrip("/")
+    started = asyncio.get_running_loop().time()
+    r = await cli("submit", agent, "[[never]] forever", "--wait", "--timeout", "2", url=url,
+                  key=t.key)
+    assert r.code == 124, r.err
+    assert asyncio.get_running_loop().time() - started < 15
+    line = r.err.splitlines()[-1]
+    run_id = line.split(": ")[2].split()[0]
+    assert (await t.run(run_id))["tracker"]["state"] == "stuck"
+    assert line == (f"tracker: stopped waiting after 2 s: {run_id} is stuck (created);"
+                    f" look at it later with: tracker runs show {run_id}")
+    scripted = await cli("submit", agent, "[[never]] again", "--wait", "--json",
+                         "--timeout", "0.5", url=url, key=t.key)
+    assert scripted.code == 124, scripted.err
+    queued = json.loads(scripted.out)  # behind the stuck run, which holds the agent's lane
+    assert queued["tracker"]["state"] == "queued"
+    assert f"{queued['id']} is queued" in scripted.err
+    assert scripted.err.endswith(f"tracker runs show {queued['id']}\n")
+
+
+async def test_submit_timeout_is_checked_and_documented(tracker, url, agent):
+    r = await cli("submit", agent, "hi", "--wait", "--timeout", "0", url=url, key=tracker.key)
+    assert r.code == 2 and "must be a number of seconds above 0, not '0'" in r.err
+    shown = await cli("submit", "--help")
+    assert "--timeout SECONDS" in shown.out and "exit 124" in shown.out
+    assert "(600)" in shown.out
+
+
+async def test_submit_wait_says_it_is_confirming_a_cancel(start_tracker, agent):
+    t = await start_tracker(polling={"cancel_confirm_s": 2.0})
+    url = str(t.client.make_url("/")).rstrip("/")
+    waiting = asyncio.create_task(cli("submit", agent, "[[never]] forever", "--wait", url=url,
+                                      key=t.key))
+
+    async def submitted() -> list:
+        return await (await t.get("/v1/runs", state="submitted")).json()
+
+    await eventually(submitted)
+    resp = await t.post(f"/v1/agents/{agent}/messages/cancel")  # every active run of it
+    assert list((await resp.json()).values()) == ["cancelled"]
+    r = await waiting
+    assert r.code == 1, r.err
+    assert r.err.count("confirming the cancel with Letta") == 1, r.err

@@ -201,3 +201,44 @@ def test_simulate_on_a_port_in_use_says_so_in_one_line(db: Path):
 
 
 # --- db status -----------------------------------------------------------------------------
+
+def test_db_status_of_an_older_schema_migrates_nothing(tmp_path: Path):
+    """It migrated the database it was asked about: checking before an upgrade started it."""
+    from tracker.migrations import LATEST, MIGRATIONS
+
+    path = tmp_path / "old.db"
+    with closing(sqlite3.connect(path)) as con:
+        con.executescript(f"{MIGRATIONS[0]}\nPRAGMA user_version = 1;")
+    out = run_cli(path, "db", "status")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0] == (
+        f"schema version 1 (latest {LATEST}): {LATEST - 1} migration(s) pending, run"
+        " `tracker db migrate` with the service stopped")
+    assert dict(line.split() for line in out.stdout.splitlines()[1:]) == {
+        "runs": "0", "run_events": "0"}  # only v1's tables
+    with closing(sqlite3.connect(path)) as con:
+        assert con.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert run_cli(path, "db", "migrate").returncode == 0
+    out = run_cli(path, "db", "status")
+    assert out.stdout.splitlines()[0] == f"schema version {LATEST} (latest {LATEST})"
+    assert len(out.stdout.splitlines()) == 9
+
+
+def test_db_status_of_a_newer_schema_says_so(db: Path):
+    from tracker.migrations import LATEST
+
+    with closing(sqlite3.connect(db)) as con:
+        con.execute(f"PRAGMA user_version = {LATEST + 1}")
+    out = run_cli(db, "db", "status")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0] == (
+        f"schema version {LATEST + 1} (latest {LATEST}): newer than this tracker")
+
+
+def test_db_status_of_a_missing_database_creates_none(tmp_path: Path):
+    """A path mistyped made a new empty database, reported as up to date."""
+    missing = tmp_path / "typo.db"
+    out = run_cli(missing, "db", "status")
+    assert out.returncode == 1
+    assert out.stderr == f"tracker: cannot open database {missing}: no such file\n"
+    assert out.stdout == "" and not missing.exists()

@@ -111,15 +111,17 @@ def _simulate(cfg: Config, args: argparse.Namespace) -> int:
     return simulator.run_from_args(args)
 
 
-def _with_store(fn: Callable) -> Callable[[Config, argparse.Namespace], int]:
-    """Run ``fn(store, args)`` against the configured database, then close it."""
+def _with_store(fn: Callable,
+                migrate: bool = True) -> Callable[[Config, argparse.Namespace], int]:
+    """Run ``fn(store, args)`` against the configured database, then close it; with
+    ``migrate`` False, against the database as it is (it must exist)."""
 
     def run(cfg: Config, args: argparse.Namespace) -> int:
         from tracker.store import open_store
 
         async def go() -> int:
             store = open_store(cfg.database.url, cfg.database.synchronous)
-            await store.open()
+            await store.open(migrate)
             try:
                 return await fn(store, args) or 0
             finally:

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import os
+import sys
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -33,6 +34,12 @@ from tracker.states import FINAL, State, Status
 POLL_EVERY = 0.5
 #: ``--wait`` stops at these: the tracker will not change them without a user's action
 SETTLED = frozenset({*FINAL, State.PAUSED})
+#: ``--wait``'s default limit: a run stuck at Letta is checked for ever, and the command
+#: must not wait with it
+WAIT_TIMEOUT_S = 600.0
+#: ``submit --wait``'s exit code when ``--timeout`` passes first (``timeout(1)``'s): the run
+#: goes on, unlike 1 (it ended without completing)
+TIMED_OUT = 124
 
 
 class ApiError(TrackerError):
@@ -127,7 +134,9 @@ async def submit(client: TrackerClient, args: argparse.Namespace) -> int:
             print(f"submitted {run['id']} ({run['tracker']['state']}); "
                   f"follow it with: tracker runs show {run['id']}")
         return 0
-    run = await follow(client, run, quiet=args.json)
+    run = await follow(client, run, args.timeout, quiet=args.json)
+    if run["tracker"]["state"] not in SETTLED:
+        return gave_up(run, args)
     messages = await client.messages(run["id"]) if run["tracker"]["letta_run_id"] else []
     if args.json:
         print_json({**run, "messages": messages})
@@ -136,16 +145,39 @@ async def submit(client: TrackerClient, args: argparse.Namespace) -> int:
     return 0 if completed(run) else 1
 
 
-async def follow(client: TrackerClient, run: dict, quiet: bool = False) -> dict:
-    """Look at the run every POLL_EVERY seconds, with a live status line, until it settles."""
-    started = asyncio.get_running_loop().time()
+async def follow(client: TrackerClient, run: dict, timeout: float,
+                 quiet: bool = False) -> dict:
+    """Look at the run every POLL_EVERY seconds, with a live status line, until it settles
+    or ``timeout`` seconds pass; the run as last seen."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
     with status_line(quiet) as show:
         while run["tracker"]["state"] not in SETTLED:
-            elapsed = asyncio.get_running_loop().time() - started
-            show(f"{run['id']}  {run['tracker']['state']} / {run['status']}", f"  {elapsed:.0f}s")
-            await asyncio.sleep(POLL_EVERY)
+            elapsed = loop.time() - started
+            if elapsed >= timeout:
+                break
+            show(progress(run), f"  {elapsed:.0f}s")
+            await asyncio.sleep(min(POLL_EVERY, timeout - elapsed))
             run = await client.run(run["id"])
     return run
+
+
+def progress(run: dict) -> str:
+    """The status line's text for the run as last seen."""
+    if run["tracker"]["state"] == State.CONFIRMING:
+        # up to polling.cancel_confirm_s (30 s) with nothing else to show
+        return f"{run['id']}  confirming the cancel with Letta (its step may still complete)"
+    return f"{run['id']}  {run['tracker']['state']} / {run['status']}"
+
+
+def gave_up(run: dict, args: argparse.Namespace) -> int:
+    """``--timeout`` passed first: say where the run is and how to look at it later."""
+    if args.json:
+        print_json(run)
+    print(f"tracker: stopped waiting after {args.timeout:g} s: {run['id']} is"
+          f" {run['tracker']['state']} ({run['status']}); look at it later with:"
+          f" tracker runs show {run['id']}", file=sys.stderr)
+    return TIMED_OUT
 
 
 @contextmanager
@@ -243,6 +275,17 @@ def with_client(fn: Command) -> Callable[[Config, argparse.Namespace], int]:
     return run
 
 
+def _seconds(text: str) -> float:
+    """argparse type: a number of seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, not {text!r}")
+    return value
+
+
 def client_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", help="tracker URL (default: $TRACKER_URL, else the config's server)")
     p.add_argument("--key", help="API key (default: $TRACKER_API_KEY)")
@@ -277,6 +320,9 @@ def add_commands(cmd: Callable) -> None:
     sub.add_argument("text", metavar="TEXT")
     sub.add_argument("--wait", action="store_true",
                      help="follow the run until it ends, then print the reply")
+    sub.add_argument("--timeout", type=_seconds, default=WAIT_TIMEOUT_S, metavar="SECONDS",
+                     help=f"with --wait: stop waiting after this long, exit {TIMED_OUT}; the run"
+                          f" goes on ({WAIT_TIMEOUT_S:g})")
     client_options(sub)
     runs = cmd("runs", None, "the run history").add_subparsers(dest="runs_cmd", required=True)
     lst = runs.add_parser("list", help="runs as a table (newest first)")

@@ -55,11 +55,21 @@ async def keys_revoke(store: Store, args: argparse.Namespace) -> int:
 
 
 async def db_status(store: Store, args: argparse.Namespace) -> int:
+    # opened without migrating (see add_commands): checking a database before an upgrade
+    # must not start the upgrade, which takes minutes on a long history (README)
     version = await store.schema_version()
-    print(f"schema version {version} (latest {LATEST})")
+    print(f"schema version {version} (latest {LATEST}){schema_note(version)}")
     for table, n in (await store.table_counts()).items():
         print(f"  {table:<18} {n}")
     return 0
+
+
+def schema_note(version: int) -> str:
+    """What ``db status`` says after the version when it is not this tracker's."""
+    if version < LATEST:
+        return (f": {LATEST - version} migration(s) pending, run `tracker db migrate` with the"
+                " service stopped")
+    return ": newer than this tracker" if version > LATEST else ""
 
 
 async def db_migrate(store: Store, args: argparse.Namespace) -> int:
@@ -88,9 +98,10 @@ def add_commands(cmd: Callable, with_store: Callable) -> None:
     add_config_option(rotate, nested=True)
     rotate.set_defaults(fn=with_store(keys_rotate_webhook_secret))
     db = cmd("db", None, "database").add_subparsers(dest="db_cmd", required=True)
-    st = db.add_parser("status", help="schema version and row counts")
+    st = db.add_parser("status", help="schema version, pending migrations and row counts"
+                       " (migrates nothing)")
     add_config_option(st, nested=True)
-    st.set_defaults(fn=with_store(db_status))
+    st.set_defaults(fn=with_store(db_status, migrate=False))
     mg = db.add_parser("migrate", help="apply pending migrations")
     add_config_option(mg, nested=True)
     mg.set_defaults(fn=with_store(db_migrate))

@@ -200,12 +200,16 @@ class SQLiteDB:
         db.execute("PRAGMA busy_timeout = 0")  # on the loop it must never wait (see _waiting)
         return db
 
-    async def open(self) -> None:
-        """Connect, and bring the schema to the latest version."""
+    async def open(self, migrate: bool = True) -> None:
+        """Connect, and bring the schema to the latest version; with ``migrate`` False, an
+        existing database as it is (``db status``: a path mistyped makes no new one)."""
+        if not migrate and self.path != ":memory:" and not os.path.exists(self.path):
+            raise Unavailable(f"cannot open database {self.path}: no such file")
         try:
             self._writer = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
             self._db = await self._in_thread(self._connect_writer)
-            await self.migrate()
+            if migrate:
+                await self.migrate()
             if self.path == ":memory:":
                 return  # one connection: reads go to the writer (see _read)
             # a second connection for reads: WAL readers never wait for the writer
@@ -474,9 +478,14 @@ class SQLiteDB:
         return applied
 
     async def table_counts(self) -> dict[str, int]:
+        # those the database has: one at an older schema lacks some (``db status`` before
+        # ``db migrate``)
+        have = {r[0] for r in await self._read(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")}
         tables = ["runs", "run_payloads", "run_events", "users", "api_keys", "deliveries",
                   "delivery_attempts", "callback_inbox"]
-        return {t: (await self._read(f"SELECT count(*) FROM {t}"))[0][0] for t in tables}
+        return {t: (await self._read(f"SELECT count(*) FROM {t}"))[0][0] for t in tables
+                if t in have}
 
     async def setting(self, key: str, default: str) -> str:
         """The stored value, storing ``default`` first when there is none."""
