@@ -309,7 +309,7 @@ def no_db(path: Path) -> Path:
 def fresh_db(path: Path, src: str | None = None) -> Path:
     """A new database at the tracker's latest schema (created by the tracker itself: the
     one in ``src``, if given, so that a copy being compared gets its own schema)."""
-    tracker_cli(no_db(path), "db", "status", src=src)
+    tracker_cli(no_db(path), "db", "migrate", src=src)  # (db status makes no database)
     return path
 
 
