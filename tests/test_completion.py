@@ -77,6 +77,13 @@ async def test_lettas_callback_to_the_tracker_is_not_shown_as_the_users(start_tr
     [listed] = await (await t.get("/v1/runs")).json()
     for shown in (done, listed, await t.run(run["id"])):
         assert {k: shown[k] for k in CALLBACK_FIELDS} == dict.fromkeys(CALLBACK_FIELDS)
+    # why Letta's callback did not arrive stays in the timeline, the token's MAC hidden
+    events = await (await t.get(f"/v1/runs/{run['id']}/events")).json()
+    [why] = [e["detail"]["letta_callback_error"] for e in events
+             if (e.get("detail") or {}).get("letta_callback_error")]
+    token = t.svc.signer.token(run["id"])
+    assert f"/callbacks/letta/{token.rpartition('.')[0]}.***" in why
+    assert token.rpartition(".")[2] not in why
 
 
 async def test_poll_before_a_late_callback_is_no_error(start_tracker, sim, agent):

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,6 +51,14 @@ REQUEST_CONFIG_DEFAULTS = {"use_assistant_message": True,
                            "include_return_message_types": None}
 
 
+_TOKEN_MAC = re.compile(r"(/callbacks/letta/run-[0-9a-fA-F-]+\.)[A-Za-z0-9_=-]+")
+
+
+def mask_token(text: str) -> str:
+    """Letta's callback_error quotes our callback URL, whose MAC is a credential: hide it."""
+    return _TOKEN_MAC.sub(r"\1***", text)
+
+
 def letta_usage(usage: dict | None) -> dict | None:
     """Usage in the shape Letta's ``/usage`` serves (the callback sends a longer one)."""
     return {k: usage.get(k) for k in USAGE_KEYS} if usage is not None else None
@@ -66,15 +75,20 @@ class Observation:
     fields: dict[str, Any] = field(default_factory=dict)
     messages: list | None = None
     usage: dict | None = None
+    #: why Letta's callback to the tracker failed, as Letta's run says (a poll): kept in the
+    #: timeline, where an operator finds why callbacks do not arrive (a wrong public URL)
+    callback_error: str | None = None
 
     @classmethod
     def from_run(cls, run: dict, messages: list | None = None,
                  usage: dict | None = None) -> Observation:
         """From Letta's Run object (a poll), with the result fetched beside it."""
         fields = {k: run.get(k) for k in LETTA_FIELDS if k in run}
+        error = run.get("callback_error")
         return cls(letta_run_id=run["id"], status=run.get("status") or Status.CREATED,
                    stop_reason=run.get("stop_reason"), completed_at=run.get("completed_at"),
-                   fields=fields, messages=messages, usage=letta_usage(usage))
+                   fields=fields, messages=messages, usage=letta_usage(usage),
+                   callback_error=mask_token(error) if error else None)
 
     @classmethod
     def from_callback(cls, body: Any) -> Observation:
@@ -185,7 +199,9 @@ class Manager:
         fields.update(self._final_fields(target, obs, source))
         expect = tuple(s for s in sources_of(target) if s is not State.PAUSED)
         event = Event(source, "completed" if target in REPORTED else "cancel_seen",
-                      {"status": obs.status, "stop_reason": obs.stop_reason})
+                      {"status": obs.status, "stop_reason": obs.stop_reason,
+                       **({"letta_callback_error": obs.callback_error}
+                          if obs.callback_error else {})})
         updated = await self.store.transition(run.id, target, expect, fields, event,
                                               relay=target in REPORTED)
         if updated is None:
