@@ -614,6 +614,28 @@ async def test_a_candidate_deleted_during_the_look_is_passed_over():
     assert (await find_in_letta(manager, run))["id"] == "run-ours"
 
 
+async def test_a_run_is_found_by_its_token_whatever_our_url_was_then():
+    """Sent before a restart that changed the callback URL's base (callback workers turned on,
+    another port, another public URL): found by its token, not taken for unsent and sent
+    again, even with no otid to go by."""
+    now = clock.iso()
+    token = "run-1.mac"
+
+    class Letta:
+        async def agent_runs(self, agent_id, limit):
+            return [{"id": "run-other", "created_at": now, "callback_url": "http://a:8000/x"},
+                    {"id": "run-ours", "created_at": now,
+                     "callback_url": f"http://a:8000/callbacks/letta/{token}"}]
+
+        async def run_messages(self, run_id):
+            return []
+
+    manager = SimpleNamespace(letta=Letta(),
+                              callback_url=lambda run_id: f"http://a:8001/callbacks/letta/{token}")
+    run = SimpleNamespace(id="run-1", agent_id="agent-1", created_at=now, request={})
+    assert (await find_in_letta(manager, run))["id"] == "run-ours"
+
+
 @contextlib.asynccontextmanager
 async def flood(t, n: int = 10):
     """``n`` callbacks stuck mid-body: to the tracker, callbacks arriving faster than it

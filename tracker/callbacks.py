@@ -30,6 +30,7 @@ from tracker.letta import LettaClient
 from tracker.manager import Manager, Observation
 from tracker.models import LettaCallback, LettaCallbackShape
 from tracker.parsing import MAX_DEPTH, loads
+from tracker.reconcile import names_token
 from tracker.states import Source
 from tracker.store import InboxItem, RunRecord, Store, Verdict
 
@@ -165,13 +166,12 @@ def accepted(run_id: str) -> web.Response:
 
 async def _created_by_us(letta: LettaClient, letta_run_id: str, token: str) -> bool:
     """Whether Letta created that run with this run's callback URL: the check for a callback
-    that beats its own submit, before the tracker has stored the Letta run id. The token is
-    compared, not the whole URL: the URL's base changes with ``callbacks.workers``."""
+    that beats its own submit, before the tracker has stored the Letta run id."""
     try:
         letta_run = await letta.get_run(letta_run_id)
     except NotFound:
         return False
-    return str(letta_run.get("callback_url")).endswith(f"/callbacks/letta/{token}")
+    return names_token(letta_run.get("callback_url"), token)
 
 
 class Applier:

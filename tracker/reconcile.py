@@ -26,12 +26,19 @@ LOOKBACK = 100
 CLOCK_SLACK_S = 5.0
 
 
+def names_token(callback_url: object, token: str) -> bool:
+    """Whether a Letta run's callback_url is the one we gave it for the run of ``token``. The
+    token is compared, not the whole URL: its base changes with ``callbacks.workers``, the port
+    or ``callbacks.public_url``, from one start of the tracker to the next."""
+    return str(callback_url).endswith(f"/callbacks/letta/{token}")
+
+
 async def find_in_letta(manager: Manager, run: RunRecord) -> dict | None:
-    """The Letta run this run became, if it did: by our callback URL, else by otid."""
+    """The Letta run this run became, if it did: by our callback URL's token, else by otid."""
     candidates = await manager.letta.agent_runs(run.agent_id, LOOKBACK)
-    ours = manager.callback_url(run.id)
+    token = manager.callback_url(run.id).rpartition("/")[2]
     for r in candidates:
-        if r.get("callback_url") == ours:
+        if names_token(r.get("callback_url"), token):
             return r
     otids = {m.get("otid") for m in (run.request or {}).get("messages") or []} - {None}
     created = (clock.epoch(run.created_at) or 0) - CLOCK_SLACK_S
