@@ -239,6 +239,58 @@ async def test_a_worker_that_dies_is_restarted(workers_tracker, agent):
     assert done["tracker"]["completed_via"] == "callback"
 
 
+async def test_a_restart_that_fails_does_not_start_a_second_restart(workers_tracker,
+                                                                      monkeypatch):
+    """A restarted worker that cannot listen (its port taken meanwhile) ends; that end must
+    not start another restart loop beside the one trying again, or the loops multiply and,
+    once the port is free, start several workers for one index, the extra ones never
+    stopped."""
+    from tracker import workers as workers_module
+
+    monkeypatch.setattr(workers_module, "RESTART_S", 0.2)
+    t = await workers_tracker(1)
+    pool = t.app[WORKERS]
+    [pid] = pool.pids()
+    with socket.socket() as taken:
+        os.kill(pid, signal.SIGKILL)
+        await eventually(lambda: not alive(pid))
+        taken.bind(("127.0.0.1", t.callback_port))  # no SO_REUSEPORT: nobody can share it
+        taken.listen()
+        for _ in range(30):  # through three failed restarts (0.2, 0.4, 0.8 s apart)
+            assert len(pool._restarts) <= 1
+            await asyncio.sleep(0.05)
+    await eventually(lambda: len(pool.pids()) == 1 and pool.pids() != [pid], timeout=15)
+    await asyncio.sleep(1.0)  # a second loop would start its worker by now
+    named = [p for p in multiprocessing.active_children() if p.name == "tracker-callbacks-0"]
+    assert len(named) == 1 and len(pool._restarts) == 0
+
+
+async def test_what_a_dying_worker_filed_is_applied_without_waiting_for_another(
+        workers_tracker, sim, agent):
+    """A worker killed after committing a callback to the inbox, before its report of it:
+    the callback is applied when the worker's end is seen, not when some other callback
+    next wakes the applier (on a quiet service, never; then only the poll, without the
+    callback's result)."""
+    import json
+
+    from tracker.sim_shapes import callback_json, utcnow
+
+    t = await workers_tracker(1, polling={"grace_s": 30.0, "callback_wait_s": 30.0})
+    sim.set_faults(callback_drop=1.0)
+    run = await t.submit(agent, "[[delay=0.1]] hello")
+    letta_id = (await t.run(run["id"]))["tracker"]["letta_run_id"]
+    await eventually(lambda: sim.store.get(letta_id).status == "completed")
+    body = callback_json(sim.store.get(letta_id), "completed", "end_turn", utcnow())
+    # filed as the worker files it, and not reported: the worker dies right after
+    await t.svc.store.accept_callback(run["id"], letta_id, json.dumps(body).encode())
+    await asyncio.sleep(0.3)
+    assert (await t.run(run["id"]))["tracker"]["state"] == "submitted"  # nothing woke it
+    [pid] = t.app[WORKERS].pids()
+    os.kill(pid, signal.SIGKILL)
+    done = await t.wait_state(run["id"], "done", timeout=3)
+    assert done["tracker"]["completed_via"] == "callback"
+
+
 async def test_stopping_the_tracker_stops_its_workers(workers_tracker):
     t = await workers_tracker(2)
     pids = t.app[WORKERS].pids()

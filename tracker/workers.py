@@ -116,11 +116,15 @@ class Workers:
         w.conn.close()
         self.applier.remote.pop(w.index, None)
         w.process.join(1.0)  # its pipe is closed: it is exiting, if not gone already
+        # what it filed and had not reported yet waits in the inbox: the applier's next pass
+        self.applier.wakeup.set()
         if not w.ready.done():
             w.ready.set_exception(WorkerFailed(
                 f"callback worker {w.index} exited with code {w.process.exitcode} before "
                 "listening (its error is in the log above)"))
             return
+        if w.ready.exception() is not None:
+            return  # its start failed, and whoever started it tries again: not a second loop
         if self._stopping or self._workers.get(w.index) is not w:
             return
         log.error("callback worker %d exited with code %s; restarting it", w.index,
