@@ -242,3 +242,9 @@ def test_db_status_of_a_missing_database_creates_none(tmp_path: Path):
     assert out.returncode == 1
     assert out.stderr == f"tracker: cannot open database {missing}: no such file\n"
     assert out.stdout == "" and not missing.exists()
+
+
+def test_serve_on_a_port_that_cannot_be_says_so(db: Path):
+    done = run_cli(db, "serve", "--port", "99999")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "must be a port number, 0-65535, not '99999'" in done.stderr

@@ -8,6 +8,7 @@ import gc
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable
 
@@ -28,6 +29,14 @@ def _serve(cfg: Config, args: argparse.Namespace) -> int:
     cfg = checked(cfg)  # --port against callbacks.port
     logs.setup(cfg.logging.level, cfg.logging.format)
     log = logging.getLogger("tracker")
+    try:
+        # before anything starts: run_app binds after the app's start-up, which sends queued
+        # runs to Letta, telling it to call back on a port this process might never get
+        sock = _listening_socket(cfg.server.host, cfg.server.port)
+    except OSError as e:  # the port taken, or the address not this machine's
+        log.error("cannot listen on %s:%s: %s", cfg.server.host, cfg.server.port,
+                  e.strerror or e)
+        return 1
     loop = event_loop(cfg.server.event_loop)
     log.info("tracker %s starting: database %s, Letta at %s, event loop %s", __version__,
              cfg.database.url, cfg.letta.base_url, type(loop).__module__.split(".")[0])
@@ -37,14 +46,36 @@ def _serve(cfg: Config, args: argparse.Namespace) -> int:
     listening = lambda _: log.info("tracker listening on http://%s:%s",  # noqa: E731
                                    cfg.server.host, cfg.server.port)
     stop_on_signals(loop, log)
-    try:
-        web.run_app(app, host=cfg.server.host, port=cfg.server.port, handle_signals=False,
-                    print=listening, shutdown_timeout=10.0, access_log=None, loop=loop)
-    except OSError as e:  # the port taken, or the address not this machine's
-        log.error("cannot listen on %s:%s: %s", cfg.server.host, cfg.server.port,
-                  e.strerror or e)
-        return 1
+    web.run_app(app, sock=sock, handle_signals=False, print=listening, shutdown_timeout=10.0,
+                access_log=None, loop=loop)
     return 0
+
+
+def _port(text: str) -> int:
+    """argparse type: a TCP port (0: any free one)."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number, 0-65535, not {text!r}")
+    return port
+
+
+def _listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host``:``port`` (its first address), as aiohttp would bind it."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        if os.name == "posix":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def stop_on_signals(loop: asyncio.AbstractEventLoop, log: logging.Logger) -> None:
@@ -147,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = cmd("serve", _serve, "run the tracker service")
     serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
+    serve.add_argument("--port", type=_port)
     from tracker import simulator
 
     simulator.add_arguments(cmd("simulate", _simulate, "run the Letta simulator"))

@@ -179,7 +179,10 @@ async def test_a_taken_port_stops_startup_with_one_error_line(tmp_path: Path):
             env=clean_env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
         out = (await asyncio.wait_for(proc.communicate(), 20))[0].decode()
     assert proc.returncode == 1, out
-    assert f"cannot listen on 127.0.0.1:{port}" in out and "address already in use" in out
+    assert f"cannot listen on 127.0.0.1:{port}" in out and "address already in use" in out.lower()
+    # nothing started before the port was had: no database opened, no queued run sent to
+    # Letta telling it to call back on a port this process never got
+    assert not (tmp_path / "tracker.db").exists() and "starting" not in out, out
     assert "listening on" not in out and "Traceback" not in out
 
 
