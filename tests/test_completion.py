@@ -225,6 +225,29 @@ async def test_cancelled_then_overwritten_settles_on_completed(start_tracker, si
     assert "cancel_seen" in timeline and "completed" in timeline
 
 
+async def test_a_cancel_letta_overwrites_is_one_outcome_in_the_metrics(start_tracker, sim,
+                                                                         agent):
+    """Letta turns a cancelled run completed when its step ends; seen after the tracker
+    recorded it cancelled, the overwrite is recorded, but the run is counted once in
+    tracker_runs_completed (it was counted under both statuses)."""
+    from tracker.manager import Observation
+
+    t = await start_tracker(polling={"cancel_confirm_s": 0.3})
+    run = await t.submit(agent, "[[delay=3]] slow")
+    await t.post(f"/v1/agents/{agent}/messages/cancel", {"run_ids": [run["id"]]})
+    done = await t.wait_state(run["id"], "done")
+    assert done["status"] == "cancelled"
+    record = await t.svc.store.get_run(run["id"])
+    late = Observation(letta_run_id=record.letta_run_id, status="completed",
+                       stop_reason="end_turn", completed_at=clock.iso())
+    updated = await t.svc.manager.apply_remote(record, late, "poll")
+    assert updated.status == "completed" and "overwritten" in await kinds(t, run["id"])
+    text = await (await t.get("/metrics")).text()
+    counted = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("tracker_runs_completed_total{")]
+    assert sum(counted) == 1, counted
+
+
 async def test_cancel_of_a_finished_step_settles_on_cancelled(start_tracker, sim, agent):
     t = await start_tracker(polling={"cancel_confirm_s": 0.5})
     run = await t.submit(agent, "[[never]] forever")

@@ -244,20 +244,22 @@ class Manager:
                 Event(source, "overwritten", {"status": obs.status, "was": current.status}),
                 relay=True)
             if updated:
-                self._after_change(updated, source)
+                # counted already, as cancelled: a run is one outcome in the metrics, and a
+                # counter cannot take the first back (the timeline tells of the overwrite)
+                self._after_change(updated, source, counted=False)
                 return updated
         same = (current.status, current.stop_reason) == (obs.status, obs.stop_reason)
         await self.store.add_event(run.id, Event(source, "confirmed" if same else "ignored", {
             "status": obs.status, "stop_reason": obs.stop_reason, "state": current.state}))
         return current
 
-    def _after_change(self, run: RunRecord, source: str) -> None:
+    def _after_change(self, run: RunRecord, source: str, counted: bool = True) -> None:
         log.info("run %s", run.state, extra={"run_id": run.id, "agent_id": run.agent_id,
                                              "source": source, "status": run.status})
         self.dispatch_wakeup.set()
         if run.state in REPORTED and run.callback_url:
             self.relay_wakeup.set()
-        if self.on_applied:
+        if self.on_applied and counted:
             self.on_applied(run, source)
 
     # --- cancel ----------------------------------------------------------------------------

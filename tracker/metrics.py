@@ -94,7 +94,8 @@ class Metrics:
             "tracker_runs_submitted", "Runs accepted at submit and queued")
         self.runs_completed = self._counter(
             "tracker_runs_completed", "Runs whose outcome was recorded (paused or final), by "
-            "Letta status and by how the tracker learnt it", ("status", "source"))
+            "Letta status and by how the tracker learnt it; each run once (a cancelled run "
+            "that Letta then completes stays counted as cancelled)", ("status", "source"))
         self.run_transitions = self._counter(
             "tracker_run_transitions", "State changes applied to runs, by new state and source",
             ("state", "source"))
