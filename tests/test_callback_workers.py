@@ -259,10 +259,10 @@ async def test_a_restart_that_fails_does_not_start_a_second_restart(workers_trac
         for _ in range(30):  # through three failed restarts (0.2, 0.4, 0.8 s apart)
             assert len(pool._restarts) <= 1
             await asyncio.sleep(0.05)
-    await eventually(lambda: len(pool.pids()) == 1 and pool.pids() != [pid], timeout=15)
-    await asyncio.sleep(1.0)  # a second loop would start its worker by now
+    await eventually(lambda: not pool._restarts, timeout=20)  # restarted, and listening
+    await asyncio.sleep(1.0)  # a second loop would have started its worker by now
     named = [p for p in multiprocessing.active_children() if p.name == "tracker-callbacks-0"]
-    assert len(named) == 1 and len(pool._restarts) == 0
+    assert len(named) == 1 and not pool._restarts and pool.pids() != [pid]
 
 
 async def test_what_a_dying_worker_filed_is_applied_without_waiting_for_another(
