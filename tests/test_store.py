@@ -1043,3 +1043,19 @@ async def test_a_command_does_not_migrate_a_database_a_service_is_using(tmp_path
         assert await service.schema_version() == LATEST
     finally:
         await service.close()
+
+
+async def test_two_first_requests_without_auth_share_one_anonymous_user(store):
+    """auth.required = false: the first requests, at once, both find no anonymous user; one
+    makes it, the other takes it (the second insert broke the unique name: a 500)."""
+    from tracker import auth
+
+    await store._lock.acquire()  # both read before either can write
+    first = asyncio.create_task(auth.anonymous_user(store))
+    second = asyncio.create_task(auth.anonymous_user(store))
+    await asyncio.sleep(0.05)
+    store._lock.release()
+    a, b = await asyncio.gather(first, second)
+    assert a.id == b.id and a.name == "anonymous" and a.is_admin
+    with pytest.raises(Conflict):
+        await store.create_user("anonymous", False, "whsec_x")

@@ -7,6 +7,7 @@ import hashlib
 import secrets
 import uuid
 
+from tracker.errors import Conflict
 from tracker.store import Store, User
 
 KEY_PREFIX = "tk_"
@@ -48,6 +49,15 @@ async def first_start_key(store: Store) -> str | None:
 
 
 async def anonymous_user(store: Store) -> User:
-    """With ``auth.required = false`` every request acts as this admin user."""
-    return await store.user_by_name("anonymous") or await store.create_user(
-        "anonymous", True, new_webhook_secret())
+    """With ``auth.required = false`` every request acts as this admin user (made by the
+    first request; two first requests at once both find none, and one makes it)."""
+    user = await store.user_by_name("anonymous")
+    if user is not None:
+        return user
+    try:
+        return await store.create_user("anonymous", True, new_webhook_secret())
+    except Conflict:
+        user = await store.user_by_name("anonymous")
+        if user is None:
+            raise
+        return user

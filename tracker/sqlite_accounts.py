@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import sqlite3
 import uuid
 
 from tracker import clock
+from tracker.errors import Conflict
 from tracker.sqlite_db import SQLiteDB
 from tracker.store import ApiKey, User
 
@@ -15,10 +17,13 @@ class Accounts(SQLiteDB):
     async def create_user(self, name: str, is_admin: bool, webhook_secret: str) -> User:
         user = User(id=f"user-{uuid.uuid4()}", name=name, is_admin=is_admin,
                     created_at=clock.iso(), webhook_secret=webhook_secret)
-        await self._write(lambda db: db.execute(
-            "INSERT INTO users (id, name, is_admin, created_at, webhook_secret)"
-            " VALUES (?, ?, ?, ?, ?)", (user.id, name, int(is_admin), user.created_at,
-                                        webhook_secret)))
+        try:
+            await self._write(lambda db: db.execute(
+                "INSERT INTO users (id, name, is_admin, created_at, webhook_secret)"
+                " VALUES (?, ?, ?, ?, ?)", (user.id, name, int(is_admin), user.created_at,
+                                            webhook_secret)))
+        except sqlite3.IntegrityError:  # names are unique
+            raise Conflict(f"a user named {name!r} exists already") from None
         return user
 
     async def _user(self, where: str, arg: str) -> User | None:
