@@ -319,3 +319,24 @@ async def test_a_worker_that_cannot_listen_stops_the_start(tmp_path, unused_tcp_
                 if p.name.startswith("tracker-callbacks")]
     # and the database was closed: its threads would keep a failed process from exiting
     await eventually(lambda: database_threads() <= threads)
+
+
+async def test_a_stop_that_fails_does_not_keep_the_database_open(tmp_path, monkeypatch):
+    """Leaving the app, one step's stop raising (the relay's, say) must not skip the steps
+    after it: the store left open keeps its threads, and the process from exiting."""
+    from tracker.relay import Relay
+    from tracker.wiring import SERVICES
+
+    async def broken_stop(self, grace_s: float = 0) -> None:
+        raise RuntimeError("the relay's stop failed")
+
+    monkeypatch.setattr(Relay, "stop", broken_stop)
+    app = create_app(make_config(tmp_path))
+    runner = web.AppRunner(app)
+    threads = database_threads()
+    await runner.setup()
+    store = app[SERVICES].store
+    with pytest.raises(BaseException, match="the relay's stop failed"):
+        await runner.cleanup()
+    assert store._db is None  # closed all the same
+    await eventually(lambda: database_threads() <= threads)

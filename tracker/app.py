@@ -84,8 +84,17 @@ async def _all_or_nothing(app: web.Application, steps: list[Callable[[web.Applic
 
 
 async def _leave(entered: list[contextlib.AbstractAsyncContextManager]) -> None:
+    """Leave each, in reverse, each as if all went well: one whose stop fails (the relay's,
+    the workers') must not skip those before it, the store's above all, whose threads left
+    open would keep the process from exiting. The first failure is raised after."""
+    failed: BaseException | None = None
     while entered:
-        await entered.pop().__aexit__(None, None, None)
+        try:
+            await entered.pop().__aexit__(None, None, None)
+        except BaseException as e:
+            failed = failed or e
+    if failed is not None:
+        raise failed
 
 
 async def _authenticate(app: web.Application, key: str | None) -> Any:
