@@ -1011,16 +1011,39 @@ def test_two_paths_to_one_database_are_one_lock(tmp_path):
 async def test_two_processes_opening_a_new_database_at_once_both_open_it(tmp_path):
     """Both read its schema version before either migrates: the second's migrations find
     them applied (they fail as re-runs, atomically) and take them as done."""
-    path = tmp_path / "new.db"
-    with closing(sqlite3.connect(path)) as db:  # made, empty, in WAL mode (as open leaves it)
-        db.execute("PRAGMA journal_mode = WAL")
-    a, b = open_store(f"sqlite:///{path}"), open_store(f"sqlite:///{path}")
-    try:
-        await asyncio.gather(a.open(), b.open())
-        assert await a.schema_version() == await b.schema_version() == LATEST
-    finally:
-        await a.close()
-        await b.close()
+    for i in range(10):  # each pair also races to turn the new file to WAL (set_pragma)
+        path = tmp_path / f"new{i}.db"
+        a, b = open_store(f"sqlite:///{path}"), open_store(f"sqlite:///{path}")
+        try:
+            await asyncio.gather(a.open(), b.open())
+            assert await a.schema_version() == await b.schema_version() == LATEST
+        finally:
+            await a.close()
+            await b.close()
+
+
+def test_two_connections_turning_a_new_database_to_wal_at_once_both_do(tmp_path):
+    """SQLite refuses the second at once (no busy handler): it is tried again."""
+    from tracker.sqlite_db import BUSY_TIMEOUT_MS, set_pragma
+
+    for i in range(50):
+        gate, failed = threading.Barrier(2), []
+
+        def turn(path=tmp_path / f"w{i}.db", gate=gate, failed=failed):
+            with closing(sqlite3.connect(path, isolation_level=None)) as db:
+                db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+                gate.wait()
+                try:
+                    set_pragma(db, "journal_mode = WAL")
+                except sqlite3.OperationalError as e:
+                    failed.append(e)
+
+        pair = [threading.Thread(target=turn) for _ in range(2)]
+        for t in pair:
+            t.start()
+        for t in pair:
+            t.join()
+        assert not failed, (i, failed)
 
 
 async def test_a_command_does_not_migrate_a_database_a_service_is_using(tmp_path):

@@ -112,6 +112,22 @@ def _allowance(frames: int) -> int:
     return max(FINISH_FRAMES, int(frames * FINISH_SHARE))
 
 
+def set_pragma(db: sqlite3.Connection, pragma: str) -> None:
+    """``PRAGMA pragma``, tried again while the database is busy, up to the busy timeout. Two
+    processes opening a new database at once both turn it to WAL, and SQLite refuses the
+    second at once, calling no busy handler (a third of such pairs, measured): on the
+    writer's thread, where waiting is allowed."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            db.execute(f"PRAGMA {pragma}")
+            return
+        except sqlite3.OperationalError as e:
+            if e.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
+                raise
+            time.sleep(0.005)
+
+
 def _waiting(db: sqlite3.Connection, fn: Callable[..., Any], *args: Any) -> Any:
     """``fn(db, *args)`` on the writer's thread, where waiting for a lock is allowed."""
     db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
@@ -196,7 +212,7 @@ class SQLiteDB:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         db.row_factory = sqlite3.Row
         for pragma in self._pragmas(cache_mb=32):
-            db.execute(f"PRAGMA {pragma}")
+            set_pragma(db, pragma)
         db.execute("PRAGMA busy_timeout = 0")  # on the loop it must never wait (see _waiting)
         return db
 
