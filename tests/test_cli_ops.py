@@ -248,3 +248,12 @@ def test_serve_on_a_port_that_cannot_be_says_so(db: Path):
     done = run_cli(db, "serve", "--port", "99999")
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert "must be a port number, 0-65535, not '99999'" in done.stderr
+
+
+def test_output_cut_short_by_its_reader_is_no_traceback(db: Path):
+    """``tracker db status | head -1``: the reader leaves after a line; no traceback."""
+    env = {**os.environ, "TRACKER_DATABASE__URL": f"sqlite:///{db}", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(f"{sys.executable} -m tracker db status | head -1", shell=True,
+                          env=env, cwd=db.parent, capture_output=True, text=True, timeout=60)
+    assert done.stdout.startswith("schema version") and len(done.stdout.splitlines()) == 1
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr

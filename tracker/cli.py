@@ -196,7 +196,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args.config)
-        return args.fn(cfg, args)
+        code = args.fn(cfg, args)
+        sys.stdout.flush()  # here, where a reader gone away is caught, not at exit
+        return code
+    except BrokenPipeError:
+        # the reader stopped reading (`tracker runs list | head`): no traceback; the rest of
+        # the output goes nowhere, and the status is a pipe's (128 + SIGPIPE), as cat's is
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except ConfigError as e:
         print(f"tracker: {e}", file=sys.stderr)
         return 2
