@@ -15,7 +15,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from tracker import __version__, logs
-from tracker.config import Config, add_config_option, checked, load_config
+from tracker.config import Config, add_config_option, bounded, checked, load_config
 from tracker.errors import ConfigError, TrackerError
 
 
@@ -49,17 +49,6 @@ def _serve(cfg: Config, args: argparse.Namespace) -> int:
     web.run_app(app, sock=sock, handle_signals=False, print=listening, shutdown_timeout=10.0,
                 access_log=None, loop=loop)
     return 0
-
-
-def _port(text: str) -> int:
-    """argparse type: a TCP port (0: any free one)."""
-    try:
-        port = int(text)
-    except ValueError:
-        port = -1
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port number, 0-65535, not {text!r}")
-    return port
 
 
 def _listening_socket(host: str, port: int) -> socket.socket:
@@ -178,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = cmd("serve", _serve, "run the tracker service")
     serve.add_argument("--host")
-    serve.add_argument("--port", type=_port)
+    serve.add_argument("--port", type=bounded(int, lambda p: 0 <= p <= 65535,
+                                              "a port number, 0-65535"))  # 0: any free one
     from tracker import simulator
 
     simulator.add_arguments(cmd("simulate", _simulate, "run the Letta simulator"))

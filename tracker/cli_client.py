@@ -26,7 +26,7 @@ from tracker.cli_render import (
     run_fields,
     runs_table,
 )
-from tracker.config import Config, add_config_option
+from tracker.config import Config, add_config_option, bounded
 from tracker.errors import TrackerError
 from tracker.states import FINAL, State, Status
 
@@ -40,6 +40,8 @@ WAIT_TIMEOUT_S = 600.0
 #: ``submit --wait``'s exit code when ``--timeout`` passes first (``timeout(1)``'s): the run
 #: goes on, unlike 1 (it ended without completing)
 TIMED_OUT = 124
+#: ``--timeout``'s type
+SECONDS = bounded(float, lambda s: 0 < s < float("inf"), "a number of seconds above 0")
 
 
 class ApiError(TrackerError):
@@ -275,17 +277,6 @@ def with_client(fn: Command) -> Callable[[Config, argparse.Namespace], int]:
     return run
 
 
-def _seconds(text: str) -> float:
-    """argparse type: a number of seconds above 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, not {text!r}")
-    return value
-
-
 def client_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", help="tracker URL (default: $TRACKER_URL, else the config's server)")
     p.add_argument("--key", help="API key (default: $TRACKER_API_KEY)")
@@ -320,7 +311,7 @@ def add_commands(cmd: Callable) -> None:
     sub.add_argument("text", metavar="TEXT")
     sub.add_argument("--wait", action="store_true",
                      help="follow the run until it ends, then print the reply")
-    sub.add_argument("--timeout", type=_seconds, default=WAIT_TIMEOUT_S, metavar="SECONDS",
+    sub.add_argument("--timeout", type=SECONDS, default=WAIT_TIMEOUT_S, metavar="SECONDS",
                      help=f"with --wait: stop waiting after this long, exit {TIMED_OUT}; the run"
                           f" goes on ({WAIT_TIMEOUT_S:g})")
     client_options(sub)

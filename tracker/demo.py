@@ -25,13 +25,15 @@ from tracker import auth, clock, logs
 from tracker.app import FIRST_KEY, STORE, create_app
 from tracker.cli_client import SETTLED, TrackerClient
 from tracker.cli_render import console, runs_table
-from tracker.config import Config
+from tracker.config import Config, bounded
 from tracker.simulator import Faults, Simulator
 
 #: seconds one simulated turn takes (uniform): long enough to watch, short enough to finish
 RUN_DURATION = (0.5, 3.0)
 #: seconds between two looks at the history while the batch runs
 WATCH_EVERY = 0.25
+#: ``--drop``'s type
+FRACTION = bounded(float, lambda f: 0.0 <= f <= 1.0, "a number from 0 to 1")
 
 
 def add_command(cmd: Callable) -> None:
@@ -41,7 +43,7 @@ def add_command(cmd: Callable) -> None:
                    help="messages to submit (20)")
     p.add_argument("--agents", type=_count(20), default=4, metavar="N",
                    help="agents to spread them over (4)")
-    p.add_argument("--drop", type=_fraction, default=0.3, metavar="FRACTION",
+    p.add_argument("--drop", type=FRACTION, default=0.3, metavar="FRACTION",
                    help="share of Letta's callbacks the simulator loses (0.3)")
     p.add_argument("--seed", type=int, default=7, help="seed of the simulator's faults (7)")
     p.add_argument("--database", metavar="PATH_OR_URL",
@@ -57,16 +59,6 @@ def _count(most: int) -> Callable[[str], int]:
         return int(text)
 
     return parse
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be a number from 0 to 1, not {text!r}")
-    return value
 
 
 def run(cfg: Config, args: argparse.Namespace) -> int:
