@@ -137,6 +137,19 @@ async def test_a_run_whose_webhook_awaits_a_retry_is_kept_until_its_delivery_end
     assert await store.get_run(run_id) is None
 
 
+async def test_an_observation_of_a_run_pruned_meanwhile_writes_no_event(store, monkeypatch):
+    """A duplicate callback read the run, prune deleted it, then its 'confirmed' event was
+    appended: an event row whose run is gone, never pruned again."""
+    run_id = await add_run(store, monkeypatch, 40, State.DONE)
+    assert (await retention(store, keep_days=30).prune_once())["runs"] == 1
+    before = await store.table_counts()
+
+    await store.add_event(run_id, Event("callback", "confirmed", {"status": "completed"}))
+
+    assert await store.events(run_id) == []
+    assert (await store.table_counts())["run_events"] == before["run_events"]
+
+
 async def test_prune_seeks_the_finish_time_index_batch_after_batch(store, monkeypatch):
     """A history of a million runs: every batch's selection is a seek into runs_recorded,
     never a scan of runs, and each starts past the runs kept before it."""

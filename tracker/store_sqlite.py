@@ -242,9 +242,14 @@ class SQLiteStore(RunReads, CallbackInbox, Accounts, Deliveries, GroupCommit):
         db.execute(EVENT_SQL, _event_row(run_id, event, state, status))
 
     async def add_event(self, run_id: str, event: Event) -> None:
-        """Append an observation that changes nothing on the run."""
-        await self._write(lambda db: self._add_event(
-            db, run_id, event, event.state or "", event.status or "", clock.iso()))
+        """Append an observation that changes nothing on the run; nothing when the run is
+        gone (pruned since the caller read it): no event row without its run."""
+        event.at = event.at or clock.iso()
+        row = _event_row(run_id, event, event.state or "", event.status or "")
+        await self._write(lambda db: db.execute(
+            "INSERT INTO run_events (run_id, at, source, kind, state, status, detail)"
+            " SELECT ?, ?, ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM runs WHERE id = ?)",
+            (*row, run_id)))
 
     async def reschedule(self, checks: Sequence[tuple[str, float, int]]) -> None:
         """Set (next_check_at, poll_count) for many watched runs at once."""
