@@ -281,6 +281,49 @@ async def test_approval_marker_pauses_the_run(client, agent):
     assert [m["message_type"] for m in messages] == ["user_message", "approval_request_message"]
 
 
+async def submit_approval(client, agent_id: str) -> dict[str, Any]:
+    response = await client.post(f"/v1/agents/{agent_id}/messages/async", json={"messages": [
+        {"type": "approval", "approvals": [{"type": "approval", "approve": True,
+                                            "tool_call_id": "call-1"}]}]})
+    assert response.status == 200, await response.text()
+    return await response.json()
+
+
+async def test_a_paused_agent_refuses_messages_until_approved_as_letta_does(client, agent):
+    """Letta fails a message sent while its agent awaits an approval (PendingApprovalError),
+    and an approval sent when none is awaited; the approval itself goes through."""
+    early = await submit_approval(client, agent)
+    failed = await run_when(client, early["id"], terminal)
+    assert (failed["status"], failed["stop_reason"]) == ("failed", "error")
+    assert failed["metadata"]["error"].startswith("Cannot process approval response")
+    paused = await submit(client, agent, "[[approval]] please")
+    await run_when(client, paused["id"], terminal)
+    refused = await run_when(client, (await submit(client, agent, "next"))["id"], terminal)
+    assert (refused["status"], refused["stop_reason"]) == ("failed", "error")
+    assert refused["metadata"]["error"].startswith("CONFLICT: Cannot send a new message")
+    assert await get_json(client, f"/v1/runs/{refused['id']}/messages") == []
+    answer = await run_when(client, (await submit_approval(client, agent))["id"], terminal)
+    assert (answer["status"], answer["stop_reason"]) == ("completed", "end_turn")
+    after = await run_when(client, (await submit(client, agent, "next"))["id"], terminal)
+    assert (after["status"], after["stop_reason"]) == ("completed", "end_turn")
+
+
+async def test_cancelling_a_paused_run_cancels_it_and_ends_the_wait(client, agent, receiver):
+    """Letta cancels a run paused for an approval (denying its tool calls), with no
+    callback (the run had completed), and its agent takes messages again."""
+    paused = await submit(client, agent, "[[approval]] please", callback_url=receiver.url())
+    await run_when(client, paused["id"], called_back)
+    response = await client.post(f"/v1/agents/{agent}/messages/cancel",
+                                 json={"run_ids": [paused["id"]]})
+    assert await response.json() == {paused["id"]: "cancelled"}
+    run = await get_json(client, f"/v1/runs/{paused['id']}")
+    assert (run["status"], run["stop_reason"]) == ("cancelled", "cancelled")
+    after = await run_when(client, (await submit(client, agent, "next"))["id"], terminal)
+    assert (after["status"], after["stop_reason"]) == ("completed", "end_turn")
+    await asyncio.sleep(0.1)
+    assert len(receiver.calls) == 1  # the pause's own callback only
+
+
 async def test_delay_marker_sets_the_duration(client, agent):
     run = await submit(client, agent, "[[delay=0.3]] slow")
     await asyncio.sleep(0.15)

@@ -260,6 +260,24 @@ async def test_requires_approval_holds_the_lane_for_the_answer(start_tracker, si
     assert (await t.run(paused["id"]))["tracker"]["state"] == "done"
 
 
+async def test_cancelling_a_paused_run_cancels_it_at_letta_before_the_lane_goes_on(
+        start_tracker, sim, agent):
+    """Released only here, the pause stayed at Letta, whose agent, awaiting its approval,
+    failed the message queued behind it (and every later one)."""
+    t = await start_tracker()
+    paused = await t.submit(agent, "[[approval]] do it")
+    await t.wait_state(paused["id"], "paused")
+    waiting = await t.submit(agent, "after")
+    resp = await t.post(f"/v1/agents/{agent}/messages/cancel", {"run_ids": [paused["id"]]})
+    assert await resp.json() == {paused["id"]: "cancelled"}
+    after = await t.wait_state(waiting["id"], "done")
+    assert (after["status"], after["stop_reason"]) == ("completed", "end_turn")
+    run = await t.run(paused["id"])
+    assert (run["tracker"]["state"], run["status"]) == ("done", "cancelled")
+    letta_run = sim.store.get(run["tracker"]["letta_run_id"])
+    assert (letta_run.status, letta_run.stop_reason) == ("cancelled", "cancelled")
+
+
 def test_run_ids_have_lettas_form_and_sort_by_creation():
     """Run ids match Letta's run id pattern (UUID version 4's form), and later ones sort
     later: each insert extends the indexes on ids at their end."""

@@ -278,10 +278,10 @@ class Manager:
                 answers[ref] = "failed"
             elif run.state is State.CANCELLED:
                 answers[ref] = "cancelled"
-            elif run.state is State.PAUSED:
-                answers[ref] = await self._release_pause(run)
-            elif run.letta_run_id and run.state in WATCHED:
+            elif run.letta_run_id and run.state in (*WATCHED, State.PAUSED):
                 at_letta[run.letta_run_id] = ref
+            elif run.state is State.PAUSED:
+                answers[ref] = await self._release_pause(run, {})
             else:
                 answers[ref] = "cancelled" if run.state is State.DONE else "failed"
         if at_letta:
@@ -328,8 +328,9 @@ class Manager:
             self._after_change(done, Source.API)
         return done or await self.store.get_run(run.id)
 
-    async def _release_pause(self, run: RunRecord) -> str:
-        done = await self.store.transition(run.id, State.DONE, (State.PAUSED,), {},
+    async def _release_pause(self, run: RunRecord, fields: dict[str, Any]) -> str:
+        """The paused run is done, and its agent's lane free for the next message."""
+        done = await self.store.transition(run.id, State.DONE, (State.PAUSED,), fields,
                                            Event(Source.API, "pause_cancelled"))
         if done:
             self.dispatch_wakeup.set()
@@ -344,6 +345,14 @@ class Manager:
             out[ref] = answer.get(letta_id, "failed")
             run = targets[ref]
             assert run is not None
+            if run.state is State.PAUSED:
+                # Letta cancels a paused run, denying its tool calls, so that its agent takes
+                # messages again; released here only then (a pause left at Letta would fail
+                # every message sent after it)
+                if out[ref] == "cancelled":
+                    await self._release_pause(run, {"status": Status.CANCELLED,
+                                                    "stop_reason": "cancelled"})
+                continue
             # confirmed by the next observation (callback or a poll soon)
             await self.store.transition(run.id, None, WATCHED, {"next_check_at": soon},
                                         Event(Source.API, "cancel_requested",

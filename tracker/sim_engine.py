@@ -7,7 +7,10 @@ timer handles and nothing else. Letta's quirks kept on purpose:
 - a cancel marks the run `cancelled` and sends a `cancelled` callback at once, but the turn
   goes on; when it ends the run is overwritten with the turn's outcome and no second callback
   goes out;
-- a restart loses every in-flight turn and pending callback: those runs stay as they are.
+- a restart loses every in-flight turn and pending callback: those runs stay as they are;
+- an agent whose turn ended `requires_approval` awaits its approval: any other message fails,
+  as does an approval when none is awaited; cancelling the paused run cancels it (`cancelled`,
+  no callback) and ends the wait.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any
 
 from tracker.sim_callbacks import CallbackSender, unreachable_text
 from tracker.sim_faults import Faults, chance
-from tracker.sim_llm import TurnPlan, plan_turn, turn_result
+from tracker.sim_llm import TurnPlan, is_answer, plan_turn, refusal, turn_result
 from tracker.sim_shapes import callback_json, new_id, utcnow
 from tracker.sim_store import RunStore, SimAgent, SimRun
 
@@ -39,6 +42,8 @@ class Engine:
         self._callback_timers: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._dropped: set[str] = set()
+        #: agent id -> the run that paused it, while the agent awaits its approval
+        self._awaiting: dict[str, str] = {}
         self.callbacks_sent = 0
 
     def submit(
@@ -57,7 +62,9 @@ class Engine:
             callback_url=url,
             inputs=inputs,
         )
-        plan = plan_turn(inputs, faults, self.rng)
+        plan = refusal(inputs, agent.id in self._awaiting) or plan_turn(inputs, faults, self.rng)
+        if plan.error is None and is_answer(inputs):
+            self._awaiting.pop(agent.id)  # answered: the agent takes messages again
         # Decided now, not at send time, so a seeded run repeats whatever the timing.
         if url and chance(self.rng, faults.callback_drop):
             self._dropped.add(run.id)
@@ -69,6 +76,13 @@ class Engine:
 
     async def cancel(self, run: SimRun) -> None:
         """Letta's cancel: mark it cancelled and call back now; the turn itself goes on."""
+        if run.stop_reason == "requires_approval":
+            # Letta cancels a paused run (denying its tool calls): no callback, as the run
+            # already completed; the agent no longer awaits the approval
+            run.status = run.stop_reason = "cancelled"
+            if self._awaiting.get(run.agent_id) == run.id:
+                del self._awaiting[run.agent_id]
+            return
         if run.completed_at is not None:
             return  # a terminal run answers "cancelled" but nothing changes
         run.status = run.stop_reason = "cancelled"
@@ -116,6 +130,8 @@ class Engine:
         run.messages, run.usage = result.messages, result.usage
         if result.error is not None:
             run.metadata["error"] = result.error
+        if result.stop_reason == "requires_approval":
+            self._awaiting[run.agent_id] = run.id
         run.run_ns = time.time_ns() - run.start_ns
         if overwrite:
             return  # Letta sends no second callback for an already-completed run

@@ -2,7 +2,9 @@
 
 Text markers work like the fake LLM used to record the samples: `[[delay=N]]` makes the turn
 take N seconds, `[[fail]]` / `[[fail=429]]` fails it, `[[approval]]` pauses it for a tool
-approval, `[[never]]` loses it (the run stays `created`).
+approval, `[[never]]` loses it (the run stays `created`). An agent paused for an approval
+refuses any other message, and an approval when nothing awaits one, as Letta does: the run
+fails at once with Letta's words.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class TurnPlan:
     duration_s: float
     outcome: str  # "ok", "fail", "approval" or "never"
     fail_status: int = 500
+    error: str | None = None  # a failure's own words (else the LLM error of fail_status)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +47,29 @@ class TurnResult:
     messages: list[dict[str, Any]]
     usage: tuple[int, int]
     error: str | None = None
+
+
+#: Letta's run error when a message comes while the agent awaits an approval (its
+#: PendingApprovalError), and when an approval comes while none is awaited (a ValueError)
+PENDING_APPROVAL = ("CONFLICT: Cannot send a new message: The agent is waiting for approval on a"
+                    " tool call. Please approve or deny the pending request before continuing.")
+NO_APPROVAL_PENDING = ("Cannot process approval response: No tool call is currently awaiting"
+                       " approval. Please send a regular message to interact with the agent.")
+#: such a refusal comes before any LLM call: the run fails at once
+REFUSED_S = 0.05
+
+
+def is_answer(inputs: list[dict[str, Any]]) -> bool:
+    """Letta reads the first input: an approval (or tool return) answers a pause."""
+    return bool(inputs) and inputs[0].get("type", "message") != "message"
+
+
+def refusal(inputs: list[dict[str, Any]], awaiting: bool) -> TurnPlan | None:
+    """The plan of a turn Letta refuses for the agent's approval state, or None."""
+    if is_answer(inputs) != awaiting:
+        return TurnPlan(REFUSED_S, "fail", error=PENDING_APPROVAL if awaiting
+                        else NO_APPROVAL_PENDING)
+    return None
 
 
 def plan_turn(inputs: list[dict[str, Any]], faults: Faults, rng: random.Random) -> TurnPlan:
@@ -67,7 +93,8 @@ def turn_result(plan: TurnPlan, run: SimRun, agent: SimAgent, now: datetime) -> 
     """The messages, usage and status the turn ends with."""
     if plan.outcome == "fail":
         # Letta keeps no messages of a failed turn, not even the user's.
-        return TurnResult("failed", "error", [], (0, 0), llm_error(plan.fail_status))
+        return TurnResult("failed", "error", [], (0, 0),
+                          plan.error or llm_error(plan.fail_status))
     inputs = [_input_message(m, run) for m in run.inputs]
     prompt = 2051 + 60 * agent.turns + sum(len(t) for t in _texts(run.inputs)) // 4
     if plan.outcome == "approval":
