@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from datetime import UTC, datetime
 from typing import Any
 
 from tracker import clock
@@ -13,6 +14,8 @@ from tracker.serialize import dumps
 
 TERMINAL_FILTER = [("statuses", "completed"), ("statuses", "failed"), ("statuses", "cancelled")]
 PAGE = 1000
+#: the sort key of Letta's run listings, for a run without created_at (none seen)
+_NEVER = datetime.min.replace(tzinfo=UTC)
 
 
 def _decode(raw: bytes) -> Any:
@@ -21,6 +24,17 @@ def _decode(raw: bytes) -> Any:
         return json.loads(raw) if raw else None
     except ValueError:
         return {"detail": raw.decode(errors="replace")}
+
+
+def _beyond(run: dict, last: dict, ascending: bool) -> bool:
+    """Whether ``run`` comes after ``last`` in a run listing's order (created_at, then id,
+    as Letta sorts)."""
+    key, mark = _sort_key(run), _sort_key(last)
+    return key > mark if ascending else key < mark
+
+
+def _sort_key(run: dict) -> tuple[datetime, str]:
+    return clock.parse(run.get("created_at")) or _NEVER, run["id"]
 
 
 class LettaClient:
@@ -33,6 +47,10 @@ class LettaClient:
         self._pool: HttpPool | None = None
         self.calls: Counter[tuple[str, int | str]] = Counter()
         self.on_call: Any = None  # metrics hook: (endpoint, status) -> None
+        #: the cursor that pages a run listing onward, in either order: `before` in Letta
+        #: 0.16.8, the reverse of its docs, which another Letta may follow (see _runs_beyond)
+        self._onward = "before"
+        self._onward_sure = False  # a page moved with it: never switched from then on
 
     async def start(self) -> None:
         self._pool = HttpPool(self.base_url, self._headers, self._timeout_s, limit=100)
@@ -91,20 +109,50 @@ class LettaClient:
 
     async def active_run_ids(self) -> set[str]:
         """Ids of every run Letta still works on (one call per thousand)."""
+        params = [("active", "true"), ("limit", str(PAGE)), ("order", "asc")]
         ids: set[str] = set()
-        after = None
+        last = None
         while True:
-            params = [("active", "true"), ("limit", str(PAGE)), ("order", "asc")]
-            page = await self.list_runs(params + ([("after", after)] if after else []))
+            page = await self._runs_beyond(params, last, ascending=True)
             ids.update(r["id"] for r in page)
             if len(page) < PAGE:
                 return ids
-            after = page[-1]["id"]
+            last = page[-1]
 
-    async def recent_terminal(self, limit: int, after: str | None = None) -> list[dict]:
-        """Finished runs, newest first, past ``after`` in that order (one call for many)."""
+    async def recent_terminal(self, limit: int, last: dict | None = None) -> list[dict]:
+        """Finished runs, newest first, beyond the run ``last`` (a page's last) in that
+        order (one call for many)."""
         params = [*TERMINAL_FILTER, ("limit", str(min(PAGE, limit))), ("order", "desc")]
-        return await self.list_runs(params + ([("after", after)] if after else []))
+        return await self._runs_beyond(params, last, ascending=False)
+
+    async def _runs_beyond(self, params: list[tuple[str, str]], last: dict | None,
+                           ascending: bool) -> list[dict]:
+        """The page of a run listing beyond the run ``last`` in its order; [] when nothing
+        comes beyond it. Letta 0.16.8 pages onward with `before` and lists the runs on the
+        near side with `after`; another Letta may do as the docs say: a page that does not
+        move past ``last`` is asked again with the other cursor, once in the client's life."""
+        if last is None:
+            return await self.list_runs(params)
+        page = await self._page_beyond(params, self._onward, last, ascending)
+        if page is not None:
+            self._onward_sure |= bool(page)
+            return page
+        if self._onward_sure:
+            # the cursor's same-second runs again: a SQLite-backed Letta cuts the cursor's
+            # time to whole seconds; with more than a page in one second, no way past them
+            return []
+        other = "after" if self._onward == "before" else "before"
+        page = await self._page_beyond(params, other, last, ascending)
+        if page:
+            self._onward, self._onward_sure = other, True
+        return page or []
+
+    async def _page_beyond(self, params: list[tuple[str, str]], cursor: str, last: dict,
+                           ascending: bool) -> list[dict] | None:
+        """The page listed with ``cursor`` at ``last``; None when it holds runs but does not
+        reach past ``last`` (its last run is beyond it otherwise: a paging always ends)."""
+        page = await self.list_runs([*params, (cursor, last["id"])])
+        return page if not page or _beyond(page[-1], last, ascending) else None
 
     async def run_messages(self, run_id: str) -> list[dict]:
         """All of a run's messages, following Letta's cursor pagination."""

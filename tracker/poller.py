@@ -36,10 +36,11 @@ SWEEP_WAIT_S = 10.0
 
 @dataclass
 class _Paging:
-    """How far a paging of Letta's finished runs (newest first) went: the cursor it stopped
-    at, whether it reached the end, and the runs it listed that no chunk has claimed yet."""
+    """How far a paging of Letta's finished runs (newest first) went: the last run it listed
+    (where the next page starts), whether it reached the end, and the runs it listed that no
+    chunk has claimed yet."""
 
-    after: str | None = None
+    last: dict | None = None
     ended: bool = False
     unclaimed: dict[str, dict] = field(default_factory=dict)
 
@@ -186,11 +187,11 @@ class Poller:
             if paging.ended or wanted <= found.keys():
                 break
             async with self._slots:
-                page = await self.letta.recent_terminal(PAGE, paging.after)
+                page = await self.letta.recent_terminal(PAGE, paging.last)
             for r in page:
                 (found if r["id"] in wanted else paging.unclaimed)[r["id"]] = r
             paging.ended = len(page) < PAGE
-            paging.after = page[-1]["id"] if page else paging.after
+            paging.last = page[-1] if page else paging.last
         if len(paging.unclaimed) > UNCLAIMED_MAX:  # the newest go: the chunks after want older
             paging.unclaimed = dict(list(paging.unclaimed.items())[-UNCLAIMED_MAX:])
         return found

@@ -104,7 +104,11 @@ class RunQuery:
 class RunStore:
     """Runs by id, per agent and by activity; lists are in creation order."""
 
-    def __init__(self) -> None:
+    def __init__(self, documented_cursors: bool = False) -> None:
+        #: the runs listing's `before`/`after` as Letta's API reference describes them (`after`
+        #: pages onward in the listing's order), which another Letta (Cloud, a later release)
+        #: may follow; False: as Letta 0.16.8 does, the reverse (see select)
+        self.documented_cursors = documented_cursors
         self.agents: dict[str, SimAgent] = {}
         self._runs: dict[str, SimRun] = {}
         self._all: list[SimRun] = []
@@ -159,9 +163,16 @@ class RunStore:
 
     def select(self, query: RunQuery) -> list[SimRun]:
         """Runs matching `query`, in its order, at most `query.limit`."""
-        # Cursors are positional in the listing's order, as in Letta (`_cursor_filter` with
-        # forward=ascending for `after`): in a newest-first list `after` means older.
         after, before = self._seq_of(query.after), self._seq_of(query.before)
+        if not self.documented_cursors:
+            # Letta 0.16.8 (run_manager_helper._apply_pagination_async) filters `after` with
+            # _cursor_filter's forward=not ascending and `before` with forward=ascending: in
+            # either order `before` gives the runs beyond the cursor, `after` those on the
+            # near side of it. (A SQLite-backed Letta also cuts the cursor's created_at to
+            # whole seconds, as a string, so that onward pages repeat (asc) or skip (desc)
+            # the cursor's same-second runs: not simulated.)
+            after, before = before, after
+        # `after` as documented: the runs past the cursor in the listing's order
         low, high = (after, before) if query.ascending else (before, after)
         walk = self._walk(self._source(query), low, high, query.ascending)
         return list(itertools.islice((r for r in walk if query.matches(r)), query.limit))

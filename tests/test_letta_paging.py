@@ -1,0 +1,199 @@
+"""Paging Letta's run listings: the simulator's cursors against Letta 0.16.8's, and the client
+paging every listing onward whichever way a Letta reads `before` and `after`."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+import tracker.letta
+import tracker.poller
+from tests.conftest import eventually, make_config
+from tracker.letta import LettaClient
+from tracker.manager import Manager
+from tracker.poller import Poller, _Paging
+
+PAGE = 3
+DIRECTIONS = pytest.mark.parametrize("documented", [False, True],
+                                     ids=["letta-0.16.8", "documented"])
+
+
+@pytest.fixture
+async def letta(sim):
+    client = LettaClient(sim.url)
+    await client.start()
+    yield client
+    await client.close()
+
+
+@pytest.fixture
+def small_pages(monkeypatch) -> None:
+    for module in (tracker.letta, tracker.poller):
+        monkeypatch.setattr(module, "PAGE", PAGE)
+
+
+async def send(letta: LettaClient, agent: str, n: int, text: str = "hi") -> list[str]:
+    """``n`` runs sent to the simulator, one after the other: their ids, oldest first."""
+    body = {"messages": [{"role": "user", "content": text}]}
+    return [(await letta.send_async(agent, body))["id"] for _ in range(n)]
+
+
+async def finished(sim, run_ids: list[str]) -> None:
+    await eventually(lambda: all(sim.store.get(i).status == "completed" for i in run_ids))
+
+
+def listings(letta: LettaClient) -> int:
+    return letta.calls[("list_runs", 200)]
+
+
+# -- the simulator ---------------------------------------------------------------------------
+
+
+async def test_the_runs_listing_cursors_move_as_in_letta_0_16_8_or_as_documented(
+        sim, letta, agent):
+    """Letta 0.16.8 filters `after` with forward=not ascending and `before` with
+    forward=ascending (run_manager_helper): `before` gives the runs beyond the cursor in the
+    listing's order, `after` those on its near side. Its docs say the reverse; the simulator
+    does that when asked (documented_cursors)."""
+    runs = await send(letta, agent, 5)
+
+    async def ids(*params: tuple[str, str]) -> list[str]:
+        return [r["id"] for r in await letta.list_runs([("agent_id", agent), *params])]
+
+    for documented in (False, True):
+        sim.store.documented_cursors = documented
+        onward, near = ("after", "before") if documented else ("before", "after")
+        assert await ids() == runs[::-1]
+        assert await ids((onward, runs[2])) == [runs[1], runs[0]]
+        assert await ids((near, runs[2])) == [runs[4], runs[3]]
+        assert await ids((onward, runs[2]), ("order", "asc")) == [runs[3], runs[4]]
+        assert await ids((near, runs[2]), ("order", "asc")) == [runs[0], runs[1]]
+        assert await ids((onward, runs[4]), (near, runs[0])) == [runs[3], runs[2], runs[1]]
+        assert await ids((onward, runs[2]), ("limit", "1")) == [runs[1]]
+
+
+# -- the client against the simulator --------------------------------------------------------
+
+
+@DIRECTIONS
+async def test_every_active_run_is_listed_a_call_a_page(sim, letta, agent, small_pages,
+                                                         documented):
+    """Seven active runs among finished ones, three a page: three calls. Against the
+    documented direction the first onward page is asked again with `after`, once in the
+    client's life. (Paged with `after` against 0.16.8, the second page was the first one's
+    oldest runs: the rest were never listed.)"""
+    sim.store.documented_cursors = documented
+    active, ended = [], []
+    for _ in range(7):
+        ended += await send(letta, agent, 1)
+        active += await send(letta, agent, 1, "[[delay=60]] busy")
+    await finished(sim, ended)
+    assert await letta.active_run_ids() == set(active)
+    assert listings(letta) == 3 + documented
+    assert await letta.active_run_ids() == set(active)
+    assert listings(letta) == 2 * 3 + documented
+
+
+@DIRECTIONS
+async def test_the_sweep_pages_finished_runs_onward_each_page_once(
+        sim, letta, agent, small_pages, store, tmp_path: Path, documented):
+    """The poller's sweep finds finished runs chunk after chunk, newest first, its paging going
+    on where the last chunk's stopped: ten runs, four pages, a call each (one more against the
+    documented direction, once), and none once it ended. (Paged with `after` against 0.16.8,
+    the second page was the newest runs again, short: the listing seemed to end and older runs
+    took a call each.)"""
+    sim.store.documented_cursors = documented
+    runs = await send(letta, agent, 10)
+    await finished(sim, runs)
+    cfg = make_config(tmp_path)
+    poller = Poller(cfg, Manager(cfg, store, letta, lambda run_id: f"/cb/{run_id}"), letta)
+    paging = _Paging()
+    for chunk in (runs[6:], runs[3:6], runs[:3]):  # newest first, as the sweep's chunks
+        found = await poller._finished_runs(set(chunk), paging)
+        assert found.keys() == set(chunk)
+    assert paging.ended and listings(letta) == 4 + documented  # the fourth page, short
+    assert await poller._finished_runs({"run-gone"}, paging) == {}
+    assert listings(letta) == 4 + documented
+
+
+# -- the client against a SQLite-backed Letta ------------------------------------------------
+
+
+def sqlite_letta(runs: list[dict], documented: bool) -> web.Application:
+    """Letta's runs listing on SQLite (0.16.8's cursors, or the documented ones): the
+    cursor's created_at is cut to whole seconds, as a string, and compared with the stored
+    ones, so that onward pages repeat (asc) or skip (desc) the cursor's same-second runs."""
+
+    def page(query) -> list[dict]:
+        asc = query.get("order") == "asc"
+        listed = sorted(runs, key=lambda r: (r["created_at"], r["id"]), reverse=not asc)
+        for name in ("before", "after"):
+            cursor = next((r for r in runs if r["id"] == query.get(name)), None)
+            if cursor is not None:
+                forward = asc if (name == "before") != documented else not asc
+                listed = [r for r in listed if _cursor_filter(r, cursor, forward)]
+        return listed[:int(query["limit"])]
+
+    async def list_runs(request: web.Request) -> web.Response:
+        return web.json_response(page(request.query))
+
+    app = web.Application()
+    app.router.add_get("/v1/runs/", list_runs)
+    return app
+
+
+def _cursor_filter(run: dict, cursor: dict, forward: bool) -> bool:
+    # agent_manager_helper._cursor_filter, with the cut time 0.16.8 gives it on SQLite
+    cut = cursor["created_at"][:19]
+    if forward:
+        return run["created_at"] > cut or run["created_at"] == cut and run["id"] > cursor["id"]
+    return run["created_at"] < cut or run["created_at"] == cut and run["id"] < cursor["id"]
+
+
+def same_second_runs(seconds: int, each: int) -> list[dict]:
+    """``each`` active runs in each of ``seconds`` seconds, oldest first."""
+    return [{"id": f"run-{s:02d}{i:02d}", "status": "running",
+             "created_at": f"2026-01-01 00:00:{s:02d}.{i + 1:06d}"}
+            for s in range(seconds) for i in range(each)]
+
+
+@pytest.fixture
+async def on_sqlite(aiohttp_server, small_pages):
+    """A client of a SQLite-backed Letta holding ``runs``."""
+    clients = []
+
+    async def start(runs: list[dict], documented: bool) -> LettaClient:
+        server = await aiohttp_server(sqlite_letta(runs, documented))
+        client = LettaClient(str(server.make_url("")))
+        await client.start()
+        clients.append(client)
+        return client
+
+    yield start
+    for client in clients:
+        await client.close()
+
+
+@DIRECTIONS
+async def test_onward_pages_that_repeat_the_cursors_second_list_every_run(on_sqlite,
+                                                                         documented):
+    """Two active runs a second, three a page: each onward page begins with the cursor's
+    second again, and still moves on."""
+    runs = same_second_runs(5, 2)
+    letta = await on_sqlite(runs, documented)
+    assert await letta.active_run_ids() == {r["id"] for r in runs}
+    assert listings(letta) == 5 + documented
+
+
+async def test_more_than_a_page_in_one_second_ends_the_listing(on_sqlite):
+    """Five runs in one second, three a page: no cursor gets past them, whichever way it
+    reads. The listing ends with what it has (the runs it misses take a call each) instead of
+    asking for the same page forever."""
+    for documented in (False, True):
+        letta = await on_sqlite(same_second_runs(1, 5), documented)
+        async with asyncio.timeout(5):
+            assert len(await letta.active_run_ids()) == PAGE
+        assert listings(letta) <= 3
