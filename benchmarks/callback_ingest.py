@@ -5,12 +5,14 @@ each gets one realistic ~2 KB callback body on its own signed URL. In every repe
 wrk load (same requests, connections and duration) goes to a bare aiohttp handler that only
 parses the JSON and answers 204, on asyncio's loop and on uvloop (the tracker's), and to the
 tracker, one after the other: the tracker between the two, their order alternating between
-repeats. The faster of the two bare handlers is the repeat's ceiling. Right after its load
-the tracker is killed with SIGKILL (no graceful shutdown) and the database is checked: every
-run whose callback got a 2xx must be ``done`` or have its callback in the inbox; then the
-tracker is started again on that database, and once its inbox is empty every one of them
-must be ``done``. A peer, after the tracker in each repeat: the same bare handler on uvloop
-committing each callback's body to one narrow SQLite table before its 204 (the least a
+repeats. The faster of the two bare handlers is the repeat's ceiling. After the tracker's
+measured load, a durability pass of its own (outside the figures): wrk fires the callbacks
+the load did not send, and once the tracker has filed 5,000 of them it is killed with SIGKILL
+(its callback workers too; no graceful shutdown), wrk still firing. Every run whose callback
+wrk got a 2xx for, in the load or the pass, must then be ``done`` or have its callback in the
+inbox; the tracker is started again on that database, and once its inbox is empty every one
+of them must be ``done``. A peer, after the tracker in each repeat: the same bare handler on
+uvloop committing each callback's body to one narrow SQLite table before its 204 (the least a
 tracker that answers only what it has stored does).
 
     .venv/bin/python benchmarks/callback_ingest.py [--quick] [--repeats N] [--connections C]
@@ -23,10 +25,13 @@ and wrk fires at their port; the CPU figure then adds up the tracker's and its w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import random
 import signal
 import sqlite3
+import subprocess
 import time
 import uuid
 from contextlib import closing
@@ -42,6 +47,9 @@ SAMPLE = h.ROOT.parent / "shared" / "letta-samples" / "async_basic__callback.jso
 SCRIPT = h.HERE / "replay.lua"
 #: the bare handler's two loops: asyncio's own, and uvloop (the tracker's default)
 LOOPS = ["asyncio", "uvloop"]
+#: the durability pass kills the tracker once it has filed this many of the pass's callbacks:
+#: under a second of load here, well past wrk's start and the tracker's answers' warm-up
+KILL_AFTER = 5_000
 
 
 def callback_body(rng: random.Random, letta_run_id: str, at: float) -> str:
@@ -156,8 +164,9 @@ def measure_ceiling(procs: h.Procs, reqs: Path, args: argparse.Namespace, loop: 
 
 def measure_tracker(procs: h.Procs, template: Path, reqs: Path, args: argparse.Namespace) -> dict:
     db = h.copy_db(template, h.OUT / "ingest-run.db")
-    acked = h.OUT / "ingest-acked.txt"
-    acked.unlink(missing_ok=True)
+    acked = [h.OUT / "ingest-acked.txt", h.OUT / "ingest-acked-kill.txt"]  # load's, pass's
+    for f in acked:
+        f.unlink(missing_ok=True)
     cb_port = h.free_port()
     log = h.OUT / f"{procs.tag}-tracker.log"
     start = log.stat().st_size if log.exists() else 0  # the harness appends
@@ -178,17 +187,92 @@ def measure_tracker(procs: h.Procs, template: Path, reqs: Path, args: argparse.N
     spy = h.py_spy(procs, p.pid, "ingest-tracker") if args.profile else None
     wal = h.wal_sampler(db)
     res = h.wrk(url, SCRIPT, args.connections, args.duration, env={
-        "BENCH_REQUESTS": str(reqs), "BENCH_THREADS": "1", "BENCH_ACKED": str(acked),
+        "BENCH_REQUESTS": str(reqs), "BENCH_THREADS": "1", "BENCH_ACKED": str(acked[0]),
         "BENCH_CLOSE": args.close})
     res.update(cpu.stop(res))
     res["wal_mb"] = wal.stop()
     h.end_py_spy(procs, spy)
-    # killed, not stopped: what was acknowledged must already be on disk
-    procs.stop(p, sig=signal.SIGKILL)
-    res.update(durability(db, acked, since))
+    # The SIGKILL comes in a pass of its own, after the measured load: an answer sent before
+    # its commit is lost only by a kill while callbacks are coming in (killed after the load,
+    # its commit had long landed), and a kill inside the measured load would cut its figures
+    # short. The pass fires the callbacks the load did not send (1 wrk thread: its slice is
+    # the file), so each is a run's first.
+    sent = args.runs if res["wrapped"] else res["furthest"]
+    res["kill"] = kill_under_load(procs, p, db, url, reqs, acked[1], sent, args)
+    ids = acked_ids(acked)
+    res.update(durability(db, ids, since))
     res.update(after_restart(procs, db))
-    res["acked_not_done"] = durability(db, acked, since)["acked_not_done"]
+    res["not_applied"] = durability(db, ids, since)["lost_at_kill"]
     return res
+
+
+def kill_under_load(procs: h.Procs, tracker: subprocess.Popen, db: Path, url: str, reqs: Path,
+                    acked: Path, sent: int, args: argparse.Namespace) -> dict:
+    """The durability pass: wrk fires the callbacks from line ``sent`` of ``reqs`` on, and
+    the tracker (its callback workers too) is killed with SIGKILL once it has filed
+    ``KILL_AFTER`` of them (a quarter of what is left at most, so that wrk is still firing);
+    wrk is stopped after. Returns wrk's figures (the 2xx answers, in ``acked``, are the
+    callbacks answered before the kill), ``under_load`` (whether the kill came with wrk
+    firing) and ``filed`` (of the pass's callbacks, at the kill)."""
+    after = min(KILL_AFTER, (args.runs - sent) // 4)
+    if after < 100:  # no callback left to fire: the check would test nothing
+        kill_all(procs, tracker)
+        return {"under_load": False, "filed": 0, "ok": 0, "errors_after": 0,
+                "why": f"only {args.runs - sent:,} callbacks left unsent (raise --runs)"}
+    seq0 = inbox_seq(db)
+    wrk = procs.start("wrk-kill", h.wrk_argv(url, SCRIPT, args.connections, 600), env={
+        "BENCH_REQUESTS": str(reqs), "BENCH_THREADS": "1", "BENCH_ACKED": str(acked),
+        "BENCH_CLOSE": args.close, "BENCH_SKIP": str(sent)}, stdout=subprocess.PIPE)
+    under_load = wait_filed(db, seq0 + after, wrk, timeout=120)
+    filed = inbox_seq(db) - seq0  # (the tracker's last commit may land after the read)
+    why = ("" if under_load else "wrk ended first" if wrk.poll() is not None
+           else f"the tracker filed {filed:,} of {after:,} in 120 s")
+    kill_all(procs, tracker)
+    time.sleep(0.5)  # wrk goes on, finding nobody: its socket errors show it was firing
+    procs.stop(wrk, sig=signal.SIGINT, timeout=60)  # SIGINT: wrk still runs done()
+    assert wrk.stdout is not None
+    res = h.wrk_figures(wrk.stdout.read().decode())
+    errors = sum(res["errors"][k] for k in ("connect", "read", "write", "timeout"))
+    return {**res, "under_load": under_load, "filed": filed, "why": why,
+            "errors_after": errors}
+
+
+def wait_filed(db: Path, target: int, wrk: subprocess.Popen, timeout: float) -> bool:
+    """Wait, while ``wrk`` runs, until the inbox's AUTOINCREMENT counter reaches ``target``
+    (one row of sqlite_sequence: a count would scan the inbox, see inbox_empty); whether it
+    did with wrk still running."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and wrk.poll() is None:
+        if inbox_seq(db) >= target:
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def inbox_seq(db: Path) -> int:
+    """How many callbacks were ever filed in the inbox (its ids' AUTOINCREMENT counter)."""
+    with closing(sqlite3.connect(db, timeout=30)) as c:
+        row = c.execute("SELECT seq FROM sqlite_sequence WHERE name = 'callback_inbox'"
+                        ).fetchone()
+    return row[0] if row else 0
+
+
+def kill_all(procs: h.Procs, tracker: subprocess.Popen) -> None:
+    """SIGKILL the tracker and its callback workers at once, as a crash would: a worker left
+    alive would go on answering (and filing) callbacks."""
+    for pid in [tracker.pid, *descendants(tracker.pid)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    procs.stop(tracker, sig=signal.SIGKILL)
+
+
+def descendants(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            kids = [int(k) for k in f.read().split()]
+    except FileNotFoundError:  # gone meanwhile
+        return []
+    return kids + [d for k in kids for d in descendants(k)]
 
 
 def after_restart(procs: h.Procs, db: Path) -> dict:
@@ -247,23 +331,30 @@ def steady(db: Path, pid: int) -> None:
     h.settle(pid)
 
 
-def durability(db: Path, acked_file: Path, since: str) -> dict:
-    ids = [line for line in acked_file.read_text().splitlines() if line]
+def acked_ids(files: list[Path]) -> list[str]:
+    """The run ids of the callbacks answered 2xx, as wrk received them (replay.lua's files)."""
+    return [line for f in files if f.exists() for line in f.read_text().splitlines() if line]
+
+
+def acked_table(c: sqlite3.Connection, ids: list[str]) -> None:
+    c.execute("CREATE TEMP TABLE acked (id TEXT PRIMARY KEY)")
+    c.executemany("INSERT OR IGNORE INTO acked VALUES (?)", [(i,) for i in ids])
+
+
+def durability(db: Path, ids: list[str], since: str) -> dict:
+    """Right after the SIGKILL: the answered callbacks neither applied nor in the inbox."""
     with closing(sqlite3.connect(db)) as c:
-        c.execute("CREATE TEMP TABLE acked (id TEXT PRIMARY KEY)")
-        c.executemany("INSERT OR IGNORE INTO acked VALUES (?)", [(i,) for i in ids])
+        acked_table(c, ids)
         done = c.execute("SELECT count(*) FROM runs WHERE state = 'done' AND recorded_at >= ?",
                          (since,)).fetchone()[0]
-        # answered, but neither applied nor waiting in the inbox: lost
-        lost = c.execute("SELECT count(*) FROM acked a JOIN runs r ON r.id = a.id"
-                         " WHERE r.state != 'done' AND r.id NOT IN"
-                         " (SELECT run_id FROM callback_inbox)").fetchone()[0]
-        unknown = c.execute("SELECT count(*) FROM acked WHERE id NOT IN"
-                            " (SELECT id FROM runs)").fetchone()[0]
+        # answered, but neither applied nor waiting in the inbox (or no run at all): lost
+        lost = c.execute("SELECT count(*) FROM acked a LEFT JOIN runs r ON r.id = a.id"
+                         " WHERE r.id IS NULL OR (r.state != 'done' AND a.id NOT IN"
+                         " (SELECT run_id FROM callback_inbox))").fetchone()[0]
         events = c.execute("SELECT count(*) FROM run_events WHERE source = 'callback'"
                            " AND at >= ?", (since,)).fetchone()[0]
     return {"acked": len(ids), "acked_unique": len(set(ids)), "done": done,
-            "acked_not_done": lost + unknown, "callback_events": events}
+            "lost_at_kill": lost, "callback_events": events}
 
 
 def main() -> None:
@@ -294,8 +385,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="sample the tracker with py-spy during its load (out/profile-*.txt)")
     args = ap.parse_args()
-    if args.quick:
-        args.repeats, args.duration, args.runs, args.history = 1, 3.0, 20_000, 20_000
+    if args.quick:  # runs enough that the load (6,000/s here) leaves the pass callbacks
+        args.repeats, args.duration, args.runs, args.history = 1, 3.0, 40_000, 20_000
     h.banner("callback ingest", args)
     if not h.have_wrk():
         raise SystemExit("wrk is needed: apt-get install -y wrk")
@@ -326,14 +417,24 @@ def main() -> None:
                   + f"; durable peer {h.rate(got['durable']):,.0f}/s) | tracker {h.rate(t):,.0f}/s"
                   f" p99 {t['latency_us']['p99'] / 1e3:.1f} ms,"
                   f" non-2xx {t['bad']} {t['codes']}, wrapped {t['wrapped']},"
-                  f" acked {t['acked']:,} done {t['done']:,} in inbox at kill"
-                  f" {t['inbox_at_kill']:,} (applied {t['inbox_drain_s']:.1f}s after restart)"
-                  f" acked-not-done {t['acked_not_done']}, WAL at most {t['wal_mb']:.0f} MB"
-                  f" ({t['drain_wal_mb']:.0f} MB while applying after the restart)",
-                  flush=True)
+                  f" WAL at most {t['wal_mb']:.0f} MB", flush=True)
+            print(f"  {durability_line(t)}", flush=True)
     report(rows, args)
     if args.profile:
         print("\n" + h.profile_summary("ingest-tracker"))
+
+
+def durability_line(t: dict) -> str:
+    """What the durability pass did and found, in a line (the load's figures are apart)."""
+    k = t["kill"]
+    kill = (f"SIGKILL with wrk firing, {k['filed']:,} of the pass's callbacks filed and"
+            f" {k['ok']:,} answered by then, {k['errors_after']:,} wrk socket errors after it"
+            if k["under_load"] else f"SIGKILL NOT under load ({k['why']})")
+    drain = f"inbox applied {t['inbox_drain_s']:.1f}s after the restart"
+    return (f"durability pass (after the measured load, outside its figures): {kill};"
+            f" {t['acked']:,} answered in all, {t['done']:,} done and {t['inbox_at_kill']:,}"
+            f" in the inbox at the kill, {t['lost_at_kill']} lost; {drain}"
+            f" (WAL at most {t['drain_wal_mb']:.0f} MB), {t['not_applied']} lost after it")
 
 
 def report(rows: list[dict[str, dict]], args: argparse.Namespace) -> None:
@@ -354,7 +455,6 @@ def report(rows: list[dict[str, dict]], args: argparse.Namespace) -> None:
                 per_cb(side, "loop_sys_us"), f"{busy:.0%}")
 
     p99 = lat("tracker", "p99")
-    lost = max(r["tracker"]["acked_not_done"] for r in rows)
     errors = sum(r["tracker"]["bad"] + r["tracker"]["errors"]["timeout"] for r in rows)
     print(h.table(f"callback ingest: median of {len(rows)} repeat(s), {args.connections} "
                   f"connections, synchronous={args.synchronous}",
@@ -375,20 +475,36 @@ def report(rows: list[dict[str, dict]], args: argparse.Namespace) -> None:
         ("tracker / ceiling (median of per-repeat ratios)", ratio, ">= 0.5",
          h.verdict(ratio >= 0.5)),
         ("tracker p99 latency, ms", p99, "< 50", h.verdict(p99 < 50)),
-        ("2xx answers lost (neither done nor in the inbox after SIGKILL, or not done after"
-         " the restart)", lost, "0", h.verdict(lost == 0)),
+        *durability_targets([r["tracker"] for r in rows]),
         ("non-2xx answers and timeouts (all repeats)", errors, "0", h.verdict(errors == 0)),
         ("durable peer / ceiling (the least a tracker that stores first does)",
          h.median(h.rate(r["durable"]) / h.rate(r["ceiling"]) for r in rows), "(peer)", ""),
         ("tracker / durable peer", h.median(h.rate(r["tracker"]) / h.rate(r["durable"])
                                             for r in rows), "(peer)", ""),
     ]))
-    print(h.table("callback ingest: durability per repeat", [
-        "repeat", "2xx answers", "distinct runs", "done at SIGKILL", "in the inbox at SIGKILL",
-        "applied after restart in s", "2xx but lost", "WAL at most, MB: load / applying"],
-        [(i + 1, t["acked"], t["acked_unique"], t["done"], t["inbox_at_kill"],
-          t["inbox_drain_s"], t["acked_not_done"], f"{t['wal_mb']:.0f} / {t['drain_wal_mb']:.0f}")
+    print(h.table("callback ingest: durability per repeat (the load's answers and the pass's,"
+                  " killed under load)", [
+        "repeat", "2xx answers (of them in the pass)", "distinct runs", "done at SIGKILL",
+        "in the inbox at SIGKILL", "2xx but lost at SIGKILL", "applied after restart in s",
+        "2xx but lost after", "WAL at most, MB: load / applying"],
+        [(i + 1, f"{t['acked']:,} ({t['kill']['ok']:,})", t["acked_unique"], t["done"],
+          t["inbox_at_kill"], t["lost_at_kill"], t["inbox_drain_s"], t["not_applied"],
+          f"{t['wal_mb']:.0f} / {t['drain_wal_mb']:.0f}")
          for i, t in enumerate(r["tracker"] for r in rows)]))
+
+
+def durability_targets(runs: list[dict]) -> list[tuple]:
+    """The durability rows of the targets, over each repeat's tracker figures."""
+    killed = sum(t["kill"]["under_load"] for t in runs)
+    lost = max(t["lost_at_kill"] for t in runs)
+    not_done = max(t["not_applied"] for t in runs)
+    return [
+        ("repeats whose SIGKILL came with wrk firing (else the checks below test little)",
+         killed, f"{len(runs)}", h.verdict(killed == len(runs))),
+        ("2xx answers lost at the SIGKILL (neither done nor in the inbox; worst repeat)", lost,
+         "0", h.verdict(lost == 0)),
+        ("2xx answers lost after the restart (neither done nor in the inbox; worst repeat)",
+         not_done, "0", h.verdict(not_done == 0))]
 
 
 if __name__ == "__main__":

@@ -456,15 +456,27 @@ def rate(res: dict) -> float:
 def wrk(url: str, script: Path, connections: int, duration_s: float, threads: int = 1,
         env: dict[str, str] | None = None, timeout_s: float = 10.0) -> dict[str, Any]:
     """Run wrk with a script whose ``done()`` prints one JSON line; returns it parsed."""
+    out = subprocess.run(wrk_argv(url, script, connections, duration_s, threads, timeout_s),
+                         env={**os.environ, **(env or {})}, capture_output=True, text=True,
+                         timeout=duration_s + 120)
+    return wrk_figures(out.stdout, out.stderr)
+
+
+def wrk_argv(url: str, script: Path, connections: int, duration_s: float, threads: int = 1,
+             timeout_s: float = 10.0) -> list[str]:
+    """wrk's command line; started on its own (``wrk`` waits for it), SIGINT ends it early
+    and it still runs the script's ``done()``."""
     seconds = lambda x: f"{max(1, round(x))}s"  # noqa: E731 (wrk takes whole seconds)
-    argv = ["wrk", "-t", str(threads), "-c", str(connections), "-d", seconds(duration_s),
+    return ["wrk", "-t", str(threads), "-c", str(connections), "-d", seconds(duration_s),
             "--timeout", seconds(timeout_s), "-s", str(script), url]
-    out = subprocess.run(argv, env={**os.environ, **(env or {})}, capture_output=True,
-                         text=True, timeout=duration_s + 120)
-    for line in out.stdout.splitlines():
+
+
+def wrk_figures(stdout: str, stderr: str = "") -> dict[str, Any]:
+    """The JSON line a wrk script's ``done()`` printed, parsed."""
+    for line in stdout.splitlines():
         if line.startswith("{"):
             return json.loads(line)
-    raise RuntimeError(f"wrk printed no figures:\n{out.stdout}\n{out.stderr}")
+    raise RuntimeError(f"wrk printed no figures:\n{stdout}\n{stderr}")
 
 
 # --- realistic content -----------------------------------------------------------------------
