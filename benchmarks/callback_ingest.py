@@ -10,10 +10,11 @@ measured load, a durability pass of its own (outside the figures): wrk fires the
 the load did not send, and once the tracker has filed 5,000 of them it is killed with SIGKILL
 (its callback workers too; no graceful shutdown), wrk still firing. Every run whose callback
 wrk got a 2xx for, in the load or the pass, must then be ``done`` or have its callback in the
-inbox; the tracker is started again on that database, and once its inbox is empty every one
-of them must be ``done``. A peer, after the tracker in each repeat: the same bare handler on
-uvloop committing each callback's body to one narrow SQLite table before its 204 (the least a
-tracker that answers only what it has stored does).
+inbox; the tracker is started again on that database, and once its inbox is empty (in 300 s,
+or the benchmark reports a failure) every one of them must be ``done``. A peer, after the
+tracker in each repeat: the same bare handler on uvloop committing each callback's body to
+one narrow SQLite table before its 204 (the least a tracker that answers only what it has
+stored does).
 
     .venv/bin/python benchmarks/callback_ingest.py [--quick] [--repeats N] [--connections C]
         [--workers N]
@@ -50,6 +51,9 @@ LOOPS = ["asyncio", "uvloop"]
 #: the durability pass kills the tracker once it has filed this many of the pass's callbacks:
 #: under a second of load here, well past wrk's start and the tracker's answers' warm-up
 KILL_AFTER = 5_000
+#: how long the restarted tracker may take to apply its inbox (a full run's took 36-42 s here)
+#: before the benchmark reports the rest as not applied
+DRAIN_TIMEOUT = 300.0
 
 
 def callback_body(rng: random.Random, letta_run_id: str, at: float) -> str:
@@ -202,7 +206,7 @@ def measure_tracker(procs: h.Procs, template: Path, reqs: Path, args: argparse.N
     ids = acked_ids(acked)
     res.update(durability(db, ids, since))
     res.update(after_restart(procs, db))
-    res["not_applied"] = durability(db, ids, since)["lost_at_kill"]
+    res["not_applied"] = not_applied(db, ids)
     return res
 
 
@@ -277,17 +281,20 @@ def descendants(pid: int) -> list[int]:
 
 def after_restart(procs: h.Procs, db: Path) -> dict:
     """Start the tracker again on the killed one's database: the callbacks it answered but
-    had not applied yet are applied from the inbox. Returns how long that took."""
+    had not applied yet are applied from the inbox. Returns how long that took, and whether
+    the inbox was emptied within ``DRAIN_TIMEOUT``."""
     filed = inbox_depth(db)
     started = time.monotonic()
     _, p = procs.tracker("tracker-restart", db, "http://127.0.0.1:9",
                          env={"TRACKER_CALLBACKS__SECRET": SECRET})
     wal = h.wal_sampler(db)
-    while not inbox_empty(db) and time.monotonic() - started < 300:
+    drained = False
+    while not (drained := inbox_empty(db)) and time.monotonic() - started < DRAIN_TIMEOUT:
         time.sleep(0.1)
     took = time.monotonic() - started
     procs.stop(p)
-    return {"inbox_at_kill": filed, "inbox_drain_s": took, "drain_wal_mb": wal.stop()}
+    return {"inbox_at_kill": filed, "inbox_drain_s": took, "drained": drained,
+            "drain_wal_mb": wal.stop()}
 
 
 def inbox_depth(db: Path) -> int:
@@ -355,6 +362,15 @@ def durability(db: Path, ids: list[str], since: str) -> dict:
                            " AND at >= ?", (since,)).fetchone()[0]
     return {"acked": len(ids), "acked_unique": len(set(ids)), "done": done,
             "lost_at_kill": lost, "callback_events": events}
+
+
+def not_applied(db: Path, ids: list[str]) -> int:
+    """After the restart: the answered callbacks whose run is not ``done``, wherever the
+    callback is (one still in the inbox was never applied: not excused, as at the kill)."""
+    with closing(sqlite3.connect(db)) as c:
+        acked_table(c, ids)
+        return c.execute("SELECT count(*) FROM acked a LEFT JOIN runs r ON r.id = a.id"
+                         " WHERE r.state IS NOT 'done'").fetchone()[0]
 
 
 def main() -> None:
@@ -430,11 +446,12 @@ def durability_line(t: dict) -> str:
     kill = (f"SIGKILL with wrk firing, {k['filed']:,} of the pass's callbacks filed and"
             f" {k['ok']:,} answered by then, {k['errors_after']:,} wrk socket errors after it"
             if k["under_load"] else f"SIGKILL NOT under load ({k['why']})")
-    drain = f"inbox applied {t['inbox_drain_s']:.1f}s after the restart"
+    drain = (f"inbox applied {t['inbox_drain_s']:.1f}s after the restart" if t["drained"] else
+             f"inbox NOT applied in {DRAIN_TIMEOUT:.0f}s after the restart")
     return (f"durability pass (after the measured load, outside its figures): {kill};"
             f" {t['acked']:,} answered in all, {t['done']:,} done and {t['inbox_at_kill']:,}"
             f" in the inbox at the kill, {t['lost_at_kill']} lost; {drain}"
-            f" (WAL at most {t['drain_wal_mb']:.0f} MB), {t['not_applied']} lost after it")
+            f" (WAL at most {t['drain_wal_mb']:.0f} MB), {t['not_applied']} not done after it")
 
 
 def report(rows: list[dict[str, dict]], args: argparse.Namespace) -> None:
@@ -486,10 +503,11 @@ def report(rows: list[dict[str, dict]], args: argparse.Namespace) -> None:
                   " killed under load)", [
         "repeat", "2xx answers (of them in the pass)", "distinct runs", "done at SIGKILL",
         "in the inbox at SIGKILL", "2xx but lost at SIGKILL", "applied after restart in s",
-        "2xx but lost after", "WAL at most, MB: load / applying"],
+        "2xx but not done after", "WAL at most, MB: load / applying"],
         [(i + 1, f"{t['acked']:,} ({t['kill']['ok']:,})", t["acked_unique"], t["done"],
-          t["inbox_at_kill"], t["lost_at_kill"], t["inbox_drain_s"], t["not_applied"],
-          f"{t['wal_mb']:.0f} / {t['drain_wal_mb']:.0f}")
+          t["inbox_at_kill"], t["lost_at_kill"],
+          t["inbox_drain_s"] if t["drained"] else f"not in {DRAIN_TIMEOUT:.0f}",
+          t["not_applied"], f"{t['wal_mb']:.0f} / {t['drain_wal_mb']:.0f}")
          for i, t in enumerate(r["tracker"] for r in rows)]))
 
 
@@ -497,14 +515,17 @@ def durability_targets(runs: list[dict]) -> list[tuple]:
     """The durability rows of the targets, over each repeat's tracker figures."""
     killed = sum(t["kill"]["under_load"] for t in runs)
     lost = max(t["lost_at_kill"] for t in runs)
+    stuck = sum(not t["drained"] for t in runs)
     not_done = max(t["not_applied"] for t in runs)
     return [
         ("repeats whose SIGKILL came with wrk firing (else the checks below test little)",
          killed, f"{len(runs)}", h.verdict(killed == len(runs))),
         ("2xx answers lost at the SIGKILL (neither done nor in the inbox; worst repeat)", lost,
          "0", h.verdict(lost == 0)),
-        ("2xx answers lost after the restart (neither done nor in the inbox; worst repeat)",
-         not_done, "0", h.verdict(not_done == 0))]
+        (f"restarts whose inbox was not applied in {DRAIN_TIMEOUT:.0f} s", stuck, "0",
+         h.verdict(stuck == 0)),
+        ("2xx answers whose run is not done after the restart (worst repeat)", not_done, "0",
+         h.verdict(not_done == 0))]
 
 
 if __name__ == "__main__":
