@@ -75,6 +75,24 @@ async def test_the_runs_listing_cursors_move_as_in_letta_0_16_8_or_as_documented
         assert await ids((onward, runs[2]), ("limit", "1")) == [runs[1]]
 
 
+async def test_the_runs_listing_takes_every_agent_of_agent_ids(sim, letta):
+    """Letta filters by all of the (deprecated) `agent_ids` (`agent_id IN (...)`), unless
+    `agent_id` is given, which wins; the simulator read the first one only."""
+    a1, a2, a3 = (sim.create_agent(name)["id"] for name in ("a1", "a2", "a3"))
+    runs = {a: await send(letta, a, 2, "[[delay=60]] busy") for a in (a1, a2, a3)}
+
+    async def ids(*params: tuple[str, str]) -> set[str]:
+        return {r["id"] for r in await letta.list_runs(list(params))}
+
+    both = {*runs[a1], *runs[a2]}
+    assert await ids(("agent_ids", a1), ("agent_ids", a2)) == both
+    assert await ids(("agent_ids", a1), ("agent_ids", a2), ("active", "true")) == both
+    newest = {runs[a2][1], runs[a2][0], runs[a1][1]}
+    assert await ids(("agent_ids", a2), ("agent_ids", a1), ("limit", "3")) == newest
+    assert await ids(("agent_id", a3), ("agent_ids", a1), ("agent_ids", a2)) == set(runs[a3])
+    assert await ids(("agent_ids", a3)) == set(runs[a3])
+
+
 # -- the client against the simulator --------------------------------------------------------
 
 

@@ -32,9 +32,10 @@ def run_query(query: MultiMapping[str]) -> RunQuery:
     if statuses is None and read.boolean("active"):
         statuses = ACTIVE_STATUSES  # Letta: `active` only applies when no statuses are given
     order = read.choice("order", ("asc", "desc"), "desc")
-    agent_ids = query.getall("agent_ids", [])  # deprecated; one agent supported
+    # the deprecated `agent_ids`, all of them, unless `agent_id` is given (as in Letta's router)
+    agent_ids = [query["agent_id"]] if query.get("agent_id") else query.getall("agent_ids", [])
     parsed = RunQuery(
-        agent_id=query.get("agent_id") or (agent_ids[0] if agent_ids else None),
+        agent_ids=frozenset(agent_ids) or None,
         statuses=statuses,
         background=read.boolean("background"),
         stop_reason=read.choice("stop_reason", STOP_REASONS, None, kind="enum"),

@@ -81,7 +81,7 @@ class SimRun:
 class RunQuery:
     """The filters of `GET /v1/runs/`, already parsed."""
 
-    agent_id: str | None = None
+    agent_ids: frozenset[str] | None = None  # Letta: `agent_id IN (...)`
     statuses: frozenset[str] | None = None
     background: bool | None = None
     stop_reason: str | None = None
@@ -94,6 +94,8 @@ class RunQuery:
     def matches(self, run: SimRun) -> bool:
         """Whether `run` passes every filter but the cursors."""
         if run.deleted or (self.statuses is not None and run.status not in self.statuses):
+            return False
+        if self.agent_ids is not None and run.agent_id not in self.agent_ids:
             return False
         if self.stop_reason is not None and run.stop_reason != self.stop_reason:
             return False
@@ -185,11 +187,13 @@ class RunStore:
     def _source(self, query: RunQuery) -> list[SimRun] | dict[str, SimRun]:
         # Only-active queries walk the (small) active index instead of all history.
         active_only = query.statuses is not None and query.statuses <= ACTIVE_STATUSES
-        if query.agent_id is None:
+        if query.agent_ids is None or len(query.agent_ids) > 1:
+            # several agents: every run, `matches` keeps theirs
             return self._active if active_only else self._all
+        (agent_id,) = query.agent_ids
         if active_only:
-            return self._active_by_agent.get(query.agent_id, {})
-        return self._by_agent.get(query.agent_id, [])
+            return self._active_by_agent.get(agent_id, {})
+        return self._by_agent.get(agent_id, [])
 
     @staticmethod
     def _walk(
