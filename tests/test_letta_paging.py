@@ -1,5 +1,6 @@
 """Paging Letta's run listings: the simulator's cursors against Letta 0.16.8's, and the client
-paging every listing onward whichever way a Letta reads `before` and `after`."""
+paging every listing onward whichever way a Letta reads `before` and `after`; and the client's
+reading of Letta's transient refusals."""
 
 from __future__ import annotations
 
@@ -12,13 +13,45 @@ from aiohttp import web
 import tracker.letta
 import tracker.poller
 from tests.conftest import eventually, make_config
+from tracker.errors import LettaError, LettaUnavailable
 from tracker.letta import LettaClient
+from tracker.letta_http import Answer
 from tracker.manager import Manager
 from tracker.poller import Poller, _Paging
+from tracker.simulator import Faults, Simulator
 
 PAGE = 3
 DIRECTIONS = pytest.mark.parametrize("documented", [False, True],
                                      ids=["letta-0.16.8", "documented"])
+
+
+@pytest.fixture
+async def sim(aiohttp_server):
+    """conftest's simulator, which also meets a database lock or deadlock at the next submits
+    when told to (``sim.locks``: for each, whether the run was committed before it)."""
+    s = Simulator(seed=7, faults=Faults(run_duration_s=(0.05, 0.15), callback_lag_s=0.05))
+    s.locks = []
+    app = s.app()
+    app.middlewares.append(database_lock(s))
+    s.server = await aiohttp_server(app)
+    s.url = str(s.server.make_url("")).rstrip("/")
+    return s
+
+
+def database_lock(sim):
+    """Letta's answer to a database lock or deadlock (app.py's handlers): 409, Retry-After: 1."""
+
+    @web.middleware
+    async def lock(request: web.Request, handler):
+        if not (request.method == "POST" and request.path.endswith("/messages/async")
+                and sim.locks):
+            return await handler(request)
+        if sim.locks.pop(0):
+            await handler(request)
+        detail = "A database deadlock was detected. Please retry your request."
+        return web.json_response({"detail": detail}, status=409, headers={"Retry-After": "1"})
+
+    return lock
 
 
 @pytest.fixture
@@ -215,3 +248,34 @@ async def test_more_than_a_page_in_one_second_ends_the_listing(on_sqlite):
         async with asyncio.timeout(5):
             assert len(await letta.active_run_ids()) == PAGE
         assert listings(letta) <= 3
+
+
+# -- Letta's transient refusals ---------------------------------------------------------------
+
+
+def test_a_4xx_with_retry_after_is_letta_unavailable_for_that_long():
+    """Letta's 409 for a database lock or deadlock says Retry-After: 1; its other 409s (a
+    conversation busy, an approval pending, nothing to cancel) say no such thing."""
+    locked = Answer(409, {"retry-after": "1"}, b'{"detail": "locked"}')
+    with pytest.raises(LettaUnavailable) as e:
+        LettaClient._answered(locked)
+    assert (e.value.retry_after, e.value.sent) == (1.0, True)
+    with pytest.raises(LettaError) as refused:
+        LettaClient._answered(Answer(409, {}, b'{"detail": "busy"}'))
+    assert refused.value.status == 409
+
+
+@pytest.mark.parametrize("committed", [True, False], ids=["committed", "not committed"])
+async def test_a_database_lock_at_submit_is_retried_not_rejected(start_tracker, sim, agent,
+                                                                 committed):
+    """Letta's 409 with Retry-After rejected the run for good. The lock may have broken the
+    request after the run was committed: the run is looked for at Letta before it is sent
+    again, and ends submitted once either way."""
+    sim.locks.append(committed)
+    t = await start_tracker()
+    run = await t.submit(agent)
+    assert run["tracker"]["state"] == "queued"
+    done = await t.wait_state(run["id"], "done")
+    assert done["status"] == "completed" and len(sim.received) == 1
+    events = await (await t.get(f"/v1/runs/{run['id']}/events")).json()
+    assert ("found_in_letta" in [e["kind"] for e in events]) == committed

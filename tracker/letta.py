@@ -68,7 +68,8 @@ class LettaClient:
     async def _request(self, method: str, path: str, endpoint: str, body: Any = None,
                        params: list[tuple[str, str]] | None = None) -> Any:
         """One call; 2xx returns the JSON, 4xx raises LettaError/NotFound, the rest
-        (connection errors, timeouts, 5xx, 429) raise LettaUnavailable."""
+        (connection errors, timeouts, 5xx, 429, a 4xx with Retry-After) raise
+        LettaUnavailable."""
         assert self._pool is not None, "client is not started"
         try:
             # encoded with orjson: on every submit's path
@@ -87,9 +88,12 @@ class LettaClient:
         if answer.status < 300:
             return data
         detail = data.get("detail", data) if isinstance(data, dict) else data
-        if answer.status == 429 or answer.status >= 500:
-            # a 429 was refused at the door; a 5xx may have created the run
-            wait = clock.parse_retry_after(answer.headers.get("retry-after"), clock.now())
+        retry_after = answer.headers.get("retry-after")
+        if answer.status == 429 or answer.status >= 500 or (retry_after and answer.status != 404):
+            # a 429 was refused at the door; a 5xx may have created the run, and so may a 4xx
+            # saying when to try again: Letta's 409 for a database lock or deadlock, met
+            # anywhere in the request, perhaps after the run was committed
+            wait = clock.parse_retry_after(retry_after, clock.now())
             raise LettaUnavailable(f"Letta answered {answer.status}: {detail}", wait,
                                    sent=answer.status != 429)
         if answer.status == 404:
