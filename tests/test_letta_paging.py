@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp import web
 
@@ -279,3 +280,29 @@ async def test_a_database_lock_at_submit_is_retried_not_rejected(start_tracker, 
     assert done["status"] == "completed" and len(sim.received) == 1
     events = await (await t.get(f"/v1/runs/{run['id']}/events")).json()
     assert ("found_in_letta" in [e["kind"] for e in events]) == committed
+
+
+# -- the simulator's run messages --------------------------------------------------------------
+
+
+async def test_the_run_messages_cursors_bound_the_sequence_whatever_the_order(sim, letta,
+                                                                             agent):
+    """Letta keeps the messages whose sequence_id is greater than `after`'s and less than
+    `before`'s, in either order; the simulator read them as positions in a newest-first
+    list, the other way."""
+    texts = [{"role": "user", "content": t} for t in ("one", "two", "three")]
+    run = await letta.send_async(agent, {"messages": texts})
+    await finished(sim, [run["id"]])
+    ids = [m["id"] for m in await letta.run_messages(run["id"])]
+    assert len(ids) == 4
+
+    async def page(**params: str) -> list[str]:
+        url = f"{sim.url}/v1/runs/{run['id']}/messages"
+        async with aiohttp.ClientSession() as session, session.get(url, params=params) as got:
+            return [m["id"] for m in await got.json()]
+
+    assert await page(order="desc", after=ids[0], limit="2") == [ids[3], ids[2]]
+    assert await page(order="desc", before=ids[3]) == [ids[2], ids[1], ids[0]]
+    assert await page(order="desc", after=ids[0], before=ids[3]) == [ids[2], ids[1]]
+    assert await page(order="asc", after=ids[0], limit="2") == [ids[1], ids[2]]
+    assert await page(order="asc", before=ids[3]) == ids[:3]

@@ -66,13 +66,15 @@ def message_page(query: MultiMapping[str]) -> MessagePage:
 
 
 def paginate(messages: list[dict[str, Any]], page: MessagePage) -> list[dict[str, Any]]:
-    """A page of messages; cursors (message ids) are positional in the order, as in Letta."""
-    ordered = messages if page.ascending else messages[::-1]
-    ids = [m["id"] for m in ordered]
+    """A page of messages. The cursors (message ids) bound the sequence whatever the order,
+    as in Letta (message_manager.list_messages): `after` keeps the later messages, `before`
+    the earlier ones, and a newest-first page is the newest of them."""
+    ids = [m["id"] for m in messages]
     # One stored message can yield several LettaMessages sharing its id: skip them all.
     start = len(ids) - ids[::-1].index(page.after) if page.after in ids else 0
     stop = ids.index(page.before) if page.before in ids else len(ids)
-    return ordered[start:stop][: max(page.limit, 0)]
+    chosen = messages[start:stop]
+    return (chosen if page.ascending else chosen[::-1])[: max(page.limit, 0)]
 
 
 class _Reader:
