@@ -479,6 +479,12 @@ def wrk_figures(stdout: str, stderr: str = "") -> dict[str, Any]:
     raise RuntimeError(f"wrk printed no figures:\n{stdout}\n{stderr}")
 
 
+def socket_errors(res: dict) -> int:
+    """The requests of a ``wrk`` result that got no answer: its connect, read and write errors
+    and timeouts (a non-2xx answer is counted apart, in ``bad``)."""
+    return sum(res["errors"][k] for k in ("connect", "read", "write", "timeout"))
+
+
 # --- realistic content -----------------------------------------------------------------------
 
 WORDS = (

@@ -90,8 +90,13 @@ def side(procs: h.Procs, which: str, connections: int, duration: float,
         "BENCH_REQUESTS": reqs, "BENCH_THREADS": "1", "BENCH_AUTH": key})
     res["cpu"] = {name: m.stop(res) for name, m in meters.items()}  # per server (see cpu_table)
     res["cpu_us"] = {name: c["cpu_us"] for name, c in res["cpu"].items()}
+    sim_stats = h.http_json("GET", sim_url + "/_sim/stats")  # before py-spy's slow stop
+    res["letta_calls"] = sum(sim_stats["calls"].values())
+    # A submit answered with its run still queued (not yet at Letta) is not one done: each
+    # answered 2xx must be at the simulator when the load ends (read at once, before the
+    # tracker's queue drains)
+    res["unreached"] = max(0, res["ok"] - sim_stats["received"])
     h.end_py_spy(procs, spy)
-    res["letta_calls"] = sum(h.http_json("GET", sim_url + "/_sim/stats")["calls"].values())
     if which in FORWARDERS and FORWARDERS[which][1]:
         res["fold"] = h.http_json("GET", url + "/_fold")
     for proc in list(procs.procs):
@@ -130,8 +135,9 @@ def main() -> None:
                 print(f"repeat {i + 1}, {load}: " + " | ".join(
                     f"{w} {h.rate(got[w]):,.0f}/s p50 {got[w]['latency_us']['p50'] / 1e3:.2f}"
                     f" ms" for w in PATHS) + "".join(
-                    f", {w} non-2xx {got[w]['bad']} {got[w]['codes']}" for w in TRACKERS),
-                    flush=True)
+                    f", {w} non-2xx {got[w]['bad']} {got[w]['codes']}, socket errors"
+                    f" {h.socket_errors(got[w])}, answered but not at Letta {got[w]['unreached']}"
+                    for w in TRACKERS), flush=True)
     report(results, args)
     for load in loads if args.profile else ():
         if not load.answer_time:  # the profiled loads (see side's profile argument)
@@ -198,7 +204,9 @@ def report(results: dict[Load, list[dict[str, dict]]], args: argparse.Namespace)
     print(cpu_table(results[Load(args.connections)], args))
     hi, one = figures[Load(args.connections)], figures[Load(1)]
     real = figures.get(Load(args.connections, tuple(args.answer_time)))
-    errors = sum(r["tracker"]["bad"] for reps in results.values() for r in reps)
+    tracker = [r["tracker"] for reps in results.values() for r in reps]  # every load's
+    errors = sum(t["bad"] + h.socket_errors(t) for t in tracker)
+    unreached = sum(t["unreached"] for t in tracker)
     print(h.table("submit overhead: targets", ["figure", "value", "target", ""], [
         (f"tracker / direct throughput, {args.connections} connections", hi["ratio"], ">= 0.5",
          h.verdict(hi["ratio"] >= 0.5)),
@@ -228,7 +236,10 @@ def report(results: dict[Load, list[dict[str, dict]]], args: argparse.Namespace)
             " in its real time", real["ratio"], "(context)", ""),
            (f"added median latency, {args.connections} connections, Letta answering in its"
             " real time (ms)", real["added_p50"], "(context)", "")] if real else []),
-        ("non-2xx answers from the tracker", errors, "0", h.verdict(errors == 0))]))
+        ("non-2xx answers and wrk's socket errors (connect, read, write, timeout) from the"
+         " tracker", errors, "0", h.verdict(errors == 0)),
+        ("tracker submits answered 2xx but not at the simulator when the load ended (answered"
+         " with the run still queued)", unreached, "0", h.verdict(unreached == 0))]))
 
 
 if __name__ == "__main__":
