@@ -395,22 +395,23 @@ async def test_runs_list_filters(client, agent, sim, receiver):
     assert len(await ids()) == 4
 
 
-async def test_runs_list_cursors_are_positional_in_the_order(client, agent):
-    # Letta: `after` filters with forward=ascending, `before` with forward=not ascending, so
-    # `after` is the next page in the listing's order (what letta-client's paginator sends)
+async def test_runs_list_cursors_are_reversed_as_in_letta(client, agent):
+    # Letta 0.16.8 (run_manager_helper): `after` filters with forward=not ascending, `before`
+    # with forward=ascending, so `before` is the next page in the listing's order and `after`
+    # the runs on the cursor's near side: the reverse of their names
     runs = [(await submit(client, agent, f"#{i}"))["id"] for i in range(5)]
 
     async def ids(**params: Any) -> list[str]:
         return [r["id"] for r in await get_json(client, "/v1/runs/", agent_id=agent, **params)]
 
     assert await ids() == runs[::-1]
-    assert await ids(after=runs[2]) == [runs[1], runs[0]]
-    assert await ids(before=runs[2]) == [runs[4], runs[3]]
-    assert await ids(before=runs[2], order="asc") == [runs[0], runs[1]]
-    assert await ids(after=runs[2], order="asc") == [runs[3], runs[4]]
-    assert await ids(after=runs[4], before=runs[0]) == [runs[3], runs[2], runs[1]]
+    assert await ids(before=runs[2]) == [runs[1], runs[0]]
+    assert await ids(after=runs[2]) == [runs[4], runs[3]]
+    assert await ids(after=runs[2], order="asc") == [runs[0], runs[1]]
+    assert await ids(before=runs[2], order="asc") == [runs[3], runs[4]]
+    assert await ids(before=runs[4], after=runs[0]) == [runs[3], runs[2], runs[1]]
     page = await ids(limit=2)
-    assert page + await ids(limit=2, after=page[-1]) == runs[:0:-1]
+    assert page + await ids(limit=2, before=page[-1]) == runs[:0:-1]
     assert await ids(before=UNKNOWN_RUN) == runs[::-1]
 
 
@@ -443,7 +444,9 @@ async def test_run_messages_pagination(client, agent):
     assert await page(limit=2) == ids[:2]
     assert await page(after=ids[0], limit=2) == ids[1:3]
     assert await page(before=ids[3]) == ids[:3]
-    assert await page(after=ids[3], order="desc", limit=2) == [ids[2], ids[1]]
+    # Letta: `after` keeps later messages (sequence_id greater), whatever the order
+    assert await page(after=ids[0], order="desc", limit=2) == [ids[3], ids[2]]
+    assert await page(before=ids[3], order="desc") == [ids[2], ids[1], ids[0]]
     assert await page(after=ids[0], before=ids[3]) == ids[1:3]
 
 
