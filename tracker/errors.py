@@ -60,7 +60,7 @@ class LettaError(TrackerError):
 
 
 class LettaUnavailable(TrackerError):
-    """Letta is down, timed out, answered 5xx or 429: try again later."""
+    """Letta is down, timed out, answered 5xx, 429 or a 4xx with Retry-After: try again later."""
 
     status = 503
 
