@@ -30,6 +30,10 @@ from pathlib import Path
 import bulkdata
 import harness as h
 
+#: how long the simulator may take, after the stop, to finish every run and try its callback
+#: (they end 1-4 s after the submit phase's planned end: seconds, unless something is wrong)
+FINISH_TIMEOUT = 120.0
+
 
 def sim_state(sim_url: str) -> dict:
     return h.http_json("GET", sim_url + "/_sim/stats")
@@ -77,6 +81,23 @@ def submit_phase(url: str, key: str, agents: list[str], budget: float, rng: rand
     return time.time() - t0
 
 
+def wait_finished(sim: str, n: int, timeout: float) -> bool:
+    """Wait until the simulator has completed ``n`` runs and tried each one's callback (and
+    found nobody listening); whether it did in ``timeout`` s (the restart goes on either way,
+    and the repeat is reported failed)."""
+    end = time.monotonic() + timeout
+    completed = sent = 0
+    while time.monotonic() < end:
+        completed = sim_state(sim)["statuses"].get("completed", 0)
+        sent = sum(1 for r in h.http_json("GET", sim + "/_sim/runs") if r["callback_sent_at"])
+        if completed >= n and sent >= n:
+            return True
+        time.sleep(0.5)
+    print(f"the simulator had completed {completed:,} runs and tried {sent:,} callbacks of"
+          f" {n:,} {timeout:.0f}s after the stop", flush=True)
+    return False
+
+
 def one_repeat(procs: h.Procs, args: argparse.Namespace, i: int) -> dict:
     n = args.runs
     sim, agents, _ = procs.simulator("sim", agents=n + args.running,
@@ -97,12 +118,7 @@ def one_repeat(procs: h.Procs, args: argparse.Namespace, i: int) -> dict:
     calls_before = sum(letta_calls(sim).values())
     procs.stop(p)  # SIGTERM: the tracker's own graceful stop
     stopped = time.time()
-    while True:  # every run finished, every callback tried (and refused: nobody listens)
-        st = sim_state(sim)
-        sent = sum(1 for r in h.http_json("GET", sim + "/_sim/runs") if r["callback_sent_at"])
-        if st["statuses"].get("completed", 0) >= n and sent >= n:
-            break
-        time.sleep(0.5)
+    finished = wait_finished(sim, n, FINISH_TIMEOUT)
     finished_while_down = time.time() - stopped
     calls0 = letta_calls(sim)
     t0 = time.monotonic()
@@ -125,7 +141,8 @@ def one_repeat(procs: h.Procs, args: argparse.Namespace, i: int) -> dict:
     procs.stop(p, sig=signal.SIGTERM)
     for proc in list(procs.procs):
         procs.stop(proc)
-    return {"in_flight": in_flight, "submit_s": took, "down_s": finished_while_down,
+    return {"in_flight": in_flight, "finished": finished, "submit_s": took,
+            "down_s": finished_while_down,
             "ready_s": ready, "all_s": all_in, "done": done, "with_result": with_result,
             "calls": sum(during.values()), "by_route": during, "via": via,
             "calls_before": calls_before, "total_calls": sum(calls1.values())}
@@ -157,8 +174,10 @@ def main() -> None:
             except subprocess.CalledProcessError as e:
                 raise SystemExit(f"a tracker command failed: {e.stderr}") from e
             reps.append(r)
-            print(f"repeat {i + 1}: {r['in_flight']:,} in flight at the stop (submitted in"
-                  f" {r['submit_s']:.0f}s); all finished {r['down_s']:.1f}s after it; restart:"
+            finished = (f"all finished {r['down_s']:.1f}s after it" if r["finished"] else
+                        f"NOT all finished {r['down_s']:.0f}s after it")
+            print(f"repeat {i + 1}: {r['in_flight']:,} of {args.runs + args.running:,} in"
+                  f" flight at the stop (submitted in {r['submit_s']:.0f}s); {finished}; restart:"
                   f" healthy in {r['ready_s']:.1f}s, {r['with_result']:,}/{args.runs:,} recorded"
                   f" with results in {r['all_s']:.1f}s, {r['calls']:,} Letta calls"
                   f" ({r['calls'] / args.runs:.2f}/run) {r['by_route']}, via {r['via']}",
@@ -184,7 +203,22 @@ def report(reps: list[dict], args: argparse.Namespace) -> None:
                     " recovery)", life, "", ""),
                    ("runs recorded with results (worst repeat)",
                     min(r["with_result"] for r in reps), f"{n}",
-                    h.verdict(min(r["with_result"] for r in reps) >= n))]))
+                    h.verdict(min(r["with_result"] for r in reps) >= n)),
+                   *setup_rows(reps, args)]))
+
+
+def setup_rows(reps: list[dict], args: argparse.Namespace) -> list[tuple]:
+    """Whether the repeats measured what the target names: every run in flight at Letta
+    (state ``submitted``, none still queued) when the tracker stopped, and every one finished
+    while it was down."""
+    expect = args.runs + args.running  # --running's runs are in flight too
+    in_flight = min(r["in_flight"] for r in reps)
+    finished = sum(r["finished"] for r in reps)
+    return [("runs in flight at the stop (worst repeat)", in_flight, f"{expect}",
+             h.verdict(in_flight == expect)),
+            (f"repeats whose runs all finished while the tracker was down (in"
+             f" {FINISH_TIMEOUT:.0f} s)", finished, f"{len(reps)}",
+             h.verdict(finished == len(reps)))]
 
 
 if __name__ == "__main__":
