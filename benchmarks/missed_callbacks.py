@@ -27,6 +27,8 @@ from pathlib import Path
 import aiohttp
 import harness as h
 
+from tracker.config import load_config
+
 TERMINAL = {"completed", "failed", "cancelled"}
 FINAL_STATES = ("done", "rejected", "cancelled", "lost")
 
@@ -77,8 +79,9 @@ def final_count(db: Path) -> int:
         return c.execute(f"SELECT count(*) FROM runs WHERE state IN {FINAL_STATES}").fetchone()[0]
 
 
-def tracker_record(db: Path) -> dict:
-    """Lags, completion sources and completeness of the tracker's runs."""
+def tracker_record(db: Path, n: int) -> dict:
+    """Lags, completion sources and completeness of the tracker's ``n`` runs; ``missing``,
+    how many have no lag (never recorded, or not even created): left out of the lags."""
     with closing(sqlite3.connect(db)) as c:
         rows = c.execute("SELECT completed_at, recorded_at, completed_via, poll_count,"
                          " messages IS NOT NULL AND usage IS NOT NULL"
@@ -86,8 +89,18 @@ def tracker_record(db: Path) -> dict:
     via: dict[str, int] = {}
     for row in rows:
         via[str(row[2])] = via.get(str(row[2]), 0) + 1
-    return {"lags": [h.epoch(rec) - h.epoch(done) for done, rec, *_ in rows if done and rec],
-            "via": via, "polls": [r[3] for r in rows], "with_result": sum(r[4] for r in rows)}
+    lags = [h.epoch(rec) - h.epoch(done) for done, rec, *_ in rows if done and rec]
+    return {"lags": lags, "missing": n - len(lags), "via": via, "polls": [r[3] for r in rows],
+            "with_result": sum(r[4] for r in rows)}
+
+
+def min_interval(pid: int) -> float:
+    """The tracker's polling.min_interval_s in force: ``serve`` runs without a config file,
+    so its defaults and the environment its process started with (which passes the
+    benchmark's own on: a TRACKER_POLLING__MIN_INTERVAL_S there is in force too)."""
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        environ = dict(v.decode().split("=", 1) for v in f.read().split(b"\0") if b"=" in v)
+    return load_config(environ=environ).polling.min_interval_s
 
 
 def calls(sim_url: str) -> dict[str, int]:
@@ -107,7 +120,7 @@ def one_repeat(procs: h.Procs, args: argparse.Namespace, i: int) -> dict:
                                          callback_drop=1.0)
     db = h.fresh_db(h.OUT / "missed-tracker.db")
     key = h.create_key(db, "bench", admin=True)
-    url, _ = procs.tracker("tracker", db, sim_t)
+    url, tracker = procs.tracker("tracker", db, sim_t)
     rng = random.Random(i)
     texts = [h.prose(rng, 200) for _ in range(n)]
 
@@ -117,7 +130,8 @@ def one_repeat(procs: h.Procs, args: argparse.Namespace, i: int) -> dict:
 
     elapsed, naive = asyncio.run(both())
     got = {"elapsed": elapsed, "final": final_count(db), "naive": naive,
-           "calls_t": calls(sim_t), "calls_n": calls(sim_n), **tracker_record(db)}
+           "calls_t": calls(sim_t), "calls_n": calls(sim_n), **tracker_record(db, n),
+           "min_interval": min_interval(tracker.pid)}
     for proc in list(procs.procs):
         procs.stop(proc)
     return got
@@ -140,7 +154,8 @@ def main() -> None:
             reps.append(r)
             ct, cn = r["calls_t"], r["calls_n"]
             print(f"repeat {i + 1}: tracker {r['final']}/{args.runs} final in {r['elapsed']:.1f}s,"
-                  f" lag p50 {h.pct(r['lags'], 50):.2f}s p99 {h.pct(r['lags'], 99):.2f}s,"
+                  f" lag p50 {h.pct(r['lags'], 50):.2f}s p99 {h.pct(r['lags'], 99):.2f}s"
+                  f" ({r['missing']} runs never recorded: no lag),"
                   f" {ct['all'] / args.runs:.2f} calls/run {ct['routes']}, via {r['via']}"
                   f" | peer lag p99 {h.pct(r['naive'], 99):.2f}s,"
                   f" {cn['all'] / args.runs:.2f} calls/run", flush=True)
@@ -149,13 +164,15 @@ def main() -> None:
 
 def report(reps: list[dict], args: argparse.Namespace) -> None:
     n = args.runs
-    min_interval = 2.0  # the tracker's default polling.min_interval_s, used here
+    # what the tracker ran with (the same in every repeat: one environment)
+    interval = min(r["min_interval"] for r in reps)
+    missing = max(r["missing"] for r in reps)
 
     def fig(side: str) -> dict:
         lag_key, call_key = ("lags", "calls_t") if side == "t" else ("naive", "calls_n")
         return {"p50": h.median(h.pct(r[lag_key], 50) for r in reps),
                 "p99": h.median(h.pct(r[lag_key], 99) for r in reps),
-                "max": h.median(max(r[lag_key]) for r in reps),
+                "max": h.median(max(r[lag_key], default=float("nan")) for r in reps),
                 "calls": h.median(r[call_key]["all"] / n for r in reps),
                 "after": h.median((r[call_key]["all"] - r[call_key]["submit"]) / n
                                   for r in reps),
@@ -164,20 +181,23 @@ def report(reps: list[dict], args: argparse.Namespace) -> None:
     t, p = fig("t"), fig("n")
     print(h.table(f"missed callbacks: {n:,} runs of 1-5 s, every callback dropped, median of"
                   f" {len(reps)} repeat(s)",
-                  ["side", "lag p50 s", "lag p99 s", "lag max s", "Letta calls/run",
-                   "after the submit", "of which status checks"],
-                  [("tracker (poller, default settings)", t["p50"], t["p99"], t["max"],
-                    t["calls"], t["after"], t["checks"]),
+                  ["side", "lag p50 s", "lag p99 s", "lag max s", "runs with no lag (worst)",
+                   "Letta calls/run", "after the submit", "of which status checks"],
+                  [(f"tracker (poller, min_interval_s {interval:g})", t["p50"], t["p99"],
+                    t["max"], missing, t["calls"], t["after"], t["checks"]),
                    ("peer: poll each run every 1 s, then messages + usage", p["p50"], p["p99"],
-                    p["max"], p["calls"], p["after"], p["checks"])]))
+                    p["max"], 0, p["calls"], p["after"], p["checks"])]))
     complete = min(r["with_result"] for r in reps)
     print(h.table("missed callbacks: targets", ["figure", "value", "target", ""], [
         ("tracker Letta calls per run to learn the outcome (after the submit)", t["after"],
          "<= 3", h.verdict(t["after"] <= 3)),
         ("tracker Letta calls per run, the submit included", t["calls"], "(for reference)", ""),
         ("tracker / peer calls per run", t["calls"] / p["calls"], "", ""),
-        ("tracker lag p99 (s)", t["p99"], f"<= {2 * min_interval:g} (2 x min_interval_s)",
-         h.verdict(t["p99"] <= 2 * min_interval)),
+        ("tracker lag p99 (s), of the runs recorded", t["p99"],
+         f"<= {2 * interval:g} (2 x min_interval_s, {interval:g} in force)",
+         h.verdict(t["p99"] <= 2 * interval and missing == 0)),
+        ("tracker runs never recorded, so left out of the lag (worst repeat)", missing, "0",
+         h.verdict(missing == 0)),
         ("runs recorded final with messages and usage (worst repeat)", complete, f"{n}",
          h.verdict(complete == n))]))
 
