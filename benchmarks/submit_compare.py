@@ -14,7 +14,8 @@ same round, and the CPU a submit of its event loop's thread (user + system, what
 rate), of all its threads, and of the simulator behind it. A change is worth believing when
 its copy is ahead in most rounds, not only in the median.
 
-    .venv/bin/python benchmarks/submit_compare.py --src /tmp/a --src /tmp/b [--rounds N]
+    .venv/bin/python benchmarks/submit_compare.py --src /tmp/a --src /tmp/b [--quick]
+        [--rounds N]
 """
 
 from __future__ import annotations
@@ -52,10 +53,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--src", action="append", required=True,
                     help="a directory holding a tracker package (repeat for each copy)")
+    ap.add_argument("--quick", action="store_true", help="one short round (smoke check)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--duration", type=float, default=8.0, help="seconds per side")
     ap.add_argument("--connections", type=int, default=32)
     args = ap.parse_args()
+    if args.quick:
+        args.rounds, args.duration = 1, 3.0
     h.banner("submit compare", args)
     srcs = copies(args.src)
     sides = ["direct", *srcs]

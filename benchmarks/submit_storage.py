@@ -19,7 +19,7 @@ process (all its threads) and of the simulator, from ``/proc``; for the journal,
 its rows were folded and at what CPU a row, and how many its last fold before the figures
 were read left waiting (so that its figure does not leave work undone).
 
-    .venv/bin/python benchmarks/submit_storage.py [--rounds N] [--duration S]
+    .venv/bin/python benchmarks/submit_storage.py [--quick] [--rounds N] [--duration S]
 """
 
 from __future__ import annotations
@@ -36,10 +36,13 @@ SIDES = ["direct", *SHAPES, "no-store", "tracker"]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="one short round (smoke check)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--duration", type=float, default=8.0, help="seconds per side")
     ap.add_argument("--connections", type=int, default=32)
     args = ap.parse_args()
+    if args.quick:
+        args.rounds, args.duration = 1, 3.0
     h.banner("submit storage", args)
     so.FORWARDERS.update({shape: ("bare_store_proxy.py", shape) for shape in SHAPES})
     rows, shares = [], {w: [] for w in SIDES}
