@@ -309,14 +309,27 @@ def test_a_callbacks_metadata_is_kept_as_letta_sent_it():
     assert obs.fields["metadata"] == {k: v for k, v in sent["metadata"].items() if k != "result"}
 
 
-async def test_callback_wakes_the_next_message_of_the_lane(start_tracker, sim, agent):
+async def test_callback_wakes_the_next_message_of_the_lane(start_tracker, sim, agent,
+                                                             monkeypatch):
+    """The dispatcher sleeps while the lane is busy (the queued run counted as due, it
+    claimed every 10 ms, ~100 times here), and the first run's callback wakes it."""
     t = await start_tracker(polling={"grace_s": 30})
-    first = await t.submit(agent, "one")
+    claims = 0
+    claim = t.svc.store.claim
+
+    async def counted(*args, **kwargs):
+        nonlocal claims
+        claims += 1
+        return await claim(*args, **kwargs)
+
+    monkeypatch.setattr(t.svc.store, "claim", counted)
+    first = await t.submit(agent, "[[delay=1]] one")
     second = await t.submit(agent, "two")
-    await t.wait_state(second["id"], "done", timeout=3)
+    await t.wait_state(second["id"], "done", timeout=5)
     a = sim.store.get((await t.run(first["id"]))["tracker"]["letta_run_id"])
     b = sim.store.get((await t.run(second["id"]))["tracker"]["letta_run_id"])
     assert (b.created_at - a.completed_at).total_seconds() < 0.5
+    assert claims <= 10
 
 
 async def hang(*args, **kwargs):

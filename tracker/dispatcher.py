@@ -25,6 +25,8 @@ log = logging.getLogger("tracker.dispatcher")
 
 #: how often the loop looks for runs stranded in `submitting` by a fault
 RESCUE_EVERY_S = 2.0
+#: the most runs one claim takes; a claim that took this many may have left more sendable
+CLAIM_LIMIT = 100
 
 
 class Dispatcher:
@@ -48,14 +50,17 @@ class Dispatcher:
         wakeup = self.manager.dispatch_wakeup
         while True:
             wakeup.clear()
+            drained = False
             try:
                 await self._rescue_stranded()
-                for run in await self.store.claim(self.serial, clock.now()):
+                claimed = await self.store.claim(self.serial, clock.now(), limit=CLAIM_LIMIT)
+                for run in claimed:
                     self._spawn(run)
+                drained = len(claimed) < CLAIM_LIMIT
             except Exception:
                 log.exception("dispatch loop error; retrying")
             self.idle.set()
-            await self._sleep(wakeup)
+            await self._sleep(wakeup, drained)
 
     async def _rescue_stranded(self) -> None:
         """A run left `submitting` by no send of ours (a storage fault hit both its write and
@@ -72,8 +77,13 @@ class Dispatcher:
                                        error="stranded while submitting", kind="rescued")
         self._suspects = orphans.keys() - self._suspects
 
-    async def _sleep(self, wakeup: asyncio.Event) -> None:
-        nxt = await self.store.next_due((State.QUEUED,))
+    async def _sleep(self, wakeup: asyncio.Event, drained: bool) -> None:
+        """Until woken, or the next queued run is due. After a claim that took every run it
+        could, the due runs left wait for their lanes, and whatever frees a lane (an outcome,
+        a requeue, a released pause) wakes this loop: only a later retry is worth waking for
+        unprompted. (Counted among the due, they woke it every 10 ms, a claim each time, as
+        long as any lane had a backlog.)"""
+        nxt = await self.store.next_due((State.QUEUED,), after=clock.now() if drained else None)
         # at least every few seconds: the rescue of stranded runs must not wait for a wake-up
         longest = 2 * RESCUE_EVERY_S
         await clock.nap(wakeup, longest if nxt is None else max(0.01, min(nxt - clock.now(),

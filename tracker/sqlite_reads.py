@@ -87,15 +87,17 @@ class RunReads(SQLiteDB):
             f"SELECT {FULL_COLS} FROM {live} ORDER BY seq LIMIT ?", (*states, limit))
         return as_runs(rows)
 
-    async def next_due(self, states: Iterable[State]) -> float | None:
+    async def next_due(self, states: Iterable[State],
+                       after: float | None = None) -> float | None:
         states = tuple(states)
+        later, args = ("", ()) if after is None else (" AND next_check_at > ?", (after,))
         if states == (State.QUEUED,):
             # the dispatcher asks after every wake-up: the queue's own small index answers it
             rows = await self._read("SELECT min(next_check_at) FROM runs INDEXED BY runs_queue"
-                                    " WHERE state = 'queued'")
+                                    " WHERE state = 'queued'" + later, args)
             return rows[0][0]
         live, states = live_runs(states)
-        rows = await self._read(f"SELECT min(next_check_at) FROM {live}", states)
+        rows = await self._read(f"SELECT min(next_check_at) FROM {live}{later}", (*states, *args))
         return rows[0][0]
 
     async def count_by_state(self, states: Iterable[State]) -> dict[str, int]:
