@@ -7,8 +7,10 @@ import json
 import logging
 import math
 import re
+import sqlite3
 import time
 import uuid
+from contextlib import closing
 
 import pytest
 from aiohttp import web
@@ -72,15 +74,20 @@ async def test_run_is_committed_before_letta_is_called(start_tracker, sim, agent
     t = await start_tracker()
     seen = []
     original = sim.submit
+    path = t.svc.store.path
 
     def spy(agent_id, body, raw):
-        # at the moment Letta gets the message, the tracker's row exists already
-        seen.append(body["callback_url"].rsplit("/", 1)[1].rpartition(".")[0])
+        # at the moment Letta gets the message, the tracker's row is committed, claimed: read
+        # through a connection of its own, which sees only what is committed
+        run_id = body["callback_url"].rsplit("/", 1)[1].rpartition(".")[0]
+        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            rows = db.execute("SELECT state FROM runs WHERE id = ?", (run_id,)).fetchall()
+        seen.append((run_id, rows))
         return original(agent_id, body, raw)
 
     sim.submit = spy
     run = await t.submit(agent)
-    assert seen == [run["id"]]
+    assert seen == [(run["id"], [("submitting",)])]
     events = await (await t.get(f"/v1/runs/{run['id']}/events")).json()
     assert [e["kind"] for e in events][:2] == ["submit", "submitted"]
 
