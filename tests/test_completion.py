@@ -257,12 +257,24 @@ async def test_cancel_of_a_finished_step_settles_on_cancelled(start_tracker, sim
 
 
 async def test_letta_down_makes_the_poller_back_off_then_finish(start_tracker, sim, agent):
+    """While Letta is down, each failed poll pauses polling longer (0.2, 0.4, 0.8 s here): a
+    few polls in the second it is down, not one every turn of the poller's loop."""
     t = await start_tracker()
     sim.set_faults(callback_drop=1.0)
     run = await t.submit(agent, "[[delay=0.3]] x")
+    letta, get_run = t.svc.letta, t.svc.letta.get_run
+    while_down = []
+
+    async def counted(letta_run_id):
+        if sim.faults.down:
+            while_down.append(letta_run_id)
+        return await get_run(letta_run_id)
+
+    letta.get_run = counted
     sim.down_for(1.0)
     done = await t.wait_state(run["id"], "done", timeout=10)
     assert done["tracker"]["completed_via"] == "poll"
+    assert 1 <= len(while_down) <= 8, while_down
 
 
 async def test_a_poll_letta_refuses_is_tried_again_later_not_at_once(start_tracker, sim, agent):
