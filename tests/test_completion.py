@@ -544,8 +544,13 @@ async def test_crash_before_letta_got_it_is_sent_again(start_tracker, sim, agent
     await t.client.close()
     t2 = await start_tracker()
     await t2.wait_state(run["id"], "done")
-    assert len(sim.received) == 1
-    assert State.SUBMITTING.value not in [r["tracker"]["state"] for r in [await t2.run(run["id"])]]
+    assert len(sim.received) == 1 and max(sim.otid_counts().values()) == 1
+    # start-up's reconcile looked for it at Letta, found nothing, and it was sent once
+    events = await (await t2.get(f"/v1/runs/{run['id']}/events")).json()
+    timeline = [(e["source"], e["kind"]) for e in events]
+    assert timeline[:3] == [("api", "submit"), ("reconcile", "not_found_in_letta"),
+                            ("dispatch", "submitted")], timeline
+    assert [kind for _, kind in timeline].count("submitted") == 1, timeline
 
 
 async def test_a_slow_submit_is_not_rescued_as_stranded(start_tracker, sim, agent, monkeypatch):
