@@ -383,6 +383,38 @@ async def test_a_run_cut_off_mid_send_is_looked_up_though_letta_refuses_the_star
     assert "found_in_letta" in await kinds(t2, run["id"])
 
 
+async def test_a_fault_recording_lettas_answer_looks_the_run_up_before_sending_it_again(
+        start_tracker, sim, agent):
+    """Letta took the run, and the write recording its answer failed (the database refusing
+    writes a moment; the requeue after it went through): the run is queued to be looked up
+    at Letta before any resend, found there and attached, never sent twice."""
+    t = await start_tracker()
+    sim.set_faults(callback_drop=1.0)  # no callback records the run meanwhile
+    store = t.svc.store
+    transition, failed = store.transition, []
+
+    async def refused_once(run_id, target, *args, **kwargs):
+        if target is not State.SUBMITTED or failed:
+            return await transition(run_id, target, *args, **kwargs)
+        failed.append(run_id)
+        store._db.execute("PRAGMA query_only = 1")  # SQLite's own fault, on this write alone
+        try:
+            return await transition(run_id, target, *args, **kwargs)
+        finally:
+            store._db.execute("PRAGMA query_only = 0")
+
+    store.transition = refused_once
+    run = await t.submit(agent)
+    done = await t.wait_state(run["id"], "done")
+    assert failed == [run["id"]]
+    assert len(sim.received) == 1 and max(sim.otid_counts().values()) == 1
+    assert done["tracker"]["letta_run_id"] == sim.received[0].run_id
+    events = await (await t.get(f"/v1/runs/{run['id']}/events")).json()
+    [retry] = [e for e in events if e["kind"] == "retry"]  # the send's own requeue, no rescue
+    assert "readonly" in retry["detail"]["error"]
+    assert "found_in_letta" in [e["kind"] for e in events]
+
+
 async def test_a_callback_answered_before_a_crash_is_applied_on_the_next_start(
         start_tracker, sim, agent):
     """Letta's callback is answered once it is in the inbox; if the process dies before the
