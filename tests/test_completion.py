@@ -630,6 +630,45 @@ async def test_a_slow_submit_is_not_rescued_as_stranded(start_tracker, sim, agen
     assert "rescued" not in await kinds(t, run["id"])
 
 
+async def test_a_stranded_run_is_rescued_at_its_second_sighting_not_its_first(
+        start_tracker, sim, agent, monkeypatch):
+    """A run `submitting` with no send of ours behind it may be a claim whose send is just
+    starting: the rescue requeues it only when its next look, RESCUE_EVERY_S later, finds it
+    so again. Then it is looked up at Letta, not found, and sent, once."""
+    from tracker import dispatcher
+
+    monkeypatch.setattr(dispatcher, "RESCUE_EVERY_S", 0.2)
+    t = await start_tracker(letta={"timeout_s": 0.5}, dispatch={"inline_timeout_s": 0.1})
+    d, store, manager = t.svc.dispatcher, t.svc.store, t.svc.manager
+    letta, send = t.svc.letta, t.svc.letta.send_async
+    letta.send_async = hang
+    run = await t.submit(agent)
+    [(_, sending)] = d._inflight.values()
+    letta.send_async = send
+    sending.cancel()  # the send dies before Letta got anything: the run is stranded
+    await eventually(lambda: not d._inflight and run["id"] not in manager.sending)
+    sightings, rescued_at = [], []
+    in_states, requeue = store.in_states, manager.requeue
+
+    async def look(*args, **kwargs):  # the rescue's look for runs left `submitting`
+        found = await in_states(*args, **kwargs)
+        sightings.extend(r.id for r in found if r.id == run["id"])
+        return found
+
+    async def counted(r, *args, **kwargs):
+        if kwargs.get("kind") == "rescued":
+            rescued_at.append(len(sightings))
+        return await requeue(r, *args, **kwargs)
+
+    monkeypatch.setattr(store, "in_states", look)
+    monkeypatch.setattr(manager, "requeue", counted)
+    await t.wait_state(run["id"], "done")
+    assert rescued_at == [2]
+    assert len(sim.received) == 1
+    timeline = await kinds(t, run["id"])
+    assert timeline[1:4] == ["rescued", "not_found_in_letta", "submitted"], timeline
+
+
 async def _sent_but_unanswered(start_tracker, sim, agent, text: str):
     """A run whose send timed out although Letta took it: queued again, to be looked up
     before any resend (``needs_lookup``), the next try a minute away."""
