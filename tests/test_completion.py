@@ -11,6 +11,7 @@ import uuid
 from types import SimpleNamespace
 
 import pytest
+from aiohttp import web
 
 from tests.conftest import eventually
 from tracker import clock
@@ -223,6 +224,38 @@ async def test_cancelled_then_overwritten_settles_on_completed(start_tracker, si
     assert final["status"] == "completed" and final["stop_reason"] == "end_turn"
     timeline = await kinds(t, run["id"])
     assert "cancel_seen" in timeline and "completed" in timeline
+
+
+async def test_a_cancel_polled_within_the_confirm_window_is_not_final(
+        start_tracker, sim, agent, aiohttp_server):
+    """Letta's cancel does not stop the step: polls that see the run `cancelled` before
+    cancel_confirm_s has passed keep it confirming. The step ends, Letta overwrites the run
+    completed, and that is the one outcome recorded and delivered to the callback_url: never
+    a `cancelled` first, overwritten after."""
+    delivered: list[dict] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        delivered.append(await request.json())
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    url = str((await aiohttp_server(app)).make_url("/hook"))
+    sim.set_faults(callback_drop=1.0)  # polls alone see the run: every look is one
+    t = await start_tracker(polling={"min_interval_s": 0.1, "max_interval_s": 0.3,
+                                     "cancel_confirm_s": 5.0})
+    run = await t.submit(agent, "[[delay=1]] slow", callback_url=url)
+    resp = await t.post(f"/v1/agents/{agent}/messages/cancel", {"run_ids": [run["id"]]})
+    assert await resp.json() == {run["id"]: "cancelled"}
+    final = await t.wait_state(run["id"], "done")
+    assert (final["status"], final["stop_reason"]) == ("completed", "end_turn")
+    events = await (await t.get(f"/v1/runs/{run['id']}/events")).json()
+    # seen cancelled by a poll while confirming, within the window: no outcome yet
+    assert [e for e in events if (e["source"], e["kind"]) == ("poll", "confirmed") and (
+        e["detail"]["status"], e["detail"]["state"]) == ("cancelled", "confirming")], events
+    assert "overwritten" not in [e["kind"] for e in events]
+    await eventually(lambda: delivered)
+    assert [d["status"] for d in delivered] == ["completed"]
 
 
 async def test_a_cancel_letta_overwrites_is_one_outcome_in_the_metrics(start_tracker, sim,
