@@ -381,18 +381,27 @@ async def hang(*args, **kwargs):
     await asyncio.Event().wait()  # the process "dies" here: nothing after it ever runs
 
 
-async def test_crash_between_letta_answer_and_our_write(start_tracker, sim, agent):
+async def _died_after_letta_got_it(start_tracker, sim, agent) -> dict:
+    """A run Letta took, the tracker dying before it recorded Letta's answer: `submitting`."""
     t = await start_tracker(letta={"timeout_s": 0.5}, dispatch={"inline_timeout_s": 0.3})
     t.svc.manager.mark_submitted = hang
     sim.set_faults(callback_drop=1.0)  # a dead tracker hears no callback either
     run = await t.submit(agent)
     assert (await t.run(run["id"]))["tracker"]["state"] == "submitting"
     await t.client.close()
-    t2 = await start_tracker()
-    done = await t2.wait_state(run["id"], "done")
+    return run
+
+
+async def _found_not_resent(t, sim, run: dict) -> None:
+    done = await t.wait_state(run["id"], "done")
     assert len(sim.received) == 1 and max(sim.otid_counts().values()) == 1
     assert done["tracker"]["letta_run_id"] == sim.received[0].run_id
-    assert "found_in_letta" in await kinds(t2, run["id"])
+    assert "found_in_letta" in await kinds(t, run["id"])
+
+
+async def test_crash_between_letta_answer_and_our_write(start_tracker, sim, agent):
+    run = await _died_after_letta_got_it(start_tracker, sim, agent)
+    await _found_not_resent(await start_tracker(), sim, run)
 
 
 async def test_a_run_cut_off_mid_send_is_looked_up_though_letta_refuses_the_start_up_look(
@@ -401,19 +410,11 @@ async def test_a_run_cut_off_mid_send_is_looked_up_though_letta_refuses_the_star
     again Letta refuses the look for it (a 429, which says the call was not taken: a send
     refused so would not mark the run to be looked up). The run waits to be looked up, not to
     be sent: once Letta answers, it is found there, never sent a second time."""
-    t = await start_tracker(letta={"timeout_s": 0.5}, dispatch={"inline_timeout_s": 0.3})
-    t.svc.manager.mark_submitted = hang
-    sim.set_faults(callback_drop=1.0)  # a dead tracker hears no callback either
-    run = await t.submit(agent)
-    assert (await t.run(run["id"]))["tracker"]["state"] == "submitting"
-    await t.client.close()
+    run = await _died_after_letta_got_it(start_tracker, sim, agent)
     sim.set_faults(api_429_rate=1.0, retry_after_s=0.2)
     t2 = await start_tracker()  # reconcile met the 429
     sim.set_faults(api_429_rate=0.0)
-    done = await t2.wait_state(run["id"], "done")
-    assert len(sim.received) == 1 and max(sim.otid_counts().values()) == 1
-    assert done["tracker"]["letta_run_id"] == sim.received[0].run_id
-    assert "found_in_letta" in await kinds(t2, run["id"])
+    await _found_not_resent(t2, sim, run)
 
 
 async def test_a_fault_recording_lettas_answer_looks_the_run_up_before_sending_it_again(
