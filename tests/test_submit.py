@@ -285,6 +285,23 @@ async def test_cancelling_a_paused_run_cancels_it_at_letta_before_the_lane_goes_
     assert (letta_run.status, letta_run.stop_reason) == ("cancelled", "cancelled")
 
 
+async def test_a_key_letta_refuses_queues_the_message_until_it_takes_it(start_tracker, sim,
+                                                                        agent):
+    """A 401 is Letta refusing our key (being rotated, mistyped), not the message: rejected,
+    every message sent meanwhile was lost for good. It waits, and goes once Letta takes the
+    key, exactly once."""
+    sim.api_key = "the-new-key"
+    t = await start_tracker(letta={"api_key": "the-old-key"},
+                            dispatch={"retry_min_s": 0.1, "retry_max_s": 0.2})
+    run = await t.submit(agent, "while the key is wrong")
+    assert run["tracker"]["state"] == "queued"
+    await asyncio.sleep(0.5)  # a few tries, each refused
+    assert (await t.run(run["id"]))["tracker"]["state"] == "queued" and not sim.received
+    sim.api_key = "the-old-key"  # Letta takes it again (or the operator fixed the key)
+    done = await t.wait_state(run["id"], "done")
+    assert done["status"] == "completed" and len(sim.received) == 1
+
+
 def test_run_ids_have_lettas_form_and_sort_by_creation():
     """Run ids match Letta's run id pattern (UUID version 4's form), and later ones sort
     later: each insert extends the indexes on ids at their end."""

@@ -68,7 +68,7 @@ class LettaClient:
     async def _request(self, method: str, path: str, endpoint: str, body: Any = None,
                        params: list[tuple[str, str]] | None = None) -> Any:
         """One call; 2xx returns the JSON, 4xx raises LettaError/NotFound, the rest
-        (connection errors, timeouts, 5xx, 429, a 4xx with Retry-After) raise
+        (connection errors, timeouts, 5xx, 429, 401, a 4xx with Retry-After) raise
         LettaUnavailable."""
         assert self._pool is not None, "client is not started"
         try:
@@ -89,13 +89,16 @@ class LettaClient:
             return data
         detail = data.get("detail", data) if isinstance(data, dict) else data
         retry_after = answer.headers.get("retry-after")
-        if answer.status == 429 or answer.status >= 500 or (retry_after and answer.status != 404):
-            # a 429 was refused at the door; a 5xx may have created the run, and so may a 4xx
-            # saying when to try again: Letta's 409 for a database lock or deadlock, met
-            # anywhere in the request, perhaps after the run was committed
+        # refused at the door, before any work: a 429, or a 401 for our key (a rotation, a
+        # typo in letta.api_key), which says nothing of the request: it goes again later
+        refused = answer.status in (401, 429)
+        if refused or answer.status >= 500 or (retry_after and answer.status != 404):
+            # a 5xx may have created the run, and so may a 4xx saying when to try again:
+            # Letta's 409 for a database lock or deadlock, met anywhere in the request,
+            # perhaps after the run was committed
             wait = clock.parse_retry_after(retry_after, clock.now())
             raise LettaUnavailable(f"Letta answered {answer.status}: {detail}", wait,
-                                   sent=answer.status != 429)
+                                   sent=not refused)
         if answer.status == 404:
             raise NotFound(detail)
         raise LettaError(answer.status, detail)
