@@ -177,6 +177,25 @@ def test_config_given_before_a_nested_command_is_the_one_used(db: Path, tmp_path
     assert missing.returncode == 2 and "config file not found" in missing.stderr
 
 
+def test_keys_create_refuses_a_role_other_than_the_users(tmp_path: Path):
+    """``keys create NAME --admin`` for an existing plain user made a plain key, exit 0,
+    nothing said; a key's role is its user's, so a flag that disagrees is refused."""
+    db = tmp_path / "k.db"
+    assert run_cli(db, "keys", "create", "bob").returncode == 0
+    assert run_cli(db, "keys", "create", "root", "--admin").returncode == 0
+    promote = run_cli(db, "keys", "create", "bob", "--admin")
+    assert promote.returncode == 1 and promote.stdout == ""
+    assert "'bob' exists and is not an admin" in promote.stderr
+    demote = run_cli(db, "keys", "create", "root")
+    assert demote.returncode == 1 and "'root' is an admin" in demote.stderr
+    again = run_cli(db, "keys", "create", "root", "--admin")
+    assert again.returncode == 0 and "admin 'root'" in again.stdout
+    with closing(sqlite3.connect(db)) as con:
+        rows = con.execute("SELECT u.name, u.is_admin, count(*) FROM api_keys k JOIN users u"
+                           " ON u.id = k.user_id GROUP BY u.name ORDER BY u.name").fetchall()
+    assert rows == [("bob", 0, 1), ("root", 1, 2)]
+
+
 def test_a_database_url_that_is_not_sqlite_is_a_config_error(db: Path):
     done = run_cli(db, "db", "status")
     assert done.returncode == 0

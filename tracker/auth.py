@@ -28,9 +28,21 @@ async def create_key(store: Store, name: str, admin: bool = False) -> tuple[User
     user = await store.user_by_name(name)
     if user is None:
         user = await store.create_user(name, admin, new_webhook_secret())
+    elif user.is_admin != admin:
+        raise Conflict(_role_mismatch(user))
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     await store.add_key(user.id, f"key-{uuid.uuid4()}", hash_key(key), key[:10])
     return user, key
+
+
+def _role_mismatch(user: User) -> str:
+    # a key has its user's role, fixed when the user was made: an --admin that disagrees
+    # with it would hand out a key of the other role than the one asked for
+    if user.is_admin:
+        return (f"user {user.name!r} is an admin, so its keys are admin keys: pass --admin for"
+                " another, or choose a new name for a user key; no key was created")
+    return (f"user {user.name!r} exists and is not an admin: --admin cannot make it one;"
+            " choose a new name for an admin key; no key was created")
 
 
 async def authenticate(store: Store, key: str | None) -> User | None:
