@@ -475,6 +475,46 @@ async def test_a_callback_answered_before_a_crash_is_applied_on_the_next_start(
     await t2.callbacks_applied()
 
 
+def _long_result(sim, letta_id: str, extra: int) -> list[dict]:
+    """Letta's run ``letta_id`` given ``extra`` more stored messages (a long tool-using turn),
+    its answer still last; returns them all."""
+    letta_run = sim.store.get(letta_id)
+    first, answer = letta_run.messages[0], letta_run.messages[-1]
+    steps = [dict(first, id=f"message-{uuid.uuid4()}", message_type="tool_return_message",
+                  content=f"step {i}") for i in range(extra)]
+    letta_run.messages = [first, *steps, answer]
+    return letta_run.messages
+
+
+@pytest.mark.parametrize("letta_up", [True, False])
+async def test_a_callback_cut_short_by_letta_is_completed_from_lettas_messages(
+        start_tracker, sim, agent, letta_up):
+    """Letta's callback carries the run's first 100 stored messages only: recorded as they
+    came, a longer run lost its last ones, its answer among them. They are read from Letta
+    instead, or, Letta out of reach, the run is polled (which reads them all) once it is
+    back."""
+    sim.set_faults(callback_drop=1.0)
+    t = await start_tracker(polling={"grace_s": 30})
+    run = await t.submit(agent, "[[delay=0.1]] a long one")
+    letta_id = (await t.run(run["id"]))["tracker"]["letta_run_id"]
+    await eventually(lambda: sim.store.get(letta_id).status == "completed")
+    messages = _long_result(sim, letta_id, 148)
+    body = callback_json(sim.store.get(letta_id), "completed", "end_turn", utcnow())
+    assert len(body["metadata"]["result"]["messages"]) == 100  # as Letta cuts it
+    if not letta_up:
+        sim.set_faults(api_5xx_rate=1.0)
+    resp = await t.client.post(f"/callbacks/letta/{t.svc.signer.token(run['id'])}", json=body)
+    assert resp.status == 200
+    await t.callbacks_applied()
+    if not letta_up:
+        assert (await t.run(run["id"]))["tracker"]["state"] == "submitted"
+        sim.set_faults(api_5xx_rate=0.0)
+    done = await t.wait_state(run["id"], "done")
+    assert done["tracker"]["completed_via"] == ("callback" if letta_up else "poll")
+    got = await (await t.get(f"/v1/runs/{run['id']}/messages", limit=1000)).json()
+    assert [m["id"] for m in got] == [m["id"] for m in messages]
+
+
 async def test_the_live_runs_letta_ids_are_loaded_at_start_up_not_by_the_first_callback(
         start_tracker, sim, agent):
     """Filing a callback checks its Letta run against the run's, kept in memory for live runs.

@@ -34,6 +34,9 @@ from tracker.reconcile import names_token
 from tracker.states import Source
 from tracker.store import InboxItem, RunRecord, Store, Verdict
 
+#: the stored messages of a run that Letta's callback carries at most (see maybe_cut)
+CALLBACK_STORED_MESSAGES = 100
+
 log = logging.getLogger("tracker.callbacks")
 
 PATH = "/callbacks/letta/{token}"
@@ -174,6 +177,22 @@ async def _created_by_us(letta: LettaClient, letta_run_id: str, token: str) -> b
     return names_token(letta_run.get("callback_url"), token)
 
 
+def maybe_cut(obs: Observation, body: LettaCallback, run: RunRecord) -> bool:
+    """Whether the callback's messages may be only the run's first ones: Letta puts in its
+    callback those of the run's first 100 stored messages (run_manager.get_run_messages,
+    called without a limit), so a run with more ends without its last ones, its answer
+    among them. Judged by the count, or, where the run's include_return_message_types hides
+    some of those stored (the count then says little), by its steps (each stores two or
+    more when the run goes on past it)."""
+    if len(obs.messages or ()) >= CALLBACK_STORED_MESSAGES:
+        return True
+    if not (run.request_config or {}).get("include_return_message_types"):
+        return False
+    result = (body.metadata.model_dump().get("result") if body.metadata else None) or {}
+    steps = (result.get("usage") or {}).get("step_count") or 0
+    return 2 * steps >= CALLBACK_STORED_MESSAGES - 10  # a little room for the inputs
+
+
 class Applier:
     """Applies the inbox's callbacks to their runs, oldest first, many per transaction.
 
@@ -291,14 +310,31 @@ class Applier:
                 self._reported.pop(i.run_id, None)
         return all(done)
 
+    async def _all_messages(self, run: RunRecord, obs: Observation) -> bool:
+        """Replace a callback's messages, perhaps cut short, with all of the run's from
+        Letta; when Letta cannot tell now, the run is polled at once instead (the poll
+        fetches the result whole) and False returned: nothing recorded incomplete."""
+        try:
+            obs.messages = await self.manager.letta.run_messages(obs.letta_run_id)
+            return True
+        except TrackerError as e:
+            log.warning("callback for run %s: its messages may be cut short and Letta did not"
+                        " give them all (%s): polled instead", run.id, e,
+                        extra={"run_id": run.id, "agent_id": run.agent_id})
+            await self.store.reschedule([(run.id, clock.now(), run.poll_count)])
+            self.manager.poll_wakeup.set()
+            return False
+
     async def _apply_one(self, item: InboxItem, run: RunRecord | None) -> bool:
         if run is None:  # pruned since (the inbox check found it)
             log.warning("callback for run %s: the run is gone", item.run_id)
             return True
         try:
             body = parse_callback(item.body)
-            await self.manager.apply_remote(run, Observation.from_callback(body),
-                                            Source.CALLBACK)
+            obs = Observation.from_callback(body)
+            if maybe_cut(obs, body, run) and not await self._all_messages(run, obs):
+                return True  # left to the poller, which reads every message
+            await self.manager.apply_remote(run, obs, Source.CALLBACK)
         except Unavailable:
             return False
         except TrackerError as e:

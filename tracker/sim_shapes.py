@@ -150,13 +150,19 @@ def usage_statistics(run: SimRun) -> dict[str, Any]:
     }
 
 
+#: the stored messages of a run that Letta's callback carries at most (run_manager's
+#: get_run_messages, called without a limit, defaults to its first 100)
+CALLBACK_STORED_MESSAGES = 100
+
+
 def callback_json(
     run: SimRun, status: str, stop_reason: str | None, completed_at: datetime
 ) -> dict[str, Any]:
     """The body Letta POSTs to `callback_url`."""
     metadata = dict(run.metadata)
     metadata["result"] = {
-        "messages": run.visible_messages(),
+        # Letta reads them with get_run_messages' default limit: a longer run's are cut short
+        "messages": run.visible_messages(stored=CALLBACK_STORED_MESSAGES),
         "stop_reason": {"message_type": "stop_reason", "stop_reason": stop_reason},
         "usage": usage_statistics(run),
         "logprobs": None,

@@ -69,12 +69,26 @@ class SimRun:
         """The otids of the messages this run was given."""
         return [m["otid"] for m in self.inputs]
 
-    def visible_messages(self) -> list[dict[str, Any]]:
-        """The run's messages, filtered by the request's include_return_message_types."""
+    def visible_messages(self, stored: int | None = None) -> list[dict[str, Any]]:
+        """The run's messages, filtered by the request's include_return_message_types; with
+        ``stored``, only those of its first ``stored`` stored messages (Letta's limit counts
+        stored messages, before one is cut into several, and before the filter)."""
         kinds = self.request_config.get("include_return_message_types")
-        if not kinds:
-            return list(self.messages)
-        return [m for m in self.messages if m["message_type"] in kinds]
+        shown = self.messages if stored is None else _first_stored(self.messages, stored)
+        return [m for m in shown if not kinds or m["message_type"] in kinds]
+
+
+def _first_stored(messages: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """The messages of the first ``n`` stored ones (those cut from one share its id)."""
+    ids: set[str] = set()
+    out = []
+    for m in messages:
+        if m["id"] not in ids:
+            if len(ids) == n:
+                break
+            ids.add(m["id"])
+        out.append(m)
+    return out
 
 
 @dataclass(frozen=True, slots=True)
