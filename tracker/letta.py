@@ -182,7 +182,9 @@ class LettaClient:
         return await self._request("POST", f"/v1/agents/{agent_id}/messages/cancel", "cancel",
                                    {"run_ids": run_ids})
 
-    async def agent_runs(self, agent_id: str, limit: int = 100) -> list[dict]:
-        """An agent's most recent runs, newest first (used to find a run again by otid)."""
-        return await self.list_runs([("agent_id", agent_id), ("limit", str(limit)),
-                                     ("order", "desc")])
+    async def agent_runs(self, agent_id: str, limit: int = 100,
+                         last: dict | None = None) -> list[dict]:
+        """An agent's runs, newest first: its newest, or those beyond the run ``last`` (a
+        page's last) in that order (to find a lost send again)."""
+        params = [("agent_id", agent_id), ("limit", str(limit)), ("order", "desc")]
+        return await self._runs_beyond(params, last, ascending=False)

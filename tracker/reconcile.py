@@ -20,8 +20,15 @@ if TYPE_CHECKING:  # the manager's cancel looks runs up here too
 
 log = logging.getLogger("tracker.reconcile")
 
-#: runs per agent Letta lists when looking for a lost send; ours is among the newest
+#: runs per agent in the first page of the look for a lost send: ours is nearly always
+#: among the newest, and the look then costs one call
 LOOKBACK = 100
+#: runs per page past the first (Letta's most), and pages at most: the look never runs away
+#: (other clients, or many runs of the agent sent meanwhile, may bury ours deep)
+DEEP_PAGE, MAX_PAGES = 1000, 20
+#: how much earlier than our row Letta's run may seem created, our clocks disagreeing: the
+#: paging stops at runs older than that, which ours cannot be among
+SKEW_S = 300.0
 #: created-time slack between our clock and Letta's when matching by otid
 CLOCK_SLACK_S = 5.0
 
@@ -37,13 +44,38 @@ async def find_in_letta(manager: Manager, run: RunRecord) -> dict | None:
     """The Letta run this run became, if it did: by our callback URL's token, else by otid."""
     candidates = await manager.letta.agent_runs(run.agent_id, LOOKBACK)
     token = manager.callback_url(run.id).rpartition("/")[2]
-    for r in candidates:
-        if names_token(r.get("callback_url"), token):
-            return r
+    found = await _by_token(manager, run, candidates, token)
+    return found or await _by_otid(manager, run, candidates[:10])
+
+
+async def _by_token(manager: Manager, run: RunRecord, page: list[dict],
+                    token: str) -> dict | None:
+    """The agent's Letta run named by ``token``, from ``page`` (its newest) onward, page by
+    page, back to the runs created before ours could have been sent, or Letta's last."""
+    since = (clock.epoch(run.created_at) or 0) - SKEW_S
+    limit, pages = LOOKBACK, 1
+    while True:
+        found = next((r for r in page if names_token(r.get("callback_url"), token)), None)
+        if found or len(page) < limit or _created(page[-1]) < since:
+            return found
+        if pages == MAX_PAGES:
+            log.warning("lookup of run %s stopped after %d pages of agent %s's runs at Letta;"
+                        " taken for not sent", run.id, pages, run.agent_id)
+            return None
+        page = await manager.letta.agent_runs(run.agent_id, DEEP_PAGE, page[-1])
+        limit, pages = DEEP_PAGE, pages + 1
+
+
+def _created(letta_run: dict) -> float:
+    return clock.epoch(letta_run.get("created_at")) or 0.0
+
+
+async def _by_otid(manager: Manager, run: RunRecord, candidates: list[dict]) -> dict | None:
+    """The candidate carrying one of the otids we set on the run's messages, if any."""
     otids = {m.get("otid") for m in (run.request or {}).get("messages") or []} - {None}
     created = (clock.epoch(run.created_at) or 0) - CLOCK_SLACK_S
-    for r in candidates[:10]:
-        if otids and (clock.epoch(r.get("created_at")) or 0) >= created:
+    for r in candidates:
+        if otids and _created(r) >= created:
             try:
                 messages = await manager.letta.run_messages(r["id"])
             except NotFound:
