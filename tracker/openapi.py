@@ -12,10 +12,50 @@ from tracker import __version__
 from tracker.models import ErrorOut
 
 REF = "#/components/schemas/{model}"
-ERRORS = {"400": "Malformed request", "401": "Missing or bad API key", "403": "Admin only",
-          "404": "Not found",
-          "409": "Conflict", "413": "Body too large", "415": "Not JSON",
-          "422": "Validation error", "503": "Letta or the database unavailable"}
+
+# What each route can answer besides its success, by handler (read from api.py, parsing.py,
+# callbacks.py and the middlewares): a client is told the errors it must handle, no others.
+KEY = {"401": "Missing or bad API key"}
+DB = {"503": "The database is unavailable"}
+BODY = {"400": "Body is not valid JSON", "413": "Body larger than server.max_body_bytes",
+        "415": "Content-Type is not JSON"}
+RUN = {"400": "run_id is not run-<uuid4>", "404": "No such run (or not yours)"}
+QUERY = {"422": "Query parameters fail validation"}
+AGENT_BODY = {"422": "Body fails validation, or agent_id is not agent-<uuid4>"}
+ERRORS: dict[str, dict[str, str]] = {
+    "submit": {**KEY, **BODY, **DB,
+               "400": "Body is not valid JSON (NaN or Infinity included), or Letta's 400",
+               "404": "No such agent (Letta's answer, passed on)",
+               "409": "Idempotency-Key already used with a different body",
+               "422": "Body fails validation, agent_id is not agent-<uuid4>, or callback_url"
+                      " is refused (type url_refused)"},
+    "cancel": {**KEY, **BODY, **DB, **AGENT_BODY,
+               "409": "No run_ids given and the agent has no active run"},
+    "list_runs": {**KEY, **QUERY, **DB,
+                  "400": "A before/after cursor names no run you can list",
+                  "404": "user_id names another user (a non-admin key)"},
+    "get_run": {**KEY, **RUN, **QUERY, **DB},
+    "run_messages": {**KEY, **RUN, **QUERY, **DB},
+    "run_usage": {**KEY, **RUN, **DB},
+    "run_events": {**KEY, **RUN, **DB},
+    "run_deliveries": {**KEY, **RUN, **DB},
+    "redeliver": {**KEY, **RUN, **DB, "404": "No such run (or not yours), or no delivery"},
+    "stats": {**KEY, **DB},
+    # the callback reads its body whatever the Content-Type: no 415
+    "letta_callback": {**DB, "400": BODY["400"], "413": BODY["413"],
+                       "401": "Forged callback token",
+                       "404": "Malformed callback token, or no such run",
+                       "409": "The body names another Letta run than the token's",
+                       "422": "Body is not Letta's callback"},
+    "healthz": {"503": "Degraded: the database is unreachable or its last write failed"},
+    "metrics": {**KEY, **DB, "403": "Not an admin key"},
+    "openapi": {},
+}
+#: answered with the route's own body, not ErrorOut
+OWN_BODY = {("healthz", "503")}
+#: routes that pass on Letta's own 4xx, whatever its code, as Letta gave it
+PASSED_ON = {"submit": "Any other 4xx Letta answers at submit (its refusal of the run) is"
+                       " passed on as Letta gave it, status and body."}
 
 
 def _schema(tp: Any, components: dict[str, Any]) -> dict[str, Any]:
@@ -50,23 +90,35 @@ def _media(route: Any) -> str:
     return "text/plain" if route.response is str else "application/json"
 
 
+def _responses(route: Any, components: dict[str, Any]) -> dict[str, Any]:
+    """The success answer, then the errors this route can give (``ERRORS``)."""
+    name = route.handler.__name__
+    ok = {"description": "OK", "content": {_media(route): {
+        "schema": _schema(route.response, components)}}}
+    out = {"202" if name == "redeliver" else "200": ok}
+    for code, text in sorted(ERRORS[name].items()):
+        shape = route.response if (name, code) in OWN_BODY else ErrorOut
+        out[code] = {"description": text, "content": {"application/json": {
+            "schema": _schema(shape, components)}}}
+    if name in PASSED_ON:
+        out["4XX"] = {"description": "Letta's own refusal, passed on", "content": {
+            "application/json": {"schema": _schema(ErrorOut, components)}}}
+    return out
+
+
 def _operation(route: Any, components: dict[str, Any]) -> dict[str, Any]:
-    error = {"description": "", "content": {"application/json": {
-        "schema": _schema(ErrorOut, components)}}}
+    name = route.handler.__name__
     op: dict[str, Any] = {
         "summary": route.summary,
-        "operationId": f"{route.handler.__name__}_{route.method.lower()}"
+        "operationId": f"{name}_{route.method.lower()}"
                        + ("_slash" if route.path.endswith("/") else ""),
         "parameters": _parameters(route, components),
-        "responses": {
-            "200" if route.method == "GET" or route.handler.__name__ != "redeliver" else "202": {
-                "description": "OK",
-                "content": {_media(route): {"schema": _schema(route.response, components)}}},
-            **{code: dict(error, description=text) for code, text in ERRORS.items()},
-        },
+        "responses": _responses(route, components),
     }
+    if name in PASSED_ON:
+        op["description"] = PASSED_ON[name]
     if route.body is not None:
-        op["requestBody"] = {"required": route.handler.__name__ != "cancel", "content": {
+        op["requestBody"] = {"required": name != "cancel", "content": {
             "application/json": {"schema": _schema(route.body, components)}}}
     if route.public:
         op["security"] = []

@@ -1,0 +1,83 @@
+"""The OpenAPI document: what each route declares it can answer, and what it then answers."""
+
+from __future__ import annotations
+
+import uuid
+
+from openapi_spec_validator import validate as validate_openapi
+
+from tests.test_history import user_key
+from tracker.api import ROUTES
+from tracker.openapi import document
+
+SUBMIT = "/v1/agents/{agent_id}/messages/async"
+HEALTH_REF = {"$ref": "#/components/schemas/HealthOut"}
+
+
+def doc() -> dict:
+    built = document(ROUTES)
+    validate_openapi(built)
+    return built
+
+
+def responses(path: str, method: str = "get") -> dict:
+    return doc()["paths"][path][method]["responses"]
+
+
+def codes(path: str, method: str = "get") -> set[str]:
+    return set(responses(path, method)) - {"200", "202"}
+
+
+def test_public_routes_declare_no_401():
+    assert codes("/healthz") == {"503"}
+    assert codes("/openapi.json") == set()
+
+
+def test_healthz_503_is_its_own_shape_not_an_error_body():
+    answer = responses("/healthz")["503"]["content"]["application/json"]["schema"]
+    assert answer == HEALTH_REF
+
+
+def test_only_metrics_declares_403():
+    with_403 = {(r.method, r.path) for r in ROUTES
+                if "403" in codes(r.path, r.method.lower())}
+    assert with_403 == {("GET", "/metrics")}
+
+
+def test_get_routes_declare_no_body_errors():
+    for r in ROUTES:
+        if r.method == "GET":
+            assert not codes(r.path) & {"409", "413", "415"}, r.path
+
+
+def test_submit_says_it_passes_on_lettas_4xx():
+    op = doc()["paths"][SUBMIT]["post"]
+    assert "4xx Letta answers" in op["description"]
+    assert {"400", "401", "404", "409", "413", "415", "422", "503", "4XX"} <= set(
+        op["responses"])
+
+
+async def test_what_the_service_answers_is_declared(start_tracker, agent):
+    """Each refusal the service gives here is one its route declares."""
+    t = await start_tracker()
+    user = await user_key(t, "ursula")
+    run_path = "/v1/runs/{run_id}"
+    probes = [
+        (run_path, "get", t.get("/v1/runs/run-nope"), 400),
+        (run_path, "get", t.get(f"/v1/runs/run-{uuid.uuid4()}"), 404),
+        (run_path, "get", t.client.get(f"/v1/runs/run-{uuid.uuid4()}"), 401),
+        ("/v1/runs", "get", t.get("/v1/runs", limit=0), 422),
+        ("/metrics", "get", t.get("/metrics", key=user), 403),
+        (SUBMIT, "post", t.post("/v1/agents/agent-x/messages/async", {"input": "a"}), 422),
+        (SUBMIT, "post", t.client.post(f"/v1/agents/{agent}/messages/async", data="{",
+                                       headers={"Authorization": f"Bearer {t.key}",
+                                                "Content-Type": "application/json"}), 400),
+        (SUBMIT, "post", t.client.post(f"/v1/agents/{agent}/messages/async", data="{}",
+                                       headers={"Authorization": f"Bearer {t.key}",
+                                                "Content-Type": "text/plain"}), 415),
+        ("/callbacks/letta/{token}", "post", t.client.post("/callbacks/letta/x", json={}), 404),
+    ]
+    for path, method, request, status in probes:
+        resp = await request
+        assert resp.status == status, (path, await resp.text())
+        assert str(status) in responses(path, method), (path, status)
