@@ -8,6 +8,7 @@ from openapi_spec_validator import validate as validate_openapi
 
 from tests.test_history import user_key
 from tracker.api import ROUTES
+from tracker.letta_request import AGENT_ID_PATTERN, RUN_ID_PATTERN
 from tracker.openapi import document
 
 SUBMIT = "/v1/agents/{agent_id}/messages/async"
@@ -76,8 +77,45 @@ async def test_what_the_service_answers_is_declared(start_tracker, agent):
                                        headers={"Authorization": f"Bearer {t.key}",
                                                 "Content-Type": "text/plain"}), 415),
         ("/callbacks/letta/{token}", "post", t.client.post("/callbacks/letta/x", json={}), 404),
+        (SUBMIT, "post", t.post(f"/v1/agents/{agent}/messages/async", {"input": "a"},
+                                headers={"Idempotency-Key": "k1"}), 200),
+        (SUBMIT, "post", t.post(f"/v1/agents/{agent}/messages/async", {"input": "b"},
+                                headers={"Idempotency-Key": "k1"}), 409),
     ]
     for path, method, request, status in probes:
         resp = await request
         assert resp.status == status, (path, await resp.text())
         assert str(status) in responses(path, method), (path, status)
+
+
+def param(path: str, method: str, name: str) -> dict:
+    [found] = [p for p in doc()["paths"][path][method]["parameters"] if p["name"] == name]
+    return found
+
+
+def test_submit_documents_idempotency_key():
+    header = param(SUBMIT, "post", "Idempotency-Key")
+    assert header["in"] == "header" and not header["required"]
+    assert "409" in header["description"]
+
+
+def test_path_ids_have_their_patterns():
+    for path in ("/v1/runs/{run_id}", "/v1/runs/{run_id}/deliveries/redeliver"):
+        method = "post" if path.endswith("redeliver") else "get"
+        run_id = param(path, method, "run_id")
+        assert run_id["schema"]["pattern"] == RUN_ID_PATTERN and "400" in run_id["description"]
+    agent_id = param(SUBMIT, "post", "agent_id")
+    assert agent_id["schema"]["pattern"] == AGENT_ID_PATTERN and "422" in agent_id["description"]
+
+
+def test_x_api_key_is_documented():
+    built = doc()
+    assert built["components"]["securitySchemes"]["apiKey"] == {
+        "type": "apiKey", "in": "header", "name": "X-API-Key"}
+    assert {"apiKey": []} in built["security"]
+
+
+async def test_x_api_key_authenticates(start_tracker):
+    t = await start_tracker()
+    assert (await t.client.get("/v1/runs", headers={"X-API-Key": t.key})).status == 200
+    assert (await t.client.get("/v1/runs", headers={"X-API-Key": "tk_wrong"})).status == 401

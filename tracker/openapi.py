@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import BaseModel, TypeAdapter
 
 from tracker import __version__
+from tracker.letta_request import AGENT_ID_PATTERN, RUN_ID_PATTERN
 from tracker.models import ErrorOut
 
 REF = "#/components/schemas/{model}"
@@ -68,9 +69,30 @@ def _schema(tp: Any, components: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
+#: path parameters checked against a pattern, and what a mismatch answers (parsing.py)
+PATH_PARAMS = {
+    "agent_id": ({"pattern": AGENT_ID_PATTERN}, "agent-<uuid4>; any other is a 422"),
+    "run_id": ({"pattern": RUN_ID_PATTERN},
+               "run-<uuid4>, the tracker's run id or Letta's; any other is a 400"),
+    "token": ({}, "the per-run token of the callback URL the tracker gave Letta"),
+}
+#: request headers a handler reads, by handler (api.py)
+HEADERS = {"submit": [{
+    "name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string"},
+    "description": "Makes a retried submit safe: the same key (per user) with the same body"
+                   " answers the run it made, and sends nothing again; with another body, a"
+                   " 409"}]}
+
+
+def _path_parameter(name: str) -> dict[str, Any]:
+    schema, text = PATH_PARAMS[name]
+    return {"name": name, "in": "path", "required": True, "description": text,
+            "schema": {"type": "string", **schema}}
+
+
 def _parameters(route: Any, components: dict[str, Any]) -> list[dict[str, Any]]:
-    params = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-              for name in re.findall(r"{(\w+)}", route.path)]
+    params = [_path_parameter(name) for name in re.findall(r"{(\w+)}", route.path)]
+    params += HEADERS.get(route.handler.__name__, [])
     if route.query is not None:
         props = route.query.model_json_schema(ref_template=REF)
         components.update(props.pop("$defs", {}))
@@ -138,8 +160,10 @@ def _document(routes: tuple) -> dict[str, Any]:
                                 "exactly once, in order, and every result is recorded."},
         "paths": paths,
         "components": {"schemas": components, "securitySchemes": {
-            "bearer": {"type": "http", "scheme": "bearer"}}},
-        "security": [{"bearer": []}],
+            "bearer": {"type": "http", "scheme": "bearer"},
+            # what middleware.bearer also takes, when there is no Authorization: Bearer
+            "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}}},
+        "security": [{"bearer": []}, {"apiKey": []}],
     }
 
 
