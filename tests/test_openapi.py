@@ -119,3 +119,13 @@ async def test_x_api_key_authenticates(start_tracker):
     t = await start_tracker()
     assert (await t.client.get("/v1/runs", headers={"X-API-Key": t.key})).status == 200
     assert (await t.client.get("/v1/runs", headers={"X-API-Key": "tk_wrong"})).status == 401
+
+
+def test_completed_via_names_every_value_the_filter_takes():
+    schemas = doc()["components"]["schemas"]
+    text = schemas["TrackerInfo"]["properties"]["completed_via"]["description"]
+    [param_] = [p for p in doc()["paths"]["/v1/runs"]["get"]["parameters"]
+                if p["name"] == "completed_via"]
+    values = param_["schema"]["anyOf"][0]["enum"]
+    assert len(values) == 5 and all(v in text for v in values), text
+    assert "url_refused" in schemas["RunOut"]["properties"]["callback_url"]["description"]

@@ -26,7 +26,11 @@ class TrackerInfo(BaseModel):
     submitted_at: str | None = Field(None, description="when Letta accepted the run")
     completed_at: str | None = Field(None, description="when Letta finished the run")
     recorded_at: str | None = Field(None, description="when the tracker learnt the outcome")
-    completed_via: str | None = Field(None, description="callback, poll or reconcile")
+    completed_via: str | None = Field(
+        None, description="how the tracker learnt the outcome: callback (Letta's callback), poll"
+                          " (the poller; also a run it gave up as lost), reconcile (a look at"
+                          " Letta at start-up), api (a queued run cancelled before it reached"
+                          " Letta) or dispatch (Letta refused the run at submit)")
     poll_count: int = Field(0, description="how many times the poller checked the run")
     attempts: int = Field(0, description="how many times the run was sent to Letta")
     error: str | None = Field(None, description="why the run was refused, failed or lost")
@@ -51,7 +55,12 @@ class RunOut(BaseModel):
     metadata: dict[str, Any] | None = None
     request_config: dict[str, Any] | None = None
     stop_reason: str | None = None
-    callback_url: str | None = None
+    callback_url: str | None = Field(
+        None, description="the user's own callback_url, given at submit: the run's outcome is"
+                          " POSTed there, signed (see GET .../deliveries). Refused at submit"
+                          " (422, type url_refused): a URL that is not http(s), or whose host is"
+                          " a loopback, private or link-local address, unless"
+                          " relay.allow_private (a name resolving to one is refused at delivery)")
     callback_sent_at: str | None = None
     callback_status_code: int | None = None
     callback_error: str | None = None
@@ -158,7 +167,8 @@ class RunListParams(BaseModel):
     state: list[State] | None = Field(None, description="tracker states")
     created_after: str | None = Field(None, description="ISO 8601 lower bound (inclusive)")
     created_before: str | None = Field(None, description="ISO 8601 upper bound (exclusive)")
-    completed_via: Literal["callback", "poll", "reconcile", "api", "dispatch"] | None = None
+    completed_via: Literal["callback", "poll", "reconcile", "api", "dispatch"] | None = Field(
+        None, description="how the outcome was learnt (the run's tracker.completed_via)")
     callback_missed: bool | None = Field(
         None, description="true: learnt by poll or reconcile; false: learnt by callback")
     user_id: str | None = Field(None, description="admin only: one user's runs")
