@@ -1012,7 +1012,7 @@ def test_two_paths_to_one_database_are_one_lock(tmp_path):
 async def test_two_processes_opening_a_new_database_at_once_both_open_it(tmp_path):
     """Both read its schema version before either migrates: the second's migrations find
     them applied (they fail as re-runs, atomically) and take them as done."""
-    for i in range(10):  # each pair also races to turn the new file to WAL (set_pragma)
+    for i in range(40):  # each pair also races to turn the new file to WAL (set_pragma)
         path = tmp_path / f"new{i}.db"
         a, b = open_store(f"sqlite:///{path}"), open_store(f"sqlite:///{path}")
         try:

@@ -137,6 +137,10 @@ def _waiting(db: sqlite3.Connection, fn: Callable[..., Any], *args: Any) -> Any:
         db.execute("PRAGMA busy_timeout = 0")
 
 
+def _user_version(db: sqlite3.Connection) -> int:
+    return db.execute("PRAGMA user_version").fetchone()[0]
+
+
 def _migrate(db: sqlite3.Connection, version: int) -> None:
     # one script per version, atomic: triggers hold ";" so it is not split
     try:
@@ -465,7 +469,10 @@ class SQLiteDB:
     async def migrate(self) -> list[int]:
         """Apply pending migrations in order, each in its own transaction."""
         assert self._db is not None
-        current = self._db.execute("PRAGMA user_version").fetchone()[0]
+        # read waiting for a lock, on the writer's thread: another process opening a new
+        # database at the same moment holds it a while (its switch to WAL, its migrations),
+        # and on the loop (busy_timeout 0) the read failed at once, 'database is locked'
+        current = await self._in_thread(_waiting, self._db, _user_version)
         if current > LATEST:
             raise Unavailable(f"database schema v{current} is newer than this tracker (v{LATEST})")
         if current < LATEST and self._service_lock is None and self.path != ":memory:" \
@@ -486,7 +493,7 @@ class SQLiteDB:
                 except sqlite3.Error as e:
                     # another process opening the database at the same moment may have applied
                     # it first (each is atomic, so this attempt changed nothing): taken as done
-                    if self._db.execute("PRAGMA user_version").fetchone()[0] < version:
+                    if await self._in_thread(_waiting, self._db, _user_version) < version:
                         raise Unavailable(f"migration to schema v{version} failed: {e}") from e
             if current:
                 log.info("database at schema v%d (%.1f s)", version, time.monotonic() - started)
