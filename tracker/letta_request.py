@@ -269,7 +269,11 @@ class AsyncMessageRequest(OpenModel):
         "training with loss masking.",
     )
     callback_url: str | None = Field(
-        None, description="Optional callback URL to POST to when the job completes"
+        None, description="Optional callback URL to POST to when the job completes. The tracker"
+        " POSTs the outcome there, signed (Standard Webhooks), retried; it refuses at submit (422,"
+        " type url_refused) a URL that is not http(s), or whose host is a loopback, private or"
+        " link-local address, unless relay.allow_private (a name resolving to one is refused at"
+        " delivery)"
     )
 
     @model_validator(mode="after")
