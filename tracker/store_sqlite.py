@@ -29,8 +29,11 @@ from tracker.sqlite_reads import RunReads
 from tracker.states import AT_LETTA, FINAL, LANE_BUSY, Source, State
 from tracker.store import Add, Event, NewRun, RunRecord
 
-EVENT_SQL = ("INSERT INTO run_events (run_id, at, source, kind, state, status, detail)"
-             " VALUES (?, ?, ?, ?, ?, ?, ?)")
+_EVENT_INTO = "INSERT INTO run_events (run_id, at, source, kind, state, status, detail)"
+EVENT_SQL = _EVENT_INTO + " VALUES (?, ?, ?, ?, ?, ?, ?)"
+#: the same, written only while the run exists (its id bound again, last)
+EVENT_IF_RUN_SQL = (_EVENT_INTO + " SELECT ?, ?, ?, ?, ?, ?, ?"
+                    " WHERE EXISTS (SELECT 1 FROM runs WHERE id = ?)")
 
 
 def _encode(value: Any) -> Any:
@@ -246,10 +249,7 @@ class SQLiteStore(RunReads, CallbackInbox, Accounts, Deliveries, GroupCommit):
         gone (pruned since the caller read it): no event row without its run."""
         event.at = event.at or clock.iso()
         row = _event_row(run_id, event, event.state or "", event.status or "")
-        await self._write(lambda db: db.execute(
-            "INSERT INTO run_events (run_id, at, source, kind, state, status, detail)"
-            " SELECT ?, ?, ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM runs WHERE id = ?)",
-            (*row, run_id)))
+        await self._write(lambda db: db.execute(EVENT_IF_RUN_SQL, (*row, run_id)))
 
     async def reschedule(self, checks: Sequence[tuple[str, float, int]]) -> None:
         """Set (next_check_at, poll_count) for many watched runs at once."""
