@@ -94,3 +94,27 @@ def test_each_field_wrong_in_each_way_gets_the_same_verdict(path):
 @given(callbacks())
 def test_the_shape_check_and_the_full_parse_agree(raw):
     assert verdict(raw, LettaCallbackShape) == verdict(raw, LettaCallback)
+
+
+@pytest.mark.parametrize(("kinds", "steps", "messages", "cut"), [
+    (None, 1, 2, False),                      # a short run: its callback is whole
+    (None, 1, 100, True),                     # 100 shown: there may be more
+    (["assistant_message"], 1, 1, False),     # filtered, one step: few stored
+    (["assistant_message"], 45, 1, True),     # filtered, many steps: 100 stored or more
+])
+def test_a_callback_perhaps_cut_by_letta_is_told_by_its_count_or_its_steps(
+        kinds, steps, messages, cut):
+    """Letta's callback carries the messages of the run's first 100 stored ones: a callback
+    showing 100, or a filtered run's with steps enough to store 100, may lack the last."""
+    from types import SimpleNamespace
+
+    from tracker.callbacks import maybe_cut
+    from tracker.manager import Observation
+
+    raw = copy.deepcopy(samples.body("async_basic__callback"))
+    result = raw["metadata"]["result"]
+    result["messages"] = [result["messages"][-1]] * messages
+    result["usage"]["step_count"] = steps
+    parsed = parse_callback(json.dumps(raw).encode())
+    run = SimpleNamespace(request_config={"include_return_message_types": kinds})
+    assert maybe_cut(Observation.from_callback(parsed), parsed, run) is cut

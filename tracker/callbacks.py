@@ -188,8 +188,8 @@ def maybe_cut(obs: Observation, body: LettaCallback, run: RunRecord) -> bool:
         return True
     if not (run.request_config or {}).get("include_return_message_types"):
         return False
-    result = (body.metadata.model_dump().get("result") if body.metadata else None) or {}
-    steps = (result.get("usage") or {}).get("step_count") or 0
+    result = body.metadata.result if body.metadata else None
+    steps = ((result.usage if result else None) or {}).get("step_count") or 0
     return 2 * steps >= CALLBACK_STORED_MESSAGES - 10  # a little room for the inputs
 
 
