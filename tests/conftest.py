@@ -30,7 +30,7 @@ def make_config(tmp_path: Path, **sections: dict[str, Any]) -> Config:
         "database": {"url": f"sqlite:///{tmp_path / 'tracker.db'}"},
         "polling": {"grace_s": 0.3, "min_interval_s": 0.2, "max_interval_s": 1.0,
                     "callback_wait_s": 0.3, "cancel_confirm_s": 1.0},
-        "dispatch": {"retry_min_s": 0.1, "retry_max_s": 0.5},
+        "dispatch": {"retry_min_s": 0.1, "retry_max_s": 0.5, "lookup_after_s": 0.2},
         "relay": {"allow_private": True, "retry_schedule_s": [0, 0.2, 0.4]},
     }
     for name, values in sections.items():

@@ -192,6 +192,23 @@ async def test_lost_response_is_found_again_not_resent(start_tracker, sim, agent
     assert "found_in_letta" in kinds
 
 
+async def test_send_without_answer_is_looked_up_only_once_it_could_have_landed(
+        start_tracker, sim, agent):
+    """A Letta too slow to answer before our timeout may create the run after we gave up: the
+    look for it waits ``dispatch.lookup_after_s``, so it finds the run, not send it again."""
+    t = await start_tracker(letta={"timeout_s": 0.3}, dispatch={"lookup_after_s": 1.0})
+    sim.set_faults(accept_delay_s=0.7)
+    landed_by = time.monotonic() + 0.8
+    run = await t.submit(agent)
+    assert run["tracker"]["state"] == "queued" and not sim.received  # timed out, not there yet
+    sim.set_faults(accept_delay_s=0.0)
+    done = await t.wait_state(run["id"], "done")
+    await asyncio.sleep(landed_by - time.monotonic())  # a second send would be there by now
+    assert len(sim.received) == 1 and done["tracker"]["letta_run_id"] == sim.received[0].run_id
+    kinds = [e["kind"] for e in await (await t.get(f"/v1/runs/{run['id']}/events")).json()]
+    assert "found_in_letta" in kinds
+
+
 async def test_serial_lanes_keep_order_across_agents(start_tracker, sim):
     t = await start_tracker()
     agents = [sim.create_agent(f"a{i}")["id"] for i in range(3)]

@@ -94,6 +94,7 @@ class DispatchConfig(Section):
     retry_min_s: float = Field(1.0, gt=0)
     retry_max_s: float = Field(60.0, gt=0)
     inline_timeout_s: float = Field(10.0, gt=0)
+    lookup_after_s: float = Field(30.0, ge=0)
 
 
 class AuthConfig(Section):

@@ -131,7 +131,9 @@ class Dispatcher:
                     return None
                 letta_run = await self.letta.send_async(run.agent_id, self._body(run))
             except LettaUnavailable as e:
-                await self._retry(run, e)
+                # a send (not a look) that got no answer may still be landing at Letta
+                await self._retry(run, e, landing=e.sent and not e.answered
+                                  and not run.needs_lookup)
                 return None
             except (LettaError, NotFound) as e:
                 return await self.manager.reject(run, e.status, e.detail)
@@ -173,11 +175,17 @@ class Dispatcher:
         body["callback_url"] = self.manager.callback_url(run.id)
         return body
 
-    async def _retry(self, run: RunRecord, e: LettaUnavailable) -> None:
-        """Back off and queue the run again; when Letta may have got it, look before resending."""
+    async def _retry(self, run: RunRecord, e: LettaUnavailable, landing: bool = False) -> None:
+        """Back off and queue the run again; when Letta may have got it, look before resending.
+        ``landing``: the send got no answer, and Letta may still be working on it."""
         delay = min(self.cfg.dispatch.retry_max_s,
                     self.cfg.dispatch.retry_min_s * 2 ** max(0, run.attempts - 1))
         delay = e.retry_after if e.retry_after is not None else delay * random.uniform(0.8, 1.2)
+        if landing:
+            # a Letta slow enough to time us out (its workers or database saturated) may
+            # create the run after we gave up: a look sooner would miss it, and send the
+            # message a second time
+            delay = max(delay, self.cfg.dispatch.lookup_after_s)
         log.warning("Letta unavailable, run requeued in %.1fs: %s", delay, e,
                     extra={"run_id": run.id, "agent_id": run.agent_id})
         # once a send may have reached Letta, every later try must look before resending

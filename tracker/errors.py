@@ -64,11 +64,15 @@ class LettaUnavailable(TrackerError):
 
     status = 503
 
-    def __init__(self, detail: str, retry_after: float | None = None, sent: bool = True) -> None:
+    def __init__(self, detail: str, retry_after: float | None = None, sent: bool = True,
+                 answered: bool = True) -> None:
         super().__init__(detail)
         self.retry_after = retry_after
         # False when the request surely never reached Letta (connection refused)
         self.sent = sent
+        # False when no answer came (a timeout, a connection lost after sending): Letta may
+        # still be working on the request, and may create its run a while later
+        self.answered = answered
 
 
 def error_body(status: int, detail: Any) -> dict:

@@ -78,7 +78,7 @@ class LettaClient:
         except TransportError as e:
             self._count(endpoint, "error" if e.sent else "unreachable")
             raise LettaUnavailable(f"Letta {'call failed' if e.sent else 'unreachable'}: {e}",
-                                   sent=e.sent) from e
+                                   sent=e.sent, answered=False) from e
         self._count(endpoint, answer.status)
         return self._answered(answer)
 

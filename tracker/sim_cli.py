@@ -19,6 +19,7 @@ _FAULT_OPTIONS = {
     "callback_lag": "callback_lag_s",
     "run_duration": "run_duration_s",
     "answer_time": "answer_time_s",
+    "accept_delay": "accept_delay_s",
     "fail_rate": "fail_rate",
     "never_finish_rate": "never_finish_rate",
     "api_429_rate": "api_429_rate",
@@ -49,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds the async submit takes to answer, uniform (0 0; the real server:"
              " 0.05 0.11)",
     )
+    parser.add_argument("--accept-delay", **seconds,
+                        help="seconds the async submit waits before creating its run (0),"
+                             " the client gone or not: a saturated server")
     parser.add_argument("--fail-rate", **rate, help="probability a run fails")
     parser.add_argument("--never-finish-rate", **rate, help="probability a run never ends")
     parser.add_argument("--api-429-rate", **rate, help="probability of a 429 answer")

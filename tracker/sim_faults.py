@@ -16,7 +16,8 @@ _RATES = (
     "api_5xx_rate",
     "response_drop",
 )
-_SECONDS = ("callback_delay_s", "callback_lag_s", "callback_timeout_s", "retry_after_s")
+_SECONDS = ("callback_delay_s", "callback_lag_s", "callback_timeout_s", "retry_after_s",
+            "accept_delay_s")
 _RANGES = ("run_duration_s", "answer_time_s")
 
 
@@ -29,6 +30,9 @@ class Faults:
     # Seconds the async submit takes to answer once its run is created (uniform): the real
     # server takes 0.05-0.11 (letta-behaviour.md); instant by default, for fast tests.
     answer_time_s: tuple[float, float] = (0.0, 0.0)
+    # Seconds the async submit waits before it creates its run (a server whose workers or
+    # database pool are saturated): the run is created even if the client gave up meanwhile.
+    accept_delay_s: float = 0.0
     # The callback never arrives; the run records it like an unreachable receiver.
     callback_drop: float = 0.0
     # Extra wait before the callback POST, on top of callback_lag_s.

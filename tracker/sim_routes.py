@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -19,6 +20,10 @@ from tracker.sim_requests import (
     run_ids_errors,
 )
 from tracker.sim_shapes import LETTA_VERSION, run_json, usage_json
+from tracker.sim_store import SimRun
+
+if TYPE_CHECKING:  # the simulator imports this module
+    from tracker.simulator import Simulator
 
 
 def add_v1_routes(router: web.UrlDispatcher) -> None:
@@ -79,12 +84,23 @@ async def send_message_async(request: web.Request) -> web.Response:
     # FastAPI validates path and body together and reports both.
     raise_if(agent_id_errors(agent_id) + (errors or async_body_errors(body)))
     sim = request.app[SIM_KEY]
-    run = sim.submit(agent_id, body, await request.read())
+    raw, faults = await request.read(), sim.request_faults(request)
+    if faults.accept_delay_s > 0:  # Letta goes on when its client leaves (uvicorn's way)
+        run = await asyncio.shield(_accept_late(sim, agent_id, body, raw, faults.accept_delay_s))
+    else:
+        run = sim.submit(agent_id, body, raw)
     answer = json_response(run_json(run))  # the run as created, whatever it does meanwhile
-    low, high = sim.request_faults(request).answer_time_s
+    low, high = faults.answer_time_s
     if high > 0:  # the real server's time to answer (its run is already created)
         await asyncio.sleep(sim.rng.uniform(low, high))
     return answer
+
+
+async def _accept_late(sim: Simulator, agent_id: str, body: dict, raw: bytes,
+                       delay: float) -> SimRun:
+    """The run created ``delay`` seconds late, as by a saturated server."""
+    await asyncio.sleep(delay)
+    return sim.submit(agent_id, body, raw)
 
 
 async def cancel_runs(request: web.Request) -> web.Response:
