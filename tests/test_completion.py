@@ -197,12 +197,15 @@ async def test_stuck_run_is_flagged_and_can_be_cancelled(start_tracker, sim, age
     stuck = await t.wait_state(run["id"], "stuck")
     assert stuck["status"] == "created"  # Letta's status is not invented
     polls = stuck["tracker"]["poll_count"]
+    behind = await t.submit(agent, "next")  # Letta may yet be at work: the lane is held
     await asyncio.sleep(1.5)
     assert (await t.run(run["id"]))["tracker"]["poll_count"] > polls
+    assert (await t.run(behind["id"]))["tracker"]["state"] == "queued" and len(sim.received) == 1
     resp = await t.post(f"/v1/agents/{agent}/messages/cancel", {"run_ids": [run["id"]]})
     assert await resp.json() == {run["id"]: "cancelled"}
     final = await t.wait_state(run["id"], "done", timeout=10)
     assert final["status"] == "cancelled"
+    await t.wait_state(behind["id"], "done")  # the cancel let it go
 
 
 async def test_run_deleted_upstream_is_lost(start_tracker, sim, agent):

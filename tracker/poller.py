@@ -267,8 +267,11 @@ class Poller:
             await self.store.transition(run.id, State.STUCK, (State.SUBMITTED,), fields,
                                         Event(Source.POLL, "stuck", {"deadline_s":
                                                                      self.p.deadline_s}))
-            log.warning("run stuck past its deadline", extra={"run_id": run.id,
-                                                               "agent_id": run.agent_id})
+            # Letta may still be at work on it (a long run) or have lost it (a restart): only
+            # a cancel tells, so the run keeps its agent's lane until it ends or is cancelled
+            log.warning("run stuck past its deadline (%gs): still polled; it holds its agent's"
+                        " lane, messages queued behind it wait: cancel it to let them go",
+                        self.p.deadline_s, extra={"run_id": run.id, "agent_id": run.agent_id})
             return
         await self.store.transition(run.id, None, WATCHED, fields,
                                     Event(Source.POLL, "still_active",
