@@ -281,12 +281,19 @@ async def test_approval_marker_pauses_the_run(client, agent):
     assert [m["message_type"] for m in messages] == ["user_message", "approval_request_message"]
 
 
-async def submit_approval(client, agent_id: str) -> dict[str, Any]:
+async def submit_approval(client, agent_id: str, call_id: str = "call-1",
+                          **answer: Any) -> dict[str, Any]:
+    message = answer or {"approvals": [{"type": "approval", "approve": True,
+                                        "tool_call_id": call_id}]}
     response = await client.post(f"/v1/agents/{agent_id}/messages/async", json={"messages": [
-        {"type": "approval", "approvals": [{"type": "approval", "approve": True,
-                                            "tool_call_id": "call-1"}]}]})
+        {"type": "approval", **message}]})
     assert response.status == 200, await response.text()
     return await response.json()
+
+
+async def approval_request(client, run_id: str) -> dict[str, Any]:
+    """The approval request a paused run ends with."""
+    return (await get_json(client, f"/v1/runs/{run_id}/messages"))[-1]
 
 
 async def test_a_paused_agent_refuses_messages_until_approved_as_letta_does(client, agent):
@@ -302,10 +309,37 @@ async def test_a_paused_agent_refuses_messages_until_approved_as_letta_does(clie
     assert (refused["status"], refused["stop_reason"]) == ("failed", "error")
     assert refused["metadata"]["error"].startswith("CONFLICT: Cannot send a new message")
     assert await get_json(client, f"/v1/runs/{refused['id']}/messages") == []
-    answer = await run_when(client, (await submit_approval(client, agent))["id"], terminal)
+    call_id = (await approval_request(client, paused["id"]))["tool_call"]["tool_call_id"]
+    answer = await run_when(client, (await submit_approval(client, agent, call_id))["id"],
+                            terminal)
     assert (answer["status"], answer["stop_reason"]) == ("completed", "end_turn")
     after = await run_when(client, (await submit(client, agent, "next"))["id"], terminal)
     assert (after["status"], after["stop_reason"]) == ("completed", "end_turn")
+
+
+async def test_an_approval_of_other_tool_calls_is_refused_and_the_agent_waits_on(client, agent):
+    """Letta checks an approval's tool call ids against those its agent asked about
+    (validate_approval_tool_call_ids): others fail the run, in its words, and the agent still
+    awaits the approval; the request's message id stands for its one call (the old form)."""
+    paused = await submit(client, agent, "[[approval]] please")
+    await run_when(client, paused["id"], terminal)
+    request = await approval_request(client, paused["id"])
+    call_id = request["tool_call"]["tool_call_id"]
+    for wrong, words in (({"approvals": [{"type": "approval", "approve": True,
+                                          "tool_call_id": "call-other"}]},
+                          f"Invalid tool call IDs. Expected '{[call_id]}', but received"
+                          " '['call-other']'."),
+                         ({"approvals": []}, "Invalid approval response.")):
+        failed = await run_when(client, (await submit_approval(client, agent, **wrong))["id"],
+                                terminal)
+        assert (failed["status"], failed["stop_reason"]) == ("failed", "error")
+        assert failed["metadata"]["error"].startswith(words)
+    still = await run_when(client, (await submit(client, agent, "next"))["id"], terminal)
+    assert still["metadata"]["error"].startswith("CONFLICT: Cannot send a new message")
+    old_form = {"approve": True, "approval_request_id": request["id"]}
+    answer = await run_when(client, (await submit_approval(client, agent, **old_form))["id"],
+                            terminal)
+    assert (answer["status"], answer["stop_reason"]) == ("completed", "end_turn")
 
 
 async def test_cancelling_a_paused_run_cancels_it_and_ends_the_wait(client, agent, receiver):

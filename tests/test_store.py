@@ -162,10 +162,10 @@ async def test_paused_lane_lets_only_the_answer_through_ahead_of_others(store):
     assert (await store.get_run(waiting.id)).state is State.QUEUED
 
 
-async def test_the_pause_holds_until_letta_has_the_answer(store):
+async def test_the_pause_holds_until_letta_has_taken_the_answer(store):
     """An answer whose send failed (a 429, a timeout: requeued) still goes ahead of the
-    messages queued behind the pause: the pause ends when Letta has the answer, not when the
-    answer is claimed. Refused by Letta, the answer leaves the agent paused."""
+    messages queued behind the pause: the pause ends when Letta has taken the answer, not when
+    the answer is claimed, nor sent. Refused by Letta, the answer leaves the agent paused."""
     first = await submit(store)
     await store.claim(serial=True, now=clock.now())
     await store.transition(first.id, State.PAUSED, (State.SUBMITTING,), {}, None)
@@ -180,14 +180,28 @@ async def test_the_pause_holds_until_letta_has_the_answer(store):
     await store.transition(answer.id, State.REJECTED, (State.SUBMITTING,), {}, None)
     assert (await store.get_run(first.id)).state is State.PAUSED
     assert await store.claim(serial=True, now=clock.now()) == []
-    # a second answer that Letta takes ends the pause; the message goes next
+    # a second answer: sent, but failed by Letta as answering other tool calls (checked only
+    # once its run starts), it leaves the pause; a third, that Letta takes, ends it once its
+    # run ends; the message goes next
+    wrong = await submit(store, kind="answer")
+    await store.claim(serial=True, now=clock.now())
+    await store.transition(wrong.id, State.SUBMITTED, (State.SUBMITTING,),
+                           {"letta_run_id": "run-letta-wrong"}, None)
+    assert (await store.get_run(first.id)).state is State.PAUSED
+    await store.transition(wrong.id, State.DONE, (State.SUBMITTED,), {
+        "status": "failed", "metadata": {"error": "Invalid tool call IDs. Expected '['call-a"
+                                         "']', but received '['call-b']'."}}, None)
+    assert (await store.get_run(first.id)).state is State.PAUSED
+    assert await store.claim(serial=True, now=clock.now()) == []
     retry = await submit(store, kind="answer")
     await store.claim(serial=True, now=clock.now())
     await store.transition(retry.id, State.SUBMITTED, (State.SUBMITTING,),
                            {"letta_run_id": "run-letta-answer"}, None)
+    assert (await store.get_run(first.id)).state is State.PAUSED
+    await store.transition(retry.id, State.DONE, (State.SUBMITTED,),
+                           {"status": "completed"}, None)
     assert (await store.get_run(first.id)).state is State.DONE
     assert "answered" in [e.kind for e in await store.events(first.id)]
-    await store.transition(retry.id, State.DONE, (State.SUBMITTED,), {}, None)
     [nxt] = await store.claim(serial=True, now=clock.now())
     assert nxt.id == waiting.id
 

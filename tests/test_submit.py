@@ -266,6 +266,21 @@ async def test_idempotency_key(start_tracker, sim, agent):
     assert len(sim.received) == 1
 
 
+async def approve(t, agent_id: str, call_id: str) -> dict:
+    """Submit an approval of the tool call ``call_id`` through the tracker."""
+    resp = await t.post(f"/v1/agents/{agent_id}/messages/async", {"messages": [
+        {"type": "approval", "approvals": [{"type": "approval", "approve": True,
+                                            "tool_call_id": call_id}]}]})
+    assert resp.status == 200, await resp.text()
+    return await resp.json()
+
+
+async def asked_call_id(t, paused_id: str) -> str:
+    """The tool call a paused run asks approval for (its last message)."""
+    messages = await (await t.get(f"/v1/runs/{paused_id}/messages")).json()
+    return messages[-1]["tool_call"]["tool_call_id"]
+
+
 async def test_requires_approval_holds_the_lane_for_the_answer(start_tracker, sim, agent):
     t = await start_tracker()
     paused = await t.submit(agent, "[[approval]] do it")
@@ -273,14 +288,33 @@ async def test_requires_approval_holds_the_lane_for_the_answer(start_tracker, si
     waiting = await t.submit(agent, "after")
     await asyncio.sleep(0.3)
     assert (await t.run(waiting["id"]))["tracker"]["state"] == "queued"
-    resp = await t.post(f"/v1/agents/{agent}/messages/async", {"messages": [
-        {"type": "approval", "approvals": [{"type": "approval", "approve": True,
-                                            "tool_call_id": "call-1"}]}]})
-    answer = await resp.json()
+    answer = await approve(t, agent, await asked_call_id(t, paused["id"]))
     await t.wait_state(answer["id"], "done")
     await t.wait_state(waiting["id"], "done")
     order = [json.dumps(rec.body["messages"][0]) for rec in sim.received]
     assert "approval" in order[1] and "after" in order[2]
+    assert (await t.run(paused["id"]))["tracker"]["state"] == "done"
+
+
+async def test_an_approval_letta_fails_as_of_other_tool_calls_leaves_the_pause(
+        start_tracker, sim, agent):
+    """Letta takes an approval's run, then fails it when it names other tool calls than those
+    asked about, and its agent goes on waiting: ended when Letta took the answer, the pause
+    let the message queued behind it go, and Letta failed it (PendingApprovalError). It now
+    waits for an answer Letta does not fail."""
+    t = await start_tracker()
+    paused = await t.submit(agent, "[[approval]] do it")
+    await t.wait_state(paused["id"], "paused")
+    waiting = await t.submit(agent, "after")
+    wrong = await t.wait_state((await approve(t, agent, "call-other"))["id"], "done")
+    assert wrong["status"] == "failed" and "Invalid tool call IDs" in wrong["metadata"]["error"]
+    await asyncio.sleep(0.3)
+    assert (await t.run(paused["id"]))["tracker"]["state"] == "paused"
+    assert (await t.run(waiting["id"]))["tracker"]["state"] == "queued"
+    right = await approve(t, agent, await asked_call_id(t, paused["id"]))
+    assert (await t.wait_state(right["id"], "done"))["status"] == "completed"
+    after = await t.wait_state(waiting["id"], "done")
+    assert (after["status"], after["stop_reason"]) == ("completed", "end_turn")
     assert (await t.run(paused["id"]))["tracker"]["state"] == "done"
 
 

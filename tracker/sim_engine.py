@@ -9,7 +9,8 @@ timer handles and nothing else. Letta's quirks kept on purpose:
   goes out;
 - a restart loses every in-flight turn and pending callback: those runs stay as they are;
 - an agent whose turn ended `requires_approval` awaits its approval: any other message fails,
-  as does an approval when none is awaited; cancelling the paused run cancels it (`cancelled`,
+  as does an approval when none is awaited, or one of other tool calls than those asked
+  about (and the agent goes on waiting); cancelling the paused run cancels it (`cancelled`,
   no callback) and ends the wait.
 """
 
@@ -62,7 +63,9 @@ class Engine:
             callback_url=url,
             inputs=inputs,
         )
-        plan = refusal(inputs, agent.id in self._awaiting) or plan_turn(inputs, faults, self.rng)
+        awaited = self.store.get(self._awaiting.get(agent.id, ""))
+        plan = (refusal(inputs, awaited.messages[-1] if awaited else None)
+                or plan_turn(inputs, faults, self.rng))
         if plan.error is None and is_answer(inputs):
             self._awaiting.pop(agent.id)  # answered: the agent takes messages again
         # Decided now, not at send time, so a seeded run repeats whatever the timing.

@@ -55,6 +55,8 @@ PENDING_APPROVAL = ("CONFLICT: Cannot send a new message: The agent is waiting f
                     " tool call. Please approve or deny the pending request before continuing.")
 NO_APPROVAL_PENDING = ("Cannot process approval response: No tool call is currently awaiting"
                        " approval. Please send a regular message to interact with the agent.")
+INVALID_APPROVAL = ("Invalid approval response. Approval response message does not contain any"
+                    " approvals.")
 #: such a refusal comes before any LLM call: the run fails at once
 REFUSED_S = 0.05
 
@@ -64,11 +66,31 @@ def is_answer(inputs: list[dict[str, Any]]) -> bool:
     return bool(inputs) and inputs[0].get("type", "message") != "message"
 
 
-def refusal(inputs: list[dict[str, Any]], awaiting: bool) -> TurnPlan | None:
-    """The plan of a turn Letta refuses for the agent's approval state, or None."""
-    if is_answer(inputs) != awaiting:
-        return TurnPlan(REFUSED_S, "fail", error=PENDING_APPROVAL if awaiting
+def refusal(inputs: list[dict[str, Any]], awaited: dict[str, Any] | None) -> TurnPlan | None:
+    """The plan of a turn Letta refuses for the agent's approval state, or None; ``awaited``:
+    the approval request message the agent waits on, if any."""
+    if is_answer(inputs) != (awaited is not None):
+        return TurnPlan(REFUSED_S, "fail", error=PENDING_APPROVAL if awaited
                         else NO_APPROVAL_PENDING)
+    error = awaited and wrong_answer(inputs[0], awaited)
+    return TurnPlan(REFUSED_S, "fail", error=error) if error else None
+
+
+def wrong_answer(answer: dict[str, Any], request: dict[str, Any]) -> str | None:
+    """Letta's words refusing an approval (or tool return) that does not answer the tool
+    calls ``request`` asks about (agents/helpers.py, validate_approval_tool_call_ids): the
+    agent goes on waiting. None when it answers them."""
+    approvals = answer.get("approvals") or answer.get("tool_returns")
+    if not approvals and answer.get("approve") is not None and answer.get("approval_request_id"):
+        # Letta turns the deprecated fields into one approval of that id
+        approvals = [{"tool_call_id": answer["approval_request_id"]}]
+    if not approvals:
+        return INVALID_APPROVAL
+    expected = [c["tool_call_id"] for c in request.get("tool_calls") or ()]
+    got = [a.get("tool_call_id") for a in approvals]
+    # the request's message id stands for its one tool call (what Letta once asked for)
+    if set(expected) ^ set(got) and not (len(expected) == 1 and got[0] == request["id"]):
+        return f"Invalid tool call IDs. Expected '{expected}', but received '{got}'."
     return None
 
 

@@ -63,9 +63,12 @@ FINAL = frozenset({State.DONE, State.REJECTED, State.CANCELLED, State.LOST})
 WATCHED = frozenset({State.SUBMITTED, State.STUCK, State.CONFIRMING})
 #: runs that keep their agent's lane busy (serial dispatch)
 LANE_BUSY = frozenset({State.SUBMITTING, State.SUBMITTED, State.STUCK, State.CONFIRMING})
-#: states a run reaches only once Letta has taken it: an answer in one ends its agent's pause
-AT_LETTA = frozenset(
-    {State.SUBMITTED, State.STUCK, State.CONFIRMING, State.PAUSED, State.DONE, State.LOST})
+#: an answer's run has ended in these: the pause it answers ends, unless Letta refused the
+#: answer (see ``ends_pause``)
+ANSWERED = frozenset({State.PAUSED, State.DONE, State.LOST})
+#: how Letta's words begin when it fails an approval (or tool return) of other tool calls than
+#: those its agent asked about (agents/helpers.py): the agent goes on waiting
+REFUSED_ANSWER = ("Invalid tool call IDs.", "Invalid approval response.")
 #: runs the relay reports to the user's callback_url once reached
 REPORTED = frozenset({State.PAUSED, *FINAL})
 
@@ -104,6 +107,17 @@ def sources_of(new: State) -> tuple[State, ...]:
 def may_overwrite(state: State, status: str | None, new_status: str) -> bool:
     """Letta overwrites a cancelled run to completed when its step ends: accept that one."""
     return state == State.DONE and status == Status.CANCELLED and new_status == Status.COMPLETED
+
+
+def ends_pause(state: State, status: str, metadata: dict | None) -> bool:
+    """Whether an answer's run, now in ``state``, ends the pause it answers. Not when Letta
+    takes it: Letta checks an answer only once its run starts, and fails it when it names
+    other tool calls than those asked about; its agent then awaits the approval still, and
+    the messages queued behind the pause must wait on."""
+    if state not in ANSWERED:
+        return False
+    error = (metadata or {}).get("error") if status == Status.FAILED else None
+    return not (isinstance(error, str) and error.startswith(REFUSED_ANSWER))
 
 
 def state_for(status: str, stop_reason: str | None) -> State | None:

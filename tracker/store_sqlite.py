@@ -26,7 +26,7 @@ from tracker.sqlite_queries import (
     marks,
 )
 from tracker.sqlite_reads import RunReads
-from tracker.states import AT_LETTA, FINAL, LANE_BUSY, Source, State
+from tracker.states import FINAL, LANE_BUSY, Source, State, ends_pause
 from tracker.store import Add, Event, NewRun, RunRecord
 
 _EVENT_INTO = "INSERT INTO run_events (run_id, at, source, kind, state, status, detail)"
@@ -142,9 +142,10 @@ class SQLiteStore(RunReads, CallbackInbox, Accounts, Deliveries, GroupCommit):
         return not earlier
 
     def _answer_pause(self, db: sqlite3.Connection, answer: RunRecord, source: str) -> None:
-        """Letta has the approval or tool return: the run that paused for it is done. Not
-        before (at the answer's claim): an answer requeued or refused leaves the agent
-        paused at Letta, and the messages queued behind the pause must wait on."""
+        """Letta took the approval or tool return: the run that paused for it is done. Not
+        before (when the answer is claimed, or sent): an answer requeued, refused at the door
+        or failed as answering other tool calls leaves the agent paused at Letta, and the
+        messages queued behind the pause must wait on (``states.ends_pause``)."""
         rows = db.execute(
             "UPDATE runs SET state = 'done' WHERE agent_id = ? AND state = 'paused'"
             " AND seq < ? RETURNING id, status", (answer.agent_id, answer.seq)).fetchall()
@@ -220,7 +221,7 @@ class SQLiteStore(RunReads, CallbackInbox, Accounts, Deliveries, GroupCommit):
             if not rows:
                 return None
             run = as_run(rows[0])
-            if run.kind == "answer" and run.state in AT_LETTA:
+            if run.kind == "answer" and ends_pause(run.state, run.status, run.metadata):
                 self._answer_pause(db, run, event.source if event else Source.DISPATCH)
             if payload:
                 db.execute(payload_sql, (*payload.values(), run.seq))
