@@ -96,18 +96,17 @@ def test_the_shape_check_and_the_full_parse_agree(raw):
     assert verdict(raw, LettaCallbackShape) == verdict(raw, LettaCallback)
 
 
-@pytest.mark.parametrize(("kinds", "steps", "messages", "cut"), [
-    (None, 1, 2, False),                      # a short run: its callback is whole
-    (None, 1, 100, True),                     # 100 shown: there may be more
-    (["assistant_message"], 1, 1, False),     # filtered, one step: few stored
-    (["assistant_message"], 45, 1, True),     # filtered, many steps: 100 stored or more
+@pytest.mark.parametrize(("steps", "messages", "cut"), [
+    (1, 2, False),     # a short run: its callback is whole
+    (1, 100, True),    # 100 shown: there may be more
+    (44, 50, False),   # fewer steps than 100 stored messages take
+    (45, 50, True),    # steps enough to store 100, though fewer shown (a legacy agent's
+                       # send_message: two stored, one shown)
 ])
 def test_a_callback_perhaps_cut_by_letta_is_told_by_its_count_or_its_steps(
-        kinds, steps, messages, cut):
+        steps, messages, cut):
     """Letta's callback carries the messages of the run's first 100 stored ones: a callback
-    showing 100, or a filtered run's with steps enough to store 100, may lack the last."""
-    from types import SimpleNamespace
-
+    showing 100, or a run's with steps enough to store 100, may lack the last."""
     from tracker.callbacks import maybe_cut
     from tracker.manager import Observation
 
@@ -116,5 +115,4 @@ def test_a_callback_perhaps_cut_by_letta_is_told_by_its_count_or_its_steps(
     result["messages"] = [result["messages"][-1]] * messages
     result["usage"]["step_count"] = steps
     parsed = parse_callback(json.dumps(raw).encode())
-    run = SimpleNamespace(request_config={"include_return_message_types": kinds})
-    assert maybe_cut(Observation.from_callback(parsed), parsed, run) is cut
+    assert maybe_cut(Observation.from_callback(parsed), parsed) is cut

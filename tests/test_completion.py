@@ -489,6 +489,27 @@ def _long_result(sim, letta_id: str, extra: int) -> list[dict]:
     return letta_run.messages
 
 
+async def test_a_long_result_of_hidden_kinds_is_read_whole_and_filtered_here(
+        start_tracker, sim, agent):
+    """Letta applies include_return_message_types to each page of a run's stored messages:
+    given it, Letta answered a first page of 1,000 tool steps with nothing, which ended the
+    paging, and the answer after them was never read (recorded: no messages). The tracker
+    keeps it from Letta and filters what it records."""
+    sim.set_faults(callback_drop=1.0)
+    t = await start_tracker(polling={"grace_s": 1.0})
+    run = await t.submit(agent, "[[delay=0.1]] a long one",
+                         include_return_message_types=["assistant_message"])
+    assert "include_return_message_types" not in sim.received[0].body
+    letta_id = (await t.run(run["id"]))["tracker"]["letta_run_id"]
+    await eventually(lambda: sim.store.get(letta_id).status == "completed")
+    messages = _long_result(sim, letta_id, 1500)  # before the first poll
+    done = await t.wait_state(run["id"], "done")
+    assert done["request_config"]["include_return_message_types"] == ["assistant_message"]
+    got = await (await t.get(f"/v1/runs/{run['id']}/messages", limit=1000)).json()
+    assert [m["id"] for m in got] == [messages[-1]["id"]]
+    assert got[0]["message_type"] == "assistant_message"
+
+
 @pytest.mark.parametrize("letta_up", [True, False])
 async def test_a_callback_cut_short_by_letta_is_completed_from_lettas_messages(
         start_tracker, sim, agent, letta_up):

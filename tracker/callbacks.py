@@ -177,17 +177,15 @@ async def _created_by_us(letta: LettaClient, letta_run_id: str, token: str) -> b
     return names_token(letta_run.get("callback_url"), token)
 
 
-def maybe_cut(obs: Observation, body: LettaCallback, run: RunRecord) -> bool:
+def maybe_cut(obs: Observation, body: LettaCallback) -> bool:
     """Whether the callback's messages may be only the run's first ones: Letta puts in its
     callback those of the run's first 100 stored messages (run_manager.get_run_messages,
     called without a limit), so a run with more ends without its last ones, its answer
-    among them. Judged by the count, or, where the run's include_return_message_types hides
-    some of those stored (the count then says little), by its steps (each stores two or
-    more when the run goes on past it)."""
+    among them. Judged by the count, or by the steps where the count says little (each step
+    of a run that goes on past it stores two messages or more, and a legacy agent's
+    send_message stores two that Letta shows as one)."""
     if len(obs.messages or ()) >= CALLBACK_STORED_MESSAGES:
         return True
-    if not (run.request_config or {}).get("include_return_message_types"):
-        return False
     result = body.metadata.result if body.metadata else None
     steps = ((result.usage if result else None) or {}).get("step_count") or 0
     return 2 * steps >= CALLBACK_STORED_MESSAGES - 10  # a little room for the inputs
@@ -332,7 +330,7 @@ class Applier:
         try:
             body = parse_callback(item.body)
             obs = Observation.from_callback(body)
-            if maybe_cut(obs, body, run) and not await self._all_messages(run, obs):
+            if maybe_cut(obs, body) and not await self._all_messages(run, obs):
                 return True  # left to the poller, which reads every message
             await self.manager.apply_remote(run, obs, Source.CALLBACK)
         except Unavailable:

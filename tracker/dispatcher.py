@@ -170,9 +170,14 @@ class Dispatcher:
                                        needs_lookup=True, error=repr(e))
 
     def _body(self, run: RunRecord) -> dict:
-        """The body as the user gave it, but with our callback URL (theirs goes to the relay)."""
+        """The body as the user gave it, but with our callback URL (theirs goes to the relay),
+        and without include_return_message_types: the tracker applies it to the result it
+        records (``manager.shown``). Letta applies it to each page of a run's stored
+        messages, so a page all of hidden kinds (a long run's tool steps) came back empty
+        and ended the paging: the rest, the answer among them, was never read."""
         body = dict(run.request or {})
         body["callback_url"] = self.manager.callback_url(run.id)
+        body.pop("include_return_message_types", None)
         return body
 
     async def _retry(self, run: RunRecord, e: LettaUnavailable, landing: bool = False) -> None:

@@ -102,6 +102,15 @@ class Observation:
                    messages=result.get("messages"), usage=letta_usage(result.get("usage")))
 
 
+def shown(messages: list, config: dict | None) -> list:
+    """The messages of the kinds the run's include_return_message_types asks for (all when
+    unset): applied here, not by Letta (see ``Dispatcher._body``)."""
+    kinds = (config or {}).get("include_return_message_types")
+    if not kinds:
+        return messages
+    return [m for m in messages if isinstance(m, dict) and m.get("message_type") in kinds]
+
+
 def _changed(run: RunRecord, fields: dict[str, Any]) -> dict[str, Any]:
     """``fields`` without the Letta id and status when the run already holds those values:
     an unchanged column left out of an UPDATE spares rewriting its indexes."""
@@ -196,7 +205,7 @@ class Manager:
             return updated or run
         if target is State.CONFIRMING and self._confirmed(run, source):
             target = State.DONE
-        fields.update(self._final_fields(target, obs, source))
+        fields.update(self._final_fields(target, obs, source, run.request_config))
         expect = tuple(s for s in sources_of(target) if s is not State.PAUSED)
         event = Event(source, "completed" if target in REPORTED else "cancel_seen",
                       {"status": obs.status, "stop_reason": obs.stop_reason,
@@ -217,12 +226,13 @@ class Manager:
         seen = clock.epoch(run.recorded_at) or 0
         return clock.now() >= seen + self.cfg.polling.cancel_confirm_s
 
-    def _final_fields(self, target: State, obs: Observation, source: str) -> dict[str, Any]:
+    def _final_fields(self, target: State, obs: Observation, source: str,
+                      config: dict | None) -> dict[str, Any]:
         now = clock.now()
         fields: dict[str, Any] = {"completed_at": clock.to_iso(obs.completed_at),
                                   "recorded_at": clock.iso(now), "completed_via": source}
         if obs.messages is not None:
-            fields["messages"] = obs.messages
+            fields["messages"] = shown(obs.messages, config)
         if obs.usage is not None:
             fields["usage"] = obs.usage
         if target is State.CONFIRMING:

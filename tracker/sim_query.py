@@ -9,7 +9,7 @@ from multidict import MultiMapping
 
 from tracker.sim_errors import ErrorItem, choices_text, invalid, query_item
 from tracker.sim_shapes import ACTIVE_STATUSES, RUN_STATUSES, STOP_REASONS
-from tracker.sim_store import RunQuery
+from tracker.sim_store import RunQuery, first_stored
 
 _TRUE = frozenset({"1", "on", "t", "true", "y", "yes"})
 _FALSE = frozenset({"0", "off", "f", "false", "n", "no"})
@@ -68,13 +68,15 @@ def message_page(query: MultiMapping[str]) -> MessagePage:
 def paginate(messages: list[dict[str, Any]], page: MessagePage) -> list[dict[str, Any]]:
     """A page of messages. The cursors (message ids) bound the sequence whatever the order,
     as in Letta (message_manager.list_messages): `after` keeps the later messages, `before`
-    the earlier ones, and a newest-first page is the newest of them."""
+    the earlier ones, and a newest-first page is the newest of them. The limit counts stored
+    messages, as Letta's does: those cut from one stored message (sharing its id) come
+    together, so a page can hold more than `limit` (and, filtered after, fewer)."""
     ids = [m["id"] for m in messages]
     # One stored message can yield several LettaMessages sharing its id: skip them all.
     start = len(ids) - ids[::-1].index(page.after) if page.after in ids else 0
     stop = ids.index(page.before) if page.before in ids else len(ids)
     chosen = messages[start:stop]
-    return (chosen if page.ascending else chosen[::-1])[: max(page.limit, 0)]
+    return first_stored(chosen if page.ascending else chosen[::-1], max(page.limit, 0))
 
 
 class _Reader:

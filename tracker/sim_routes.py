@@ -139,7 +139,7 @@ async def list_run_messages(request: web.Request) -> web.Response:
     """`GET /v1/runs/{run_id}/messages`, oldest first by default."""
     page = message_page(request.query)
     run = request.app[SIM_KEY].lookup_run(request.match_info["run_id"])
-    return json_response(paginate(run.visible_messages(), page))
+    return json_response(run.visible(paginate(run.messages, page)))
 
 
 async def get_run_usage(request: web.Request) -> web.Response:

@@ -162,7 +162,7 @@ def callback_json(
     metadata = dict(run.metadata)
     metadata["result"] = {
         # Letta reads them with get_run_messages' default limit: a longer run's are cut short
-        "messages": run.visible_messages(stored=CALLBACK_STORED_MESSAGES),
+        "messages": run.first_messages(CALLBACK_STORED_MESSAGES),
         "stop_reason": {"message_type": "stop_reason", "stop_reason": stop_reason},
         "usage": usage_statistics(run),
         "logprobs": None,

@@ -69,16 +69,19 @@ class SimRun:
         """The otids of the messages this run was given."""
         return [m["otid"] for m in self.inputs]
 
-    def visible_messages(self, stored: int | None = None) -> list[dict[str, Any]]:
-        """The run's messages, filtered by the request's include_return_message_types; with
-        ``stored``, only those of its first ``stored`` stored messages (Letta's limit counts
-        stored messages, before one is cut into several, and before the filter)."""
+    def first_messages(self, stored: int) -> list[dict[str, Any]]:
+        """The messages of the run's first ``stored`` stored ones, filtered (what Letta's
+        callback carries)."""
+        return self.visible(first_stored(self.messages, stored))
+
+    def visible(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``messages`` filtered by the request's include_return_message_types, as Letta
+        filters a page of a run's messages, once the page is cut."""
         kinds = self.request_config.get("include_return_message_types")
-        shown = self.messages if stored is None else _first_stored(self.messages, stored)
-        return [m for m in shown if not kinds or m["message_type"] in kinds]
+        return [m for m in messages if not kinds or m["message_type"] in kinds]
 
 
-def _first_stored(messages: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+def first_stored(messages: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
     """The messages of the first ``n`` stored ones (those cut from one share its id)."""
     ids: set[str] = set()
     out = []
