@@ -273,6 +273,37 @@ async def test_redeliver_sends_again_under_the_same_webhook_id(store, user, serv
     assert rx.seen[0].headers["webhook-id"] == rx.seen[1].headers["webhook-id"]
 
 
+async def test_a_redeliver_asked_for_during_an_attempt_is_not_lost(store, user, serve, relays,
+                                                                  tmp_path):
+    """The attempt in flight, ending, recorded its own verdict over the redeliver's "send
+    now": after the schedule's last attempt the delivery ended failed, never sent again."""
+    rx = Receiver(Reply(500, delay=0.5), Reply(200))
+    run = await final_run(store, user, await serve(rx))
+    relay = await relays(cfg_with(tmp_path, retry_schedule_s=[0]), store)
+    await eventually(lambda: rx.seen)  # the one attempt the schedule allows, in flight
+    await store.redeliver(run.id, clock.now())
+    relay.wakeup.set()
+    d = await eventually(lambda: finished(store, run.id))
+    assert d.state == "delivered" and len(rx.seen) == 2
+    assert [a["status_code"] for a in d.attempt_log] == [500, 200]
+
+
+async def test_a_delivery_failing_unexpectedly_counts_its_attempts_and_ends(
+        store, user, relays, tmp_path, monkeypatch):
+    """An error no attempt expects (a bug; a host name the checks let by, whose lookup
+    raised) was retried every 5 s forever, unrecorded, holding its slot."""
+    run = await final_run(store, user, "http://receiver.example/hook")
+
+    async def broken(self, d):
+        raise UnicodeError("encoding with 'idna' codec failed")
+
+    monkeypatch.setattr(Relay, "_attempt", broken)
+    await relays(cfg_with(tmp_path, retry_schedule_s=[0, 0.1]), store)
+    d = await eventually(lambda: finished(store, run.id))
+    assert d.state == "failed" and d.attempts == 2
+    assert "internal error" in d.attempt_log[0]["error"]
+
+
 async def test_an_attempt_on_a_delivery_deleted_during_its_post_leaves_no_row(store, user, serve,
                                                                              relays, tmp_path):
     """A POST can take 15 s: the run and its delivery deleted meanwhile (as prune deletes
@@ -522,13 +553,23 @@ def test_public_addresses_are_allowed(address):
 
 
 @pytest.mark.parametrize("url", ["ftp://example.com/x", "file:///etc/passwd", "example.com/x",
-                                 "http:///nohost", "http://169.254.169.254/latest/meta-data"])
+                                 "http:///nohost", "http://169.254.169.254/latest/meta-data",
+                                 # names no lookup can encode: an empty label, one too long
+                                 "http://a..example.com/hook",
+                                 f"http://{'a' * 64}.example.com/hook"])
 def test_bad_callback_urls_are_refused(url):
     with pytest.raises(RefusedDestination):
         check_url(url, allow_private=True)
 
 
 # --- retry policy ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("schedule", [[], [5, 10], [0, -1]])
+def test_a_retry_schedule_that_cannot_be_kept_is_refused(tmp_path, schedule):
+    """The first attempt goes as the outcome is recorded: a first delay, ignored, is refused."""
+    with pytest.raises(ValueError, match="first 0"):
+        cfg_with(tmp_path, retry_schedule_s=schedule)
 
 
 def test_retry_after_seconds_and_http_date():

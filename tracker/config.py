@@ -105,6 +105,16 @@ class RelayConfig(Section):
     timeout_s: float = Field(15.0, gt=0)
     retry_schedule_s: list[float] = [0, 5, 300, 1800, 7200, 18000, 36000, 36000]
     allow_private: bool = False
+
+    @field_validator("retry_schedule_s")
+    @classmethod
+    def _schedule(cls, v: list[float]) -> list[float]:
+        # one entry per attempt, the wait before it; the first goes as the outcome is
+        # recorded (in its transaction's outbox row), so its entry must say so
+        if not v or v[0] != 0 or min(v) < 0:
+            raise ValueError("one delay per attempt, in seconds: the first 0 (the first attempt"
+                             " goes at once), none negative")
+        return v
     concurrency: int = Field(16, ge=1)
     per_destination: int = Field(4, ge=1)
 

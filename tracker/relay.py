@@ -8,6 +8,7 @@ again on the next start with the same ``webhook-id``, so receivers can drop the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter
@@ -152,18 +153,26 @@ class Relay:
     async def _send(self, d: Delivery) -> None:
         try:
             await self.deliver(d)
-        except Exception:
-            log.exception("delivery %s: attempt not recorded; retrying later", d.id)
-            # holding the row a while keeps a failing store from being hammered (and the
-            # receiver from being sent the same delivery in a tight loop)
+        except Exception as e:
+            log.exception("delivery %s: attempt failed unexpectedly", d.id)
+            # counted as an attempt, on the schedule: a fault that repeats (a bug, a URL the
+            # checks let by) must not retry the delivery forever, holding its slot
+            with contextlib.suppress(Exception):
+                await self._record(d, Outcome(error=f"internal error: {e!r}"), clock.iso())
+                return
+            # the store failing too: holding the row a while keeps it from being hammered
+            # (and the receiver from being sent the same delivery in a tight loop)
             await asyncio.sleep(ERROR_PAUSE_S)
 
     async def deliver(self, d: Delivery) -> None:
         """One attempt at ``d``: check, sign, POST; record it, then schedule the next or finish."""
         at = clock.iso()
-        outcome = await self._attempt(d)
+        await self._record(d, await self._attempt(d), at)
+
+    async def _record(self, d: Delivery, outcome: Outcome, at: str) -> None:
         state, next_at = next_step(d.attempts + 1, outcome, self.r.retry_schedule_s, clock.now())
-        await self.store.record_attempt(d.id, outcome.record(at), state, next_at)
+        await self.store.record_attempt(d.id, outcome.record(at), state, next_at,
+                                        claimed_at=d.next_attempt_at)
         if self.on_outcome:
             self.on_outcome(str(state))
         log.info("delivery %s: attempt %d -> %s (%s)", d.id, d.attempts + 1, state,
@@ -194,6 +203,9 @@ class Relay:
                            error=f"no answer within {self.r.timeout_s:g}s")
         except aiohttp.ClientError as e:
             return _client_error(e, _ms(started))
+        except ValueError as e:  # a URL or host name the client cannot use: never will
+            return Outcome(latency_ms=_ms(started), error=f"{type(e).__name__}: {e}",
+                           final=True)
 
     async def stop(self, grace_s: float = STOP_GRACE_S) -> None:
         """Stop the loop, give attempts in flight ``grace_s`` to finish, cancel the rest."""

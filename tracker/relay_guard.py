@@ -75,6 +75,13 @@ def check_url(url: str, allow_private: bool) -> None:
         raise RefusedDestination("destination refused: the URL has no host")
     if _is_ip_literal(parsed.host):
         check_address(parsed.host, allow_private)
+        return
+    try:
+        # what the name lookup does first: an empty label or one over 63 characters fails
+        # there, with an error that is no connection error (and was retried forever)
+        parsed.host.encode("idna")
+    except UnicodeError:
+        raise RefusedDestination("destination refused: the host is not a valid name") from None
 
 
 def destination(url: str) -> str:

@@ -47,16 +47,24 @@ class Deliveries(SQLiteDB):
         return rows[0][0]
 
     async def record_attempt(self, delivery_id: str, attempt: dict, state: str,
-                             next_attempt_at: float | None) -> None:
-        """Log an attempt and reschedule or close its delivery; nothing if that is gone."""
+                             next_attempt_at: float | None,
+                             claimed_at: float | None = None) -> None:
+        """Log an attempt and reschedule or close its delivery; nothing if that is gone.
+        ``claimed_at``: the delivery's next_attempt_at when the attempt began; a redeliver
+        asked for meanwhile has changed it, and wins: the delivery stays due as it set."""
         finished = clock.iso() if state != "pending" else None
+        outcome = (attempt.get("status_code"), attempt.get("error"))
 
         def write(db: sqlite3.Connection) -> None:
             if not db.execute(
                 "UPDATE deliveries SET attempts = attempts + 1, state = ?, next_attempt_at = ?,"
-                " last_status = ?, last_error = ?, finished_at = ? WHERE id = ?",
-                (state, next_attempt_at, attempt.get("status_code"), attempt.get("error"),
-                 finished, delivery_id),
+                " last_status = ?, last_error = ?, finished_at = ?"
+                " WHERE id = ? AND (? IS NULL OR next_attempt_at = ?)",
+                (state, next_attempt_at, *outcome, finished, delivery_id, claimed_at,
+                 claimed_at),
+            ).rowcount and not db.execute(
+                "UPDATE deliveries SET attempts = attempts + 1, last_status = ?,"
+                " last_error = ? WHERE id = ?", (*outcome, delivery_id),
             ).rowcount:
                 return  # deleted with its run during the POST: an attempt row would be orphaned
             db.execute(
