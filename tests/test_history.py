@@ -11,6 +11,7 @@ from tests import samples
 from tests.conftest import eventually
 from tests.test_letta_request import walk
 from tracker import auth
+from tracker import manager as manager_module
 from tracker.serialize import json_response
 
 
@@ -231,6 +232,19 @@ async def test_cancel_queued_locally_and_all_active(start_tracker, sim, agent):
     resp = await t.post(f"/v1/agents/{agent}/messages/cancel", {})
     assert resp.status == 409
     assert (await resp.json())["detail"].startswith("CONFLICT: No active runs")
+
+
+async def test_cancel_of_all_reaches_past_a_page_to_the_run_at_letta(start_tracker, sim,
+                                                                     agent, monkeypatch):
+    """Read as one page of the newest, a backlog longer than the page left out the oldest
+    run, the one at Letta holding the lane: the answer looked whole, the lane stayed held."""
+    monkeypatch.setattr(manager_module, "CANCEL_PAGE", 3)
+    t = await start_tracker()
+    stuck = await t.submit(agent, "[[never]] forever")
+    backlog = [await t.submit(agent, f"waits {i}") for i in range(7)]
+    resp = await t.post(f"/v1/agents/{agent}/messages/cancel", None)
+    assert await resp.json() == {r["id"]: "cancelled" for r in [stuck, *backlog]}
+    assert sim.store.get(stuck["tracker"]["letta_run_id"]).status == "cancelled"
 
 
 async def test_cancel_with_a_body_that_is_no_object_cancels_nothing(start_tracker, sim,

@@ -41,6 +41,8 @@ log = logging.getLogger("tracker.manager")
 #: what Letta's run holds that the tracker's shows as it is. Not its callback_sent_at,
 #: callback_status_code and callback_error: those tell of Letta's callback to the tracker, and
 #: the run shows the relay's delivery to the user's callback_url there (the relay sets them)
+#: live runs read a page at a time by a cancel of all of an agent's
+CANCEL_PAGE = 1000
 LETTA_FIELDS = ("conversation_id", "base_template_id", "background", "metadata", "ttft_ns",
                 "total_duration_ns")
 USAGE_KEYS = ("completion_tokens", "prompt_tokens", "total_tokens", "prompt_tokens_details",
@@ -303,8 +305,16 @@ class Manager:
         if run_ids is not None:
             return {r: await self.store.get_run(r, scope) for r in run_ids}
         live = [s.value for s in (State.QUEUED, State.SUBMITTING, *WATCHED, State.PAUSED)]
-        runs = await self.store.list_runs(RunFilter(user_id=scope, agent_id=agent_id,
-                                                    states=live, limit=1000))
+        # every one, oldest first: a backlog of more than a page behind a stuck run must
+        # not leave out that run, the one holding the lane (the oldest)
+        runs: list[RunRecord] = []
+        while True:
+            page = await self.store.list_runs(RunFilter(
+                user_id=scope, agent_id=agent_id, states=live, limit=CANCEL_PAGE,
+                ascending=True, after=runs[-1].id if runs else None))
+            runs += page
+            if len(page) < CANCEL_PAGE:
+                break
         if not runs:
             raise Conflict(f"CONFLICT: No active runs to cancel for agent {agent_id}")
         return {r.id: r for r in runs}
