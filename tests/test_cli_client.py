@@ -206,7 +206,8 @@ async def test_submit_timeout_is_checked_and_documented(tracker, url, agent):
 
 
 async def test_submit_wait_says_it_is_confirming_a_cancel(start_tracker, agent):
-    t = await start_tracker(polling={"cancel_confirm_s": 2.0})
+    # a step that never ends: the cancel is final at the run's deadline
+    t = await start_tracker(polling={"cancel_confirm_s": 2.0, "deadline_s": 2.5})
     url = str(t.client.make_url("/")).rstrip("/")
     waiting = asyncio.create_task(cli("submit", agent, "[[never]] forever", "--wait", url=url,
                                       key=t.key))

@@ -268,8 +268,9 @@ async def test_a_cancel_letta_overwrites_is_one_outcome_in_the_metrics(start_tra
     tracker_runs_completed (it was counted under both statuses)."""
     from tracker.manager import Observation
 
-    t = await start_tracker(polling={"cancel_confirm_s": 0.3})
-    run = await t.submit(agent, "[[delay=3]] slow")
+    # a step Letta lost (never ends): the cancel is final at the run's deadline
+    t = await start_tracker(polling={"cancel_confirm_s": 0.3, "deadline_s": 0.5})
+    run = await t.submit(agent, "[[never]] slow")
     await t.post(f"/v1/agents/{agent}/messages/cancel", {"run_ids": [run["id"]]})
     done = await t.wait_state(run["id"], "done")
     assert done["status"] == "cancelled"
@@ -284,12 +285,38 @@ async def test_a_cancel_letta_overwrites_is_one_outcome_in_the_metrics(start_tra
     assert sum(counted) == 1, counted
 
 
-async def test_cancel_of_a_finished_step_settles_on_cancelled(start_tracker, sim, agent):
-    t = await start_tracker(polling={"cancel_confirm_s": 0.5})
+async def test_cancel_of_a_run_whose_step_letta_lost_settles_at_its_deadline(
+        start_tracker, sim, agent):
+    """A step Letta lost (a restart) stays `pending` for ever: the cancel waits for it no
+    longer than the run's deadline, then is final."""
+    t = await start_tracker(polling={"cancel_confirm_s": 0.3, "deadline_s": 1.5})
     run = await t.submit(agent, "[[never]] forever")
     await t.post(f"/v1/agents/{agent}/messages/cancel", {"run_ids": [run["id"]]})
+    await asyncio.sleep(1.0)
+    assert (await t.run(run["id"]))["tracker"]["state"] == "confirming"
     final = await t.wait_state(run["id"], "done", timeout=10)
     assert final["status"] == "cancelled"
+
+
+async def test_a_cancel_whose_step_outlives_the_window_waits_for_its_end(
+        start_tracker, sim, agent):
+    """A cancel does not stop Letta's step. Taken for final once cancel_confirm_s had passed,
+    the run kept `cancelled` while Letta, at the step's end, overwrote it to completed (no
+    callback, no poll after), and the lane let the agent's next message go while the step
+    still ran: two at once at Letta. The cancel now waits for Letta's step to end."""
+    t = await start_tracker(polling={"cancel_confirm_s": 0.3})
+    run = await t.submit(agent, "[[delay=2]] a long step")
+    behind = await t.submit(agent, "next")
+    resp = await t.post(f"/v1/agents/{agent}/messages/cancel", {"run_ids": [run["id"]]})
+    assert await resp.json() == {run["id"]: "cancelled"}
+    await asyncio.sleep(1.2)  # the window long past, the step still running
+    assert (await t.run(run["id"]))["tracker"]["state"] == "confirming"
+    assert len(sim.received) == 1
+    final = await t.wait_state(run["id"], "done")
+    assert (final["status"], final["stop_reason"]) == ("completed", "end_turn")
+    await t.wait_state(behind["id"], "done")
+    first, second = sim.received
+    assert second.at - first.at >= 2.0  # sent once the step had ended
 
 
 async def test_letta_down_makes_the_poller_back_off_then_finish(start_tracker, sim, agent):
@@ -767,11 +794,11 @@ async def test_a_stranded_run_is_rescued_at_its_second_sighting_not_its_first(
     assert timeline[1:4] == ["rescued", "not_found_in_letta", "submitted"], timeline
 
 
-async def _sent_but_unanswered(start_tracker, sim, agent, text: str):
+async def _sent_but_unanswered(start_tracker, sim, agent, text: str, **sections):
     """A run whose send timed out although Letta took it: queued again, to be looked up
     before any resend (``needs_lookup``), the next try a minute away."""
     t = await start_tracker(letta={"timeout_s": 0.3}, dispatch={
-        "inline_timeout_s": 0.2, "retry_min_s": 60, "retry_max_s": 60})
+        "inline_timeout_s": 0.2, "retry_min_s": 60, "retry_max_s": 60}, **sections)
     sim.set_faults(answer_time_s=(0.6, 0.6))
     run = await t.submit(agent, text)
 
@@ -789,7 +816,9 @@ async def test_cancel_of_a_run_a_failed_send_may_have_delivered_stops_it_at_lett
         start_tracker, sim, agent):
     """Cancelled while queued to be looked up, the run is looked for first: found at
     Letta, it is cancelled there, not marked cancelled here while Letta works on."""
-    t, run = await _sent_but_unanswered(start_tracker, sim, agent, "[[never]] forever")
+    # a step that never ends: the cancel is final at the run's deadline
+    t, run = await _sent_but_unanswered(start_tracker, sim, agent, "[[never]] forever",
+                                        polling={"deadline_s": 1.0})
     resp = await t.post(f"/v1/agents/{agent}/messages/cancel", {"run_ids": [run["id"]]})
     assert await resp.json() == {run["id"]: "cancelled"}
     [letta_run] = list(sim.store.runs())

@@ -167,7 +167,7 @@ async def follow(client: TrackerClient, run: dict, timeout: float,
 def progress(run: dict) -> str:
     """The status line's text for the run as last seen."""
     if run["tracker"]["state"] == State.CONFIRMING:
-        # up to polling.cancel_confirm_s (30 s) with nothing else to show
+        # polling.cancel_confirm_s (30 s) at least, and until Letta's step has ended
         return f"{run['id']}  confirming the cancel with Letta (its step may still complete)"
     return f"{run['id']}  {run['tracker']['state']} / {run['status']}"
 

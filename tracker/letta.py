@@ -175,6 +175,12 @@ class LettaClient:
                 return out
             after = page[-1]["id"]
 
+    async def newest_step(self, run_id: str) -> dict | None:
+        """The run's newest step (its status ``pending`` while it runs), None before any."""
+        steps = await self._request("GET", f"/v1/runs/{run_id}/steps", "run_steps",
+                                    params=[("limit", "1"), ("order", "desc")])
+        return steps[0] if steps else None
+
     async def run_usage(self, run_id: str) -> dict:
         return await self._request("GET", f"/v1/runs/{run_id}/usage", "run_usage")
 

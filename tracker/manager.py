@@ -205,7 +205,7 @@ class Manager:
             updated = await self.store.transition(run.id, None, (State.SUBMITTING, *WATCHED),
                                                   fields, None)
             return updated or run
-        if target is State.CONFIRMING and self._confirmed(run, source):
+        if target is State.CONFIRMING and self.confirmed(run, source):
             target = State.DONE
         fields.update(self._final_fields(target, obs, source, run.request_config))
         expect = tuple(s for s in sources_of(target) if s is not State.PAUSED)
@@ -221,8 +221,9 @@ class Manager:
             self._after_change(updated, source)
         return updated
 
-    def _confirmed(self, run: RunRecord, source: str) -> bool:
-        """A cancelled outcome is final once a poll sees it after the confirm window."""
+    def confirmed(self, run: RunRecord, source: str) -> bool:
+        """A cancelled outcome is final once a poll sees it after the confirm window (and,
+        the poller checks before, with its step ended at Letta)."""
         if run.state is not State.CONFIRMING or source == Source.CALLBACK:
             return False
         seen = clock.epoch(run.recorded_at) or 0

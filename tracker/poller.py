@@ -206,8 +206,10 @@ class Poller:
                 await self._still_active(run, letta_run)
             elif self._callback_pending(letta_run):
                 await self._wait_for_callback(run)
+            elif (settled := await self._cancel_settled(run, letta_run)) is None:
+                await self._wait_for_step(run)
             else:
-                await self._finish(run, letta_run)
+                await self._finish(run, settled)
         except NotFound:
             await self.manager.mark_lost(run, f"Letta no longer knows run {run.letta_run_id}")
         except LettaUnavailable as e:
@@ -231,6 +233,29 @@ class Poller:
         updated = await self.manager.apply_remote(run, obs, Source.POLL)
         if updated.state in WATCHED:
             await self.store.reschedule([(run.id, self._confirm_at(updated), updated.poll_count)])
+
+    async def _cancel_settled(self, run: RunRecord, letta_run: dict) -> dict | None:
+        """``letta_run``, or None while a cancel this poll would confirm has its step still
+        running at Letta. A cancel does not stop the step in flight: at its end Letta writes
+        the run again (to `completed`, when the step was the turn's last), sends no callback,
+        and starts nothing the agent is sent meanwhile on its own. So the cancel is final,
+        and the agent's lane free, only once Letta's newest step has ended, or the run is past
+        its deadline (a step Letta lost, at a restart, stays `pending` for ever). Then the
+        run is read again: a step ending just before its look may have overwritten it."""
+        confirming = (run.state is State.CONFIRMING and letta_run.get("status") == "cancelled"
+                      and self.manager.confirmed(run, Source.POLL))
+        if not confirming or clock.now() > (run.deadline_at or math.inf):
+            return letta_run
+        async with self._slots:
+            step = await self.letta.newest_step(letta_run["id"])
+        if step is not None and step.get("status") == "pending":
+            return None
+        async with self._slots:
+            return await self.letta.get_run(letta_run["id"])
+
+    async def _wait_for_step(self, run: RunRecord) -> None:
+        nxt = self._next(run)
+        await self.store.reschedule([(run.id, nxt["next_check_at"], nxt["poll_count"])])
 
     def _confirm_at(self, run: RunRecord) -> float:
         """Next look at a run still watched after a finished poll (a cancel to confirm)."""

@@ -5,8 +5,8 @@ timer handles and nothing else. Letta's quirks kept on purpose:
 
 - the run is terminal in GET `callback_lag_s` before its callback is POSTed;
 - a cancel marks the run `cancelled` and sends a `cancelled` callback at once, but the turn
-  goes on; when it ends the run is overwritten with the turn's outcome and no second callback
-  goes out;
+  goes on (its step `pending` in `GET /v1/runs/{id}/steps`); when it ends the run is
+  overwritten with the turn's outcome and no second callback goes out;
 - a restart loses every in-flight turn and pending callback: those runs stay as they are;
 - an agent whose turn ended `requires_approval` awaits its approval: any other message fails,
   as does an approval when none is awaited, or one of other tool calls than those asked
@@ -130,6 +130,7 @@ class Engine:
         agent.json["last_stop_reason"] = result.stop_reason
         overwrite = run.completed_at is not None  # cancelled while the turn ran
         run.status, run.stop_reason = result.status, result.stop_reason
+        run.step_status = "failed" if result.status == "failed" else "success"
         run.messages, run.usage = result.messages, result.usage
         if result.error is not None:
             run.metadata["error"] = result.error

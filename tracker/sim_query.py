@@ -51,14 +51,15 @@ def run_query(query: MultiMapping[str]) -> RunQuery:
     return parsed
 
 
-def message_page(query: MultiMapping[str]) -> MessagePage:
-    """Parse the pagination of a run's messages; a bad value is Letta's 422."""
+def message_page(query: MultiMapping[str], order: str = "asc") -> MessagePage:
+    """Parse the pagination of a run's messages (or steps: newest first by default); a bad
+    value is Letta's 422."""
     read = _Reader(query)
     page = MessagePage(
         before=query.get("before"),
         after=query.get("after"),
         limit=read.integer("limit", 100),
-        ascending=read.choice("order", ("asc", "desc"), "asc") == "asc",
+        ascending=read.choice("order", ("asc", "desc"), order) == "asc",
     )
     read.choice("order_by", ("created_at",), "created_at")
     read.done()

@@ -19,7 +19,7 @@ from tracker.sim_requests import (
     raise_if,
     run_ids_errors,
 )
-from tracker.sim_shapes import LETTA_VERSION, run_json, usage_json
+from tracker.sim_shapes import LETTA_VERSION, run_json, step_json, usage_json
 from tracker.sim_store import SimRun
 
 if TYPE_CHECKING:  # the simulator imports this module
@@ -42,6 +42,7 @@ def add_v1_routes(router: web.UrlDispatcher) -> None:
     router.add_delete("/v1/runs/{run_id}", delete_run)
     router.add_get("/v1/runs/{run_id}/messages", list_run_messages)
     router.add_get("/v1/runs/{run_id}/usage", get_run_usage)
+    router.add_get("/v1/runs/{run_id}/steps", list_run_steps)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -140,6 +141,13 @@ async def list_run_messages(request: web.Request) -> web.Response:
     page = message_page(request.query)
     run = request.app[SIM_KEY].lookup_run(request.match_info["run_id"])
     return json_response(run.visible(paginate(run.messages, page)))
+
+
+async def list_run_steps(request: web.Request) -> web.Response:
+    """`GET /v1/runs/{run_id}/steps`: the run's one step (newest first by default)."""
+    page = message_page(request.query, order="desc")
+    run = request.app[SIM_KEY].lookup_run(request.match_info["run_id"])
+    return json_response([step_json(run)][: max(page.limit, 0)])
 
 
 async def get_run_usage(request: web.Request) -> web.Response:

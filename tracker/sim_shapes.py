@@ -132,6 +132,27 @@ def usage_json(run: SimRun) -> dict[str, Any]:
     }
 
 
+def step_json(run: SimRun) -> dict[str, Any]:
+    """The run's one step, as `GET /v1/runs/{id}/steps` lists it (async_basic__run_steps)."""
+    completion, prompt = run.usage
+    return {
+        "id": run.step_id, "origin": None, "organization_id": ORG_ID, "provider_id": None,
+        "run_id": run.id, "agent_id": run.agent_id, "provider_name": "openai",
+        "provider_category": "base", "model": "fake-model",
+        "model_handle": "openai-proxy/fake-model", "model_endpoint": "http://127.0.0.1:8399/v1",
+        "context_window_limit": 30000, "completion_tokens": completion,
+        "prompt_tokens": prompt, "total_tokens": completion + prompt,
+        "cached_input_tokens": None, "cache_write_tokens": None, "reasoning_tokens": None,
+        "completion_tokens_details": {"reasoning_tokens": 0},
+        "prompt_tokens_details": {"cached_tokens": 0, "cache_read_tokens": 0,
+                                  "cache_creation_tokens": 0},
+        "stop_reason": run.stop_reason if run.step_status != "pending" else None,
+        "tags": [], "tid": None, "trace_id": None, "request_id": None, "messages": [],
+        "feedback": None, "project_id": None, "error_type": None, "error_data": None,
+        "status": run.step_status,
+    }
+
+
 def usage_statistics(run: SimRun) -> dict[str, Any]:
     """The `usage` block of a callback's result."""
     completion, prompt = run.usage

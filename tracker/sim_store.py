@@ -56,6 +56,9 @@ class SimRun:
     metadata: dict[str, Any] = field(
         default_factory=lambda: {"run_type": "send_message_async", "lettuce": None}
     )
+    #: its step's status: pending until its turn ends (for ever when the turn is lost, as a
+    #: Letta restart leaves it), whatever a cancel did to the run meanwhile
+    step_status: str = "pending"
     callback_sent_at: datetime | None = None
     callback_status_code: int | None = None
     callback_error: str | None = None
