@@ -187,6 +187,22 @@ async def test_finished_run_callback_messages_usage_match_samples(client, agent,
     assert messages[1]["otid"][:-2] == messages[1]["id"].removeprefix("message-")[:-2]
     usage = await get_json(client, f"/v1/runs/{run['id']}/usage")
     assert_same_shape(usage, body("async_basic__run_usage"))
+    steps = await get_json(client, f"/v1/runs/{run['id']}/steps")
+    assert_same_shape(steps, body("async_basic__run_steps"))
+    assert [(s["status"], s["stop_reason"]) for s in steps] == [("success", "end_turn")]
+
+
+async def test_a_cancelled_runs_step_is_pending_until_its_turn_ends(client, agent):
+    """Letta's cancel does not stop the step: it stays `pending` until the turn ends."""
+    run = await submit(client, agent, "[[delay=0.3]] slow")
+    await client.post(f"/v1/agents/{agent}/messages/cancel", json={"run_ids": [run["id"]]})
+    [step] = await get_json(client, f"/v1/runs/{run['id']}/steps?limit=1")
+    cancelled = await get_json(client, f"/v1/runs/{run['id']}")
+    assert (cancelled["status"], step["status"]) == ("cancelled", "pending")
+    await asyncio.sleep(0.45)
+    [step] = await get_json(client, f"/v1/runs/{run['id']}/steps")
+    after = await get_json(client, f"/v1/runs/{run['id']}")
+    assert (after["status"], step["status"]) == ("completed", "success")
 
 
 async def test_run_is_terminal_before_its_callback(client, agent, receiver, sim):
