@@ -273,6 +273,25 @@ async def test_redeliver_sends_again_under_the_same_webhook_id(store, user, serv
     assert rx.seen[0].headers["webhook-id"] == rx.seen[1].headers["webhook-id"]
 
 
+async def test_every_attempt_under_one_webhook_id_sends_the_same_body(store, user, serve,
+                                                                      relays, tmp_path):
+    """Standard Webhooks: one webhook-id, one message. Built again at each attempt, the body
+    changed with the run (reported paused, then done) and with its own record of the first
+    attempt: a receiver deduplicating by id dropped the change, or saw two messages."""
+    rx = Receiver(Reply(500), Reply(200))
+    run = await final_run(store, user, await serve(rx))
+    relay = await relays(cfg_with(tmp_path, retry_schedule_s=[0, 0.5]), store)
+    await eventually(lambda: rx.seen)
+    await store.transition(run.id, None, (State.DONE,), {"stop_reason": "cancelled"}, None)
+    relay.wakeup.set()
+    d = await eventually(lambda: finished(store, run.id))
+    assert d.state == "delivered" and len(rx.seen) == 2
+    assert rx.seen[0].headers["webhook-id"] == rx.seen[1].headers["webhook-id"]
+    assert rx.seen[0].body == rx.seen[1].body
+    assert json.loads(rx.seen[1].body)["metadata"]["result"]["stop_reason"]["stop_reason"] \
+        == "end_turn"
+
+
 async def test_a_redeliver_asked_for_during_an_attempt_is_not_lost(store, user, serve, relays,
                                                                   tmp_path):
     """The attempt in flight, ending, recorded its own verdict over the redeliver's "send

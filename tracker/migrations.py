@@ -303,5 +303,12 @@ CREATE INDEX runs_via ON runs (completed_via, created_at) WHERE completed_via IS
 ANALYZE runs_via;
 """
 
-MIGRATIONS: list[str] = [V1, V2, V3, V4, V5, V6, V7]
+# a delivery's body, kept from its first attempt: every attempt under its webhook-id sends the
+# same bytes (Standard Webhooks: one id, one message), though the run it reports moved on since
+# (paused, then done) and its own record changed (the run shows each attempt)
+V8 = """
+ALTER TABLE deliveries ADD COLUMN body BLOB;
+"""
+
+MIGRATIONS: list[str] = [V1, V2, V3, V4, V5, V6, V7, V8]
 LATEST = len(MIGRATIONS)

@@ -172,7 +172,7 @@ class Relay:
     async def _record(self, d: Delivery, outcome: Outcome, at: str) -> None:
         state, next_at = next_step(d.attempts + 1, outcome, self.r.retry_schedule_s, clock.now())
         await self.store.record_attempt(d.id, outcome.record(at), state, next_at,
-                                        claimed_at=d.next_attempt_at)
+                                        claimed_at=d.next_attempt_at, body=d.body)
         if self.on_outcome:
             self.on_outcome(str(state))
         log.info("delivery %s: attempt %d -> %s (%s)", d.id, d.attempts + 1, state,
@@ -183,12 +183,19 @@ class Relay:
             check_url(d.url, self.r.allow_private)
         except RefusedDestination as e:
             return Outcome(error=str(e), final=True)
-        run = await self.store.get_run(d.run_id, full=True)
+        gone = Outcome(error="the run or its user's webhook secret is gone", final=True)
+        if d.body is None:
+            # the first attempt's body, kept with its record: every attempt under this
+            # webhook-id sends the same message, though the run has moved on since
+            run = await self.store.get_run(d.run_id, full=True)
+            if run is None:
+                return gone
+            d.body = encode(callback_body(run, d.state))
         secrets = secrets_of(await self.store.get_user(d.user_id))
-        if run is None or not secrets:
-            return Outcome(error="the run or its user's webhook secret is gone", final=True)
-        body = encode(callback_body(run, d.state))
-        return await self._post(d.url, body, signed_headers(secrets, d.id, int(clock.now()), body))
+        if not secrets:
+            return gone
+        return await self._post(d.url, d.body,
+                                signed_headers(secrets, d.id, int(clock.now()), d.body))
 
     async def _post(self, url: str, body: bytes, headers: dict[str, str]) -> Outcome:
         assert self._session is not None, "Relay.start() was not called"

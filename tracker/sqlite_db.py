@@ -142,14 +142,30 @@ def _user_version(db: sqlite3.Connection) -> int:
 
 
 def _migrate(db: sqlite3.Connection, version: int) -> None:
-    # one script per version, atomic: triggers hold ";" so it is not split
-    try:
-        db.executescript(f"BEGIN IMMEDIATE;\n{MIGRATIONS[version - 1]}\n"
-                         f"PRAGMA user_version = {version};\nCOMMIT;")
-    except sqlite3.Error:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
+    """One version's script, atomic, unless another process applied it since this one read
+    the schema's version: read again inside the transaction, a later version included (a
+    script that can run twice, run again after a later one, set the version back)."""
+    def apply(db: sqlite3.Connection) -> None:
+        if _user_version(db) >= version:
+            return
+        for statement in _statements(MIGRATIONS[version - 1]):
+            db.execute(statement)
+        db.execute(f"PRAGMA user_version = {version}")
+
+    _in_transaction(db, apply)
+
+
+def _statements(script: str) -> list[str]:
+    """A script's statements (a trigger's own ";" kept inside it, as SQLite reads them)."""
+    out, pending = [], ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            out.append(pending)
+            pending = ""
+    if pending.strip():
+        raise ValueError(f"a statement without its ';' ends the script: {pending.strip()!r}")
+    return out
 
 
 def _close_writer(db: sqlite3.Connection, checkpoint: bool) -> None:

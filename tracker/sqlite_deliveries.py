@@ -35,7 +35,7 @@ class Deliveries(SQLiteDB):
             key = " AND (next_attempt_at, rowid) > (?, (SELECT rowid FROM deliveries WHERE id = ?))"
             params = (now, after.next_attempt_at, after.id)
         rows = await self._read(
-            f"SELECT {DELIVERY_COLS} FROM deliveries WHERE state = 'pending'"
+            f"SELECT {DELIVERY_COLS}, body FROM deliveries WHERE state = 'pending'"
             f" AND next_attempt_at <= ?{key} ORDER BY next_attempt_at, rowid LIMIT ?",
             (*params, limit))
         return [Delivery(**dict(r)) for r in rows]
@@ -47,24 +47,26 @@ class Deliveries(SQLiteDB):
         return rows[0][0]
 
     async def record_attempt(self, delivery_id: str, attempt: dict, state: str,
-                             next_attempt_at: float | None,
-                             claimed_at: float | None = None) -> None:
+                             next_attempt_at: float | None, claimed_at: float | None = None,
+                             body: bytes | None = None) -> None:
         """Log an attempt and reschedule or close its delivery; nothing if that is gone.
         ``claimed_at``: the delivery's next_attempt_at when the attempt began; a redeliver
-        asked for meanwhile has changed it, and wins: the delivery stays due as it set."""
+        asked for meanwhile has changed it, and wins: the delivery stays due as it set.
+        ``body``: what the attempt sent, kept if it was the first (see migration V8)."""
         finished = clock.iso() if state != "pending" else None
         outcome = (attempt.get("status_code"), attempt.get("error"))
 
         def write(db: sqlite3.Connection) -> None:
             if not db.execute(
                 "UPDATE deliveries SET attempts = attempts + 1, state = ?, next_attempt_at = ?,"
-                " last_status = ?, last_error = ?, finished_at = ?"
+                " last_status = ?, last_error = ?, finished_at = ?, body = coalesce(body, ?)"
                 " WHERE id = ? AND (? IS NULL OR next_attempt_at = ?)",
-                (state, next_attempt_at, *outcome, finished, delivery_id, claimed_at,
+                (state, next_attempt_at, *outcome, finished, body, delivery_id, claimed_at,
                  claimed_at),
             ).rowcount and not db.execute(
                 "UPDATE deliveries SET attempts = attempts + 1, last_status = ?,"
-                " last_error = ? WHERE id = ?", (*outcome, delivery_id),
+                " last_error = ?, body = coalesce(body, ?) WHERE id = ?",
+                (*outcome, body, delivery_id),
             ).rowcount:
                 return  # deleted with its run during the POST: an attempt row would be orphaned
             db.execute(
