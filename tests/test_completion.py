@@ -723,12 +723,35 @@ async def test_crash_before_letta_got_it_is_sent_again(start_tracker, sim, agent
     t2 = await start_tracker()
     await t2.wait_state(run["id"], "done")
     assert len(sim.received) == 1 and max(sim.otid_counts().values()) == 1
-    # start-up's reconcile looked for it at Letta, found nothing, and it was sent once
+    # start-up's reconcile queued it to be looked for at Letta, the look (lookup_after_s
+    # later) found nothing, and it was sent once
     events = await (await t2.get(f"/v1/runs/{run['id']}/events")).json()
     timeline = [(e["source"], e["kind"]) for e in events]
-    assert timeline[:3] == [("api", "submit"), ("reconcile", "not_found_in_letta"),
-                            ("dispatch", "submitted")], timeline
+    assert timeline[:4] == [("api", "submit"), ("reconcile", "cut_off"),
+                            ("dispatch", "not_found_in_letta"), ("dispatch", "submitted")], \
+        timeline
     assert [kind for _, kind in timeline].count("submitted") == 1, timeline
+
+
+async def test_a_send_cut_off_by_a_crash_is_looked_up_only_once_it_could_have_landed(
+        start_tracker, sim, agent):
+    """A Letta slow to take the message creates its run after a quick restart: looked up at
+    once by start-up's reconcile, it was taken for never sent, and sent a second time."""
+    t = await start_tracker(letta={"timeout_s": 5}, dispatch={"inline_timeout_s": 0.2})
+    sim.set_faults(accept_delay_s=0.8)
+    run = await t.submit(agent)
+    assert (await t.run(run["id"]))["tracker"]["state"] == "submitting"
+
+    async def killed() -> None:  # not stopped: the send in flight is cut off
+        for task in list(t.svc.dispatcher._tasks):
+            task.cancel()
+
+    t.svc.dispatcher.stop = killed
+    await t.client.close()
+    t2 = await start_tracker(dispatch={"lookup_after_s": 1.5})
+    done = await t2.wait_state(run["id"], "done")
+    assert len(sim.received) == 1 and done["tracker"]["letta_run_id"] == sim.received[0].run_id
+    assert "found_in_letta" in await kinds(t2, run["id"])
 
 
 async def test_a_slow_submit_is_not_rescued_as_stranded(start_tracker, sim, agent, monkeypatch):

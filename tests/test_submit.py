@@ -215,6 +215,59 @@ async def test_send_without_answer_is_looked_up_only_once_it_could_have_landed(
     assert "found_in_letta" in kinds
 
 
+async def test_a_cancel_before_the_look_is_due_fails_and_the_order_holds(
+        start_tracker, sim, agent):
+    """A run whose send got no answer is queued to be looked up later. Cancelled meanwhile,
+    it was looked for at once, not found (Letta had not created it yet), marked cancelled,
+    and the message behind it sent; then Letta created the first: delivered after the
+    second, though reported cancelled. The cancel now fails while the look is not due."""
+    t = await start_tracker(letta={"timeout_s": 0.3}, dispatch={"lookup_after_s": 1.5})
+    sim.set_faults(accept_delay_s=0.8)
+    first = await t.submit(agent, "first")
+    sim.set_faults(accept_delay_s=0.0)
+    second = await t.submit(agent, "second")
+    resp = await t.post(f"/v1/agents/{agent}/messages/cancel", {"run_ids": [first["id"]]})
+    assert await resp.json() == {first["id"]: "failed"}
+    assert (await t.run(first["id"]))["tracker"]["state"] == "queued"
+    await t.wait_state(first["id"], "done")
+    await t.wait_state(second["id"], "done")
+    assert [rec.body["messages"][0]["content"] for rec in sim.received] == ["first", "second"]
+
+
+async def test_an_otid_a_client_used_twice_neither_blocks_the_lane_nor_misattaches(
+        start_tracker, sim, agent):
+    """The look for a send that got no answer matched, by otid, the Letta run of an earlier
+    message carrying the same otid (the client's own): attaching it failed (another run's),
+    every try, and the agent's lane stayed blocked for good. Not found, it is sent."""
+    t = await start_tracker()
+    body = {"messages": [{"role": "user", "content": "same", "otid": "client-otid-1"}]}
+    resp = await t.post(f"/v1/agents/{agent}/messages/async", body)
+    first = await resp.json()
+    await t.wait_state(first["id"], "done")
+    sim.go_down()
+    resp = await t.post(f"/v1/agents/{agent}/messages/async", body)
+    again = await resp.json()
+    after = await t.submit(agent, "after")
+    await asyncio.sleep(0.3)
+    sim.come_up()
+    done = await t.wait_state(again["id"], "done")
+    await t.wait_state(after["id"], "done")
+    assert done["tracker"]["letta_run_id"] != first["tracker"]["letta_run_id"]
+    assert [rec.body["messages"][0]["content"] for rec in sim.received] == [
+        "same", "same", "after"]
+
+
+def test_a_gateways_502_503_504_is_no_answer_from_letta():
+    """A gateway in front of a slow Letta answers 504 while Letta may still create the run:
+    looked up at the next back-off, it was missed and sent again (see lookup_after_s)."""
+    from tracker.letta_http import Answer
+
+    for status, answered in ((500, True), (502, False), (503, False), (504, False)):
+        with pytest.raises(LettaUnavailable) as e:
+            LettaClient._answered(Answer(status, {}, b'{"detail": "x"}'))
+        assert (e.value.sent, e.value.answered) == (True, answered), status
+
+
 async def test_serial_lanes_keep_order_across_agents(start_tracker, sim):
     t = await start_tracker()
     agents = [sim.create_agent(f"a{i}")["id"] for i in range(3)]

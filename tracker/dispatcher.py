@@ -73,8 +73,11 @@ class Dispatcher:
                    if r.id not in mine}
         # seen orphaned twice, RESCUE_EVERY_S apart: not a claim whose send is just starting
         for run_id in orphans.keys() & self._suspects:
-            await self.manager.requeue(orphans[run_id], clock.now(), needs_lookup=True,
-                                       error="stranded while submitting", kind="rescued")
+            # its send may have got no answer, and may still land: looked up no sooner than
+            # a send that got none (see _retry)
+            await self.manager.requeue(
+                orphans[run_id], clock.now() + self.cfg.dispatch.lookup_after_s,
+                needs_lookup=True, error="stranded while submitting", kind="rescued")
         self._suspects = orphans.keys() - self._suspects
 
     async def _sleep(self, wakeup: asyncio.Event, drained: bool) -> None:

@@ -14,6 +14,8 @@ from tracker.serialize import dumps
 
 TERMINAL_FILTER = [("statuses", "completed"), ("statuses", "failed"), ("statuses", "cancelled")]
 PAGE = 1000
+#: statuses a gateway in front of Letta answers with, on its own (see _answered)
+GATEWAY = frozenset({502, 503, 504})
 #: the sort key of Letta's run listings, for a run without created_at (none seen)
 _NEVER = datetime.min.replace(tzinfo=UTC)
 
@@ -97,8 +99,10 @@ class LettaClient:
             # Letta's 409 for a database lock or deadlock, met anywhere in the request,
             # perhaps after the run was committed
             wait = clock.parse_retry_after(retry_after, clock.now())
+            # a 502, 503 or 504 is often a gateway's, answering for a Letta still at work on
+            # the request (its own timeout shorter than ours): no answer from Letta itself
             raise LettaUnavailable(f"Letta answered {answer.status}: {detail}", wait,
-                                   sent=not refused)
+                                   sent=not refused, answered=answer.status not in GATEWAY)
         if answer.status == 404:
             raise NotFound(detail)
         raise LettaError(answer.status, detail)

@@ -329,6 +329,7 @@ class Manager:
         claimed = await self.store.transition(run.id, State.SUBMITTING, (State.QUEUED,), {}, None)
         if claimed is None:
             return await self.store.get_run(run.id)  # moved on meanwhile: as it is now
+        look_at = claimed.next_check_at or 0.0
         self.sending.add(run.id)  # no rescue of stranded runs while this looks
         try:
             found = await find_in_letta(self, claimed) if claimed.needs_lookup else None
@@ -341,6 +342,13 @@ class Manager:
         if found is not None:
             return (await self.mark_submitted(claimed, found, Source.API, "found_in_letta")
                     or await self.store.get_run(run.id))
+        if claimed.needs_lookup and look_at > clock.now():
+            # not found, but its last send got no answer and may still land at Letta: a look
+            # before its time proves nothing (see Dispatcher._retry), and a cancel here let the
+            # agent's next message go first. It stays queued for that look; this cancel fails
+            await self.requeue(claimed, look_at, needs_lookup=True, error=claimed.error,
+                               kind="cancel_too_soon", source=Source.API)
+            return await self.store.get_run(run.id)
         fields = {"status": Status.CANCELLED, "stop_reason": "cancelled",
                   "recorded_at": clock.iso(), "completed_via": Source.API, "needs_lookup": 0}
         done = await self.store.transition(run.id, State.CANCELLED, (State.SUBMITTING,), fields,

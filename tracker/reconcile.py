@@ -10,7 +10,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from tracker import clock
-from tracker.errors import LettaUnavailable, NotFound
+from tracker.errors import Conflict, NotFound
 from tracker.states import Source, State
 from tracker.store import RunRecord
 
@@ -89,25 +89,31 @@ async def attach_or_requeue(manager: Manager, run: RunRecord, source: str) -> bo
     """For a run that may have reached Letta: attach it to its Letta run, or queue it to be
     sent again (it never arrived, so this is not a second send)."""
     found = await find_in_letta(manager, run)
-    if found is None:
-        await manager.requeue(run, clock.now(), needs_lookup=False, error=None,
-                              kind="not_found_in_letta", source=source)
-        return False
-    await manager.mark_submitted(run, found, source, "found_in_letta")
-    return True
+    if found is not None:
+        try:
+            await manager.mark_submitted(run, found, source, "found_in_letta")
+            return True
+        except Conflict:
+            # another tracker run's Letta run, matched by otid: a client that set the same
+            # otids on two messages; ours is not at Letta (its callback token is nowhere)
+            found = None
+    await manager.requeue(run, clock.now(), needs_lookup=False, error=None,
+                          kind="not_found_in_letta", source=source)
+    return False
 
 
 async def reconcile(manager: Manager, poller: Poller) -> dict[str, int]:
-    """On start-up: re-find runs cut off mid-send, and check every submitted run at once."""
-    counts = {"attached": 0, "requeued": 0, "checked": 0}
+    """On start-up: queue runs cut off mid-send to be looked up at Letta (the dispatcher
+    looks, then attaches or sends them), and check every submitted run at once."""
+    counts = {"requeued": 0, "checked": 0}
+    settle = manager.cfg.dispatch.lookup_after_s
     for run in await manager.store.in_states((State.SUBMITTING,)):
-        try:
-            attached = await attach_or_requeue(manager, run, Source.RECONCILE)
-        except LettaUnavailable as e:
-            log.warning("reconcile: Letta unavailable (%s); run requeued for lookup", e)
-            await manager.requeue(run, clock.now(), needs_lookup=True, error=str(e))
-            attached = False
-        counts["attached" if attached else "requeued"] += 1
+        # cut off mid-send: a Letta slow to take it may create it after a quick restart, so
+        # a look now could miss it and send it again; looked up as a send that got no
+        # answer is, no sooner than dispatch.lookup_after_s
+        await manager.requeue(run, clock.now() + settle, needs_lookup=True,
+                              error="cut off mid-send", kind="cut_off", source=Source.RECONCILE)
+        counts["requeued"] += 1
     counts["checked"] = await poller.sweep()
     manager.dispatch_wakeup.set()
     return counts
