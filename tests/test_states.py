@@ -48,6 +48,9 @@ def test_only_cancelled_to_completed_overwrites_a_final_run():
     assert not may_overwrite(State.DONE, Status.COMPLETED, Status.CANCELLED)
     assert not may_overwrite(State.DONE, Status.FAILED, Status.COMPLETED)
     assert not may_overwrite(State.CANCELLED, Status.CANCELLED, Status.COMPLETED)
+    # a pause reported after its cancel is an old report: the cancel of a paused run is final
+    assert not may_overwrite(State.DONE, Status.CANCELLED, Status.COMPLETED, "requires_approval")
+    assert may_overwrite(State.DONE, Status.CANCELLED, Status.COMPLETED, "end_turn")
 
 
 def test_sets_are_consistent():

@@ -377,6 +377,24 @@ async def test_an_approval_letta_fails_as_of_other_tool_calls_leaves_the_pause(
     assert (await t.run(paused["id"]))["tracker"]["state"] == "done"
 
 
+async def test_a_pause_reported_after_its_cancel_neither_pauses_nor_holds_the_lane(
+        start_tracker, sim, agent):
+    """Letta paused the run and sent its one callback; the user cancelled before it came.
+    Applied late, the pause made the run `paused` (never looked at again: Letta had it
+    cancelled) and held the agent's lane until a second cancel."""
+    sim.set_faults(callback_delay_s=1.0)
+    t = await start_tracker(polling={"grace_s": 5})  # no poll sees the pause first
+    run = await t.submit(agent, "[[approval]] do it")
+    letta_id = run["tracker"]["letta_run_id"]
+    await eventually(lambda: sim.store.get(letta_id).stop_reason == "requires_approval")
+    resp = await t.post(f"/v1/agents/{agent}/messages/cancel", {"run_ids": [run["id"]]})
+    assert await resp.json() == {run["id"]: "cancelled"}
+    behind = await t.submit(agent, "next")
+    final = await t.wait_state(run["id"], "done")
+    assert (final["status"], final["stop_reason"]) == ("cancelled", "cancelled")
+    assert (await t.wait_state(behind["id"], "done"))["status"] == "completed"
+
+
 async def test_cancelling_a_paused_run_cancels_it_at_letta_before_the_lane_goes_on(
         start_tracker, sim, agent):
     """Released only here, the pause stayed at Letta, whose agent, awaiting its approval,

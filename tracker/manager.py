@@ -199,6 +199,9 @@ class Manager:
     async def apply_remote(self, run: RunRecord, obs: Observation, source: str) -> RunRecord:
         """Apply one observation of the Letta run; safe against duplicates and races."""
         target = state_for(obs.status, obs.stop_reason)
+        if target is State.PAUSED and source == Source.CALLBACK \
+                and run.status == Status.CANCELLED and run.state in WATCHED:
+            return await self._pause_after_cancel(run, obs)
         fields = _changed(run, {"status": obs.status, "stop_reason": obs.stop_reason,
                                 "letta_run_id": obs.letta_run_id}) | obs.fields
         if target is None:
@@ -220,6 +223,18 @@ class Manager:
         else:
             self._after_change(updated, source)
         return updated
+
+    async def _pause_after_cancel(self, run: RunRecord, obs: Observation) -> RunRecord:
+        """A pause's callback come after Letta took a cancel of the run: Letta sends a run
+        one callback, so this one left before the cancel, which Letta applied to the paused
+        run (final: it denies the tool calls; its agent waits no more). Recorded paused, the
+        run was never looked at again, and its agent's lane stayed held. A poll tells."""
+        await self.store.add_event(run.id, Event(Source.CALLBACK, "ignored", {
+            "status": obs.status, "stop_reason": obs.stop_reason, "state": run.state,
+            "why": "sent before the cancel Letta took"}))
+        await self.store.reschedule([(run.id, clock.now(), run.poll_count)])
+        self.poll_wakeup.set()
+        return run
 
     def confirmed(self, run: RunRecord, source: str) -> bool:
         """A cancelled outcome is final once a poll sees it after the confirm window (and,
@@ -251,7 +266,7 @@ class Manager:
         current = await self.store.get_run(run.id)
         if current is None:
             raise NotFound(f"Run not found with id={run.id}")
-        if may_overwrite(current.state, current.status, obs.status):
+        if may_overwrite(current.state, current.status, obs.status, obs.stop_reason):
             updated = await self.store.transition(
                 run.id, State.DONE, (State.DONE,), {**fields, "status": obs.status},
                 Event(source, "overwritten", {"status": obs.status, "was": current.status}),
@@ -382,8 +397,10 @@ class Manager:
                     await self._release_pause(run, {"status": Status.CANCELLED,
                                                     "stop_reason": "cancelled"})
                 continue
-            # confirmed by the next observation (callback or a poll soon)
-            await self.store.transition(run.id, None, WATCHED, {"next_check_at": soon},
+            # confirmed by the next observation (callback or a poll soon); Letta's status
+            # as Letta answered (see _pause_after_cancel)
+            taken = {"status": Status.CANCELLED} if out[ref] == "cancelled" else {}
+            await self.store.transition(run.id, None, WATCHED, {"next_check_at": soon, **taken},
                                         Event(Source.API, "cancel_requested",
                                               {"letta": out[ref]}))
         self.poll_wakeup.set()

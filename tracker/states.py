@@ -104,9 +104,13 @@ def sources_of(new: State) -> tuple[State, ...]:
     return tuple(s for s, targets in TRANSITIONS.items() if new in targets)
 
 
-def may_overwrite(state: State, status: str | None, new_status: str) -> bool:
-    """Letta overwrites a cancelled run to completed when its step ends: accept that one."""
-    return state == State.DONE and status == Status.CANCELLED and new_status == Status.COMPLETED
+def may_overwrite(state: State, status: str | None, new_status: str,
+                  new_stop: str | None = None) -> bool:
+    """Letta overwrites a cancelled run to completed when its step ends: accept that one. Not
+    a pause: a paused run is cancelled after it paused, and that cancel is final (a pause
+    seen after it is an old report: the run's one callback, sent before the cancel)."""
+    return (state == State.DONE and status == Status.CANCELLED
+            and new_status == Status.COMPLETED and new_stop != "requires_approval")
 
 
 def ends_pause(state: State, status: str, metadata: dict | None) -> bool:
