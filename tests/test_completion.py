@@ -516,6 +516,29 @@ def _long_result(sim, letta_id: str, extra: int) -> list[dict]:
     return letta_run.messages
 
 
+async def test_a_callback_larger_than_a_submit_may_be_is_taken(start_tracker, sim, agent):
+    """A callback carries up to 100 of a run's messages (a tool return up to 50,000
+    characters, twice): bound by the submit's 1 MiB, a large one was refused 413, and Letta
+    never sends it again. A submit that large is still refused."""
+    sim.set_faults(callback_drop=1.0)
+    t = await start_tracker(polling={"grace_s": 30})
+    run = await t.submit(agent, "[[delay=0.1]] a big one")
+    letta_id = (await t.run(run["id"]))["tracker"]["letta_run_id"]
+    await eventually(lambda: sim.store.get(letta_id).status == "completed")
+    letta_run = sim.store.get(letta_id)
+    letta_run.messages[-1]["content"] = "x" * 2_000_000
+    body = callback_json(letta_run, "completed", "end_turn", utcnow())
+    resp = await t.client.post(f"/callbacks/letta/{t.svc.signer.token(run['id'])}", json=body)
+    assert resp.status == 200, await resp.text()
+    await t.callbacks_applied()
+    done = await t.wait_state(run["id"], "done")
+    assert done["tracker"]["completed_via"] == "callback"
+    got = await (await t.get(f"/v1/runs/{run['id']}/messages")).json()
+    assert len(got[-1]["content"]) == 2_000_000
+    resp = await t.post(f"/v1/agents/{agent}/messages/async", {"input": "x" * 2_000_000})
+    assert resp.status == 413
+
+
 async def test_a_long_result_of_hidden_kinds_is_read_whole_and_filtered_here(
         start_tracker, sim, agent):
     """Letta applies include_return_message_types to each page of a run's stored messages:

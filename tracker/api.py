@@ -80,9 +80,9 @@ async def _run_or_404(request: web.Request, full: bool = False) -> RunRecord:
 
 async def submit(request: web.Request) -> web.Response:
     agent_id = parsing.agent_id(request)
-    body = await parsing.read_json(request)
-    parsing.validate(AsyncMessageRequest, body)
     svc = _svc(request)
+    body = await parsing.read_json(request, svc.cfg.server.max_body_bytes)
+    parsing.validate(AsyncMessageRequest, body)
     _check_callback_url(body, svc.cfg.relay.allow_private)
     key = request.headers.get("Idempotency-Key") or None
     run, created = await svc.manager.submit(_user(request), agent_id, body, key)
@@ -115,7 +115,8 @@ def _detail(text: str | None) -> Any:
 
 async def cancel(request: web.Request) -> web.Response:
     agent_id = parsing.agent_id(request)
-    data = await parsing.read_json(request, optional=True)
+    data = await parsing.read_json(request, _svc(request).cfg.server.max_body_bytes,
+                                   optional=True)
     # no body (or null) is Letta's "every active run of the agent"; any other value that is no
     # object ([], 0, false, "") is a 422 and cancels nothing
     body = parsing.validate(CancelRequest, {} if data is None else data)

@@ -46,7 +46,9 @@ def create_app(cfg: Config) -> web.Application:
     metrics = Metrics()
     in_flight = InFlight()
     app = web.Application(
-        client_max_size=cfg.server.max_body_bytes,
+        # a callback may be far larger than a submit: each request reads against its own
+        # limit (parsing.read_json for the API's bodies)
+        client_max_size=max(cfg.server.max_body_bytes, cfg.callbacks.max_body_bytes),
         # timing first: it sees the status error_middleware finally answers with
         middlewares=[timing_middleware(metrics.request, in_flight), error_middleware,
                      make_auth_middleware(lambda key: _authenticate(app, key), api.is_public)],

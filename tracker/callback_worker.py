@@ -100,7 +100,7 @@ def create_worker_app(cfg: Config, secret: str, index: int,
                       conn: Connection) -> web.Application:
     """The callback worker's application: Letta's callback route, nothing else."""
     reporter = Reporter(index, conn)
-    app = web.Application(client_max_size=cfg.server.max_body_bytes,
+    app = web.Application(client_max_size=cfg.callbacks.max_body_bytes,
                           middlewares=[timing_middleware(reporter.request), error_middleware])
     app.router.add_post(callbacks.PATH, letta_callback)
     app.cleanup_ctx.append(lambda a: _worker_ctx(a, cfg, secret, reporter))

@@ -74,6 +74,9 @@ class CallbacksConfig(Section):
     port: int = Field(0, ge=0, le=65535)
     # the base URL Letta reaches the workers at; "" = http://{server.host}:{port}
     public_url: str = ""
+    # the largest callback body taken: Letta's carries up to 100 of a run's messages, a tool
+    # return up to 50,000 characters (twice, in 0.16.8), far past a submit's max_body_bytes
+    max_body_bytes: int = Field(67_108_864, ge=1024)
 
 
 class PollingConfig(Section):

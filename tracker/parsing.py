@@ -99,10 +99,15 @@ def errors_of(e: ValidationError, where: str) -> list[dict]:
             for err in e.errors(include_url=False, include_context=False, include_input=False)]
 
 
-async def read_json(request: web.Request, optional: bool = False) -> Any:
-    """The body as JSON: 415 for a non-JSON content type, 400 when malformed."""
+async def read_json(request: web.Request, limit: int, optional: bool = False) -> Any:
+    """The body as JSON: 413 past ``limit`` bytes, 415 for a non-JSON content type, 400 when
+    malformed."""
     ctype = request.headers.get("Content-Type", "application/json").split(";")[0].strip()
+    if (request.content_length or 0) > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
     raw = await request.read()
+    if len(raw) > limit:  # sent chunked: no length said
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(raw))
     if optional and not raw.strip():
         return None
     if ctype and ctype != "application/json" and not ctype.endswith("+json"):

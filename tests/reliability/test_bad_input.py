@@ -306,7 +306,7 @@ async def test_hostile_bodies_get_a_clear_4xx_and_store_nothing(start_tracker, s
 
 
 async def test_hostile_callbacks_get_a_clear_4xx_and_change_nothing(start_tracker, sim, agent):
-    t = await start_tracker()
+    t = await start_tracker(callbacks={"max_body_bytes": BIG})  # a callback's own limit
     run = await t.wait_state((await t.submit(agent, "x"))["id"], "done")
     path = f"/callbacks/letta/{t.svc.signer.token(run['id'])}"
     letta_id = run["tracker"]["letta_run_id"]
