@@ -215,6 +215,21 @@ async def test_send_without_answer_is_looked_up_only_once_it_could_have_landed(
     assert "found_in_letta" in kinds
 
 
+async def test_a_callback_for_a_run_queued_to_be_looked_up_looks_at_once(
+        start_tracker, sim, agent):
+    """Letta created the run but answered the send too late; its callback, come while the
+    run waited for its look (dispatch.lookup_after_s), was ignored, and the outcome learnt
+    that long after. The callback proves Letta has it: the look goes at once."""
+    t = await start_tracker(letta={"timeout_s": 0.3}, dispatch={"lookup_after_s": 30})
+    sim.set_faults(answer_time_s=(0.6, 0.6))
+    run = await t.submit(agent, "[[delay=0.6]] x")
+    sim.set_faults(answer_time_s=(0.0, 0.0))
+    done = await t.wait_state(run["id"], "done", timeout=5)
+    assert len(sim.received) == 1 and done["status"] == "completed"
+    assert "look_now" in [e["kind"] for e in await (await t.get(
+        f"/v1/runs/{run['id']}/events")).json()]
+
+
 async def test_a_cancel_before_the_look_is_due_fails_and_the_order_holds(
         start_tracker, sim, agent):
     """A run whose send got no answer is queued to be looked up later. Cancelled meanwhile,

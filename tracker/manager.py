@@ -198,6 +198,8 @@ class Manager:
 
     async def apply_remote(self, run: RunRecord, obs: Observation, source: str) -> RunRecord:
         """Apply one observation of the Letta run; safe against duplicates and races."""
+        if run.state is State.QUEUED and run.needs_lookup and source == Source.CALLBACK:
+            return await self._look_now(run, obs)
         target = state_for(obs.status, obs.stop_reason)
         if target is State.PAUSED and source == Source.CALLBACK \
                 and run.status == Status.CANCELLED and run.state in WATCHED:
@@ -223,6 +225,17 @@ class Manager:
         else:
             self._after_change(updated, source)
         return updated
+
+    async def _look_now(self, run: RunRecord, obs: Observation) -> RunRecord:
+        """A callback for a run whose send got no answer, queued to be looked up at Letta no
+        sooner than dispatch.lookup_after_s: Letta has it, the callback says, so the look
+        need not wait (it attaches the run, and a poll reads the outcome). Ignored, the
+        outcome was learnt that long later."""
+        moved = await self.store.transition(run.id, None, (State.QUEUED,), {
+            "next_check_at": clock.now()}, Event(Source.CALLBACK, "look_now", {
+                "letta_run_id": obs.letta_run_id, "status": obs.status}))
+        self.dispatch_wakeup.set()
+        return moved or run
 
     async def _pause_after_cancel(self, run: RunRecord, obs: Observation) -> RunRecord:
         """A pause's callback come after Letta took a cancel of the run: Letta sends a run
