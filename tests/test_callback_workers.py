@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import threading
+import time
 import uuid
 
 import pytest
@@ -97,6 +98,33 @@ def test_a_workers_tally_counts_as_if_served_here(before, requests, calls):
     assert got.keys() == want.keys()
     for k, v in want.items():
         assert got[k] == pytest.approx(v), k
+
+
+async def test_a_worker_answers_on_while_its_report_waits_for_a_full_pipe():
+    """The pipe to the service holds ~64 KB: while the service's loop stalls, a report's send
+    blocks. Sent on the worker's loop, it stopped every answer to Letta (timed out at 5 s)."""
+    from tracker.callback_worker import Reporter
+
+    class FullPipe:
+        def __init__(self) -> None:
+            self.drained, self.got = threading.Event(), []
+
+        def send(self, report) -> None:
+            self.drained.wait(5)  # the service not reading
+            self.got.append(report)
+
+    pipe = FullPipe()
+    reporter = Reporter(0, pipe)
+    task = asyncio.create_task(reporter.run())
+    started = time.monotonic()
+    reporter.received("run-a")
+    await asyncio.sleep(0.1)  # its report now waits on the pipe; the loop turns meanwhile
+    assert time.monotonic() - started < 1.0 and not pipe.got
+    reporter.received("run-b")
+    pipe.drained.set()
+    await eventually(lambda: [r for report in pipe.got for r in report[2]] == ["run-a", "run-b"])
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 # --- the applier hears the workers' reports -------------------------------------------------

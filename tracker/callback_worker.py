@@ -66,16 +66,27 @@ class Reporter:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._filed.wait(), IDLE_REPORT_S)
             self._filed.clear()
-            self.send()
-            await asyncio.sleep(REPORT_S)  # what is filed meanwhile goes in the next report
+            # sent from a thread: the pipe holds ~64 KB, and while the service's loop does not
+            # read it (a stall) a send blocks; on this loop it stopped every answer to Letta,
+            # whose callbacks timed out. What is filed meanwhile goes in the next report
+            await asyncio.to_thread(self._post, self._report())
+            await asyncio.sleep(REPORT_S)
 
     def send(self) -> None:
-        if self.gone:
-            return
+        """Report now, waiting for the pipe (at the worker's stop)."""
+        self._post(self._report())
+
+    def _report(self) -> tuple:
+        """What to report, taken on the loop (where callbacks are noted)."""
         filed, self.filed = self.filed, []
         tally, self.tally = self.tally, Tally()
+        return ("report", self.receiving, filed, tally if tally else None)
+
+    def _post(self, report: tuple) -> None:
+        if self.gone:
+            return
         try:
-            self.conn.send(("report", self.receiving, filed, tally if tally else None))
+            self.conn.send(report)
         except OSError:  # the pipe broken: the service is gone
             # what this worker files, the service applies when it starts again
             self.gone = True
