@@ -3,6 +3,7 @@ Letta took after it, and the look one call while it is among the agent's newest.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from types import SimpleNamespace
 
 import aiohttp
@@ -37,8 +38,7 @@ def _count_listings(monkeypatch) -> list[tuple[int, bool]]:
     return listings
 
 
-@pytest.mark.parametrize(("newer", "listings"), [(0, [(100, False)]),
-                                                 (150, [(100, False), (1000, True)])],
+@pytest.mark.parametrize(("newer", "listings"), [(0, [100]), (150, [100, 1000])],
                          ids=["among the newest", "behind 150 newer"])
 async def test_a_run_cut_off_mid_send_is_found_behind_the_newer_runs_of_its_agent(
         start_tracker, sim, agent, monkeypatch, newer, listings):
@@ -56,7 +56,28 @@ async def test_a_run_cut_off_mid_send_is_found_behind_the_newer_runs_of_its_agen
     assert len(sim.received) == newer + 1
     assert done["tracker"]["letta_run_id"] == ours[0].run_id
     assert "found_in_letta" in await kinds(t, run["id"])
-    assert looks == listings
+    # the second onward from a cursor, or, the first page all of one second, from the newest
+    assert [limit for limit, _ in looks] == listings and not looks[0][1]
+
+
+async def test_a_run_cut_off_mid_send_is_found_on_a_letta_that_cuts_cursors_to_seconds(
+        start_tracker, sim, agent):
+    """A SQLite-backed Letta cuts a listing cursor's time to its whole second: paged onward
+    from the first page's last run, the look skipped the other runs of that second, ours
+    among them when 150 newer came in the same second: not found, and sent twice."""
+    sim.store.second_cursors = True
+    run = await _died_after_letta_got_it(start_tracker, sim, agent)
+    await _submit_straight(sim, agent, 150)
+    # ours and the 150 in one second, in the order Letta took them
+    runs = sorted((r for r in sim.store.runs() if r.agent_id == agent), key=lambda r: r.seq)
+    second = runs[0].created_at.replace(microsecond=0)
+    for i, r in enumerate(runs):
+        r.created_at = second + timedelta(microseconds=1000 * (i + 1))
+    t = await start_tracker()
+    done = await t.wait_state(run["id"], "done")
+    ours = [r for r in sim.received if "someone else's" not in r.raw.decode()]
+    assert len(ours) == 1 and done["tracker"]["letta_run_id"] == ours[0].run_id
+    assert "found_in_letta" in await kinds(t, run["id"])
 
 
 @pytest.mark.parametrize(("apart_s", "pages"), [(0.1, 4), (0.0, 20)],

@@ -62,8 +62,24 @@ async def _by_token(manager: Manager, run: RunRecord, page: list[dict],
             log.warning("lookup of run %s stopped after %d pages of agent %s's runs at Letta;"
                         " taken for not sent", run.id, pages, run.agent_id)
             return None
-        page = await manager.letta.agent_runs(run.agent_id, DEEP_PAGE, page[-1])
+        page = await _next_page(manager, run.agent_id, page, limit)
         limit, pages = DEEP_PAGE, pages + 1
+
+
+async def _next_page(manager: Manager, agent_id: str, page: list[dict],
+                     limit: int) -> list[dict]:
+    """The agent's runs after ``page`` (newest first). A SQLite-backed Letta cuts a cursor's
+    time to its whole second, so a page onward from the page's last run left out the other
+    runs of that run's second, ours perhaps (sent twice, then). The cursor is the page's newest
+    run of a later second than its last: the runs between come again, which costs nothing
+    here. A first page all of one second is read again, deeper, with no cursor."""
+    last_second = int(_created(page[-1]))
+    cursor = next((r for r in reversed(page) if int(_created(r)) > last_second), None)
+    if cursor is None:
+        if limit < DEEP_PAGE:
+            return await manager.letta.agent_runs(agent_id, DEEP_PAGE)
+        cursor = page[-1]  # more than Letta's biggest page in one second: no better cursor
+    return await manager.letta.agent_runs(agent_id, DEEP_PAGE, cursor)
 
 
 def _created(letta_run: dict) -> float:

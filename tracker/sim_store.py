@@ -131,6 +131,8 @@ class RunStore:
         #: pages onward in the listing's order), which another Letta (Cloud, a later release)
         #: may follow; False: as Letta 0.16.8 does, the reverse (see select)
         self.documented_cursors = documented_cursors
+        #: as a SQLite-backed Letta: a cursor's created_at cut to its whole second (see select)
+        self.second_cursors = False
         self.agents: dict[str, SimAgent] = {}
         self._runs: dict[str, SimRun] = {}
         self._all: list[SimRun] = []
@@ -192,12 +194,26 @@ class RunStore:
             # either order `before` gives the runs beyond the cursor, `after` those on the
             # near side of it. (A SQLite-backed Letta also cuts the cursor's created_at to
             # whole seconds, as a string, so that onward pages repeat (asc) or skip (desc)
-            # the cursor's same-second runs: not simulated.)
+            # the cursor's same-second runs: simulated with ``second_cursors``.)
             after, before = before, after
         # `after` as documented: the runs past the cursor in the listing's order
         low, high = (after, before) if query.ascending else (before, after)
+        if self.second_cursors:
+            # a bound is its run's whole second: every run of that second, before or after
+            # the cursor, falls on the same side (stored times carry microseconds; the cut
+            # cursor has none, and compares lower as a string)
+            low = None if low is None else self._second_start(low) - 1
+            high = None if high is None else self._second_start(high)
         walk = self._walk(self._source(query), low, high, query.ascending)
         return list(itertools.islice((r for r in walk if query.matches(r)), query.limit))
+
+    def _second_start(self, seq: int) -> int:
+        """The seq of the first run created in the same second as run ``seq``."""
+        i = bisect_left(self._all, seq, key=_seq)
+        second = self._all[i].created_at.replace(microsecond=0)
+        while i > 0 and self._all[i - 1].created_at.replace(microsecond=0) == second:
+            i -= 1
+        return self._all[i].seq
 
     def _seq_of(self, run_id: str | None) -> int | None:
         # Letta ignores a cursor naming no run.
