@@ -41,10 +41,10 @@ log = logging.getLogger("tracker.manager")
 #: what Letta's run holds that the tracker's shows as it is. Not its callback_sent_at,
 #: callback_status_code and callback_error: those tell of Letta's callback to the tracker, and
 #: the run shows the relay's delivery to the user's callback_url there (the relay sets them)
-#: live runs read a page at a time by a cancel of all of an agent's
-CANCEL_PAGE = 1000
 LETTA_FIELDS = ("conversation_id", "base_template_id", "background", "metadata", "ttft_ns",
                 "total_duration_ns")
+#: live runs read a page at a time by a cancel of all of an agent's
+CANCEL_PAGE = 1000
 USAGE_KEYS = ("completion_tokens", "prompt_tokens", "total_tokens", "prompt_tokens_details",
               "completion_tokens_details")
 REQUEST_CONFIG_DEFAULTS = {"use_assistant_message": True,

@@ -207,7 +207,7 @@ class Poller:
             elif self._callback_pending(letta_run):
                 await self._wait_for_callback(run)
             elif (settled := await self._cancel_settled(run, letta_run)) is None:
-                await self._wait_for_step(run)
+                await self._look_later(run)  # its step still running at Letta
             else:
                 await self._finish(run, settled)
         except NotFound:
@@ -220,8 +220,7 @@ class Poller:
             # it: looked at again later, as the backoff says, not at once (unrescheduled, the
             # run stayed due and the loop called Letta for it ~50 times a second)
             log.warning("poll of run %s failed: %r", run.id, e, extra={"run_id": run.id})
-            nxt = self._next(run)
-            await self.store.reschedule([(run.id, nxt["next_check_at"], nxt["poll_count"])])
+            await self._look_later(run)
 
     async def _finish(self, run: RunRecord, letta_run: dict) -> None:
         async with self._slots:
@@ -253,7 +252,8 @@ class Poller:
         async with self._slots:
             return await self.letta.get_run(letta_run["id"])
 
-    async def _wait_for_step(self, run: RunRecord) -> None:
+    async def _look_later(self, run: RunRecord) -> None:
+        """Look at the run again when the backoff says."""
         nxt = self._next(run)
         await self.store.reschedule([(run.id, nxt["next_check_at"], nxt["poll_count"])])
 

@@ -112,7 +112,7 @@ async def attach_or_requeue(manager: Manager, run: RunRecord, source: str) -> bo
         except Conflict:
             # another tracker run's Letta run, matched by otid: a client that set the same
             # otids on two messages; ours is not at Letta (its callback token is nowhere)
-            found = None
+            pass
     await manager.requeue(run, clock.now(), needs_lookup=False, error=None,
                           kind="not_found_in_letta", source=source)
     return False
