@@ -411,12 +411,25 @@ async def test_a_pause_reported_after_its_cancel_neither_pauses_nor_holds_the_la
 
 
 async def test_cancelling_a_paused_run_cancels_it_at_letta_before_the_lane_goes_on(
-        start_tracker, sim, agent):
+        start_tracker, sim, agent, aiohttp_server):
     """Released only here, the pause stayed at Letta, whose agent, awaiting its approval,
-    failed the message queued behind it (and every later one)."""
+    failed the message queued behind it (and every later one). The cancel is a new outcome:
+    the callback_url told of the pause is told of it (the cancel may be an admin's cancel-all
+    the user never saw), and it is when the outcome was recorded."""
+    delivered: list[dict] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        delivered.append(await request.json())
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    url = str((await aiohttp_server(app)).make_url("/hook"))
     t = await start_tracker()
-    paused = await t.submit(agent, "[[approval]] do it")
-    await t.wait_state(paused["id"], "paused")
+    paused = await t.submit(agent, "[[approval]] do it", callback_url=url)
+    paused_at = (await t.wait_state(paused["id"], "paused"))["tracker"]["recorded_at"]
+    await eventually(lambda: delivered)
+    await asyncio.sleep(0.01)  # recorded_at has whole-millisecond steps at least
     waiting = await t.submit(agent, "after")
     resp = await t.post(f"/v1/agents/{agent}/messages/cancel", {"run_ids": [paused["id"]]})
     assert await resp.json() == {paused["id"]: "cancelled"}
@@ -426,6 +439,10 @@ async def test_cancelling_a_paused_run_cancels_it_at_letta_before_the_lane_goes_
     assert (run["tracker"]["state"], run["status"]) == ("done", "cancelled")
     letta_run = sim.store.get(run["tracker"]["letta_run_id"])
     assert (letta_run.status, letta_run.stop_reason) == ("cancelled", "cancelled")
+    assert run["tracker"]["recorded_at"] > paused_at
+    await eventually(lambda: len(delivered) == 2)
+    assert [(d["status"], d["metadata"]["result"]["stop_reason"]["stop_reason"])
+            for d in delivered] == [("completed", "requires_approval"), ("cancelled", "cancelled")]
 
 
 async def test_a_key_letta_refuses_queues_the_message_until_it_takes_it(start_tracker, sim,

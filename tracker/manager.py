@@ -322,7 +322,7 @@ class Manager:
             elif run.letta_run_id and run.state in (*WATCHED, State.PAUSED):
                 at_letta[run.letta_run_id] = ref
             elif run.state is State.PAUSED:
-                answers[ref] = await self._release_pause(run, {})
+                answers[ref] = await self._release_pause(run)
             else:
                 answers[ref] = "cancelled" if run.state is State.DONE else "failed"
         if at_letta:
@@ -385,12 +385,17 @@ class Manager:
             self._after_change(done, Source.API)
         return done or await self.store.get_run(run.id)
 
-    async def _release_pause(self, run: RunRecord, fields: dict[str, Any]) -> str:
-        """The paused run is done, and its agent's lane free for the next message."""
+    async def _release_pause(self, run: RunRecord) -> str:
+        """The paused run is done, and its agent's lane free for the next message. A new
+        outcome: the user's callback_url, told of the pause, is told of the cancel too (it
+        may be another user's cancel-all), and ``recorded_at`` is now's (retention counts
+        from it)."""
+        fields = {"status": Status.CANCELLED, "stop_reason": "cancelled",
+                  "recorded_at": clock.iso(), "completed_via": Source.API}
         done = await self.store.transition(run.id, State.DONE, (State.PAUSED,), fields,
-                                           Event(Source.API, "pause_cancelled"))
-        if done:
-            self.dispatch_wakeup.set()
+                                           Event(Source.API, "pause_cancelled"), relay=True)
+        if done:  # counted once in runs_completed, at its pause (as an overwrite is)
+            self._after_change(done, Source.API, counted=False)
         return "cancelled"
 
     async def _cancel_at_letta(self, agent_id: str, at_letta: dict[str, str],
@@ -407,8 +412,7 @@ class Manager:
                 # messages again; released here only then (a pause left at Letta would fail
                 # every message sent after it)
                 if out[ref] == "cancelled":
-                    await self._release_pause(run, {"status": Status.CANCELLED,
-                                                    "stop_reason": "cancelled"})
+                    await self._release_pause(run)
                 continue
             # confirmed by the next observation (callback or a poll soon); Letta's status
             # as Letta answered (see _pause_after_cancel)
