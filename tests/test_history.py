@@ -116,6 +116,22 @@ async def test_a_repeated_status_is_one_filter(start_tracker, sim):
     assert await list_ids(t, [*twice, ("limit", "4")]) == runs[::-1][:4]
     assert await list_ids(t, [*twice, ("statuses", "failed"), ("limit", "4")]) == runs[::-1][:4]
     assert await list_ids(t, [("statuses", "failed")] * 502) == []
+    from tracker.sqlite_queries import _filters
+    from tracker.store import RunFilter
+
+    # the same for states: each was a parameter in every branch of the merged query
+    _, params = _filters(RunFilter(states=["done"] * 300))
+    assert params == ["done"]
+
+
+async def test_a_bound_past_year_9999_in_utc_bounds_every_run(start_tracker, sim, agent):
+    """Its UTC form has a five-digit year, which sorted before every stored time: `created_
+    before` it listed nothing, `created_after` it everything."""
+    t = await start_tracker()
+    run = await t.submit(agent, "now")
+    far = "9999-12-31T23:59:59-01:00"
+    assert await list_ids(t, [("created_before", far)]) == [run["id"]]
+    assert await list_ids(t, [("created_after", far)]) == []
 
 
 async def test_several_agent_ids_list_the_runs_of_each(start_tracker, sim):
@@ -191,6 +207,33 @@ async def test_bad_parameters_get_422_naming_them(start_tracker, sim):
     assert (await t.get(one)).status == 404
     assert (await t.get("/v1/runs/nonsense/events")).status == 400  # no run id: Letta says so
     assert (await t.get(f"/v1/runs/run-{uuid.uuid4()}/events")).status == 404
+
+
+async def test_a_messages_page_never_ends_inside_a_group_sharing_an_id(start_tracker, sim):
+    """A legacy agent's reasoning and answer share one id (letta-samples'
+    legacy_memgpt_v2_async__run_messages.json): a page cut between them was followed by
+    `after=` that id, which skips past the whole group: the answer was never served. Letta's
+    SDK pages so, and sends Letta's order_by."""
+    import letta_client
+
+    t = await start_tracker()
+    agent = sim.create_agent("legacy", agent_type="memgpt_v2_agent")["id"]
+    run = await t.submit(agent, "hello")
+    await t.wait_state(run["id"], "done")
+    path = f"/v1/runs/{run['id']}/messages"
+    whole = await (await t.get(path)).json()
+    ids = [m["id"] for m in whole]
+    assert len(ids) == 3 and ids[1] == ids[2]  # user; reasoning and answer under one id
+    assert await (await t.get(path, limit=2)).json() == whole
+    assert await (await t.get(path, limit=1, order="desc", order_by="created_at")).json() == \
+        whole[:0:-1]
+    client = letta_client.AsyncLetta(base_url=str(t.client.make_url("")).rstrip("/"),
+                                     api_key=t.key, max_retries=0)
+    try:
+        paged = [m.message_type async for m in client.runs.messages.list(run["id"], limit=1)]
+    finally:
+        await client.close()
+    assert paged == [m["message_type"] for m in whole]
 
 
 async def test_messages_pagination_and_timeline_alone_or_with_the_run(start_tracker, sim, agent):
@@ -299,6 +342,17 @@ async def test_stats(start_tracker, sim, agent):
     assert stats["run_duration_s"]["count"] == 3 and stats["run_duration_s"]["p50"] > 0
 
 
+def test_stats_percentiles_are_nearest_rank():
+    """int(q·n) was a rank high where q·n is whole: of 1..10, p50 6 and p90 the max."""
+    from tracker.stats import percentiles
+
+    got = percentiles([float(i) for i in range(10, 0, -1)])
+    assert (got["p50"], got["p90"], got["p99"], got["max"]) == (5.0, 9.0, 10.0, 10.0)
+    hundred = percentiles([float(i) for i in range(1, 101)])
+    assert (hundred["p50"], hundred["p99"]) == (50.0, 99.0)
+    assert percentiles([7.0])["p50"] == 7.0
+
+
 async def test_openapi_describes_every_route(start_tracker):
     t = await start_tracker()
     doc = await (await t.client.get("/openapi.json")).json()
@@ -314,6 +368,9 @@ async def test_openapi_describes_every_route(start_tracker):
     assert {"messages", "input", "max_steps", "callback_url", "top_logprobs"} <= fields.keys()
     names = {p["name"] for p in doc["paths"]["/v1/runs"]["get"]["parameters"]}
     assert {"agent_id", "statuses", "before", "after", "state", "callback_missed"} <= names
+    # cancel passes Letta's 4xx on, and a Letta down is its 503
+    cancel = doc["paths"]["/v1/agents/{agent_id}/messages/cancel"]["post"]["responses"]
+    assert "4XX" in cancel and "Letta" in cancel["503"]["description"]
 
 
 async def test_relay_state_is_shown_for_one_run_and_never_guessed(start_tracker, sim, agent,

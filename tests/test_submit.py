@@ -142,6 +142,13 @@ async def test_refusals_record_and_send_nothing(start_tracker, sim, agent):
                                headers={"Authorization": f"Bearer {t.key}",
                                         "Content-Type": "application/json"})
     assert resp.status == 400 and "surrogate" in (await resp.json())["detail"]
+    # the same in UTF-16 (the escape's bytes have zeros between), or encoded, not escaped
+    for raw in ('{"input": "half \\ud800 a pair"}'.encode("utf-16"),
+                b'{"input": "half \xed\xa0\x80 a pair"}'):
+        resp = await t.client.post(f"/v1/agents/{agent}/messages/async", data=raw,
+                                   headers={"Authorization": f"Bearer {t.key}",
+                                            "Content-Type": "application/json"})
+        assert resp.status == 400, raw
     resp = await t.post("/v1/agents/not-an-agent/messages/async", {"input": "x"})
     assert resp.status == 422
     assert (await resp.json())["detail"][0]["loc"] == ["path", "agent_id"]
@@ -408,6 +415,15 @@ async def test_a_pause_reported_after_its_cancel_neither_pauses_nor_holds_the_la
     final = await t.wait_state(run["id"], "done")
     assert (final["status"], final["stop_reason"]) == ("cancelled", "cancelled")
     assert (await t.wait_state(behind["id"], "done"))["status"] == "completed"
+
+
+async def test_a_json_media_type_is_taken_in_any_case(start_tracker, sim, agent):
+    """Media types are case-insensitive (RFC 9110): `Application/JSON` was a 415."""
+    t = await start_tracker()
+    resp = await t.client.post(f"/v1/agents/{agent}/messages/async", data=b'{"input": "x"}',
+                               headers={"Authorization": f"Bearer {t.key}",
+                                        "Content-Type": "Application/JSON; charset=UTF-8"})
+    assert resp.status == 200, await resp.text()
 
 
 async def test_cancelling_a_paused_run_cancels_it_at_letta_before_the_lane_goes_on(

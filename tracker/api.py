@@ -141,12 +141,20 @@ def run_filter(request: web.Request, p: RunListParams) -> RunFilter:
         ascending=p.ascending if p.ascending is not None else p.order == "asc")
 
 
+#: a bound from year 10000 UTC on would be written with five digits, sorting before every
+#: stored time; as the last instant of 9999 it bounds the same runs
+YEAR_10000, LAST_INSTANT = 253_402_300_800.0, "9999-12-31T23:59:59.999999Z"
+
+
 def _iso(value: str | None, name: str) -> str | None:
     try:
-        return clock.iso(clock.epoch(value)) if value else None
+        ts = clock.epoch(value) if value else None
     except ValueError:
         raise Invalid([{"loc": ["query", name], "msg": "Input should be an ISO 8601 datetime",
                         "type": "datetime_parsing"}]) from None
+    if ts is None:
+        return None
+    return LAST_INSTANT if ts >= YEAR_10000 else clock.iso(ts)
 
 
 async def list_runs(request: web.Request) -> web.Response:

@@ -182,6 +182,7 @@ class MessageListParams(BaseModel):
     after: str | None = None
     limit: int = Field(100, ge=1, le=1000)
     order: Literal["asc", "desc"] = "asc"
+    order_by: Literal["created_at"] = "created_at"  # Letta's SDK sends it
 
 
 class EventOut(BaseModel):

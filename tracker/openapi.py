@@ -31,7 +31,8 @@ ERRORS: dict[str, dict[str, str]] = {
                "422": "Body fails validation, agent_id is not agent-<uuid4>, or callback_url"
                       " is refused (type url_refused)"},
     "cancel": {**KEY, **BODY, **DB, **AGENT_BODY,
-               "409": "No run_ids given and the agent has no active run"},
+               "409": "No run_ids given and the agent has no active run",
+               "503": "The database is unavailable, or Letta is (nothing was cancelled there)"},
     "list_runs": {**KEY, **QUERY, **DB,
                   "400": "A before/after cursor names no run you can list",
                   "404": "user_id names another user (a non-admin key)"},
@@ -56,7 +57,9 @@ ERRORS: dict[str, dict[str, str]] = {
 OWN_BODY = {("healthz", "503")}
 #: routes that pass on Letta's own 4xx, whatever its code, as Letta gave it
 PASSED_ON = {"submit": "Any other 4xx Letta answers at submit (its refusal of the run) is"
-                       " passed on as Letta gave it, status and body."}
+                       " passed on as Letta gave it, status and body.",
+             "cancel": "A 4xx Letta answers to the cancel of runs at Letta is passed on as"
+                       " Letta gave it, status and body."}
 
 
 def _schema(tp: Any, components: dict[str, Any]) -> dict[str, Any]:

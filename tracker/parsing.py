@@ -39,8 +39,9 @@ _STRICT = json.JSONDecoder(parse_constant=_refuse_constant)
 
 
 def _text(raw: bytes) -> str:
-    """``raw`` decoded as json.loads decodes bytes (UTF-8, -16 or -32, by their start)."""
-    return raw.decode(json.detect_encoding(raw), "surrogatepass")
+    """``raw`` decoded as json.loads decodes bytes (UTF-8, -16 or -32, by their start);
+    strictly: an encoded lone surrogate is not text (no UTF-8 store can hold it)."""
+    return raw.decode(json.detect_encoding(raw))
 
 
 def loads(raw: bytes, what: str = "request body", strict: bool = True) -> Any:
@@ -48,14 +49,16 @@ def loads(raw: bytes, what: str = "request body", strict: bool = True) -> Any:
     ``strict``, also NaN and Infinity, which Python's json takes but JSON has not (stored,
     they would make the run unreadable to SQLite's JSON functions, which build history)."""
     try:
-        data = _STRICT.decode(_text(raw)) if strict else json.loads(raw)
+        text = _text(raw)
+        data = _STRICT.decode(text) if strict else json.loads(text)
     except _NonFinite as e:
         raise BadRequest(f"{what} is not valid JSON: {e} is not a JSON number") from None
     except (ValueError, RecursionError):
         raise BadRequest(f"{what} is not valid JSON") from None
     # JSON's \u escapes can spell half of a surrogate pair, which no UTF-8 text (our
     # database, our answers, Letta's) can hold; only bodies with such an escape are walked
-    if (b"\\ud" in raw or b"\\uD" in raw) and _holds_lone_surrogate(data):
+    # (looked for in the text: a UTF-16 body's bytes spell it with zeros between)
+    if ("\\ud" in text or "\\uD" in text) and _holds_lone_surrogate(data):
         raise BadRequest(f"{what} is not valid JSON: a \\u escape is half of a surrogate pair")
     # nesting deeper than MAX_DEPTH needs more opening brackets than that: counting them
     # (in C) spares most bodies the walk
@@ -102,7 +105,8 @@ def errors_of(e: ValidationError, where: str) -> list[dict]:
 async def read_json(request: web.Request, limit: int, optional: bool = False) -> Any:
     """The body as JSON: 413 past ``limit`` bytes, 415 for a non-JSON content type, 400 when
     malformed."""
-    ctype = request.headers.get("Content-Type", "application/json").split(";")[0].strip()
+    # media types are case-insensitive (RFC 9110)
+    ctype = request.headers.get("Content-Type", "application/json").split(";")[0].strip().lower()
     if (request.content_length or 0) > limit:
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
     raw = await request.read()

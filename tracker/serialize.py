@@ -100,4 +100,8 @@ def page(items: list, before: str | None, after: str | None, limit: int,
     # several messages of one step can share an id: skip past the last of them
     start = len(ids) - ids[::-1].index(after) if after in ids else 0
     stop = ids.index(before) if before in ids else len(ids)
-    return ordered[start:stop][:limit]
+    # and a page never ends inside such a group: the next page starts past all of it
+    end = min(stop, start + limit)
+    while start < end < stop and ids[end] == ids[end - 1]:
+        end += 1
+    return ordered[start:end]

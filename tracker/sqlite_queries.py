@@ -117,7 +117,7 @@ def _filters(flt: RunFilter) -> tuple[list[str], list[Any]]:
     if flt.statuses:
         _in("status", flt.statuses, where, params)
     if flt.states:
-        _in("state", flt.states, where, params)
+        _in("state", list(dict.fromkeys(flt.states)), where, params)
     if flt.active is not None:
         # the same text as the partial index runs_active, so SQLite can use it
         where.append(("" if flt.active else "NOT ") + "status IN ('created', 'running')")
