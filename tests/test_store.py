@@ -1097,3 +1097,99 @@ async def test_two_first_requests_without_auth_share_one_anonymous_user(store):
     assert a.id == b.id and a.name == "anonymous" and a.is_admin
     with pytest.raises(Conflict):
         await store.create_user("anonymous", False, "whsec_x")
+
+
+async def test_a_write_cancelled_on_the_writers_thread_keeps_the_lock_to_its_end(store):
+    """Shutdown cancels retention mid-prune: the lock was released with the transaction still
+    running on the writer's thread, and the next write, inline on the loop, met the
+    connection inside it (its BEGIN failed: a write lost, the store marked unwritable)."""
+    run = await submit(store)
+    started = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def slow(db):
+        # like a prune batch: several statements in one transaction, on the writer's thread
+        db.execute("DELETE FROM run_events WHERE run_id = ?", (run.id,))
+        loop.call_soon_threadsafe(started.set)
+        time.sleep(0.3)
+        db.execute("UPDATE runs SET error = 'slow-second-half' WHERE id = ?", (run.id,))
+        return 1
+
+    task = asyncio.create_task(store._write(slow, slow=True))
+    await started.wait()
+    task.cancel()  # shutdown cancelling retention mid-prune
+    await asyncio.gather(task, return_exceptions=True)
+    # a dispatcher send finishing during shutdown records its outcome (inline on the loop)
+    inline_error = None
+    try:
+        await store.submit(new_run(), Event("api", "submit"))
+    except Unavailable as e:
+        inline_error = e
+    await asyncio.sleep(0.5)  # the slow transaction's thread ends
+    events = await store._read("SELECT count(*) FROM run_events WHERE run_id = ?", (run.id,))
+    err = await store._read("SELECT error FROM runs WHERE id = ?", (run.id,))
+    # the one transaction must be all-or-nothing, and the unrelated write must succeed
+    assert inline_error is None
+    assert (events[0][0], err[0][0]) in ((0, "slow-second-half"), (1, None))
+
+
+async def test_a_write_cancelled_in_its_busy_wait_does_not_freeze_the_loop(store):
+    """A write that found another process holding the database waits on the writer's thread
+    (busy_timeout 10 s on the shared connection); cancelled, it released the lock, and the
+    next write, run inline on the loop, met that wait on the same connection: the loop froze
+    until the other process committed."""
+    run = await submit(store)
+    other = sqlite3.connect(store.path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")  # a callback worker / CLI command holding the database
+    threading.Timer(1.5, lambda: other.execute("COMMIT")).start()
+    task = asyncio.create_task(store.add_event(run.id, Event("poll", "x")))
+    await asyncio.sleep(0.2)  # past the inline tries: now waiting on the writer's thread
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    ticks = 0
+
+    async def ticker():
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    t = asyncio.create_task(ticker())
+    await asyncio.sleep(0.05)
+    started = time.monotonic()
+    error = None
+    try:
+        await store.submit(new_run(), Event("api", "submit"))
+    except Unavailable as e:
+        error = e
+    took = time.monotonic() - started
+    t.cancel()
+    await asyncio.sleep(1.5)
+    other.close()
+    assert error is None and ticks > took / 0.02  # the loop kept turning
+
+
+async def test_an_answered_pause_is_kept_keep_days_from_its_finish(store):
+    """Its recorded_at was its pause's: paused longer than keep_days, it was pruned the
+    moment its answer ended it."""
+    from tracker.retention import DAY, cutoff
+
+    paused = await submit(store)
+    await store.claim(serial=True, now=clock.now())
+    # paused 10 days ago (the manager sets recorded_at when the run pauses)
+    long_ago = clock.iso(clock.now() - 10 * DAY)
+    await store.transition(paused.id, State.PAUSED, (State.SUBMITTING,), {
+        "status": "completed", "stop_reason": "requires_approval", "recorded_at": long_ago,
+        "completed_via": "callback"}, None)
+    assert (await store.prune(cutoff(7 * DAY), 100))["runs"] == 0  # paused: kept
+    answer = await submit(store, kind="answer")
+    await store.claim(serial=True, now=clock.now())
+    await store.transition(answer.id, State.SUBMITTED, (State.SUBMITTING,),
+                           {"letta_run_id": "run-letta-answer"}, None)
+    await store.transition(answer.id, State.DONE, (State.SUBMITTED,), {
+        "status": "completed", "recorded_at": clock.iso()}, None)
+    run = await store.get_run(paused.id)
+    assert run.state is State.DONE  # finished just now, by its answer
+    # retention (keep_days = 7) must keep a run that finished a moment ago
+    removed = await store.prune(cutoff(7 * DAY), 100)
+    assert removed["runs"] == 0, removed

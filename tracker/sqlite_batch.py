@@ -85,6 +85,12 @@ class GroupCommit(SQLiteDB):
             batch, self._queue = self._queue[:BATCH_MAX], self._queue[BATCH_MAX:]
             try:
                 results = await self._commit_batch([op for op, _ in batch])
+            except asyncio.CancelledError:
+                # committed or not, the batch ended on the writer's thread (see _write): run
+                # again, its writes could be made twice
+                for _, fut in batch:
+                    fut.cancel()
+                raise
             except BaseException:
                 # nothing of the batch was committed: run each alone, so only a bad one fails
                 for op, fut in batch:

@@ -18,7 +18,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -105,6 +105,24 @@ async def _stopped(db: aiosqlite.Connection) -> None:
     deadline = time.monotonic() + 1
     while thread.is_alive() and time.monotonic() < deadline:
         await asyncio.sleep(0.001)
+
+
+async def _to_its_end(work: Awaitable[Any]) -> Any:
+    """Await the writer thread's ``work``; when the caller is cancelled (shutdown cancels
+    retention mid-prune, the poller mid-write), still wait for its end before leaving, and
+    with it the store's lock: the next write, inline on the loop, met the connection inside
+    that transaction (its BEGIN failed: a write lost, the store marked unwritable) or inside
+    its busy wait (the loop frozen up to the busy timeout)."""
+    fut = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        while not fut.done():
+            try:
+                await asyncio.wait([fut])
+            except asyncio.CancelledError:
+                continue
+        raise
 
 
 def _allowance(frames: int) -> int:
@@ -402,8 +420,8 @@ class SQLiteDB:
         async with self._lock:
             try:
                 done = None if slow or not self._inline_ok else await self._inline_soon(fn)
-                result = done[0] if done else await self._in_thread(
-                    _waiting, self._db, _in_transaction, fn)
+                result = done[0] if done else await _to_its_end(self._in_thread(
+                    _waiting, self._db, _in_transaction, fn))
             except (sqlite3.OperationalError, sqlite3.DatabaseError) as e:
                 if isinstance(e, sqlite3.IntegrityError):
                     raise

@@ -145,13 +145,17 @@ class SQLiteStore(RunReads, CallbackInbox, Accounts, Deliveries, GroupCommit):
         """Letta took the approval or tool return: the run that paused for it is done. Not
         before (when the answer is claimed, or sent): an answer requeued, refused at the door
         or failed as answering other tool calls leaves the agent paused at Letta, and the
-        messages queued behind the pause must wait on (``states.ends_pause``)."""
+        messages queued behind the pause must wait on (``states.ends_pause``). It finished
+        now: retention counts from now, not from the pause (a pause longer than keep_days
+        was pruned as it ended)."""
+        now = clock.iso()
         rows = db.execute(
-            "UPDATE runs SET state = 'done' WHERE agent_id = ? AND state = 'paused'"
-            " AND seq < ? RETURNING id, status", (answer.agent_id, answer.seq)).fetchall()
+            "UPDATE runs SET state = 'done', recorded_at = ? WHERE agent_id = ?"
+            " AND state = 'paused' AND seq < ? RETURNING id, status",
+            (now, answer.agent_id, answer.seq)).fetchall()
         for run_id, status in rows:
             self._add_event(db, run_id, Event(source, "answered", {"by": answer.id}),
-                            State.DONE, status, clock.iso())
+                            State.DONE, status, now)
 
     def _due_queued(self, db: sqlite3.Connection, now: float, agent_id: str | None,
                     limit: int) -> list[str]:
