@@ -43,6 +43,44 @@ async def test_new_database_is_at_latest_schema(store):
     assert await store.schema_version() == LATEST
 
 
+@pytest.mark.parametrize("version", range(1, LATEST))
+async def test_a_database_at_each_earlier_version_upgrades_with_its_rows(tmp_path, version):
+    """Not only v1's: every migration's script runs on the rows of the version before (runs,
+    payloads split out at v6, deliveries), and the counts' triggers and prune work after."""
+    path = tmp_path / f"v{version}.db"
+    db = sqlite3.connect(path)
+    for script in MIGRATIONS[:version]:
+        db.executescript(script)
+    cols = "id, user_id, agent_id, state, status, created_at, recorded_at, completed_via"
+    vals = ("'run-old', 'u', ?, 'done', 'completed', '2026-01-01T00:00:00.000000Z',"
+            " '2026-01-01T00:00:01.000000Z', 'poll'")
+    if version < 6:
+        db.execute(f"INSERT INTO runs ({cols}, request) VALUES ({vals}, '{{}}')", (A1,))
+    else:
+        db.execute(f"INSERT INTO runs ({cols}) VALUES ({vals})", (A1,))
+        db.execute("INSERT INTO run_payloads (seq, request) SELECT seq, '{}' FROM runs")
+    if version >= 2:
+        db.execute("INSERT INTO deliveries (id, run_id, user_id, url, created_at, state)"
+                   " VALUES ('d1', 'run-old', 'u', 'http://x', 'x', 'done')")
+    db.execute(f"PRAGMA user_version = {version}")
+    db.commit()
+    db.close()
+    s = open_store(f"sqlite:///{path}")
+    await s.open()
+    try:
+        assert await s.schema_version() == LATEST
+        run = await s.get_run("run-old", full=True)
+        assert run is not None and run.request == {}
+        await submit(s)
+        counts = sorted((c["state"], c["n"]) for c in (await s.stats(None))["counts"])
+        assert counts == [("done", 1), ("queued", 1)]
+        assert (await s.prune("9999", 10))["runs"] == 1
+        assert sorted((c["state"], c["n"]) for c in (await s.stats(None))["counts"]) == [
+            ("queued", 1)]
+    finally:
+        await s.close()
+
+
 async def test_v1_database_is_upgraded_in_place_without_losing_rows(tmp_path):
     path = tmp_path / "old.db"
     db = sqlite3.connect(path)
