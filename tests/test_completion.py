@@ -777,6 +777,27 @@ async def test_a_send_cut_off_by_a_crash_is_looked_up_only_once_it_could_have_la
     assert "found_in_letta" in await kinds(t2, run["id"])
 
 
+async def test_start_up_reconcile_leaves_a_submit_sending_since(start_tracker, sim, agent):
+    """Reconcile runs beside the API: a submit claimed and sending as it read the runs cut
+    off mid-send was requeued as one of them (its send's outcome then lost, the run looked
+    up lookup_after_s later)."""
+    from tracker.reconcile import reconcile
+
+    t = await start_tracker()
+    store, original = t.svc.store, t.svc.store.submit
+
+    async def submit_as_reconcile_reads(*args, **kwargs):
+        result = await original(*args, **kwargs)
+        await reconcile(t.svc.manager, t.svc.poller)
+        return result
+
+    store.submit = submit_as_reconcile_reads
+    run = await t.submit(agent, "as it starts")
+    done = await t.wait_state(run["id"], "done")
+    assert "cut_off" not in await kinds(t, run["id"]) and done["status"] == "completed"
+    assert len(sim.received) == 1
+
+
 async def test_a_slow_submit_is_not_rescued_as_stranded(start_tracker, sim, agent, monkeypatch):
     """A run claimed by its submit is `submitting` before the submit gets to send it; however
     slow that gap, the rescue of stranded runs must not requeue it (that sent it twice)."""

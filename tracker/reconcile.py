@@ -124,6 +124,8 @@ async def reconcile(manager: Manager, poller: Poller) -> dict[str, int]:
     counts = {"requeued": 0, "checked": 0}
     settle = manager.cfg.dispatch.lookup_after_s
     for run in await manager.store.in_states((State.SUBMITTING,)):
+        if run.id in manager.sending:
+            continue  # a submit since start-up, sending it now: not cut off
         # cut off mid-send: a Letta slow to take it may create it after a quick restart, so
         # a look now could miss it and send it again; looked up as a send that got no
         # answer is, no sooner than dispatch.lookup_after_s
