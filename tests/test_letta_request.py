@@ -617,6 +617,9 @@ def test_ensure_otids_leaves_an_input_body_as_is():
         ([{"type": "tool_return", "tool_returns": [TOOL_RETURN]}], True),
         ([{"role": "user", "content": "hi"}], False),
         ([{"type": "message", "role": "user", "content": "hi"}], False),
+        # Letta reads the first message only
+        ([{"role": "user", "content": "hi"}, {"type": "approval", "approvals": [TOOL_RETURN]}],
+         False),
         ([], False),
     ],
 )

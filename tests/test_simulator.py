@@ -358,6 +358,75 @@ async def test_an_approval_of_other_tool_calls_is_refused_and_the_agent_waits_on
     assert (answer["status"], answer["stop_reason"]) == ("completed", "end_turn")
 
 
+async def paused_call(client, agent_id: str) -> tuple[dict[str, Any], str]:
+    """Pause the agent for an approval: the paused run and its tool call id."""
+    paused = await submit(client, agent_id, "[[approval]] please")
+    await run_when(client, paused["id"], terminal)
+    request = await approval_request(client, paused["id"])
+    return paused, request["tool_call"]["tool_call_id"]
+
+
+async def test_an_untyped_message_with_approval_fields_answers_the_pause(client, agent):
+    """Letta types a message sent without `type` but with `approve` or
+    `approval_request_id` as an approval (schemas/letta_request.py,
+    add_default_type_to_messages), its deprecated fields made one approval
+    (schemas/message.py, ApprovalCreate.migrate_deprecated_fields)."""
+    _, call_id = await paused_call(client, agent)
+    # `approve` missing: an approval still, but with no approvals in it
+    response = await client.post(f"/v1/agents/{agent}/messages/async", json={"messages": [
+        {"approval_request_id": call_id}]})
+    failed = await run_when(client, (await response.json())["id"], terminal)
+    assert failed["metadata"]["error"].startswith("Invalid approval response.")
+    response = await client.post(f"/v1/agents/{agent}/messages/async", json={"messages": [
+        {"approve": False, "approval_request_id": call_id, "reason": "no"}]})
+    answer = await run_when(client, (await response.json())["id"], terminal)
+    assert (answer["status"], answer["stop_reason"]) == ("completed", "end_turn")
+    stored = (await get_json(client, f"/v1/runs/{answer['id']}/messages"))[0]
+    assert stored["message_type"] == "approval_response_message"
+    assert stored["approvals"] == [{"type": "approval", "tool_call_id": call_id,
+                                    "approve": False, "reason": "no"}]
+    after = await run_when(client, (await submit(client, agent, "next"))["id"], terminal)
+    assert (after["status"], after["stop_reason"]) == ("completed", "end_turn")
+
+
+async def test_a_message_typed_null_is_a_plain_message(client, agent):
+    """`"type": null` is an ordinary message to Letta: MessageCreate.type is Optional, the
+    approval types are not (schemas/message.py)."""
+    response = await client.post(f"/v1/agents/{agent}/messages/async", json={"messages": [
+        {"type": None, "role": "user", "content": "hi"}]})
+    run = await run_when(client, (await response.json())["id"], terminal)
+    assert (run["status"], run["stop_reason"]) == ("completed", "end_turn")
+    messages = await get_json(client, f"/v1/runs/{run['id']}/messages")
+    assert (messages[0]["message_type"], messages[0]["content"]) == ("user_message", "hi")
+
+
+async def test_an_approval_response_is_stored_without_otid_and_from_its_first_approval(
+        client, agent):
+    """Letta stores an approval answer as a new Message without the request's otid
+    (server/rest_api/utils.py, create_approval_response_message_from_input), and lists it
+    with approve / approval_request_id / reason taken from its first approval, tool returns
+    not counting (schemas/message.py, Message.to_letta_messages)."""
+    _, call_id = await paused_call(client, agent)
+    approval = {"type": "approval", "tool_call_id": call_id, "approve": True, "reason": "ok"}
+    answer = await submit_approval(client, agent, otid="client-otid-1", approvals=[approval])
+    await run_when(client, answer["id"], terminal)
+    stored = (await get_json(client, f"/v1/runs/{answer['id']}/messages"))[0]
+    assert stored["otid"] is None
+    assert (stored["approve"], stored["approval_request_id"], stored["reason"]) == (
+        True, call_id, "ok")
+    assert stored["approvals"] == [approval]
+    _, call_id = await paused_call(client, agent)
+    response = await client.post(f"/v1/agents/{agent}/messages/async", json={"messages": [
+        {"type": "tool_return", "otid": "client-otid-2", "tool_returns": [
+            {"tool_call_id": call_id, "status": "success", "tool_return": "42"}]}]})
+    await run_when(client, (await response.json())["id"], terminal)
+    stored = (await get_json(client, f"/v1/runs/{(await response.json())['id']}/messages"))[0]
+    assert (stored["otid"], stored["approve"], stored["approval_request_id"]) == (
+        None, None, None)
+    assert stored["approvals"] == [{"type": "tool", "tool_return": "42", "status": "success",
+                                    "tool_call_id": call_id, "stdout": None, "stderr": None}]
+
+
 async def test_cancelling_a_paused_run_cancels_it_and_ends_the_wait(client, agent, receiver):
     """Letta cancels a run paused for an approval (denying its tool calls), with no
     callback (the run had completed), and its agent takes messages again."""
@@ -470,12 +539,34 @@ async def test_runs_list_rejects_bad_parameters(client):
                          ({"limit": "1001"}, "less_than_equal"),
                          ({"limit": "x"}, "int_parsing"),
                          ({"order": "sideways"}, "literal_error"),
-                         ({"statuses": "bogus"}, "enum"),
                          ({"active": "maybe"}, "bool_parsing")):
         response = await client.get("/v1/runs/", params=params)
         got = await response.json()
         assert response.status == 422 and got["trace_id"] == ""
         assert got["detail"].startswith(f"[{{'type': '{kind}', 'loc': ('query', ")
+
+
+async def test_runs_list_bad_status_is_a_400_after_validation(client, agent):
+    """Letta reads `statuses` as plain strings and converts them in the route
+    (server/rest_api/routers/v1/runs.py, convert_statuses_to_enum): a bad one is a
+    ValueError, which its app answers 400 with the error's words (server/rest_api/app.py);
+    FastAPI's 422s for the other parameters come first."""
+    response = await client.get("/v1/runs/", params=[("statuses", "completed"),
+                                                     ("statuses", "bogus")])
+    expected = {"detail": "'bogus' is not a valid RunStatus"}
+    assert (response.status, await response.json()) == (400, expected)
+    response = await client.get("/v1/runs/", params={"statuses": "bogus", "limit": "0"})
+    assert response.status == 422
+
+
+async def test_runs_list_empty_conversation_id_matches_no_run(client, agent):
+    """Letta filters on `conversation_id` whenever it is given, even empty
+    (services/run_manager.py, list_runs: `conversation_id is not None`): simulated runs have
+    none, so nothing matches."""
+    run = await submit(client, agent)
+    await run_when(client, run["id"], terminal)
+    assert [r["id"] for r in await get_json(client, "/v1/runs/")] == [run["id"]]
+    assert await get_json(client, "/v1/runs/", conversation_id="") == []
 
 
 async def test_run_messages_pagination(client, agent):
@@ -550,8 +641,22 @@ async def test_cancel_unknown_and_finished_runs(client, agent, receiver):
     assert await response.json() == {run["id"]: "cancelled"}
     assert await get_json(client, f"/v1/runs/{run['id']}") == done
     assert len(receiver.calls) == 1
+
+
+async def test_cancel_never_looks_up_the_paths_agent(client, agent):
+    """Letta's cancel route does not look the path's agent up
+    (server/rest_api/routers/v1/agents.py, cancel_message): a named run is cancelled under
+    its own agent (services/run_manager.py, cancel_run), and an empty body finds no active
+    run of an unknown agent: 409, NoActiveRunsToCancelError."""
+    run = await submit(client, agent, "[[delay=2]]")
+    response = await client.post(f"/v1/agents/{UNKNOWN_AGENT}/messages/cancel",
+                                 json={"run_ids": [run["id"]]})
+    assert (response.status, await response.json()) == (200, {run["id"]: "cancelled"})
+    cancelled = await get_json(client, f"/v1/runs/{run['id']}")
+    assert (cancelled["status"], cancelled["stop_reason"]) == ("cancelled", "cancelled")
     response = await client.post(f"/v1/agents/{UNKNOWN_AGENT}/messages/cancel", json={})
-    assert response.status == 404
+    expected = {"detail": f"CONFLICT: No active runs to cancel for agent {UNKNOWN_AGENT}"}
+    assert (response.status, await response.json()) == (409, expected)
 
 
 # -- callback outcomes ---------------------------------------------------------------------

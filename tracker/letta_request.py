@@ -313,5 +313,8 @@ def ensure_otids(body: dict) -> dict:
 
 
 def answers_pause(body: dict) -> bool:
-    """True when the messages answer a requires_approval pause (an approval or tool return)."""
-    return any(message_kind(m) in PAUSE_ANSWERS for m in _messages(body))
+    """True when the messages answer a requires_approval pause (an approval or tool return).
+    Letta reads the first message only (agents/helpers.py): an approval after a plain message
+    answers nothing, and sent ahead of the queue as an answer it was refused."""
+    messages = _messages(body)
+    return bool(messages) and message_kind(messages[0]) in PAUSE_ANSWERS

@@ -83,6 +83,11 @@ def choices_text(options: tuple[str, ...] | list[str]) -> str:
     return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]
 
 
+def invalid_status(status: str) -> SimError:
+    """400 of `GET /v1/runs/` for a status that is none: Letta's ValueError, in its words."""
+    return detail(400, f"'{status}' is not a valid RunStatus")
+
+
 def invalid_run_id(run_id: str) -> SimError:
     """400 for a run id that is not `run-<uuid4>`."""
     return detail(
@@ -105,7 +110,7 @@ def run_not_found(run_id: str, actor_created_at: datetime) -> SimError:
 
 
 def agent_not_found(agent_id: str) -> SimError:
-    """404 of `GET /v1/agents/{id}` (and cancel) for an unknown agent."""
+    """404 of `GET /v1/agents/{id}` for an unknown agent."""
     return detail(404, f"Agent with ID {agent_id} not found")
 
 

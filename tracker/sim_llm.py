@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from tracker.letta_request import PAUSE_ANSWERS, message_kind
 from tracker.sim_faults import Faults, chance
 from tracker.sim_shapes import llm_error, message_json, new_id, otid_from_id
 from tracker.sim_store import SimAgent, SimRun
@@ -63,7 +64,7 @@ REFUSED_S = 0.05
 
 def is_answer(inputs: list[dict[str, Any]]) -> bool:
     """Letta reads the first input: an approval (or tool return) answers a pause."""
-    return bool(inputs) and inputs[0].get("type", "message") != "message"
+    return bool(inputs) and message_kind(inputs[0]) in PAUSE_ANSWERS
 
 
 def refusal(inputs: list[dict[str, Any]], awaited: dict[str, Any] | None) -> TurnPlan | None:
@@ -80,10 +81,7 @@ def wrong_answer(answer: dict[str, Any], request: dict[str, Any]) -> str | None:
     """Letta's words refusing an approval (or tool return) that does not answer the tool
     calls ``request`` asks about (agents/helpers.py, validate_approval_tool_call_ids): the
     agent goes on waiting. None when it answers them."""
-    approvals = answer.get("approvals") or answer.get("tool_returns")
-    if not approvals and answer.get("approve") is not None and answer.get("approval_request_id"):
-        # Letta turns the deprecated fields into one approval of that id
-        approvals = [{"tool_call_id": answer["approval_request_id"]}]
+    approvals = _approvals(answer)
     if not approvals:
         return INVALID_APPROVAL
     expected = [c["tool_call_id"] for c in request.get("tool_calls") or ()]
@@ -154,7 +152,7 @@ def _texts(inputs: list[dict[str, Any]]) -> list[str]:
 
 def _input_message(message: dict[str, Any], run: SimRun) -> dict[str, Any]:
     """A message the run was given, as Letta lists it back."""
-    if message.get("type", "message") == "message":
+    if message_kind(message) not in PAUSE_ANSWERS:
         return message_json(
             new_id("message"),
             run.created_at,
@@ -165,18 +163,44 @@ def _input_message(message: dict[str, Any], run: SimRun) -> dict[str, Any]:
             sender_id=message.get("sender_id"),
             content=message.get("content"),
         )
-    approvals = message.get("approvals") or message.get("tool_returns")
+    # Letta stores the answer as a new Message without the request's otid, and lists it with
+    # the deprecated fields taken from its first approval (a tool return is none)
+    approvals = [_approval_json(a) for a in _approvals(message)]
+    first = next((a for a in approvals if a["type"] == "approval"), {})
     return message_json(
         new_id("message"),
         run.created_at,
         "approval_response_message",
-        message["otid"],
+        None,
         run,
-        approve=message.get("approve"),
-        approval_request_id=message.get("approval_request_id"),
-        reason=message.get("reason"),
+        approve=first.get("approve"),
+        approval_request_id=first.get("tool_call_id"),
+        reason=first.get("reason"),
         approvals=approvals,
     )
+
+
+def _approvals(answer: dict[str, Any]) -> list[dict[str, Any]]:
+    """An approval's (or tool return's) answers, as Letta reads them
+    (ApprovalCreate.migrate_deprecated_fields makes the deprecated fields one approval)."""
+    if message_kind(answer) == "tool_return":  # Letta makes it an approval of its returns
+        return [{**r, "type": "tool"} for r in answer.get("tool_returns") or ()]
+    approvals = answer.get("approvals")
+    if not approvals and answer.get("approve") is not None and (
+            answer.get("approval_request_id") is not None):
+        return [{"type": "approval", "tool_call_id": answer["approval_request_id"],
+                 "approve": answer["approve"], "reason": answer.get("reason")}]
+    return approvals or []
+
+
+def _approval_json(answer: dict[str, Any]) -> dict[str, Any]:
+    """One ApprovalReturn or ToolReturn, every field present, as Letta lists it."""
+    if answer.get("type", "approval") == "approval":
+        return {"type": "approval", "tool_call_id": answer["tool_call_id"],
+                "approve": answer["approve"], "reason": answer.get("reason")}
+    return {"type": "tool", "tool_return": answer["tool_return"], "status": answer["status"],
+            "tool_call_id": answer["tool_call_id"], "stdout": answer.get("stdout"),
+            "stderr": answer.get("stderr")}
 
 
 def _reply(run: SimRun, message_id: str, now: datetime, *, legacy: bool) -> list[dict[str, Any]]:

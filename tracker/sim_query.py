@@ -7,7 +7,7 @@ from typing import Any
 
 from multidict import MultiMapping
 
-from tracker.sim_errors import ErrorItem, choices_text, invalid, query_item
+from tracker.sim_errors import ErrorItem, choices_text, invalid, invalid_status, query_item
 from tracker.sim_shapes import ACTIVE_STATUSES, RUN_STATUSES, STOP_REASONS
 from tracker.sim_store import RunQuery, first_stored
 
@@ -26,17 +26,18 @@ class MessagePage:
 
 
 def run_query(query: MultiMapping[str]) -> RunQuery:
-    """Parse `GET /v1/runs/` filters; a bad one is Letta's 422."""
+    """Parse `GET /v1/runs/` filters; a bad one is Letta's 422 (a bad status: its 400)."""
     read = _Reader(query)
-    statuses = read.statuses()
-    if statuses is None and read.boolean("active"):
-        statuses = ACTIVE_STATUSES  # Letta: `active` only applies when no statuses are given
+    # plain strings to FastAPI: Letta converts them in the route
+    statuses = query.getall("statuses", [])
+    active = read.boolean("active")
     order = read.choice("order", ("asc", "desc"), "desc")
     # the deprecated `agent_ids`, all of them, unless `agent_id` is given (as in Letta's router)
     agent_ids = [query["agent_id"]] if query.get("agent_id") else query.getall("agent_ids", [])
     parsed = RunQuery(
         agent_ids=frozenset(agent_ids) or None,
-        statuses=statuses,
+        # Letta: `active` only applies when no statuses are given
+        statuses=frozenset(statuses) if statuses else ACTIVE_STATUSES if active else None,
         background=read.boolean("background"),
         stop_reason=read.choice("stop_reason", STOP_REASONS, None, kind="enum"),
         conversation_id=query.get("conversation_id"),
@@ -48,6 +49,11 @@ def run_query(query: MultiMapping[str]) -> RunQuery:
     )
     read.choice("order_by", ("created_at",), "created_at")
     read.done()
+    # once FastAPI has validated the rest, a bad status is a ValueError, Letta's 400
+    # (routers/v1/runs.py, convert_statuses_to_enum)
+    bad = [s for s in statuses if s not in RUN_STATUSES]
+    if bad:
+        raise invalid_status(bad[0])
     return parsed
 
 
@@ -129,13 +135,3 @@ class _Reader:
         msg = f"Input should be {expected}"
         self.errors.append(query_item(kind, name, text, msg, expected=expected))
         return default
-
-    def statuses(self) -> frozenset[str] | None:
-        values = self.query.getall("statuses", [])
-        expected = choices_text(RUN_STATUSES)
-        for i, value in enumerate(values):
-            if value not in RUN_STATUSES:
-                item = query_item("enum", "statuses", value, f"Input should be {expected}",
-                                  expected=expected)
-                self.errors.append({**item, "loc": ("query", "statuses", i)})
-        return frozenset(values) if values else None

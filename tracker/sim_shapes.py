@@ -102,7 +102,7 @@ def run_json(run: SimRun, *, listed: bool = False) -> dict[str, Any]:
 
 
 def message_json(
-    message_id: str, date: datetime, message_type: str, otid: str, run: SimRun, **fields: Any
+    message_id: str, date: datetime, message_type: str, otid: str | None, run: SimRun, **fields: Any
 ) -> dict[str, Any]:
     """One LettaMessage: the common head, then the type's own fields."""
     head = {

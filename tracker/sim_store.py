@@ -119,8 +119,9 @@ class RunQuery:
             return False
         if self.stop_reason is not None and run.stop_reason != self.stop_reason:
             return False
-        # Every simulated run is a background run with no conversation.
-        return self.background is not False and not self.conversation_id
+        # Every simulated run is a background run with no conversation: Letta filters on
+        # any conversation_id given, even "" (run_manager.list_runs), so none matches
+        return self.background is not False and self.conversation_id is None
 
 
 class RunStore:

@@ -31,7 +31,6 @@ from tracker.sim_control import add_control_routes
 from tracker.sim_engine import Engine
 from tracker.sim_errors import (
     RUN_ID_PATTERN,
-    agent_not_found,
     detail,
     invalid_run_id,
     no_active_runs,
@@ -151,9 +150,9 @@ class Simulator:
         return run
 
     async def cancel(self, agent_id: str, run_ids: list[str] | None) -> dict[str, str]:
-        """Letta's cancel: the given runs, or all the agent's active ones."""
-        if agent_id not in self.store.agents:
-            raise agent_not_found(agent_id)
+        """Letta's cancel: the given runs, or all the agent's active ones. Letta never looks
+        the path's agent up: a named run is cancelled whatever its agent, and an unknown agent
+        has no active run (409)."""
         if not run_ids:
             run_ids = [r.id for r in self.store.active_for(agent_id)]
             if not run_ids:
