@@ -285,6 +285,33 @@ async def test_a_database_lock_at_submit_is_retried_not_rejected(start_tracker, 
 # -- the simulator's run messages --------------------------------------------------------------
 
 
+async def test_a_page_letta_lists_short_of_its_stored_rows_is_not_the_last(aiohttp_server,
+                                                                          small_pages):
+    """Letta's limit counts stored rows, then drops each legacy send_message return whose
+    call is on the same page: a full page of 3 rows listed 2 messages, taken for the last
+    page, and the rest of the run (its answer) was never read."""
+    rows = [f"message-{i}" for i in range(10)]  # odd rows: returns of the row before's call
+
+    async def messages(request: web.Request) -> web.Response:
+        after = request.query.get("after")
+        start = rows.index(after) + 1 if after else 0
+        page = rows[start:start + int(request.query["limit"])]
+        shown = [r for i, r in enumerate(page) if not (i and int(r[-1]) % 2)]
+        return web.json_response([{"id": r} for r in shown])
+
+    app = web.Application()
+    app.router.add_get("/v1/runs/{run_id}/messages", messages)
+    server = await aiohttp_server(app)
+    client = LettaClient(str(server.make_url("")).rstrip("/"))
+    await client.start()
+    try:
+        got = [m["id"] for m in await client.run_messages("run-1")]
+    finally:
+        await client.close()
+    # each page's rows but the returns whose calls it holds: pages 0-2, 3-5, 5-7, 7-9, 9
+    assert got == [f"message-{i}" for i in (0, 2, 3, 4, 5, 6, 7, 8, 9)]
+
+
 async def test_the_run_messages_cursors_bound_the_sequence_whatever_the_order(sim, letta,
                                                                              agent):
     """Letta keeps the messages whose sequence_id is greater than `after`'s and less than

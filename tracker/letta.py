@@ -175,7 +175,11 @@ class LettaClient:
             page = await self._request("GET", f"/v1/runs/{run_id}/messages", "run_messages",
                                        params=params)
             out.extend(page)
-            if len(page) < PAGE:
+            # Letta's limit counts stored rows, and a legacy agent's send_message return is
+            # dropped from a page that holds its call (to_letta_messages_from_list): a full
+            # page of rows lists from half as many messages on (each dropped row's call lists
+            # one at least). Shorter than that, the page was the last
+            if len(page) < PAGE // 2:
                 return out
             after = page[-1]["id"]
 
