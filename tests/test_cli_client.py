@@ -131,10 +131,19 @@ async def test_key_flag_wins_over_the_environment(tracker, url):
 
 
 async def test_bad_key_is_one_clear_line(tracker, url):
+    """A key given and refused was answered with "set TRACKER_API_KEY or pass --key"."""
     r = await cli("runs", "list", url=url, key="tk-not-a-key")
     assert r.code == 1
-    assert r.err.strip() == "tracker: 401 Unauthorized — set TRACKER_API_KEY or pass --key"
-    assert "Traceback" not in r.err
+    assert r.err == ("tracker: 401 Unauthorized — the API key from TRACKER_API_KEY was refused"
+                     " (revoked, mistyped, or another tracker's)\n")
+    r = await cli("runs", "list", "--key", "tk-not-a-key", url=url)
+    assert r.code == 1 and "the API key from --key was refused" in r.err
+
+
+async def test_no_key_says_how_to_give_one(tracker, url):
+    r = await cli("runs", "list", url=url)
+    assert r.code == 1
+    assert r.err == "tracker: 401 Unauthorized — set TRACKER_API_KEY or pass --key\n"
 
 
 async def test_unknown_run_and_unknown_agent(tracker, url):

@@ -165,7 +165,8 @@ def test_config_given_before_a_nested_command_is_the_one_used(db: Path, tmp_path
     config = tmp_path / "other.toml"
     config.write_text(f'[database]\nurl = "sqlite:///{other}"\n')
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRACKER_")}
-    for argv in (["keys", "--config", str(config), "create", "ops"],
+    for argv in (["db", "migrate", "--config", str(config)],  # only it makes a database
+                 ["keys", "--config", str(config), "create", "ops"],
                  ["keys", "create", "ops2", "--config", str(config)]):
         done = subprocess.run([sys.executable, "-m", "tracker", *argv], cwd=tmp_path, env={
             **env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60)
@@ -181,6 +182,7 @@ def test_keys_create_refuses_a_role_other_than_the_users(tmp_path: Path):
     """``keys create NAME --admin`` for an existing plain user made a plain key, exit 0,
     nothing said; a key's role is its user's, so a flag that disagrees is refused."""
     db = tmp_path / "k.db"
+    assert run_cli(db, "db", "migrate").returncode == 0
     assert run_cli(db, "keys", "create", "bob").returncode == 0
     assert run_cli(db, "keys", "create", "root", "--admin").returncode == 0
     promote = run_cli(db, "keys", "create", "bob", "--admin")
@@ -259,7 +261,7 @@ def test_db_status_of_a_missing_database_creates_none(tmp_path: Path):
     missing = tmp_path / "typo.db"
     out = run_cli(missing, "db", "status")
     assert out.returncode == 1
-    assert out.stderr == f"tracker: cannot open database {missing}: no such file\n"
+    assert out.stderr.startswith(f"tracker: no database at {missing}: `tracker db migrate`")
     assert out.stdout == "" and not missing.exists()
 
 

@@ -11,12 +11,23 @@ import signal
 import socket
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from tracker import __version__, logs
-from tracker.config import Config, add_config_option, bounded, checked, load_config
-from tracker.errors import ConfigError, TrackerError
+from tracker.config import (
+    Config,
+    add_config_option,
+    bounded,
+    checked,
+    load_config,
+    url_host,
+)
+from tracker.errors import ConfigError, TrackerError, Unavailable
+
+if TYPE_CHECKING:
+    from tracker.store import Store
 
 
 def _serve(cfg: Config, args: argparse.Namespace) -> int:
@@ -37,6 +48,8 @@ def _serve(cfg: Config, args: argparse.Namespace) -> int:
         log.error("cannot listen on %s:%s: %s", cfg.server.host, cfg.server.port,
                   e.strerror or e)
         return 1
+    # port 0 (any free one): the port had, which the callback URLs handed to Letta name
+    cfg.server.port = sock.getsockname()[1]
     loop = event_loop(cfg.server.event_loop)
     log.info("tracker %s starting: database %s, Letta at %s, event loop %s", __version__,
              cfg.database.url, cfg.letta.base_url, type(loop).__module__.split(".")[0])
@@ -44,7 +57,7 @@ def _serve(cfg: Config, args: argparse.Namespace) -> int:
     app.on_startup.append(tune_gc)
     # run_app calls ``print`` once the port is open: after start-up, migrations included
     listening = lambda _: log.info("tracker listening on http://%s:%s",  # noqa: E731
-                                   cfg.server.host, cfg.server.port)
+                                   url_host(cfg.server.host), cfg.server.port)
     stop_on_signals(loop, log)
     web.run_app(app, sock=sock, handle_signals=False, print=listening, shutdown_timeout=10.0,
                 access_log=None, loop=loop)
@@ -131,18 +144,25 @@ def _simulate(cfg: Config, args: argparse.Namespace) -> int:
     return simulator.run_from_args(args)
 
 
-def _with_store(fn: Callable,
-                migrate: bool = True) -> Callable[[Config, argparse.Namespace], int]:
-    """Run ``fn(store, args)`` against the configured database, then close it; with
-    ``migrate`` False, against the database as it is (it must exist)."""
+def _with_store(fn: Callable, creates: bool = False,
+                any_schema: bool = False) -> Callable[[Config, argparse.Namespace], int]:
+    """Run ``fn(store, args)`` against the configured database, then close it. Only a
+    command that ``creates`` (``db migrate``) makes a database that is not there, and
+    migrates it: a command run from another directory, whose relative default path names no
+    database, made an empty one and reported success on it (a backup of nothing, a key the
+    service never saw). The others take the database as it is, at this tracker's schema
+    unless ``any_schema`` (``db status``, ``backup``: a backup before an upgrade must be of
+    the database before it)."""
 
     def run(cfg: Config, args: argparse.Namespace) -> int:
         from tracker.store import open_store
 
         async def go() -> int:
             store = open_store(cfg.database.url, cfg.database.synchronous)
-            await store.open(migrate)
+            await store.open(creates)
             try:
+                if not any_schema:
+                    await _current_schema(store)
                 return await fn(store, args) or 0
             finally:
                 await store.close()
@@ -150,6 +170,22 @@ def _with_store(fn: Callable,
         return asyncio.run(go())
 
     return run
+
+
+async def _current_schema(store: Store) -> None:
+    """Unavailable unless the database is at this tracker's schema, whose SQL the commands
+    use; migrating is left to ``db migrate`` and ``serve``, said to take minutes (README)."""
+    from tracker.migrations import LATEST
+
+    version = await store.schema_version()
+    where = getattr(store, "path", "the database")
+    if version < LATEST:
+        raise Unavailable(f"database {where} is at schema v{version}, this tracker's is"
+                          f" v{LATEST}: run `tracker db migrate` first (with the service"
+                          " stopped)")
+    if version > LATEST:
+        raise Unavailable(f"database {where} is at schema v{version}, newer than this"
+                          f" tracker's (v{LATEST}): use the tracker that upgraded it")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,9 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
         return s
 
     serve = cmd("serve", _serve, "run the tracker service")
-    serve.add_argument("--host")
+    serve.add_argument("--host", help="address to listen on (default: server.host)")
     serve.add_argument("--port", type=bounded(int, lambda p: 0 <= p <= 65535,
-                                              "a port number, 0-65535"))  # 0: any free one
+                                              "a port number, 0-65535"),
+                       help="port to listen on (default: server.port); 0: any free one, named"
+                            " in the 'listening on' line and in the callback URLs")
     from tracker import simulator
 
     simulator.add_arguments(cmd("simulate", _simulate, "run the Letta simulator"))

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import aiohttp
+from rich.text import Text
 
 from tracker.cli_render import (
     completed,
@@ -26,7 +27,7 @@ from tracker.cli_render import (
     run_fields,
     runs_table,
 )
-from tracker.config import Config, add_config_option, bounded
+from tracker.config import Config, add_config_option, bounded, url_host
 from tracker.errors import TrackerError
 from tracker.states import FINAL, State, Status
 
@@ -53,9 +54,11 @@ class ApiError(TrackerError):
 class TrackerClient:
     """The tracker's REST API on one aiohttp session."""
 
-    def __init__(self, url: str, key: str | None, timeout_s: float = 30.0) -> None:
+    def __init__(self, url: str, key: str | None, timeout_s: float = 30.0,
+                 key_from: str = "--key") -> None:
         self.url = url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self._key_from = key_from if key else None  # for the 401's hint
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._session: aiohttp.ClientSession | None = None
 
@@ -75,7 +78,8 @@ class TrackerClient:
                                              json=body) as resp:
                 text = await resp.text()
                 if resp.status >= 400:
-                    raise ApiError(error_line(resp.status, resp.reason or "", text))
+                    raise ApiError(error_line(resp.status, resp.reason or "", text,
+                                              self._key_from))
                 return json.loads(text)
         except aiohttp.ClientConnectorError:
             raise ApiError(f"no tracker at {self.url} (is `tracker serve` running?)") from None
@@ -89,25 +93,48 @@ class TrackerClient:
     async def submit(self, agent_id: str, text: str) -> dict:
         """Send one user message to an agent; returns the run."""
         body = {"messages": [{"role": "user", "content": text}]}
-        return await self.call("POST", f"/v1/agents/{agent_id}/messages/async", body=body)
+        return self._run(await self.call("POST", f"/v1/agents/{agent_id}/messages/async",
+                                         body=body))
 
     async def run(self, run_id: str, events: bool = False) -> dict:
         """One run, by tracker or Letta run id; with ``events``, its timeline under
         ``"events"`` (one request instead of two)."""
-        return await self.call("GET", f"/v1/runs/{run_id}",
-                               params={"include": "events"} if events else None)
+        run = self._run(await self.call("GET", f"/v1/runs/{run_id}",
+                                        params={"include": "events"} if events else None))
+        if events and not isinstance(run.get("events"), list):
+            raise self._not_a_tracker()
+        return run
 
     async def runs(self, params: list[tuple[str, str]] | None = None) -> list[dict]:
         """Runs matching the API's filters (repeat a key for a list filter)."""
-        return await self.call("GET", "/v1/runs", params=params or [])
+        runs = await self.call("GET", "/v1/runs", params=params or [])
+        if not isinstance(runs, list):
+            raise self._not_a_tracker()
+        return [self._run(r) for r in runs]
+
+    def _run(self, data: Any) -> dict:
+        """``data`` if it is a tracker's run: Letta answers the same routes with runs that
+        have no ``tracker`` object, and reading it ended in a KeyError's traceback."""
+        if not (isinstance(data, dict) and isinstance(data.get("tracker"), dict)
+                and isinstance(data.get("id"), str)):
+            raise self._not_a_tracker()
+        return data
+
+    def _not_a_tracker(self) -> ApiError:
+        return ApiError(f"{self.url} answered, but does not look like a tracker (its runs have"
+                        " no \"tracker\" object): is this Letta's URL?")
 
     async def messages(self, run_id: str) -> list[dict]:
         """The run's result messages, oldest first."""
         return await self.call("GET", f"/v1/runs/{run_id}/messages", params={"order": "asc"})
 
 
-def error_line(status: int, reason: str, text: str) -> str:
-    """An API error as one line: status, reason and the body's ``detail``."""
+def error_line(status: int, reason: str, text: str, key_from: str | None = None) -> str:
+    """An API error as one line: status, reason and the body's ``detail``; ``key_from``
+    names where the key sent came from (None: no key was sent)."""
+    if status == 401 and key_from:
+        return f"401 {reason} — the API key from {key_from} was refused (revoked, mistyped," \
+               " or another tracker's)"
     if status == 401:
         return f"401 {reason} — set TRACKER_API_KEY or pass --key"
     try:
@@ -191,7 +218,8 @@ def status_line(quiet: bool) -> Iterator[Callable[[str, str], None]]:
         yield lambda text, ticker: None
     elif err.is_terminal:
         with err.status("") as status:
-            yield lambda text, ticker: status.update(text + ticker)
+            # as Text: a string would be read as markup, and the run's fields are data
+            yield lambda text, ticker: status.update(Text(text + ticker))
     else:
         last: list[str] = []
 
@@ -256,11 +284,10 @@ Command = Callable[[TrackerClient, argparse.Namespace], Awaitable[int]]
 
 def tracker_url(cfg: Config, args: argparse.Namespace) -> str:
     """--url, else TRACKER_URL, else the configured server address."""
-    host = cfg.server.host
     # a server bound to every interface is reached on loopback from this machine
-    if host in ("", "0.0.0.0", "::"):
-        host = "127.0.0.1"
-    return args.url or os.environ.get("TRACKER_URL") or f"http://{host}:{cfg.server.port}"
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(cfg.server.host, cfg.server.host)
+    return args.url or os.environ.get("TRACKER_URL") or \
+        f"http://{url_host(host)}:{cfg.server.port}"
 
 
 def with_client(fn: Command) -> Callable[[Config, argparse.Namespace], int]:
@@ -269,7 +296,8 @@ def with_client(fn: Command) -> Callable[[Config, argparse.Namespace], int]:
     def run(cfg: Config, args: argparse.Namespace) -> int:
         async def go() -> int:
             key = args.key or os.environ.get("TRACKER_API_KEY")
-            async with TrackerClient(tracker_url(cfg, args), key) as client:
+            key_from = "--key" if args.key else "TRACKER_API_KEY"
+            async with TrackerClient(tracker_url(cfg, args), key, key_from=key_from) as client:
                 return await fn(client, args)
 
         return asyncio.run(go())

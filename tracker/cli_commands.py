@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tracker import auth
+from tracker.cli_render import data
 from tracker.config import add_config_option
 from tracker.migrations import LATEST
 from tracker.relay import rotate_secret
@@ -42,8 +43,10 @@ async def keys_rotate_webhook_secret(store: Store, args: argparse.Namespace) -> 
 async def keys_list(store: Store, args: argparse.Namespace) -> int:
     table = Table("key id", "prefix", "user", "admin", "created", "revoked")
     for k in await store.list_keys():
-        table.add_row(k.id, k.prefix + "…", k.user_name, "yes" if k.is_admin else "",
-                      k.created_at, k.revoked_at or "")
+        # as data (cli_render.data): a user's name with brackets would be read as markup
+        table.add_row(*map(data, (k.id, k.prefix + "…", k.user_name,
+                                  "yes" if k.is_admin else "", k.created_at,
+                                  k.revoked_at or "")))
     console.print(table)
     return 0
 
@@ -101,7 +104,7 @@ def add_commands(cmd: Callable, with_store: Callable) -> None:
     st = db.add_parser("status", help="schema version, pending migrations and row counts"
                        " (migrates nothing)")
     add_config_option(st, nested=True)
-    st.set_defaults(fn=with_store(db_status, migrate=False))
+    st.set_defaults(fn=with_store(db_status, any_schema=True))
     mg = db.add_parser("migrate", help="apply pending migrations")
     add_config_option(mg, nested=True)
-    mg.set_defaults(fn=with_store(db_migrate))
+    mg.set_defaults(fn=with_store(db_migrate, creates=True))

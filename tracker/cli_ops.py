@@ -74,9 +74,10 @@ def _refusal(store: Store, target: Path, force: bool) -> str | None:
 
 
 async def _verify(path: Path) -> tuple[int, int]:
-    """Open the copy as a tracker database: (schema version, run count)."""
+    """Open the copy as a tracker database: (schema version, run count); as it is, not
+    migrated (a copy of an older schema is that schema's)."""
     copy = open_store(f"sqlite:///{path}")
-    await copy.open()
+    await copy.open(migrate=False)
     try:
         return await copy.schema_version(), (await copy.table_counts())["runs"]
     finally:
@@ -125,7 +126,8 @@ def add_commands(cmd: Callable, with_store: Callable) -> None:
     p.add_argument("--dry-run", action="store_true", help="count what would go; delete nothing")
     p.add_argument("--batch", type=_positive, default=PRUNE_BATCH, metavar="N",
                    help=f"runs deleted per transaction (default {PRUNE_BATCH})")
-    b = cmd("backup", with_store(backup),
+    # any schema: the backup the README asks for before an upgrade is of the database as it is
+    b = cmd("backup", with_store(backup, any_schema=True),
             "write a consistent copy of the live database (safe while the service runs)")
     b.add_argument("path", metavar="PATH", help="the backup file to write")
     b.add_argument("--force", action="store_true", help="overwrite PATH if it exists")

@@ -46,11 +46,17 @@ def duration(run: dict) -> str:
     return f"{end - start:.1f}s" if start and end else ""
 
 
-def via(run: dict) -> str:
+def via(run: dict) -> Text:
     """How the tracker learnt the run's outcome, coloured."""
     source = run["tracker"].get("completed_via") or ""
-    style = VIA_STYLE.get(source)
-    return f"[{style}]{source}[/]" if style else source
+    return Text(source, style=VIA_STYLE.get(source, ""))
+
+
+def data(value: object) -> Text:
+    """A value from the API as a table cell: a plain string would be read as rich markup,
+    and a ``[/x]`` in a callback_url crashed ``runs show``, a ``[type=missing]`` in an
+    error vanished from it."""
+    return value if isinstance(value, Text) else Text(str(value))
 
 
 #: the runs table's columns as shown, and (``RUN_COLUMNS_DROPPED``) the order a terminal too
@@ -71,8 +77,9 @@ def runs_table(runs: list[dict], names: dict[str, str] | None = None,
     for r in runs:
         t = r["tracker"]
         agent = (names or {}).get(r["agent_id"], r["agent_id"])
-        rows.append((r["id"], agent, r["status"], t["state"], when(r["created_at"]),
-                     duration(r), via(r), str(t.get("poll_count") or 0)))
+        rows.append(tuple(map(data, (r["id"], agent, r["status"], t["state"],
+                                     when(r["created_at"]), duration(r), via(r),
+                                     t.get("poll_count") or 0))))
     least = {name: _least_width(name, [row[i] for row in rows])
              for i, name in enumerate(RUN_COLUMNS)}
     shown = list(RUN_COLUMNS)
@@ -93,10 +100,10 @@ def runs_table(runs: list[dict], names: dict[str, str] | None = None,
     return table
 
 
-def _least_width(name: str, cells: list[str]) -> int:
+def _least_width(name: str, cells: list[Text]) -> int:
     """The narrowest a runs table column may be: its longest cell (the agent's: cut to
     ``AGENT_MIN``), and its header."""
-    longest = max((Text.from_markup(c).cell_len for c in cells), default=0)
+    longest = max((c.cell_len for c in cells), default=0)
     if name == "agent":
         longest = min(AGENT_MIN, longest)
     return max(longest, len(name))
@@ -107,8 +114,8 @@ def events_table(events: list[dict]) -> Table:
     table = Table("at", "source", "kind", "state", "status", "detail", title="timeline")
     for e in events:
         detail = json.dumps(e["detail"], separators=(",", ":")) if e.get("detail") else ""
-        table.add_row(when(e["at"], "time"), e["source"], e["kind"], e.get("state") or "",
-                      e.get("status") or "", detail)
+        table.add_row(*map(data, (when(e["at"], "time"), e["source"], e["kind"],
+                                  e.get("state") or "", e.get("status") or "", detail)))
     return table
 
 
@@ -126,8 +133,8 @@ def run_fields(run: dict) -> Table:
             ("error", t.get("error")), ("callback_url", run.get("callback_url")),
             ("relay", t.get("relay"))]
     for name, value in rows:
-        if value not in (None, ""):
-            grid.add_row(f"[bold]{name}[/]", str(value))
+        if value is not None and str(value):  # (an empty Text is no "": str first)
+            grid.add_row(Text(name, style="bold"), data(value))
     return grid
 
 
@@ -141,14 +148,14 @@ def print_outcome(run: dict, messages: list[dict]) -> None:
     out, t = console(), run["tracker"]
     took = f" in {duration(run)}" if duration(run) else ""
     learnt = f", learnt via {t['completed_via']}" if t.get("completed_via") else ""
-    out.print(f"[dim]{run['id']} {run['status']} ({t['state']}){took}{learnt}[/]")
+    out.print(Text(f"{run['id']} {run['status']} ({t['state']}){took}{learnt}", style="dim"))
     for text in assistant_texts(messages):
         out.print(text, markup=False)
     if t["state"] == State.PAUSED:
         out.print("paused: the agent waits for an approval or a client tool's result")
     elif not completed(run):
         reason = t.get("error") or run.get("stop_reason") or run["status"]
-        out.print(f"[red]run {run['id']} did not complete: {reason}[/]")
+        out.print(Text(f"run {run['id']} did not complete: {reason}", style="red"))
 
 
 def assistant_texts(messages: list[dict]) -> list[str]:

@@ -9,6 +9,7 @@ import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -24,8 +25,47 @@ from tracker.errors import ConfigError
 ENV_PREFIX = "TRACKER_"
 
 
+#: the least length of a configured ``callbacks.secret``: it keys every callback URL's MAC,
+#: and shorter ones are not masked in the logs (``logs_redact.MIN_LEN``); a generated one
+#: has 43 characters
+SECRET_MIN = 16
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def http_url(v: str, userinfo: str = "must not carry a user name or password") -> str:
+    """``v`` checked as ``http(s)://host[:port][/path]``, without its trailing slash; a
+    ValueError saying what is wrong, ``userinfo`` when it has ``user:password@``. Paths are
+    appended to it, and a URL that merely starts right (``http://:8283``) failed later, at
+    its first use, with a traceback."""
+    try:
+        parts = urlsplit(v)
+        port = parts.port  # raises for a port that is no number, or out of range
+    except ValueError as e:
+        raise ValueError(f"is not a valid URL ({e})") from None
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError("must be an http:// or https:// URL, like http://host:port")
+    if "@" in parts.netloc:
+        raise ValueError(userinfo)
+    if not parts.hostname:
+        raise ValueError("has no host: http(s)://host[:port][/path]")
+    if port == 0 or parts.netloc.endswith(":"):
+        raise ValueError("has an empty or zero port: http(s)://host[:port][/path]")
+    if parts.query or parts.fragment:
+        raise ValueError("must have no query (?...) or fragment (#...): paths are appended")
+    return v.rstrip("/")
+
+
+def url_host(host: str) -> str:
+    """``host`` as it goes in a URL: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host else host
+
+
+def _public_url(v: str) -> str:
+    """A ``public_url``: empty (derived from the server's address), or an http(s) URL."""
+    return http_url(v) if v else v
 
 
 class ServerConfig(Section):
@@ -34,6 +74,19 @@ class ServerConfig(Section):
     public_url: str = ""
     max_body_bytes: int = Field(1_048_576, ge=1024)
     event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
+
+    @field_validator("host")
+    @classmethod
+    def _some_host(cls, v: str) -> str:
+        # "" resolves to nothing (serve could not listen) and made callback URLs http://:8080
+        if not v:
+            raise ValueError("must not be empty: 0.0.0.0 (or ::) listens on every interface")
+        return v
+
+    @field_validator("public_url")
+    @classmethod
+    def _public(cls, v: str) -> str:
+        return _public_url(v)
 
 
 class LettaConfig(Section):
@@ -44,9 +97,9 @@ class LettaConfig(Section):
     @field_validator("base_url")
     @classmethod
     def _http_url(cls, v: str) -> str:
-        if not v.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
-        return v.rstrip("/")
+        # credentials in the URL were never sent to Letta, and were logged at start-up
+        return http_url(v, "must not carry a user name or password: put Letta's key in"
+                           " letta.api_key")
 
 
 class DatabaseConfig(Section):
@@ -77,6 +130,19 @@ class CallbacksConfig(Section):
     # the largest callback body taken: Letta's carries up to 100 of a run's messages, a tool
     # return up to 50,000 characters (twice, in 0.16.8), far past a submit's max_body_bytes
     max_body_bytes: int = Field(67_108_864, ge=1024)
+
+    @field_validator("public_url")
+    @classmethod
+    def _public(cls, v: str) -> str:
+        return _public_url(v)
+
+    @field_validator("secret")
+    @classmethod
+    def _long_enough(cls, v: str) -> str:
+        if v and len(v) < SECRET_MIN:
+            raise ValueError(f"must be at least {SECRET_MIN} characters (or \"\": one is"
+                             " generated and kept in the database)")
+        return v
 
 
 class PollingConfig(Section):
@@ -148,6 +214,17 @@ class Config(Section):
     retention: RetentionConfig = RetentionConfig()
 
     @model_validator(mode="after")
+    def _bounds_ordered(self) -> Config:
+        # inverted, the backoff between them had no meaning, and nothing said so
+        for name, low, high in (("polling", "min_interval_s", "max_interval_s"),
+                                ("dispatch", "retry_min_s", "retry_max_s")):
+            section = getattr(self, name)
+            if getattr(section, low) > getattr(section, high):
+                raise ValueError(f"{name}.{low} ({getattr(section, low):g}) must not be"
+                                 f" greater than {name}.{high} ({getattr(section, high):g})")
+        return self
+
+    @model_validator(mode="after")
     def _workers_reachable(self) -> Config:
         if not self.callbacks.workers:
             return self
@@ -168,7 +245,7 @@ class Config(Section):
         """The base URL Letta uses to reach the API port."""
         if self.server.public_url:
             return self.server.public_url.rstrip("/")
-        return f"http://{self.server.host}:{self.server.port}"
+        return f"http://{url_host(self.server.host)}:{self.server.port}"
 
     def callback_port(self) -> int:
         """The port the callback workers listen on (when there are any)."""
@@ -181,7 +258,7 @@ class Config(Section):
             return self.public_base()
         if self.callbacks.public_url:
             return self.callbacks.public_url.rstrip("/")
-        return f"http://{self.server.host}:{self.callback_port()}"
+        return f"http://{url_host(self.server.host)}:{self.callback_port()}"
 
 
 def _env_value(raw: str) -> Any:
@@ -206,7 +283,8 @@ def _first_error(err: ValidationError, origin: str) -> ConfigError:
     if not e["loc"]:  # a rule across keys: its message names them
         return ConfigError(f"invalid config ({origin}): {e['msg'].removeprefix('Value error, ')}")
     key = ".".join(str(p) for p in e["loc"])
-    return ConfigError(f"invalid config key {key!r} ({origin}): {e['msg']}")
+    return ConfigError(f"invalid config key {key!r} ({origin}):"
+                       f" {e['msg'].removeprefix('Value error, ')}")
 
 
 def checked(cfg: Config, origin: str = "command line") -> Config:

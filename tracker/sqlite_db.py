@@ -107,6 +107,21 @@ async def _stopped(db: aiosqlite.Connection) -> None:
         await asyncio.sleep(0.001)
 
 
+def create_private(path: str) -> None:
+    """Create the database file ``path``, empty, readable by its owner only, unless it is
+    there: it holds the callback secret and users' webhook secrets in plain text, and SQLite
+    would create it world-readable (0644 under the usual umask). SQLite gives the ``-wal``
+    and ``-shm`` files the database file's mode. A file already there keeps its mode."""
+    if path == ":memory:":
+        return
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+    except OSError as e:  # its directory missing or not writable: as SQLite would say
+        raise Unavailable(f"cannot open database {path}: {e.strerror or e}") from e
+
+
 async def _to_its_end(work: Awaitable[Any]) -> Any:
     """Await the writer thread's ``work``; when the caller is cancelled (shutdown cancels
     retention mid-prune, the poller mid-write), still wait for its end before leaving, and
@@ -255,10 +270,16 @@ class SQLiteDB:
         return db
 
     async def open(self, migrate: bool = True) -> None:
-        """Connect, and bring the schema to the latest version; with ``migrate`` False, an
-        existing database as it is (``db status``: a path mistyped makes no new one)."""
+        """Connect, and bring the schema to the latest version (creating the database if
+        need be); with ``migrate`` False, an existing database as it is (the CLI's commands
+        but ``db migrate``: a path mistyped, or relative to another directory, makes no new
+        one)."""
         if not migrate and self.path != ":memory:" and not os.path.exists(self.path):
-            raise Unavailable(f"cannot open database {self.path}: no such file")
+            raise Unavailable(f"no database at {os.path.abspath(self.path)}: `tracker db"
+                              " migrate` (or `tracker serve`) creates it; check database.url"
+                              " (a relative path is from the working directory)")
+        if migrate:
+            create_private(self.path)
         try:
             self._writer = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
             self._db = await self._in_thread(self._connect_writer)
@@ -555,5 +576,6 @@ class SQLiteDB:
     async def backup(self, path: str) -> None:
         """A consistent copy of the live database (SQLite's online backup API)."""
         assert self._r is not None
+        create_private(path)
         async with aiosqlite.connect(path) as target:
             await self._r.backup(target)

@@ -186,8 +186,17 @@ async def test_a_taken_port_stops_startup_with_one_error_line(tmp_path: Path):
     assert "listening on" not in out and "Traceback" not in out
 
 
+async def db_migrate(env: dict[str, str]) -> None:
+    """The database made: only `db migrate` and `serve` make one."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tracker", "db", "migrate", env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    assert await proc.wait() == 0
+
+
 async def test_keys_create_prints_the_key_last_and_db_status(tmp_path: Path):
     env = clean_env(TRACKER_DATABASE__URL=f"sqlite:///{tmp_path / 't.db'}")
+    await db_migrate(env)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tracker", "keys", "create", "ops", "--admin", env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
@@ -220,6 +229,7 @@ async def test_webhook_secret_is_shown_at_key_creation_and_rotates(tmp_path: Pat
         assert proc.returncode == 0
         return out.decode().strip().splitlines()
 
+    await db_migrate(env)
     created = await run("create", "dora")
     first = next(line.strip() for line in created if line.strip().startswith("whsec_"))
     rotated = (await run("rotate-webhook-secret", "dora"))[-1]

@@ -210,7 +210,9 @@ class TrackerProcess:
         return out.decode()
 
     async def create_key(self, name: str = "tester", admin: bool = True) -> str:
-        """A new API key, made by `tracker keys create` (the key is the last line)."""
+        """A new API key, made by `tracker keys create` (the key is the last line); the
+        database made first if need be (only `db migrate` and `serve` make one)."""
+        await self.cli("db", "migrate")
         args = ["keys", "create", name] + (["--admin"] if admin else [])
         return (await self.cli(*args)).strip().splitlines()[-1]
 
