@@ -205,6 +205,23 @@ async def test_a_cancelled_runs_step_is_pending_until_its_turn_ends(client, agen
     assert (after["status"], step["status"]) == ("completed", "success")
 
 
+async def test_an_answer_run_lists_no_step_and_no_message_until_its_step_ends(client, agent,
+                                                                              sim):
+    """Letta runs an answer's first step under the paused run's step id, logging no step of
+    its own (letta_agent_v3.py, the approval branch), and stores its messages at that step's
+    end."""
+    paused = await submit(client, agent, "[[approval]] please")
+    await run_when(client, paused["id"], terminal)
+    call_id = (await approval_request(client, paused["id"]))["tool_call"]["tool_call_id"]
+    sim.set_faults(run_duration_s=(0.3, 0.3))
+    answer = await submit_approval(client, agent, call_id)
+    assert await get_json(client, f"/v1/runs/{answer['id']}/steps") == []
+    assert await get_json(client, f"/v1/runs/{answer['id']}/messages") == []
+    await run_when(client, answer["id"], terminal)
+    assert await get_json(client, f"/v1/runs/{answer['id']}/steps") == []
+    assert await get_json(client, f"/v1/runs/{answer['id']}/messages") != []
+
+
 async def test_run_is_terminal_before_its_callback(client, agent, receiver, sim):
     sim.set_faults(callback_lag_s=0.3)
     run = await submit(client, agent, callback_url=receiver.url())

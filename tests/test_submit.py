@@ -417,6 +417,31 @@ async def test_a_pause_reported_after_its_cancel_neither_pauses_nor_holds_the_la
     assert (await t.wait_state(behind["id"], "done"))["status"] == "completed"
 
 
+async def test_a_cancelled_answer_is_final_only_once_its_step_has_ended(start_tracker, sim,
+                                                                          agent):
+    """An answer's first step runs under the paused run's step (letta_agent_v3.py), so the
+    answer run lists no step while its approved tool runs: taken for a step ended, its cancel
+    was final after cancel_confirm_s, the agent's next message went beside the running tool,
+    and Letta's overwrite to `completed` at the step's end was never seen."""
+    t = await start_tracker(polling={"min_interval_s": 0.1, "max_interval_s": 0.2,
+                                     "cancel_confirm_s": 0.3})
+    paused = await t.submit(agent, "[[approval]] do it")
+    await t.wait_state(paused["id"], "paused")
+    sim.set_faults(run_duration_s=(2.0, 2.0), callback_drop=1.0)  # polls alone see it
+    answer = await approve(t, agent, await asked_call_id(t, paused["id"]))
+    resp = await t.post(f"/v1/agents/{agent}/messages/cancel", {"run_ids": [answer["id"]]})
+    assert await resp.json() == {answer["id"]: "cancelled"}
+    behind = await t.submit(agent, "after the answer")
+    final = await t.wait_state(answer["id"], "done")
+    assert (final["status"], final["stop_reason"]) == ("completed", "end_turn")
+    await t.wait_state(behind["id"], "done")
+    letta_answer = sim.store.get(final["tracker"]["letta_run_id"])
+    sent_behind = next(r.at for r in sim.received if r.run_id != letta_answer.id
+                       and r.body.get("messages", [{}])[0].get("content") == "after the answer")
+    finished = letta_answer.created_at.timestamp() + letta_answer.run_ns / 1e9
+    assert sent_behind >= finished
+
+
 async def test_a_json_media_type_is_taken_in_any_case(start_tracker, sim, agent):
     """Media types are case-insensitive (RFC 9110): `Application/JSON` was a 415."""
     t = await start_tracker()

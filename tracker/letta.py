@@ -183,6 +183,12 @@ class LettaClient:
                 return out
             after = page[-1]["id"]
 
+    async def has_messages(self, run_id: str) -> bool:
+        """Whether Letta has stored any message of the run yet (a step's are stored at its
+        end)."""
+        return bool(await self._request("GET", f"/v1/runs/{run_id}/messages", "run_messages",
+                                        params=[("limit", "1")]))
+
     async def newest_step(self, run_id: str) -> dict | None:
         """The run's newest step (its status ``pending`` while it runs), None before any."""
         steps = await self._request("GET", f"/v1/runs/{run_id}/steps", "run_steps",

@@ -249,6 +249,13 @@ class Poller:
             step = await self.letta.newest_step(letta_run["id"])
         if step is not None and step.get("status") == "pending":
             return None
+        if step is None and run.kind == "answer":
+            # an answer's first step runs under the paused run's step (letta_agent_v3.py:
+            # no step of its own, no cancel check): it has ended once its messages, stored
+            # at its end, are there
+            async with self._slots:
+                if not await self.letta.has_messages(letta_run["id"]):
+                    return None
         async with self._slots:
             return await self.letta.get_run(letta_run["id"])
 

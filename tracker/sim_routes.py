@@ -10,6 +10,7 @@ from aiohttp import web
 from tracker.sim_agents import DEFAULT_MODEL
 from tracker.sim_errors import agent_not_found
 from tracker.sim_http import SIM_KEY, json_response
+from tracker.sim_llm import is_answer
 from tracker.sim_query import message_page, paginate, run_query
 from tracker.sim_requests import (
     agent_id_errors,
@@ -144,10 +145,13 @@ async def list_run_messages(request: web.Request) -> web.Response:
 
 
 async def list_run_steps(request: web.Request) -> web.Response:
-    """`GET /v1/runs/{run_id}/steps`: the run's one step (newest first by default)."""
+    """`GET /v1/runs/{run_id}/steps`: the run's one step (newest first by default); none for
+    an answer to a pause, whose (one) step Letta runs under the paused run's step id, logging
+    no step of its own (letta_agent_v3.py, the approval branch)."""
     page = message_page(request.query, order="desc")
     run = request.app[SIM_KEY].lookup_run(request.match_info["run_id"])
-    return json_response([step_json(run)][: max(page.limit, 0)])
+    steps = [] if is_answer(run.inputs) else [step_json(run)]
+    return json_response(steps[: max(page.limit, 0)])
 
 
 async def get_run_usage(request: web.Request) -> web.Response:
