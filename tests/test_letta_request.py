@@ -323,6 +323,8 @@ PARTS_LOC = ("input", "parts")
         (minimal(callback_url=5), ("callback_url",), "string_type"),
         (minimal(override_model=["a"]), ("override_model",), "string_type"),
         (minimal(override_system=1), ("override_system",), "string_type"),
+        # Letta's other name for it (AliasChoices)
+        (minimal(system=123), ("system",), "string_type"),
         (minimal(return_token_ids="x"), ("return_token_ids",), "bool_parsing"),
         (
             minimal(include_compaction_messages="x"),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import Discriminator, Field, Tag, model_validator
+from pydantic import AliasChoices, Discriminator, Field, Tag, model_validator
 
 from tracker.letta_content import Content, OpenModel, TaggedModel, ToolReturnValue
 
@@ -236,8 +236,11 @@ class AsyncMessageRequest(OpenModel):
         "This allows sending a message to a different model without changing the agent's "
         "configuration.",
     )
+    # Letta takes `system` for it too (AliasChoices): `{"system": 123}` passed here and was
+    # Letta's 422 at dispatch
     override_system: str | None = Field(
         None,
+        validation_alias=AliasChoices("override_system", "system"),
         description="Optional per-request system prompt override. When set, this is passed "
         "directly to the underlying LLM request and bypasses the persisted/compiled system "
         "message for that request.",
