@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from tracker.config import Config, load_config
 from tracker.store import open_store
@@ -127,6 +128,20 @@ async def sim(aiohttp_server):
     s.url = str(server.make_url("")).rstrip("/")
     s.server = server
     return s
+
+
+@pytest.fixture
+async def webhook(aiohttp_server):
+    """A user's callback_url receiver: (its URL, the JSON bodies it got, in order)."""
+    delivered: list[dict] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        delivered.append(await request.json())
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    return str((await aiohttp_server(app)).make_url("/hook")), delivered
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import uuid
 from types import SimpleNamespace
 
 import pytest
-from aiohttp import web
 
 from tests.conftest import eventually
 from tracker import clock
@@ -230,20 +229,12 @@ async def test_cancelled_then_overwritten_settles_on_completed(start_tracker, si
 
 
 async def test_a_cancel_polled_within_the_confirm_window_is_not_final(
-        start_tracker, sim, agent, aiohttp_server):
+        start_tracker, sim, agent, webhook):
     """Letta's cancel does not stop the step: polls that see the run `cancelled` before
     cancel_confirm_s has passed keep it confirming. The step ends, Letta overwrites the run
     completed, and that is the one outcome recorded and delivered to the callback_url: never
     a `cancelled` first, overwritten after."""
-    delivered: list[dict] = []
-
-    async def hook(request: web.Request) -> web.Response:
-        delivered.append(await request.json())
-        return web.Response()
-
-    app = web.Application()
-    app.router.add_post("/hook", hook)
-    url = str((await aiohttp_server(app)).make_url("/hook"))
+    url, delivered = webhook
     sim.set_faults(callback_drop=1.0)  # polls alone see the run: every look is one
     t = await start_tracker(polling={"min_interval_s": 0.1, "max_interval_s": 0.3,
                                      "cancel_confirm_s": 5.0})

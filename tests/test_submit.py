@@ -452,20 +452,12 @@ async def test_a_json_media_type_is_taken_in_any_case(start_tracker, sim, agent)
 
 
 async def test_cancelling_a_paused_run_cancels_it_at_letta_before_the_lane_goes_on(
-        start_tracker, sim, agent, aiohttp_server):
+        start_tracker, sim, agent, webhook):
     """Released only here, the pause stayed at Letta, whose agent, awaiting its approval,
     failed the message queued behind it (and every later one). The cancel is a new outcome:
     the callback_url told of the pause is told of it (the cancel may be an admin's cancel-all
     the user never saw), and it is when the outcome was recorded."""
-    delivered: list[dict] = []
-
-    async def hook(request: web.Request) -> web.Response:
-        delivered.append(await request.json())
-        return web.Response()
-
-    app = web.Application()
-    app.router.add_post("/hook", hook)
-    url = str((await aiohttp_server(app)).make_url("/hook"))
+    url, delivered = webhook
     t = await start_tracker()
     paused = await t.submit(agent, "[[approval]] do it", callback_url=url)
     paused_at = (await t.wait_state(paused["id"], "paused"))["tracker"]["recorded_at"]
