@@ -137,6 +137,8 @@ async def _to_its_end(work: Awaitable[Any]) -> Any:
                 await asyncio.wait([fut])
             except asyncio.CancelledError:
                 continue
+        if not fut.cancelled():
+            fut.exception()  # the caller is gone: its failure is nobody's to raise
         raise
 
 
