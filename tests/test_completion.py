@@ -1103,3 +1103,61 @@ async def test_the_poller_lists_lettas_active_runs_only_when_that_costs_fewer_ca
     assert len(finished) == 6 and letta.listings == 1
     assert await poller._triage(due(7)) == ([], {})
     assert letta.listings == 2
+
+
+def failing_once(fn, error: Exception):
+    """``fn`` (a coroutine function), raising ``error`` on its first call."""
+    calls = []
+
+    async def flaky(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:
+            raise error
+        return await fn(*args, **kwargs)
+
+    flaky.calls = calls
+    return flaky
+
+
+@pytest.mark.parametrize("loop", ["dispatcher", "poller"])
+async def test_a_failed_read_of_the_next_due_run_does_not_end_the_loop(start_tracker, sim,
+                                                                       agent, loop):
+    """The loops read the next due run outside their turn's try: one read failing (the
+    database locked, out of file handles) ended the task for good, silently, and /healthz
+    still said ok: the messages queued behind a busy lane stayed queued, the runs whose
+    callback was lost stayed unfinished."""
+    from tracker.errors import Unavailable
+
+    t = await start_tracker()
+    sim.set_faults(callback_drop=1.0 if loop == "poller" else 0.0)
+    store = t.svc.store
+    store.next_due = failing_once(store.next_due, Unavailable("database read failed"))
+    getattr(t.svc.manager, "dispatch_wakeup" if loop == "dispatcher" else "poll_wakeup").set()
+    await eventually(lambda: store.next_due.calls)  # the failed read came
+    first = await t.submit(agent, "first")
+    behind = await t.submit(agent, "behind it")  # sent by the dispatcher's loop
+    for run in (first, behind):
+        assert (await t.wait_state(run["id"], "done"))["status"] == "completed"
+    task = next(x for x in asyncio.all_tasks() if x.get_name() == f"tracker-{loop}")
+    assert not task.done()
+
+
+async def test_a_loop_ended_by_an_error_is_restarted_and_healthz_says_so_meanwhile(
+        start_tracker, sim, agent, monkeypatch, caplog):
+    """A background loop ended by an error none of its handlers caught ended silently (its
+    error retrieved by nobody), and the service answered ok with nothing applied. It is
+    logged, /healthz is degraded naming it, and it starts again."""
+    from tracker import app as app_module
+
+    monkeypatch.setattr(app_module, "RESTART_PAUSE_S", 1.0)
+    t = await start_tracker()
+    store = t.svc.store
+    store.inbox = failing_once(store.inbox, RuntimeError("a bug"))
+    t.svc.applier.wakeup.set()
+    await eventually(lambda: t.svc.stopped)
+    resp = await t.client.get("/healthz")
+    assert resp.status == 503 and (await resp.json())["stopped"] == ["callback-applier"]
+    assert "callback-applier stopped by an error" in caplog.text
+    run = await t.submit(agent, "applied once the applier is back")
+    assert (await t.wait_state(run["id"], "done"))["tracker"]["completed_via"] == "callback"
+    assert (await t.client.get("/healthz")).status == 200

@@ -221,14 +221,17 @@ async def letta_callback(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    store = _svc(request).store
+    svc = _svc(request)
     try:
         # reachable for reads, and the last write did not fail (full disk, read-only file)
-        ok = await store.ping() and store.writable
+        ok = await svc.store.ping() and svc.store.writable
     except TrackerError:
         ok = False
-    body = {"status": "ok" if ok else "degraded", "database": ok, "version": __version__}
-    return json_response(body, status=200 if ok else 503)
+    body: dict[str, Any] = {"status": "ok" if ok and not svc.stopped else "degraded",
+                            "database": ok, "version": __version__}
+    if svc.stopped:  # a background loop stopped by an error, restarting (see app.py)
+        body["stopped"] = sorted(svc.stopped)
+    return json_response(body, status=200 if body["status"] == "ok" else 503)
 
 
 async def metrics(request: web.Request) -> web.StreamResponse:

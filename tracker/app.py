@@ -33,6 +33,8 @@ from tracker.wiring import SERVICES, Services
 from tracker.workers import Workers
 
 log = logging.getLogger("tracker")
+#: the pause before a background loop stopped by an error starts again (``_supervised``)
+RESTART_PAUSE_S = 1.0
 
 STORE: web.AppKey[Store] = web.AppKey("store", Store)
 LETTA: web.AppKey[LettaClient] = web.AppKey("letta", LettaClient)
@@ -172,9 +174,11 @@ async def _background_ctx(app: web.Application) -> AsyncIterator[None]:
     svc = app[SERVICES]
     await svc.relay.start()
     retention = Retention(svc.cfg.retention, svc.store)
-    tasks = [_task(svc.store.warm_up(), "warm-up"), _task(svc.applier.run(), "callback-applier"),
-             _task(_reconcile_then_run(svc), "dispatcher"), _task(svc.poller.run(), "poller"),
-             _task(svc.relay.run(), "relay"), _task(retention.run(), "retention")]
+    tasks = [_task(svc.store.warm_up(), "warm-up"),
+             _task(_reconcile_then_run(svc), "dispatcher"),
+             *(_task(_supervised(svc, name, loop), name) for name, loop in (
+                 ("callback-applier", svc.applier.run), ("poller", svc.poller.run),
+                 ("relay", svc.relay.run), ("retention", retention.run)))]
     yield
     retention.stop()
     for t in tasks:
@@ -188,10 +192,28 @@ def _task(coro: Coroutine, name: str) -> asyncio.Task:
     return asyncio.create_task(coro, name=f"tracker-{name}")
 
 
+async def _supervised(svc: Services, name: str, loop: Callable[[], Coroutine]) -> None:
+    """Run a background loop for good: one ended by an error no handler of its own caught (a
+    bug, a fault where none was expected) is logged and started again after a pause, during
+    which ``/healthz`` says degraded. Unwatched, such a task ended silently, its error
+    retrieved by nobody, and the service answered ok with nothing dispatched or polled."""
+    while True:
+        try:
+            await loop()
+            return
+        except Exception:
+            log.exception("%s stopped by an error; restarting in %gs", name, RESTART_PAUSE_S)
+        svc.stopped.add(name)
+        try:
+            await asyncio.sleep(RESTART_PAUSE_S)
+        finally:
+            svc.stopped.discard(name)
+
+
 async def _reconcile_then_run(svc: Services) -> None:
     """Heal what a crash left half-done before sending anything new."""
     with contextlib.suppress(Exception):
         counts = await reconcile(svc.manager, svc.poller)
         if any(counts.values()):
             log.info("reconciled after start: %s", counts)
-    await svc.dispatcher.run()
+    await _supervised(svc, "dispatcher", svc.dispatcher.run)

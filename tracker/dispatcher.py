@@ -27,6 +27,8 @@ log = logging.getLogger("tracker.dispatcher")
 RESCUE_EVERY_S = 2.0
 #: the most runs one claim takes; a claim that took this many may have left more sendable
 CLAIM_LIMIT = 100
+#: the pause after the loop's read of the next due run failed (the database unreadable)
+ERROR_PAUSE_S = 1.0
 
 
 class Dispatcher:
@@ -86,7 +88,12 @@ class Dispatcher:
         a requeue, a released pause) wakes this loop: only a later retry is worth waking for
         unprompted. (Counted among the due, they woke it every 10 ms, a claim each time, as
         long as any lane had a backlog.)"""
-        nxt = await self.store.next_due((State.QUEUED,), after=clock.now() if drained else None)
+        try:
+            nxt = await self.store.next_due((State.QUEUED,),
+                                            after=clock.now() if drained else None)
+        except Exception:  # raised out of the loop, it ended the dispatcher for good
+            log.exception("dispatch loop error; retrying")
+            nxt = clock.now() + ERROR_PAUSE_S
         # at least every few seconds: the rescue of stranded runs must not wait for a wake-up
         longest = 2 * RESCUE_EVERY_S
         await clock.nap(wakeup, longest if nxt is None else max(0.01, min(nxt - clock.now(),

@@ -227,6 +227,8 @@ class HealthOut(BaseModel):
     status: Literal["ok", "degraded"]
     database: bool
     version: str
+    stopped: list[str] | None = Field(
+        None, description="background loops stopped by an error, restarting (degraded)")
 
 
 class ErrorOut(BaseModel):

@@ -49,7 +49,8 @@ ERRORS: dict[str, dict[str, str]] = {
                        "404": "Malformed callback token, or no such run",
                        "409": "The body names another Letta run than the token's",
                        "422": "Body is not Letta's callback"},
-    "healthz": {"503": "Degraded: the database is unreachable or its last write failed"},
+    "healthz": {"503": "Degraded: the database is unreachable or its last write failed, or a"
+                       " background loop stopped by an error is restarting"},
     "metrics": {**KEY, **DB, "403": "Not an admin key"},
     "openapi": {},
 }

@@ -32,6 +32,8 @@ BATCH = 2000
 UNCLAIMED_MAX = 2 * PAGE
 #: how long the poller's first tick waits for start-up's sweep to be set (see run)
 SWEEP_WAIT_S = 10.0
+#: the pause after the loop's read of the next due run failed (the database unreadable)
+ERROR_PAUSE_S = 1.0
 
 
 @dataclass
@@ -88,7 +90,11 @@ class Poller:
 
     async def _sleep(self, wakeup: asyncio.Event) -> None:
         self.manager.poll_wake_before = math.inf  # committed during the read: it may miss it
-        nxt = clock.now() if self._sweeping() else await self.store.next_due(WATCHED)
+        try:
+            nxt = clock.now() if self._sweeping() else await self.store.next_due(WATCHED)
+        except Exception:  # raised out of the loop, it ended the poller for good
+            log.exception("poll loop error; retrying")
+            nxt = clock.now() + ERROR_PAUSE_S
         at = max(nxt if nxt is not None else clock.now() + 5.0, self._paused_until)
         at = min(at, clock.now() + 5.0)
         self.manager.poll_wake_before = at

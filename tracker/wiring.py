@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -31,6 +31,8 @@ class Services:
     poller: Poller
     relay: Relay
     applier: Applier
+    #: background loops stopped by an error, until they start again (``/healthz`` degraded)
+    stopped: set[str] = field(default_factory=set)
 
 
 SERVICES: web.AppKey[Services] = web.AppKey("services", Services)
