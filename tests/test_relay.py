@@ -581,6 +581,40 @@ def test_bad_callback_urls_are_refused(url):
         check_url(url, allow_private=True)
 
 
+@pytest.mark.parametrize("host", ["2130706433", "0177.0.0.1", "127.1", "0", "0x7f.1",
+                                  "3232235521", "2852039166"])
+def test_ipv4_addresses_in_legacy_forms_are_refused(host):
+    """The C library dials 2130706433 as 127.0.0.1 and 2852039166 as 169.254.169.254, while
+    ipaddress reads them as no address: they passed as names (safe only on an aiohttp that
+    refuses them itself, 3.14.5 on)."""
+    with pytest.raises(RefusedDestination, match="legacy form"):
+        check_url(f"http://{host}:8080/hook", allow_private=False)
+    check_url("http://deadbeef.example:8080/hook", allow_private=False)  # a name stays one
+
+
+async def test_an_attempts_error_leaves_the_url_out(tmp_path, caplog):
+    """aiohttp's error for a malformed answer quotes the whole URL, whose path or query may
+    be the receiver's secret (chat services' hook URLs): it went to the log and the record."""
+    async def handle(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    relay = Relay(cfg_with(tmp_path, timeout_s=2.0), store=None, wakeup=asyncio.Event())
+    await relay.start()
+    try:
+        url = f"http://127.0.0.1:{port}/services/T0001/SeCrEtHoOkToKeN?sig=abc123"
+        outcome = await relay._post(url, b"{}", {})
+    finally:
+        await relay.stop()
+        server.close()
+    assert outcome.error and outcome.error.startswith("ClientResponseError: 400")
+    assert "SeCrEtHoOkToKeN" not in outcome.error and len(outcome.error) <= 300
+
+
 # --- retry policy ------------------------------------------------------------------------------
 
 

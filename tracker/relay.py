@@ -240,7 +240,20 @@ def _client_error(e: aiohttp.ClientError, latency_ms: float) -> Outcome:
                                                                   RefusedDestination):
         return Outcome(latency_ms=latency_ms, error=str(e.os_error), final=True)
     final = isinstance(e, aiohttp.InvalidURL)
-    return Outcome(latency_ms=latency_ms, error=f"{type(e).__name__}: {e}", final=final)
+    return Outcome(latency_ms=latency_ms, error=_error_text(e), final=final)
+
+
+def _error_text(e: aiohttp.ClientError) -> str:
+    """What went wrong, without the URL: aiohttp puts the whole of it in some errors' text,
+    and a callback_url's path or query may be its secret (the capability URLs of chat
+    services), which reached the log and every attempt's record."""
+    if isinstance(e, aiohttp.ClientResponseError):
+        text = f"{e.status}, {e.message}"
+    elif isinstance(e, aiohttp.InvalidURL):
+        text = "not a valid URL"
+    else:
+        text = str(e)
+    return f"{type(e).__name__}: {text}"[:300]
 
 
 async def rotate_secret(store: Store, user_id: str) -> str:

@@ -63,6 +63,15 @@ def _is_ip_literal(host: str) -> bool:
     return True
 
 
+def _legacy_ipv4(host: str) -> bool:
+    """A host ``inet_aton`` reads as an address though it is no dotted quad."""
+    try:
+        socket.inet_aton(host)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def check_url(url: str, allow_private: bool) -> None:
     """Refuse a URL that is not http(s), has no host, or names a forbidden IP literally."""
     try:
@@ -76,6 +85,11 @@ def check_url(url: str, allow_private: bool) -> None:
     if _is_ip_literal(parsed.host):
         check_address(parsed.host, allow_private)
         return
+    if _legacy_ipv4(parsed.host):
+        # 2130706433, 127.1, 0177.0.0.1: the C library dials them as 127.0.0.1, while no
+        # check here reads them as addresses (aiohttp before 3.14.5 skipped the resolver's)
+        raise RefusedDestination("destination refused: the host is an IPv4 address in a"
+                                 " legacy form; write it as four decimal parts")
     try:
         # what the name lookup does first: an empty label or one over 63 characters fails
         # there, with an error that is no connection error (and was retried forever)
