@@ -220,6 +220,26 @@ async def test_after_the_last_attempt_the_delivery_is_failed(store, user, serve,
     assert d.state == "failed" and d.attempts == 3 and len(rx.seen) == 3
 
 
+async def test_while_attempts_cannot_be_recorded_the_delivery_is_held_back_longer_each_time(
+        store, user, serve, relays, tmp_path, monkeypatch):
+    """With the store failing, an attempt goes unrecorded and the delivery stays due: it was
+    sent again every ERROR_PAUSE_S, for as long as the database failed, never counted
+    against its schedule. Held back in memory, doubling, it is sent a few times at most."""
+    from tracker.errors import Unavailable
+
+    monkeypatch.setattr(relay_module, "ERROR_PAUSE_S", 0.1)
+    rx = Receiver(Reply(200))
+    await final_run(store, user, await serve(rx))
+
+    async def failing(*args, **kwargs):
+        raise Unavailable("database write failed: disk full")
+
+    monkeypatch.setattr(store, "record_attempt", failing)
+    await relays(cfg_with(tmp_path), store)
+    await asyncio.sleep(2.0)  # held 0.1, 0.2, 0.4, 0.8 s: 5 POSTs; every 0.1 s was ~20
+    assert 3 <= len(rx.seen) <= 6, len(rx.seen)
+
+
 async def test_slow_receiver_times_out_and_is_retried(store, user, serve, relays, tmp_path):
     rx = Receiver(Reply(delay=1.0), Reply())
     run = await final_run(store, user, await serve(rx))

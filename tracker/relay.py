@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -35,6 +36,9 @@ CLAIM_WINDOW_PER_SLOT = 16
 SCAN_PAGES_PER_LOOP = 8
 IDLE_S = 30.0
 ERROR_PAUSE_S = 5.0
+#: the longest a delivery whose attempts cannot be recorded is held back (doubling from
+#: ERROR_PAUSE_S): the receiver is not sent it every few seconds while the store fails
+HELD_MAX_S = 300.0
 STOP_GRACE_S = 2.0
 
 
@@ -53,6 +57,9 @@ class Relay:
         #: predate their recorded attempt, so they are not claimed from it
         self._finished_during_read: set[str] = set()
         self._busy: Counter[str] = Counter()
+        #: deliveries whose last attempt could not be recorded (the database failing): id ->
+        #: (not before, the pause that set it); in memory, as nothing else can be written
+        self._held: dict[str, tuple[float, float]] = {}
         #: where the last loop's read stopped short of the end of what is due; the next one
         #: goes on from there, so a backlog longer than a loop's pages is crossed, not a wall
         self._sweep: Delivery | None = None
@@ -123,7 +130,8 @@ class Relay:
                 return
             dest = destination(d.url)
             if (d.id not in self._inflight and d.id not in self._finished_during_read
-                    and self._busy[dest] < self.r.per_destination):
+                    and self._busy[dest] < self.r.per_destination
+                    and self._held.get(d.id, (0.0,))[0] <= clock.now()):
                 self._start(d, dest)
 
     def _start(self, d: Delivery, dest: str) -> None:
@@ -144,11 +152,13 @@ class Relay:
 
     async def _idle_for(self) -> float:
         nxt = await self.store.next_delivery_due()
-        if nxt is None or nxt <= clock.now():
-            # nothing pending, or all that is due waits for a slot: a finishing attempt (or a
-            # new delivery) sets the wakeup
-            return IDLE_S
-        return min(nxt - clock.now(), IDLE_S)
+        now = clock.now()
+        held = min((at for at, _ in self._held.values() if at > now), default=math.inf)
+        if nxt is None or nxt <= now:
+            # nothing pending, or all that is due waits for a slot (a finishing attempt, or a
+            # new delivery, sets the wakeup) or is held back
+            return min(held - now, IDLE_S)
+        return min(nxt - now, held - now, IDLE_S)
 
     async def _send(self, d: Delivery) -> None:
         try:
@@ -160,9 +170,10 @@ class Relay:
             with contextlib.suppress(Exception):
                 await self._record(d, Outcome(error=f"internal error: {e!r}"), clock.iso())
                 return
-            # the store failing too: holding the row a while keeps it from being hammered
-            # (and the receiver from being sent the same delivery in a tight loop)
-            await asyncio.sleep(ERROR_PAUSE_S)
+            # the store failing too, its attempts go uncounted: held back, longer each time,
+            # the receiver is not sent it every few seconds (and its slot is free meanwhile)
+            pause = min(2 * self._held.get(d.id, (0.0, ERROR_PAUSE_S / 2))[1], HELD_MAX_S)
+            self._held[d.id] = (clock.now() + pause, pause)
 
     async def deliver(self, d: Delivery) -> None:
         """One attempt at ``d``: check, sign, POST; record it, then schedule the next or finish."""
@@ -173,6 +184,7 @@ class Relay:
         state, next_at = next_step(d.attempts + 1, outcome, self.r.retry_schedule_s, clock.now())
         await self.store.record_attempt(d.id, outcome.record(at), state, next_at,
                                         claimed_at=d.next_attempt_at, body=d.body)
+        self._held.pop(d.id, None)
         if self.on_outcome:
             self.on_outcome(str(state))
         log.info("delivery %s: attempt %d -> %s (%s)", d.id, d.attempts + 1, state,
