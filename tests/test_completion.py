@@ -1161,3 +1161,30 @@ async def test_a_loop_ended_by_an_error_is_restarted_and_healthz_says_so_meanwhi
     run = await t.submit(agent, "applied once the applier is back")
     assert (await t.wait_state(run["id"], "done"))["tracker"]["completed_via"] == "callback"
     assert (await t.client.get("/healthz")).status == 200
+
+
+async def test_a_restored_backup_sends_no_queued_run_a_second_time(start_tracker, sim, agent,
+                                                                   tmp_path):
+    """The live service goes on sending the runs a backup holds as queued: restored, it sent
+    every one of them again. The backup marks them to be looked for at Letta first."""
+    import argparse
+    import shutil
+
+    from tracker.cli_ops import backup
+
+    t = await start_tracker()
+    runs = [await t.submit(agent, f"[[delay=0.3]] message {i}") for i in range(4)]
+    assert [r["tracker"]["state"] for r in runs[1:]] == ["queued"] * 3  # one at a time
+    copy = tmp_path / "backup.db"
+    assert await backup(t.svc.store, argparse.Namespace(path=str(copy), force=False)) == 0
+    for run in runs:
+        await t.wait_state(run["id"], "done")
+    await t.client.close()
+    live = tmp_path / "tracker.db"
+    for leftover in (tmp_path / "tracker.db-wal", tmp_path / "tracker.db-shm"):
+        leftover.unlink(missing_ok=True)
+    shutil.copy(copy, live)  # the README's restore
+    t2 = await start_tracker()
+    for run in runs:
+        assert (await t2.wait_state(run["id"], "done"))["status"] == "completed"
+    assert len(sim.received) == 4 and max(sim.otid_counts().values()) == 1

@@ -4,14 +4,17 @@ Restoring a backup: stop the service; move the database file aside together with
 ``-wal`` and ``-shm`` files (a stale ``-wal`` beside a restored copy would be replayed into
 it); copy the backup to the database path; start the service, which applies any migrations
 the copy lacks. ``tracker db status`` then shows its schema version and row counts.
+The copy's queued runs are marked to be looked for at Letta before they are sent (``backup``).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sqlite3
 import sys
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 
 from tracker.retention import cutoff, parse_age
@@ -95,14 +98,27 @@ async def backup(store: Store, args: argparse.Namespace) -> int:
     partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
     try:
         await store.backup(str(partial))
+        looked_up = _look_up_before_sending(partial)
         version, runs = await _verify(partial)
         os.replace(partial, target)
     finally:
         for leftover in (partial, Path(f"{partial}-wal"), Path(f"{partial}-shm")):
             leftover.unlink(missing_ok=True)
     print(f"backup written to {target}: {_size(target.stat().st_size)}, {runs} runs, "
-          f"schema version {version}")
+          f"schema version {version}" + (
+              f"; its {looked_up} queued runs, restored, are looked for at Letta before any"
+              " is sent (they may have gone after this copy)" if looked_up else ""))
     return 0
+
+
+def _look_up_before_sending(copy: Path) -> int:
+    """Mark the copy's queued runs as maybe sent (``needs_lookup``), as a send that got no
+    answer is: restored, each is looked for at Letta before it is sent. The live service
+    goes on sending them after the copy is taken, and a restore sent every one of those a
+    second time. Returns how many."""
+    with closing(sqlite3.connect(copy)) as db, db:
+        return db.execute("UPDATE runs SET needs_lookup = 1 WHERE state = 'queued'"
+                          " AND needs_lookup = 0").rowcount
 
 
 def _size(n: int) -> str:
