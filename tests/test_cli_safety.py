@@ -235,13 +235,17 @@ async def cli(*args: str, **env: str) -> tuple[int, str, str]:
 
 
 async def test_cli_pointed_at_letta_says_so_in_one_line(sim, agent):
-    """``--url`` naming Letta instead of the tracker ended in a KeyError's traceback."""
+    """``--url`` naming Letta instead of the tracker ended in a KeyError's traceback; and
+    the submit, sent before its answer was read, reached the agent untracked."""
     said = (f"tracker: {sim.url} answered, but does not look like a tracker (its runs have no"
             ' "tracker" object): is this Letta\'s URL?\n')
     code, out, err = await cli("submit", agent, "hi", "--url", sim.url, "--key", "tk_any")
     assert (code, out, err) == (1, "", said)
-    async with aiohttp.ClientSession() as s, s.get(f"{sim.url}/v1/runs") as r:
-        [letta_run] = await r.json()  # the submit's
+    assert sim.received == []  # nothing sent
+    async with aiohttp.ClientSession() as s:
+        body = {"messages": [{"role": "user", "content": "straight to Letta"}]}
+        async with s.post(f"{sim.url}/v1/agents/{agent}/messages/async", json=body) as r:
+            letta_run = await r.json()
     for argv in (["runs", "list"], ["runs", "show", letta_run["id"]]):
         assert await cli(*argv, TRACKER_URL=sim.url) == (1, "", said)
 

@@ -70,14 +70,16 @@ class TrackerClient:
         if self._session is not None:
             await self._session.close()
 
-    async def call(self, method: str, path: str, params: Any = None, body: Any = None) -> Any:
-        """One request; the decoded JSON answer, or ApiError with a one-line reason."""
+    async def call(self, method: str, path: str, params: Any = None, body: Any = None,
+                   any_status: bool = False) -> Any:
+        """One request; the decoded JSON answer, or ApiError with a one-line reason; with
+        ``any_status``, whatever JSON answered (None for none), an error status too."""
         assert self._session is not None, "use TrackerClient as an async context manager"
         try:
             async with self._session.request(method, self.url + path, params=params,
                                              json=body) as resp:
                 text = await resp.text()
-                if resp.status >= 400:
+                if resp.status >= 400 and not any_status:
                     raise ApiError(error_line(resp.status, resp.reason or "", text,
                                               self._key_from))
                 return json.loads(text)
@@ -88,11 +90,18 @@ class TrackerClient:
         except aiohttp.ClientError as e:
             raise ApiError(f"cannot talk to the tracker at {self.url}: {e}") from None
         except ValueError:
+            if any_status:
+                return None
             raise ApiError(f"{self.url} answered with something that is not JSON") from None
 
     async def submit(self, agent_id: str, text: str) -> dict:
         """Send one user message to an agent; returns the run."""
         body = {"messages": [{"role": "user", "content": text}]}
+        # first: Letta answers the same route, and a message sent to Letta's URL reached the
+        # agent untracked before its answer showed whose URL it was
+        health = await self.call("GET", "/healthz", any_status=True)  # 503 while degraded
+        if not (isinstance(health, dict) and {"status", "database", "version"} <= health.keys()):
+            raise self._not_a_tracker()
         return self._run(await self.call("POST", f"/v1/agents/{agent_id}/messages/async",
                                          body=body))
 
