@@ -230,3 +230,14 @@ async def test_submit_wait_says_it_is_confirming_a_cancel(start_tracker, agent):
     r = await waiting
     assert r.code == 1, r.err
     assert r.err.count("confirming the cancel with Letta") == 1, r.err
+
+
+async def test_a_tracker_url_without_its_scheme_or_a_lone_timeout_is_refused_first():
+    """`--url localhost:8080` failed with "cannot talk to the tracker at localhost:8080:
+    localhost:8080/v1/agents/..."; `--timeout` without `--wait` was silently ignored."""
+    r = await cli("runs", "list", "--url", "localhost:8080", key="tk-any")
+    assert r.code == 2 and r.err == ("tracker: the tracker URL 'localhost:8080' must be an"
+                                     " http:// or https:// URL, like http://host:port\n")
+    r = await cli("submit", "agent-x", "hi", "--timeout", "5", url="http://127.0.0.1:9",
+                  key="tk-any")
+    assert r.code == 2 and "--timeout goes with --wait" in r.err

@@ -27,7 +27,7 @@ from tracker.cli_render import (
     run_fields,
     runs_table,
 )
-from tracker.config import Config, add_config_option, bounded, url_host
+from tracker.config import Config, add_config_option, bounded, http_url, url_host
 from tracker.errors import TrackerError
 from tracker.states import FINAL, State, Status
 
@@ -172,6 +172,7 @@ async def submit(client: TrackerClient, args: argparse.Namespace) -> int:
             print(f"submitted {run['id']} ({run['tracker']['state']}); "
                   f"follow it with: tracker runs show {run['id']}")
         return 0
+    args.timeout = args.timeout or WAIT_TIMEOUT_S
     run = await follow(client, run, args.timeout, quiet=args.json)
     if run["tracker"]["state"] not in SETTLED:
         return gave_up(run, args)
@@ -303,10 +304,21 @@ def with_client(fn: Command) -> Callable[[Config, argparse.Namespace], int]:
     """Run ``fn(client, args)`` against the tracker the options name."""
 
     def run(cfg: Config, args: argparse.Namespace) -> int:
+        url = tracker_url(cfg, args)
+        try:
+            http_url(url)  # as the config's URLs are: `localhost:8080` failed, unexplained
+        except ValueError as e:
+            print(f"tracker: the tracker URL {url!r} {e}", file=sys.stderr)
+            return 2
+        if getattr(args, "timeout", None) is not None and not args.wait:
+            print("tracker: --timeout goes with --wait (how long to wait for the run)",
+                  file=sys.stderr)
+            return 2
+
         async def go() -> int:
             key = args.key or os.environ.get("TRACKER_API_KEY")
             key_from = "--key" if args.key else "TRACKER_API_KEY"
-            async with TrackerClient(tracker_url(cfg, args), key, key_from=key_from) as client:
+            async with TrackerClient(url, key, key_from=key_from) as client:
                 return await fn(client, args)
 
         return asyncio.run(go())
@@ -348,7 +360,7 @@ def add_commands(cmd: Callable) -> None:
     sub.add_argument("text", metavar="TEXT")
     sub.add_argument("--wait", action="store_true",
                      help="follow the run until it ends, then print the reply")
-    sub.add_argument("--timeout", type=SECONDS, default=WAIT_TIMEOUT_S, metavar="SECONDS",
+    sub.add_argument("--timeout", type=SECONDS, metavar="SECONDS",
                      help=f"with --wait: stop waiting after this long, exit {TIMED_OUT}; the run"
                           f" goes on ({WAIT_TIMEOUT_S:g})")
     client_options(sub)
