@@ -220,6 +220,48 @@ async def test_after_the_last_attempt_the_delivery_is_failed(store, user, serve,
     assert d.state == "failed" and d.attempts == 3 and len(rx.seen) == 3
 
 
+async def test_one_users_hung_receivers_do_not_hold_every_slot(store, user, serve, relays,
+                                                             tmp_path):
+    """Limited per destination only, one user's receivers on a few ports (or names) that
+    hang took every slot, and every other user's deliveries waited for that backlog."""
+    hung_a, hung_b = Receiver(Reply(delay=1.0)), Receiver(Reply(delay=1.0))
+    url_a, url_b = await serve(hung_a), await serve(hung_b)  # one host, two ports
+    for _ in range(10):
+        await final_run(store, user, url_a)
+        await final_run(store, user, url_b)
+    bob = await store.create_user("bob", False, new_webhook_secret())
+    run = await final_run(store, bob, await serve(Receiver()))
+    cfg = cfg_with(tmp_path, concurrency=2, per_destination=1, per_user=1, timeout_s=0.3,
+                   retry_schedule_s=[0, 60])
+    started = time.monotonic()
+    await relays(cfg, store)
+    await eventually(lambda: finished(store, run.id), timeout=30)
+    assert time.monotonic() - started < 1.0  # ~3 s behind alice's 20 hung attempts
+
+
+async def test_a_name_whose_lookup_hangs_holds_none_of_the_loops_threads(
+        store, user, serve, relays, tmp_path, monkeypatch):
+    """Looked up on the loop's default executor, a callback_url's name whose server never
+    answers held a thread for the C library's whole timeout: a few such deliveries took
+    every thread, and the lookup of Letta's host (and the checkpointer's syncs) waited."""
+    real = socket.getaddrinfo
+
+    def tarpit(host, *args, **kwargs):
+        if str(host).endswith(".tarpit.test"):
+            time.sleep(3)  # a name server that never answers
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", tarpit)
+    for i in range(8):
+        await final_run(store, user, f"http://h{i}.tarpit.test/hook")
+    await relays(cfg_with(tmp_path, timeout_s=1.0, retry_schedule_s=[0, 0.5, 0.5]), store)
+    await asyncio.sleep(1.5)  # the first attempts timed out; their lookups still run
+    started = time.monotonic()
+    await asyncio.get_running_loop().getaddrinfo("localhost", 8283)  # Letta's host, say
+    assert time.monotonic() - started < 0.5
+
+
 async def test_while_attempts_cannot_be_recorded_the_delivery_is_held_back_longer_each_time(
         store, user, serve, relays, tmp_path, monkeypatch):
     """With the store failing, an attempt goes unrecorded and the delivery stays due: it was

@@ -186,6 +186,9 @@ class RelayConfig(Section):
         return v
     concurrency: int = Field(16, ge=1)
     per_destination: int = Field(4, ge=1)
+    # one user's hung receivers (a few ports or names, each within per_destination) held
+    # every slot, and every other user's deliveries waited
+    per_user: int = Field(8, ge=1)
 
 
 class LoggingConfig(Section):

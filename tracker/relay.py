@@ -57,6 +57,7 @@ class Relay:
         #: predate their recorded attempt, so they are not claimed from it
         self._finished_during_read: set[str] = set()
         self._busy: Counter[str] = Counter()
+        self._users: Counter[str] = Counter()  # attempts in flight per user
         #: deliveries whose last attempt could not be recorded (the database failing): id ->
         #: (not before, the pause that set it); in memory, as nothing else can be written
         self._held: dict[str, tuple[float, float]] = {}
@@ -131,6 +132,7 @@ class Relay:
             dest = destination(d.url)
             if (d.id not in self._inflight and d.id not in self._finished_during_read
                     and self._busy[dest] < self.r.per_destination
+                    and self._users[d.user_id] < self.r.per_user
                     and self._held.get(d.id, (0.0,))[0] <= clock.now()):
                 self._start(d, dest)
 
@@ -138,16 +140,18 @@ class Relay:
         task = asyncio.create_task(self._send(d), name=f"tracker-relay-{d.id}")
         self._inflight[d.id] = task
         self._busy[dest] += 1
-        task.add_done_callback(lambda _: self._finished(d.id, dest))
+        self._users[d.user_id] += 1
+        task.add_done_callback(lambda _: self._finished(d.id, dest, d.user_id))
 
-    def _finished(self, delivery_id: str, dest: str) -> None:
+    def _finished(self, delivery_id: str, dest: str, user_id: str) -> None:
         # only now, with the attempt recorded (its row rescheduled or closed), may the loop
         # see this delivery again: this is what keeps one in flight from being picked twice
         del self._inflight[delivery_id]
         self._finished_during_read.add(delivery_id)  # the wake-up below reads again
-        self._busy[dest] -= 1
-        if not self._busy[dest]:
-            del self._busy[dest]
+        for count, key in ((self._busy, dest), (self._users, user_id)):
+            count[key] -= 1
+            if not count[key]:
+                del count[key]
         self.wakeup.set()
 
     async def _idle_for(self) -> float:

@@ -10,8 +10,10 @@ literal cannot rebind).
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import socket
+from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import ThreadedResolver
@@ -112,7 +114,9 @@ class GuardedResolver(AbstractResolver):
 
     def __init__(self, allow_private: bool, inner: AbstractResolver | None = None) -> None:
         self.allow_private = allow_private
-        self._inner = inner or ThreadedResolver()  # loop.getaddrinfo in the default executor
+        self._lookups = None if inner else _OwnLookups(LOOKUP_THREADS)
+        # ThreadedResolver calls its loop's getaddrinfo and getnameinfo, and nothing else
+        self._inner = inner or ThreadedResolver(self._lookups)  # type: ignore[arg-type]
 
     async def resolve(self, host: str, port: int = 0,
                       family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
@@ -127,3 +131,32 @@ class GuardedResolver(AbstractResolver):
     async def close(self) -> None:
         """Release the inner resolver."""
         await self._inner.close()
+        if self._lookups is not None:
+            self._lookups.close()
+
+
+#: the threads the relay looks names up on
+LOOKUP_THREADS = 4
+
+
+class _OwnLookups:
+    """``getaddrinfo`` and ``getnameinfo`` on threads of the relay's own. On the loop's
+    default executor, a user's callback_url on a name whose server never answers held a
+    thread for the C library's whole timeout (the relay's timeout cancels the wait, not the
+    lookup): a few such deliveries took every thread, and the lookups of Letta's host and
+    the checkpointer's syncs, which share them, waited."""
+
+    def __init__(self, threads: int) -> None:
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="tracker-relay-dns")
+
+    async def getaddrinfo(self, host: str, port: int, *, family: int = 0, type: int = 0,
+                          proto: int = 0, flags: int = 0) -> list:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._pool, socket.getaddrinfo, host, port, family, type, proto, flags)
+
+    async def getnameinfo(self, sockaddr: tuple, flags: int = 0) -> tuple[str, str]:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._pool, socket.getnameinfo, sockaddr, flags)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
