@@ -329,7 +329,9 @@ def with_client(fn: Command) -> Callable[[Config, argparse.Namespace], int]:
 def client_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", help="tracker URL (default: $TRACKER_URL, else the config's server)")
     p.add_argument("--key", help="API key (default: $TRACKER_API_KEY)")
-    p.add_argument("--json", action="store_true", help="print the API's JSON, for scripts")
+    p.add_argument("--json", action="store_true",
+                   help="print JSON, for scripts: the API's runs (runs show: {run, events};"
+                        " submit --wait: the run with its messages)")
 
 
 def filter_options(p: argparse.ArgumentParser) -> None:
