@@ -28,6 +28,11 @@ pytestmark = pytest.mark.slow
 EXAMPLES = int(os.environ.get("RELIABILITY_FUZZ_EXAMPLES", "25"))
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
           response_schema_conformance]
+#: headers that frame the HTTP message, not API input: a generated `transfer-encoding` beside
+#: the body's length is refused by aiohttp's parser (request smuggling), before the
+#: application, with its own text/plain 400
+FRAMING = {"transfer-encoding", "content-length", "connection", "host", "te", "upgrade",
+           "expect"}
 
 
 def fuzz(url: str, key: str, fixed: dict[str, str], paths: set[str] | None,
@@ -65,6 +70,8 @@ def run_operation(op, mode, path_parameters, url: str, key: str) -> None:
               suppress_health_check=list(HealthCheck))
     @given(case=strategy)
     def check(case):
+        for name in [h for h in case.headers or {} if h.lower() in FRAMING]:
+            del case.headers[name]
         response = case.call(base_url=url, headers={"Authorization": f"Bearer {key}"},
                              timeout=15)
         case.validate_response(response, checks=CHECKS)
