@@ -106,8 +106,9 @@ async def backup(store: Store, args: argparse.Namespace) -> int:
             leftover.unlink(missing_ok=True)
     print(f"backup written to {target}: {_size(target.stat().st_size)}, {runs} runs, "
           f"schema version {version}" + (
-              f"; its {looked_up} queued runs, restored, are looked for at Letta before any"
-              " is sent (they may have gone after this copy)" if looked_up else ""))
+              f"; queued in it: {looked_up} run{'s' if looked_up > 1 else ''}, which a"
+              " restore looks for at Letta before sending (the service may send them after"
+              " this copy)" if looked_up else ""))
     return 0
 
 
