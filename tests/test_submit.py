@@ -429,6 +429,7 @@ async def test_a_cancelled_answer_is_final_only_once_its_step_has_ended(start_tr
     await t.wait_state(paused["id"], "paused")
     sim.set_faults(run_duration_s=(2.0, 2.0), callback_drop=1.0)  # polls alone see it
     answer = await approve(t, agent, await asked_call_id(t, paused["id"]))
+    await t.wait_state(answer["id"], "submitted")  # at Letta (not cancelled here, queued)
     resp = await t.post(f"/v1/agents/{agent}/messages/cancel", {"run_ids": [answer["id"]]})
     assert await resp.json() == {answer["id"]: "cancelled"}
     behind = await t.submit(agent, "after the answer")
