@@ -82,7 +82,10 @@ def test_db_migrate_creates_the_database_then_keys_can_be_made(tmp_path: Path):
     assert run_cli(tmp_path, "keys", "create", "ops").returncode == 1
     made = run_cli(tmp_path, "db", "migrate")
     assert made.returncode == 0, made.stderr
-    assert made.stdout == f"schema is at version {LATEST} (latest {LATEST})\n"
+    assert made.stdout == (f"created the database {tmp_path / 'tracker.db'}\n"
+                           f"schema is at version {LATEST} (latest {LATEST})\n")
+    again = run_cli(tmp_path, "db", "migrate")  # a no-op now, and says so
+    assert again.stdout == f"schema is at version {LATEST} (latest {LATEST})\n"
     key = run_cli(tmp_path, "keys", "create", "ops")
     assert key.returncode == 0, key.stderr
     assert key.stdout.strip().splitlines()[-1].startswith("tk_")

@@ -159,6 +159,8 @@ def _with_store(fn: Callable, creates: bool = False,
 
         async def go() -> int:
             store = open_store(cfg.database.url, cfg.database.synchronous)
+            path = getattr(store, "path", ":memory:")
+            args.created = creates and path != ":memory:" and not os.path.exists(path)
             await store.open(creates)
             try:
                 if not any_schema:

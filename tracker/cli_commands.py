@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
 
 from rich.console import Console
@@ -76,7 +77,10 @@ def schema_note(version: int) -> str:
 
 
 async def db_migrate(store: Store, args: argparse.Namespace) -> int:
-    # open() already applied pending migrations; say what the database is at now
+    # open() already applied pending migrations; say what the database is at now, and that
+    # it is new when it is (else a first run read as the no-op of a second)
+    if args.created:
+        print(f"created the database {os.path.abspath(store.path)}")  # type: ignore[attr-defined]
     print(f"schema is at version {await store.schema_version()} (latest {LATEST})")
     return 0
 
