@@ -190,6 +190,33 @@ async def test_callback_before_the_submit_is_recorded(start_tracker, sim, agent)
     assert after["tracker"]["letta_run_id"] and after["tracker"]["submitted_at"]
 
 
+async def test_a_callback_before_the_submit_is_vouched_for_past_a_letta_error(
+        start_tracker, sim, agent):
+    """The GET that vouches for such a callback met a 5xx of a moment: the callback, which
+    Letta never sends again, was answered 503 and lost. Letta is asked again."""
+    t = await start_tracker(polling={"grace_s": 30.0, "callback_wait_s": 30.0})
+    sim.set_faults(run_duration_s=(0.0, 0.0), callback_lag_s=0.0)
+    manager, letta = t.svc.manager, t.svc.letta
+    original, get_run = manager.mark_submitted, letta.get_run
+    asked: list[str] = []
+
+    async def slow(*args, **kwargs):
+        await asyncio.sleep(0.6)
+        return await original(*args, **kwargs)
+
+    async def erring_once(letta_run_id: str) -> dict:
+        asked.append(letta_run_id)
+        if len(asked) == 1:
+            raise LettaUnavailable("Letta answered 502: Bad Gateway")
+        return await get_run(letta_run_id)
+
+    manager.mark_submitted, letta.get_run = slow, erring_once
+    run = await t.submit(agent)
+    after = await t.wait_state(run["id"], "done", timeout=5)
+    assert after["tracker"]["completed_via"] == "callback" and len(asked) == 2
+    assert sim.store.get(asked[0]).callback_status_code == 200
+
+
 async def test_stuck_run_is_flagged_and_can_be_cancelled(start_tracker, sim, agent):
     t = await start_tracker(polling={"deadline_s": 0.5})
     run = await t.submit(agent, "[[never]] forever")

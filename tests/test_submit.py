@@ -237,6 +237,32 @@ async def test_a_callback_for_a_run_queued_to_be_looked_up_looks_at_once(
         f"/v1/runs/{run['id']}/events")).json()]
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+async def test_a_callback_letta_cannot_vouch_for_still_looks_at_once(
+        start_tracker, sim, agent, unused_tcp_port_factory, workers):
+    """The same, with Letta erring on the GET that vouches for the callback (which names a
+    Letta run the tracker has not recorded): the callback was answered 503 and dropped, and
+    the run looked up only after dispatch.lookup_after_s. It is looked up at once, in the
+    service or in a callback worker, which reports it."""
+    sections = {"callbacks": {"workers": 1, "port": unused_tcp_port_factory()}} if workers else {}
+    t = await start_tracker(letta={"timeout_s": 0.3}, dispatch={"lookup_after_s": 30},
+                            **sections)
+    sim.set_faults(answer_time_s=(0.6, 0.6))
+    run = await t.submit(agent, "[[delay=0.6]] x")
+    sim.set_faults(answer_time_s=(0.0, 0.0), api_5xx_rate=1.0)  # every GET, each retry too
+
+    async def looked() -> list[dict]:
+        events = await (await t.get(f"/v1/runs/{run['id']}/events")).json()
+        return [e for e in events if e["kind"] == "look_now"]
+
+    [look] = await eventually(looked, timeout=8)
+    assert look["detail"] == {"letta_run_id": sim.received[0].run_id, "vouched": False}
+    assert sim.store.get(sim.received[0].run_id).callback_status_code == 503
+    sim.set_faults(api_5xx_rate=0.0)
+    done = await t.wait_state(run["id"], "done", timeout=8)
+    assert len(sim.received) == 1 and done["status"] == "completed"
+
+
 async def test_a_cancel_before_the_look_is_due_fails_and_the_order_holds(
         start_tracker, sim, agent):
     """A run whose send got no answer is queued to be looked up later. Cancelled meanwhile,

@@ -45,12 +45,17 @@ class Reporter:
         self.conn = conn
         self.receiving = 0
         self.filed: list[str] = []
+        self.unvouched_runs: list[tuple[str, str]] = []
         self.tally = Tally()
         self.gone = False  # the service's end of the pipe closed
         self._filed = asyncio.Event()
 
     def received(self, run_id: str) -> None:
         self.filed.append(run_id)
+        self._filed.set()
+
+    def unvouched(self, run_id: str, letta_run_id: str) -> None:
+        self.unvouched_runs.append((run_id, letta_run_id))
         self._filed.set()
 
     def request(self, method: str, route: str, status: int, seconds: float) -> None:
@@ -79,8 +84,9 @@ class Reporter:
     def _report(self) -> tuple:
         """What to report, taken on the loop (where callbacks are noted)."""
         filed, self.filed = self.filed, []
+        unvouched, self.unvouched_runs = self.unvouched_runs, []
         tally, self.tally = self.tally, Tally()
-        return ("report", self.receiving, filed, tally if tally else None)
+        return ("report", self.receiving, filed, tally if tally else None, unvouched)
 
     def _post(self, report: tuple) -> None:
         if self.gone:

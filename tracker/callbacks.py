@@ -11,6 +11,7 @@ import base64
 import hmac
 import logging
 import time
+from collections.abc import Sequence
 from typing import Protocol, TypeVar
 
 from aiohttp import web
@@ -21,6 +22,7 @@ from tracker.errors import (
     BadRequest,
     Conflict,
     Invalid,
+    LettaUnavailable,
     NotFound,
     TrackerError,
     Unauthorized,
@@ -69,6 +71,11 @@ FLOOD_PER_WINDOW = int(FLOOD_PER_S * FLOOD_WINDOW_S)
 HOLD_S = 0.05
 #: seconds before the applier tries again after a storage fault
 RETRY_S = 1.0
+#: a callback that beats its submit's answer is vouched for by Letta (a GET of the run it
+#: names): asked again after these pauses while Letta errs, all within VOUCH_BUDGET_S of the
+#: 5 s Letta waits for our answer (it never sends the callback again)
+VOUCH_PAUSES_S = (0.2, 0.8)
+VOUCH_BUDGET_S = 4.0
 
 
 class CallbackSigner:
@@ -131,6 +138,10 @@ class Filing(Protocol):
     def received(self, run_id: str) -> None:
         """A callback for ``run_id`` was committed to the inbox."""
 
+    def unvouched(self, run_id: str, letta_run_id: str) -> None:
+        """A callback for ``run_id``, come before its Letta run id was recorded, named
+        ``letta_run_id``, and Letta could not say whether that run is ours (it erred)."""
+
 
 async def receive(request: web.Request, signer: CallbackSigner, store: Store,
                   letta: LettaClient, filing: Filing) -> str:
@@ -144,9 +155,20 @@ async def receive(request: web.Request, signer: CallbackSigner, store: Store,
         raw = await request.read()
         body = parse_callback(raw, LettaCallbackShape)
         verdict = await store.accept_callback(run_id, body.run_id, raw)
-        if verdict == Verdict.UNVERIFIED and await _created_by_us(letta, body.run_id,
-                                                                   signer.token(run_id)):
-            verdict = await store.accept_callback(run_id, body.run_id, raw, verified=True)
+        if verdict == Verdict.UNVERIFIED:
+            vouched = await _vouched(letta, body.run_id, signer.token(run_id))
+            if vouched is None:
+                # not filed (unverified, it could record another run's outcome), but not for
+                # nothing: a run whose send got no answer is looked up at Letta at once,
+                # rather than after dispatch.lookup_after_s (the look by otid vouches)
+                log.warning("callback for run %s names Letta run %s, which Letta could not"
+                            " confirm: the run is looked up at Letta", run_id, body.run_id,
+                            extra={"run_id": run_id})
+                filing.unvouched(run_id, body.run_id)
+                raise LettaUnavailable("Letta could not confirm the run this callback names;"
+                                       " the tracker looks the run up at Letta instead")
+            if vouched:
+                verdict = await store.accept_callback(run_id, body.run_id, raw, verified=True)
     finally:
         filing.receiving -= 1
     if verdict == Verdict.NO_RUN:
@@ -167,9 +189,24 @@ def accepted(run_id: str) -> web.Response:
                         content_type="application/json", charset="utf-8")
 
 
-async def _created_by_us(letta: LettaClient, letta_run_id: str, token: str) -> bool:
+async def _vouched(letta: LettaClient, letta_run_id: str, token: str) -> bool | None:
     """Whether Letta created that run with this run's callback URL: the check for a callback
-    that beats its own submit, before the tracker has stored the Letta run id."""
+    that beats its own submit, before the tracker has stored the Letta run id. None when
+    Letta could not say within ``VOUCH_BUDGET_S``: its errors are asked past twice (a
+    Letta that sends callbacks is up, and a 5xx of a moment lost the callback)."""
+    try:
+        async with asyncio.timeout(VOUCH_BUDGET_S):
+            for pause in VOUCH_PAUSES_S:
+                try:
+                    return await _created_by_us(letta, letta_run_id, token)
+                except LettaUnavailable:
+                    await asyncio.sleep(pause)
+            return await _created_by_us(letta, letta_run_id, token)
+    except (LettaUnavailable, TimeoutError):
+        return None
+
+
+async def _created_by_us(letta: LettaClient, letta_run_id: str, token: str) -> bool:
     try:
         letta_run = await letta.get_run(letta_run_id)
     except NotFound:
@@ -214,6 +251,8 @@ class Applier:
         self.remote: dict[int, int] = {}  # the same, in each callback worker, as last reported
         #: runs a worker reported filed, and when: ``callback_filed`` holds them too
         self._reported: dict[str, float] = {}
+        #: runs whose callback Letta could not vouch for, and the Letta run each named
+        self._unvouched: dict[str, str] = {}
         self._last_received = 0.0
         self._window = (0.0, 0)  # when the rate's window began, callbacks filed since
         self._rate = 0.0  # callbacks filed a second in the last whole window
@@ -225,10 +264,18 @@ class Applier:
         self.manager.callback_filed.add(run_id)
         self.wakeup.set()
 
-    def reported(self, worker: int, receiving: int, filed: list[str]) -> None:
-        """A callback worker's report: the callbacks it is receiving now, and the runs whose
-        callbacks it filed since its last report."""
+    def unvouched(self, run_id: str, letta_run_id: str) -> None:
+        """A callback Letta could not vouch for: its run is looked up at once (``run``)."""
+        self._unvouched[run_id] = letta_run_id
+        self.wakeup.set()
+
+    def reported(self, worker: int, receiving: int, filed: list[str],
+                 unvouched: Sequence[tuple[str, str]] = ()) -> None:
+        """A callback worker's report: the callbacks it is receiving now, the runs whose
+        callbacks it filed since its last report, and those Letta could not vouch for."""
         self.remote[worker] = receiving
+        for run_id, letta_run_id in unvouched:
+            self.unvouched(run_id, letta_run_id)
         if filed:
             now = self._filed(len(filed))
             self.manager.callback_filed.update(filed)
@@ -281,6 +328,8 @@ class Applier:
             self.wakeup.clear()  # before the read: a callback filed after it sets it again
             started = time.monotonic()
             try:
+                if self._unvouched:
+                    await self._look_now()
                 items = await self.store.inbox(APPLY_BATCH_BUSY if self._busy() else APPLY_BATCH)
                 if not items:
                     if self._reported:
@@ -293,6 +342,11 @@ class Applier:
             except Unavailable as e:
                 log.warning("callback inbox: %s; retrying", e)
                 await asyncio.sleep(RETRY_S)
+
+    async def _look_now(self) -> None:
+        for run_id, letta_run_id in list(self._unvouched.items()):
+            await self.manager.look_now(run_id, letta_run_id)  # a fault: the next round's
+            self._unvouched.pop(run_id, None)
 
     async def apply(self, items: list[InboxItem]) -> bool:
         """Apply ``items`` and drop them from the inbox; False when a storage fault left

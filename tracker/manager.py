@@ -199,7 +199,8 @@ class Manager:
     async def apply_remote(self, run: RunRecord, obs: Observation, source: str) -> RunRecord:
         """Apply one observation of the Letta run; safe against duplicates and races."""
         if run.state is State.QUEUED and run.needs_lookup and source == Source.CALLBACK:
-            return await self._look_now(run, obs)
+            return await self._look_now(run, {"letta_run_id": obs.letta_run_id,
+                                              "status": obs.status})
         target = state_for(obs.status, obs.stop_reason)
         if target is State.PAUSED and source == Source.CALLBACK \
                 and run.status == Status.CANCELLED and run.state in WATCHED:
@@ -226,16 +227,23 @@ class Manager:
             self._after_change(updated, source)
         return updated
 
-    async def _look_now(self, run: RunRecord, obs: Observation) -> RunRecord:
+    async def _look_now(self, run: RunRecord, detail: dict) -> RunRecord:
         """A callback for a run whose send got no answer, queued to be looked up at Letta no
         sooner than dispatch.lookup_after_s: Letta has it, the callback says, so the look
         need not wait (it attaches the run, and a poll reads the outcome). Ignored, the
         outcome was learnt that long later."""
         moved = await self.store.transition(run.id, None, (State.QUEUED,), {
-            "next_check_at": clock.now()}, Event(Source.CALLBACK, "look_now", {
-                "letta_run_id": obs.letta_run_id, "status": obs.status}))
+            "next_check_at": clock.now()}, Event(Source.CALLBACK, "look_now", detail))
         self.dispatch_wakeup.set()
         return moved or run
+
+    async def look_now(self, run_id: str, letta_run_id: str) -> None:
+        """The same for a callback Letta could not vouch for (``callbacks._vouched``): not
+        applied, it still says Letta has the run (its token is Letta's alone), and the look,
+        by the run's otid, is what attaches it. A run still being sent is left to its send."""
+        run = await self.store.get_run(run_id)
+        if run is not None and run.state is State.QUEUED and run.needs_lookup:
+            await self._look_now(run, {"letta_run_id": letta_run_id, "vouched": False})
 
     async def _pause_after_cancel(self, run: RunRecord, obs: Observation) -> RunRecord:
         """A pause's callback come after Letta took a cancel of the run: Letta sends a run

@@ -101,8 +101,8 @@ class Workers:
     def _take(self, w: _Worker, message: tuple) -> None:
         kind, *rest = message
         if kind == "report":
-            receiving, filed, tally = rest
-            self.applier.reported(w.index, receiving, filed)
+            receiving, filed, tally, unvouched = rest
+            self.applier.reported(w.index, receiving, filed, unvouched)
             if tally is not None:
                 self.metrics.add(tally)
         elif kind == "ready" and not w.ready.done():
