@@ -47,7 +47,7 @@ async def db(tmp_path: Path, monkeypatch) -> Path:
 def counts(path: Path) -> dict[str, int]:
     with closing(sqlite3.connect(path)) as con:
         return {t: con.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
-                for t in ("runs", "run_events", "deliveries")}
+                for t in ("runs", "run_payloads", "run_events", "deliveries")}
 
 
 # --- prune ---------------------------------------------------------------------------------
@@ -59,7 +59,8 @@ def test_prune_dry_run_counts_and_deletes_nothing(db: Path):
     assert "dry run: would remove 2 runs finished before" in out.stdout
     assert "(more than 30d ago), and not awaiting a webhook retry:" in out.stdout
     lines = dict(line.split() for line in out.stdout.splitlines() if line.startswith("  "))
-    assert lines == {"runs": "2", "run_events": "6", "deliveries": "2", "delivery_attempts": "2"}
+    assert lines == {"runs": "2", "run_payloads": "2", "run_events": "6", "deliveries": "2",
+                     "delivery_attempts": "2"}
     assert "nothing was deleted" in out.stdout
     assert counts(db) == before
 
@@ -68,8 +69,8 @@ def test_prune_removes_old_finished_runs_and_says_how_many(db: Path):
     out = run_cli(db, "prune", "--older-than", "30d")
     assert out.returncode == 0, out.stderr
     assert "removed 2 runs finished before" in out.stdout
-    assert "12 rows removed in all" in out.stdout
-    assert counts(db) == {"runs": 2, "run_events": 4, "deliveries": 1}
+    assert "14 rows removed in all" in out.stdout
+    assert counts(db) == {"runs": 2, "run_payloads": 2, "run_events": 4, "deliveries": 1}
     again = run_cli(db, "prune", "--older-than", "720h")
     assert again.returncode == 0 and "nothing to remove" in again.stdout
 

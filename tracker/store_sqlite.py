@@ -271,7 +271,8 @@ class SQLiteStore(RunReads, CallbackInbox, Accounts, Deliveries, GroupCommit):
         never held up for long."""
         if dry_run:
             return await self._prune_counts(before)
-        totals = {"runs": 0, "run_events": 0, "deliveries": 0, "delivery_attempts": 0}
+        totals = dict.fromkeys(("runs", "run_payloads", "run_events", "deliveries",
+                                "delivery_attempts"), 0)
         key = ("", 0)  # (recorded_at, seq) of the last run deleted
         while True:
             deleted, key = await self._write(
@@ -311,6 +312,8 @@ class SQLiteStore(RunReads, CallbackInbox, Accounts, Deliveries, GroupCommit):
         sub = f"SELECT id FROM {where}"
         q = {
             "runs": f"SELECT count(*) FROM {where}",
+            "run_payloads": f"SELECT count(*) FROM run_payloads WHERE seq IN"
+                            f" (SELECT seq FROM {where})",
             "run_events": f"SELECT count(*) FROM run_events WHERE run_id IN ({sub})",
             "deliveries": f"SELECT count(*) FROM deliveries WHERE run_id IN ({sub})",
             "delivery_attempts": "SELECT count(*) FROM delivery_attempts WHERE delivery_id IN"
@@ -320,7 +323,10 @@ class SQLiteStore(RunReads, CallbackInbox, Accounts, Deliveries, GroupCommit):
 
     def _delete_runs(self, db: sqlite3.Connection, ids: list[str]) -> dict[str, int]:
         m = marks(len(ids))
-        deleted = {}
+        # the payloads go with their runs, by a trigger, which rowcount does not count
+        deleted = {"run_payloads": db.execute(
+            "SELECT count(*) FROM run_payloads WHERE seq IN"
+            f" (SELECT seq FROM runs WHERE id IN ({m}))", ids).fetchone()[0]}
         for table, sql in (
             ("delivery_attempts", "DELETE FROM delivery_attempts WHERE delivery_id IN"
                                   f" (SELECT id FROM deliveries WHERE run_id IN ({m}))"),
