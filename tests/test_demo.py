@@ -20,4 +20,5 @@ def test_demo_runs_and_explains_the_history():
     assert "exactly once" in r.stdout
     assert "Per-agent order kept" in r.stdout
     assert r.stdout.count("run-") == 8
+    assert "API key" not in r.stdout  # its throwaway database's first-start key is no use
     assert "Traceback" not in r.stderr

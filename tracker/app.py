@@ -118,9 +118,7 @@ async def _store_ctx(app: web.Application, cfg: Config,
         if cfg.auth.required:
             key = await auth.first_start_key(store)
             if key:
-                app[FIRST_KEY].append(key)
-                # printed, not logged: log lines are redacted, and it shows only this once
-                print(f"first start: created admin API key (shown once): {key}", flush=True)
+                app[FIRST_KEY].append(key)  # shown by ``tracker serve`` (cli.show_first_key)
     except BaseException:
         await store.close()  # the lock dropped, and the threads open made ended
         raise
