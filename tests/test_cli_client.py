@@ -206,6 +206,15 @@ async def test_submit_wait_gives_up_at_its_timeout(start_tracker, agent):
     assert scripted.err.endswith(f"tracker runs show {queued['id']}\n")
 
 
+async def test_submit_wait_says_why_the_run_is_still_queued(tracker, url, sim, agent):
+    """Letta down: the status line said only "queued / created" for as long as it waited."""
+    sim.set_faults(down=True)
+    r = await cli("submit", agent, "hi", "--wait", "--timeout", "1.5", url=url, key=tracker.key)
+    assert r.code == 124, r.err
+    line = next(x for x in r.err.splitlines() if "queued / created" in x)
+    assert "(retrying: Letta " in line and len(line) < 200, line
+
+
 async def test_submit_timeout_is_checked_and_documented(tracker, url, agent):
     r = await cli("submit", agent, "hi", "--wait", "--timeout", "0", url=url, key=tracker.key)
     assert r.code == 2 and "must be a number of seconds above 0, not '0'" in r.err

@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from textwrap import shorten
 from typing import Any
 
 import aiohttp
@@ -206,7 +207,12 @@ def progress(run: dict) -> str:
     if run["tracker"]["state"] == State.CONFIRMING:
         # polling.cancel_confirm_s (30 s) at least, and until Letta's step has ended
         return f"{run['id']}  confirming the cancel with Letta (its step may still complete)"
-    return f"{run['id']}  {run['tracker']['state']} / {run['status']}"
+    line = f"{run['id']}  {run['tracker']['state']} / {run['status']}"
+    error = run["tracker"].get("error")
+    if run["tracker"]["state"] == State.QUEUED and error:
+        # why it is still queued: the last try's error (Letta unreachable, refusing the key)
+        line += f"  (retrying: {shorten(error, 90)})"
+    return line
 
 
 def gave_up(run: dict, args: argparse.Namespace) -> int:
