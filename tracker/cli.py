@@ -16,14 +16,8 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from tracker import __version__, logs
-from tracker.config import (
-    Config,
-    add_config_option,
-    bounded,
-    checked,
-    load_config,
-    url_host,
-)
+from tracker.cli_args import add_config_option, bounded
+from tracker.config import Config, checked, load_config, url_host
 from tracker.errors import ConfigError, TrackerError, Unavailable
 
 if TYPE_CHECKING:

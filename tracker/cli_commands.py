@@ -10,8 +10,8 @@ from rich.console import Console
 from rich.table import Table
 
 from tracker import auth
+from tracker.cli_args import add_config_option
 from tracker.cli_render import data
-from tracker.config import add_config_option
 from tracker.migrations import LATEST
 from tracker.relay import rotate_secret
 from tracker.store import Store

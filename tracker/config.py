@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tomllib
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -315,27 +313,3 @@ def load_config(path: str | Path | None = None, environ: dict[str, str] | None =
         return Config.model_validate(data)
     except ValidationError as e:
         raise _first_error(e, origin + " + environment") from None
-
-
-def add_config_option(parser: Any, nested: bool = False) -> None:
-    """``--config PATH`` on a command; ``nested`` on a sub-subcommand (``keys create``), whose
-    default must not overwrite a ``--config`` given before it (``tracker keys --config X
-    create``: argparse sets the nested parser's defaults last)."""
-    parser.add_argument("--config", help="TOML config file (TRACKER_* variables override it)",
-                        **({"default": argparse.SUPPRESS} if nested else {}))
-
-
-def bounded(kind: Callable[[str], float], ok: Callable[[float], bool],
-            must: str) -> Callable[[str], float]:
-    """An argparse type: the text as ``kind`` (int, float) where ``ok`` holds of it, else an
-    error saying it ``must`` be so (``must be a number from 0 to 1, not 'x'``)."""
-    def parse(text: str) -> float:
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not ok(value):
-            raise argparse.ArgumentTypeError(f"must be {must}, not {text!r}")
-        return value
-
-    return parse

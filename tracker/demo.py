@@ -22,10 +22,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
 
 from tracker import auth, clock, logs
+from tracker.api_client import TrackerClient
 from tracker.app import FIRST_KEY, STORE, create_app
-from tracker.cli_client import SETTLED, TrackerClient
+from tracker.cli_args import bounded
+from tracker.cli_client import SETTLED
 from tracker.cli_render import console, runs_table
-from tracker.config import Config, bounded
+from tracker.config import Config
 from tracker.simulator import Faults, Simulator
 
 #: seconds one simulated turn takes (uniform): long enough to watch, short enough to finish
