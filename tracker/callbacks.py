@@ -161,12 +161,9 @@ async def receive(request: web.Request, signer: CallbackSigner, store: Store,
                 # not filed (unverified, it could record another run's outcome), but not for
                 # nothing: a run whose send got no answer is looked up at Letta at once,
                 # rather than after dispatch.lookup_after_s (the look by otid vouches)
-                log.warning("callback for run %s names Letta run %s, which Letta could not"
-                            " confirm: the run is looked up at Letta", run_id, body.run_id,
-                            extra={"run_id": run_id})
                 filing.unvouched(run_id, body.run_id)
-                raise LettaUnavailable("Letta could not confirm the run this callback names;"
-                                       " the tracker looks the run up at Letta instead")
+                raise LettaUnavailable(f"Letta could not confirm that its run {body.run_id}"
+                                       " is this run's: the run is looked up at Letta instead")
             if vouched:
                 verdict = await store.accept_callback(run_id, body.run_id, raw, verified=True)
     finally:
