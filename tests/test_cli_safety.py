@@ -8,6 +8,7 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import sqlite3
 import stat
 import subprocess
@@ -195,6 +196,23 @@ def test_serve_on_port_zero_with_callback_workers_needs_their_port(tmp_path: Pat
     assert done.stderr == ("tracker: invalid config (command line): callbacks.port is needed"
                            " with callbacks.workers when server.port is 0 (any free port)\n")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_start_that_fails_after_making_the_admin_key_still_shows_it(tmp_path: Path,
+                                                                      unused_tcp_port: int):
+    """The key is made (and committed) as the database opens; shown only once start-up was
+    over, a later step failing (the workers' port taken) lost it: the next start makes none."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", unused_tcp_port))
+        taken.listen()
+        done = run_cli(tmp_path, "serve", "--port", "0", TRACKER_CALLBACKS__WORKERS="1",
+                       TRACKER_CALLBACKS__PORT=str(unused_tcp_port))
+    assert done.returncode != 0, done.stdout
+    [line] = [x for x in done.stdout.splitlines() if "created admin API key" in x]
+    key = line.split()[-1]
+    with closing(sqlite3.connect(tmp_path / "tracker.db")) as con:
+        assert con.execute("SELECT count(*) FROM api_keys").fetchone()[0] == 1
+    assert key.startswith("tk_")
 
 
 async def _key_and_port(proc: asyncio.subprocess.Process) -> tuple[str, int]:

@@ -257,10 +257,32 @@ async def test_a_callback_letta_cannot_vouch_for_still_looks_at_once(
 
     [look] = await eventually(looked, timeout=8)
     assert look["detail"] == {"letta_run_id": sim.received[0].run_id, "vouched": False}
-    assert sim.store.get(sim.received[0].run_id).callback_status_code == 503
+    # the answer reaches the simulator after the applier may have acted on the callback
+    await eventually(lambda: sim.store.get(sim.received[0].run_id).callback_status_code == 503)
     sim.set_faults(api_5xx_rate=0.0)
     done = await t.wait_state(run["id"], "done", timeout=8)
     assert len(sim.received) == 1 and done["status"] == "completed"
+
+
+async def test_a_callback_letta_cannot_vouch_for_while_the_send_waits_hastens_its_look(
+        start_tracker, sim, agent):
+    """The same callback, come while the send still waits for Letta's answer: the send then
+    got none, and its look waited dispatch.lookup_after_s, as if Letta might not have the run
+    yet. The callback shows it has: the look goes at once."""
+    t = await start_tracker(letta={"timeout_s": 3.0}, dispatch={"lookup_after_s": 30})
+    sim.set_faults(answer_time_s=(4.0, 4.0))
+    submit = asyncio.create_task(t.submit(agent, "[[delay=0.2]] x"))
+    await eventually(lambda: sim.received)  # at Letta, its answer 4 s away
+    sim.set_faults(api_5xx_rate=1.0)  # the callback, in ~0.4 s, is not vouched for by ~1.5 s
+    run = await submit  # Letta's answer not come in 3 s
+    assert run["tracker"]["state"] == "queued"
+    sim.set_faults(api_5xx_rate=0.0, answer_time_s=(0.0, 0.0))
+    done = await t.wait_state(run["id"], "done", timeout=10)
+    assert len(sim.received) == 1 and done["status"] == "completed"
+    events = await (await t.get(f"/v1/runs/{run['id']}/events")).json()
+    assert {"letta_run_id": sim.received[0].run_id, "vouched": False,
+            "if": "the send gets no answer"} in [e["detail"] for e in events]
+    assert not t.svc.manager.called_back  # the note went with its send
 
 
 async def test_a_cancel_before_the_look_is_due_fails_and_the_order_holds(

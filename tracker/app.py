@@ -42,8 +42,17 @@ FIRST_KEY: web.AppKey[list] = web.AppKey("first_key", list)
 WORKERS: web.AppKey[Workers] = web.AppKey("workers", Workers)
 
 
-def create_app(cfg: Config) -> web.Application:
-    """Build the tracker application for ``cfg`` (nothing runs until it is started)."""
+def show_first_key(key: str) -> None:
+    """The admin key a first start created: printed, not logged (log lines are redacted),
+    as it is created (a start-up failing after it would lose it), the only time it shows."""
+    print(f"first start: created admin API key (shown once): {key}", flush=True)
+
+
+def create_app(cfg: Config, show_key: Callable[[str], None] | None = show_first_key
+               ) -> web.Application:
+    """Build the tracker application for ``cfg`` (nothing runs until it is started);
+    ``show_key`` shows the first start's admin key (None: ``tracker demo``, whose throwaway
+    database's key its user has no use for)."""
     logs_redact.register(cfg.letta.api_key, cfg.callbacks.secret)
     metrics = Metrics()
     in_flight = InFlight()
@@ -59,7 +68,7 @@ def create_app(cfg: Config) -> web.Application:
     app[FIRST_KEY] = []
     api.add_routes(app)
     app.cleanup_ctx.append(lambda a: _all_or_nothing(a, [
-        lambda a: _store_ctx(a, cfg, in_flight),
+        lambda a: _store_ctx(a, cfg, in_flight, show_key),
         lambda a: _letta_ctx(a, cfg),
         lambda a: _services_ctx(a, cfg),
         _workers_ctx,  # before anything is sent: Letta may call back on the workers' port
@@ -108,8 +117,8 @@ async def _authenticate(app: web.Application, key: str | None) -> Any:
     return await auth.authenticate(svc.store, key)
 
 
-async def _store_ctx(app: web.Application, cfg: Config,
-                     in_flight: InFlight) -> AsyncIterator[None]:
+async def _store_ctx(app: web.Application, cfg: Config, in_flight: InFlight,
+                     show_key: Callable[[str], None] | None) -> AsyncIterator[None]:
     store = open_store(cfg.database.url, cfg.database.synchronous)
     store.alone = in_flight.lone
     store.lock_for_service()  # before anything is read: a second service stops here
@@ -118,7 +127,9 @@ async def _store_ctx(app: web.Application, cfg: Config,
         if cfg.auth.required:
             key = await auth.first_start_key(store)
             if key:
-                app[FIRST_KEY].append(key)  # shown by ``tracker serve`` (cli.show_first_key)
+                app[FIRST_KEY].append(key)
+                if show_key:
+                    show_key(key)
     except BaseException:
         await store.close()  # the lock dropped, and the threads open made ended
         raise

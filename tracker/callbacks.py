@@ -147,8 +147,9 @@ async def receive(request: web.Request, signer: CallbackSigner, store: Store,
                   letta: LettaClient, filing: Filing) -> str:
     """Check one Letta callback and commit it to the inbox, and return its run's id; the
     handler then answers 200.
-    Letta waits at most 5 s and never retries, so nothing else happens on its path: the
-    applier makes the state change just after."""
+    Letta waits at most 5 s and never retries, so nothing else happens on its path (but for
+    a callback that beats its submit's answer: Letta is asked whether the run is ours, within
+    ``VOUCH_BUDGET_S``): the applier makes the state change just after."""
     run_id = signer.run_id(request.match_info["token"])
     filing.receiving += 1
     try:
@@ -160,7 +161,7 @@ async def receive(request: web.Request, signer: CallbackSigner, store: Store,
             if vouched is None:
                 # not filed (unverified, it could record another run's outcome), but not for
                 # nothing: a run whose send got no answer is looked up at Letta at once,
-                # rather than after dispatch.lookup_after_s (the look by otid vouches)
+                # rather than after dispatch.lookup_after_s (the look vouches for what it finds)
                 filing.unvouched(run_id, body.run_id)
                 raise LettaUnavailable(f"Letta could not confirm that its run {body.run_id}"
                                        " is this run's: the run is looked up at Letta instead")
@@ -341,9 +342,17 @@ class Applier:
                 await asyncio.sleep(RETRY_S)
 
     async def _look_now(self) -> None:
+        """Have the runs of the callbacks Letta could not vouch for looked up at once."""
         for run_id, letta_run_id in list(self._unvouched.items()):
-            await self.manager.look_now(run_id, letta_run_id)  # a fault: the next round's
-            self._unvouched.pop(run_id, None)
+            del self._unvouched[run_id]
+            try:
+                await self.manager.look_now(run_id, letta_run_id)
+            except Unavailable:
+                self._unvouched.setdefault(run_id, letta_run_id)  # the next round's
+                raise
+            except Exception:  # not retried: its look comes after lookup_after_s, as before
+                log.exception("callback for run %s: its look at Letta not hastened", run_id,
+                              extra={"run_id": run_id})
 
     async def apply(self, items: list[InboxItem]) -> bool:
         """Apply ``items`` and drop them from the inbox; False when a storage fault left

@@ -49,7 +49,6 @@ def _serve(cfg: Config, args: argparse.Namespace) -> int:
              cfg.database.url, cfg.letta.base_url, type(loop).__module__.split(".")[0])
     app = create_app(cfg)
     app.on_startup.append(tune_gc)
-    app.on_startup.append(show_first_key)
     # run_app calls ``print`` once the port is open: after start-up, migrations included
     listening = lambda _: log.info("tracker listening on http://%s:%s",  # noqa: E731
                                    url_host(cfg.server.host), cfg.server.port)
@@ -57,16 +56,6 @@ def _serve(cfg: Config, args: argparse.Namespace) -> int:
     web.run_app(app, sock=sock, handle_signals=False, print=listening, shutdown_timeout=10.0,
                 access_log=None, loop=loop)
     return 0
-
-
-async def show_first_key(app: web.Application) -> None:
-    """The admin key the first start created, printed, not logged: log lines are redacted,
-    and it shows only this once. Not by the app itself: ``tracker demo``'s throwaway
-    database has one too, which its user has no use for."""
-    from tracker.app import FIRST_KEY
-
-    for key in app[FIRST_KEY]:
-        print(f"first start: created admin API key (shown once): {key}", flush=True)
 
 
 def _listening_socket(host: str, port: int) -> socket.socket:

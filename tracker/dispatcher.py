@@ -136,21 +136,28 @@ class Dispatcher:
         recorded when this send decided its state (None when it could not tell)."""
         async with self._slots:
             try:
-                if run.needs_lookup:
-                    await self._look_up(run)
-                    return None
-                letta_run = await self.letta.send_async(run.agent_id, self._body(run))
-            except LettaUnavailable as e:
-                # a send (not a look) that got no answer may still be landing at Letta
-                await self._retry(run, e, landing=e.sent and not e.answered
-                                  and not run.needs_lookup)
+                return await self._send(run)
+            finally:  # the run has moved on: a callback's note for this send is spent
+                self.manager.called_back.discard(run.id)
+
+    async def _send(self, run: RunRecord) -> RunRecord | None:
+        try:
+            if run.needs_lookup:
+                await self._look_up(run)
                 return None
-            except (LettaError, NotFound) as e:
-                return await self.manager.reject(run, e.status, e.detail)
-            except Exception as e:
-                await self._unexpected(run, e)
-                return None
-            return await self._submitted(run, letta_run)
+            letta_run = await self.letta.send_async(run.agent_id, self._body(run))
+        except LettaUnavailable as e:
+            # a send (not a look) that got no answer may still be landing at Letta, unless its
+            # callback came: then Letta has it
+            await self._retry(run, e, landing=e.sent and not e.answered
+                              and not run.needs_lookup and run.id not in self.manager.called_back)
+            return None
+        except (LettaError, NotFound) as e:
+            return await self.manager.reject(run, e.status, e.detail)
+        except Exception as e:
+            await self._unexpected(run, e)
+            return None
+        return await self._submitted(run, letta_run)
 
     async def _look_up(self, run: RunRecord) -> None:
         """Found at Letta: attached; not found: requeued, the loop sends it next. A refused

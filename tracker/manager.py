@@ -120,6 +120,11 @@ def _changed(run: RunRecord, fields: dict[str, Any]) -> dict[str, Any]:
             if k not in ("letta_run_id", "status") or getattr(run, k) != v}
 
 
+def _awaits_look(run: RunRecord) -> bool:
+    """Whether the run is queued to be looked up at Letta (an earlier send may be there)."""
+    return run.state is State.QUEUED and run.needs_lookup
+
+
 def new_run_id() -> str:
     """``run-`` and a UUID of version 4's form (Letta's run id pattern) whose first 48 bits
     are the time in milliseconds and the other 74 random: ids of later milliseconds sort
@@ -158,6 +163,9 @@ class Manager:
         #: runs whose Letta callback this process has answered and not yet applied: the
         #: poller leaves them to the applier
         self.callback_filed: set[str] = set()
+        #: runs being sent whose callback came, but which Letta could not vouch for: if the
+        #: send gets no answer, the look for the run need not wait (``Dispatcher._retry``)
+        self.called_back: set[str] = set()
         self.on_applied: Callable[[RunRecord, str], None] | None = None  # metrics hook
 
     # --- submit ----------------------------------------------------------------------------
@@ -198,7 +206,7 @@ class Manager:
 
     async def apply_remote(self, run: RunRecord, obs: Observation, source: str) -> RunRecord:
         """Apply one observation of the Letta run; safe against duplicates and races."""
-        if run.state is State.QUEUED and run.needs_lookup and source == Source.CALLBACK:
+        if _awaits_look(run) and source == Source.CALLBACK:
             return await self._look_now(run, {"letta_run_id": obs.letta_run_id,
                                               "status": obs.status})
         target = state_for(obs.status, obs.stop_reason)
@@ -239,11 +247,20 @@ class Manager:
 
     async def look_now(self, run_id: str, letta_run_id: str) -> None:
         """The same for a callback Letta could not vouch for (``callbacks._vouched``): not
-        applied, it still says Letta has the run (its token is Letta's alone), and the look,
-        by the run's otid, is what attaches it. A run still being sent is left to its send."""
+        applied, it still says Letta has the run (its token is Letta's alone), and the look
+        for the run at Letta is what attaches it. A run still being sent is left to its send,
+        which, if it gets no answer, looks at once (noted before the read: a send ending
+        meanwhile has moved the run on by then, or finds the note)."""
+        self.called_back.add(run_id)
         run = await self.store.get_run(run_id)
-        if run is not None and run.state is State.QUEUED and run.needs_lookup:
-            await self._look_now(run, {"letta_run_id": letta_run_id, "vouched": False})
+        detail = {"letta_run_id": letta_run_id, "vouched": False}
+        if run is not None and run.state is State.SUBMITTING:
+            await self.store.add_event(run_id, Event(Source.CALLBACK, "look_now", {
+                **detail, "if": "the send gets no answer"}))
+            return
+        self.called_back.discard(run_id)
+        if run is not None and _awaits_look(run):
+            await self._look_now(run, detail)
 
     async def _pause_after_cancel(self, run: RunRecord, obs: Observation) -> RunRecord:
         """A pause's callback come after Letta took a cancel of the run: Letta sends a run

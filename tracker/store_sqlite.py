@@ -29,6 +29,9 @@ from tracker.sqlite_reads import RunReads
 from tracker.states import FINAL, LANE_BUSY, Source, State, ends_pause
 from tracker.store import Add, Event, NewRun, RunRecord
 
+#: the payloads of the runs whose seqs a subquery selects (prune's counts: they are deleted
+#: with their runs by a trigger, which rowcount does not count)
+PAYLOADS_OF = "SELECT count(*) FROM run_payloads WHERE seq IN ({})"
 _EVENT_INTO = "INSERT INTO run_events (run_id, at, source, kind, state, status, detail)"
 EVENT_SQL = _EVENT_INTO + " VALUES (?, ?, ?, ?, ?, ?, ?)"
 #: the same, written only while the run exists (its id bound again, last)
@@ -267,8 +270,8 @@ class SQLiteStore(RunReads, CallbackInbox, Accounts, Deliveries, GroupCommit):
 
     async def prune(self, before: str, batch: int, dry_run: bool = False) -> dict[str, int]:
         """Delete runs that finished before ``before`` and are not awaiting a webhook retry,
-        with their events and deliveries, ``batch`` runs per transaction so that requests are
-        never held up for long."""
+        with their payloads, events and deliveries, ``batch`` runs per transaction so that
+        requests are never held up for long."""
         if dry_run:
             return await self._prune_counts(before)
         totals = dict.fromkeys(("runs", "run_payloads", "run_events", "deliveries",
@@ -312,8 +315,7 @@ class SQLiteStore(RunReads, CallbackInbox, Accounts, Deliveries, GroupCommit):
         sub = f"SELECT id FROM {where}"
         q = {
             "runs": f"SELECT count(*) FROM {where}",
-            "run_payloads": f"SELECT count(*) FROM run_payloads WHERE seq IN"
-                            f" (SELECT seq FROM {where})",
+            "run_payloads": PAYLOADS_OF.format(f"SELECT seq FROM {where}"),
             "run_events": f"SELECT count(*) FROM run_events WHERE run_id IN ({sub})",
             "deliveries": f"SELECT count(*) FROM deliveries WHERE run_id IN ({sub})",
             "delivery_attempts": "SELECT count(*) FROM delivery_attempts WHERE delivery_id IN"
@@ -323,10 +325,8 @@ class SQLiteStore(RunReads, CallbackInbox, Accounts, Deliveries, GroupCommit):
 
     def _delete_runs(self, db: sqlite3.Connection, ids: list[str]) -> dict[str, int]:
         m = marks(len(ids))
-        # the payloads go with their runs, by a trigger, which rowcount does not count
-        deleted = {"run_payloads": db.execute(
-            "SELECT count(*) FROM run_payloads WHERE seq IN"
-            f" (SELECT seq FROM runs WHERE id IN ({m}))", ids).fetchone()[0]}
+        deleted = {"run_payloads": db.execute(PAYLOADS_OF.format(
+            f"SELECT seq FROM runs WHERE id IN ({m})"), ids).fetchone()[0]}
         for table, sql in (
             ("delivery_attempts", "DELETE FROM delivery_attempts WHERE delivery_id IN"
                                   f" (SELECT id FROM deliveries WHERE run_id IN ({m}))"),
