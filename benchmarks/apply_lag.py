@@ -1,6 +1,6 @@
 """Apply lag: how long a Letta callback waits to be applied, at steady rates below a flood.
 
-Not one of the issue's five targets: a check of what the applier's flood hold (callbacks.py,
+Not one of the issue's five targets: a check of what the applier's flood hold (applier.py,
 ``SATURATED``) costs when callbacks come steadily rather than in a flood. Runs are submitted
 through the tracker (default configuration) at a fixed rate to the simulator, whose runs
 last 0.5-1.5 s and whose callbacks come each on a new connection, as Letta's do. Once all

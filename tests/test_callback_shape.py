@@ -107,7 +107,7 @@ def test_a_callback_perhaps_cut_by_letta_is_told_by_its_count_or_its_steps(
         steps, messages, cut):
     """Letta's callback carries the messages of the run's first 100 stored ones: a callback
     showing 100, or a run's with steps enough to store 100, may lack the last."""
-    from tracker.callbacks import maybe_cut
+    from tracker.applier import maybe_cut
     from tracker.manager import Observation
 
     raw = copy.deepcopy(samples.body("async_basic__callback"))

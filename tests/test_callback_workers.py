@@ -23,7 +23,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import eventually, make_config
 from tracker import clock
 from tracker.app import WORKERS, create_app
-from tracker.callbacks import BUSY_S, FLOOD_PER_S, FLOOD_PER_WINDOW, FLOOD_WINDOW_S, PATH, SATURATED
+from tracker.applier import BUSY_S, FLOOD_PER_S, FLOOD_PER_WINDOW, FLOOD_WINDOW_S, SATURATED
+from tracker.callbacks import PATH
 from tracker.config import load_config
 from tracker.errors import ConfigError
 from tracker.metrics import LATENCY_BUCKETS, Metrics, Tally, render

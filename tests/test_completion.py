@@ -997,7 +997,7 @@ async def test_a_run_is_found_by_its_token_whatever_our_url_was_then():
 async def flood(t, n: int = 10):
     """``n`` callbacks stuck mid-body: to the tracker, callbacks arriving faster than it
     answers them (each is being received until its body is complete)."""
-    from tracker.callbacks import SATURATED
+    from tracker.applier import SATURATED
 
     assert n >= SATURATED
     writers = []

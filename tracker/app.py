@@ -12,7 +12,8 @@ from typing import Any
 from aiohttp import web
 
 from tracker import api, auth, logs_redact
-from tracker.callbacks import Applier, CallbackSigner
+from tracker.applier import Applier
+from tracker.callbacks import CallbackSigner
 from tracker.config import Config
 from tracker.dispatcher import Dispatcher
 from tracker.letta import LettaClient

@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 if TYPE_CHECKING:
-    from tracker.callbacks import Applier, CallbackSigner
+    from tracker.applier import Applier
+    from tracker.callbacks import CallbackSigner
     from tracker.config import Config
     from tracker.dispatcher import Dispatcher
     from tracker.letta import LettaClient

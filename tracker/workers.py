@@ -14,7 +14,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 
 from tracker import callback_worker
-from tracker.callbacks import Applier
+from tracker.applier import Applier
 from tracker.config import Config
 from tracker.errors import TrackerError
 from tracker.metrics import Metrics
