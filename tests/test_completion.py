@@ -774,6 +774,46 @@ async def test_crash_before_letta_got_it_is_sent_again(start_tracker, sim, agent
     assert [kind for _, kind in timeline].count("submitted") == 1, timeline
 
 
+async def test_a_look_that_misses_a_run_whose_callback_came_looks_again(
+        start_tracker, sim, agent):
+    """A callback Letta could not vouch for came while the run's look was under way
+    (``Manager.called_back``), and the look missed the run (a listing behind, say): taken
+    for never sent, it was sent a second time. It is looked for again first."""
+    t = await start_tracker(letta={"timeout_s": 0.5}, dispatch={"inline_timeout_s": 0.3})
+    t.svc.letta.send_async = hang
+    run = await t.submit(agent)
+    await t.client.close()
+    t2 = await start_tracker(dispatch={"lookup_after_s": 1.0})
+    t2.svc.manager.called_back.add(run["id"])  # as look_now notes it, the run not at Letta
+    await t2.wait_state(run["id"], "done")
+    assert len(sim.received) == 1
+    events = await (await t2.get(f"/v1/runs/{run['id']}/events")).json()
+    missed = [e["detail"]["error"] for e in events if e["kind"] == "not_found_in_letta"]
+    assert missed[0] == "not found in Letta, but its callback came: looked for again", missed
+    assert missed[1:] == [None]  # the note spent with that look: the next one concludes
+    assert not t2.svc.manager.called_back
+
+
+async def test_a_cancel_whose_look_misses_a_run_whose_callback_came_fails(
+        start_tracker, sim, agent):
+    """The same miss in a queued run's cancel: taken for never sent, the run was marked
+    cancelled while Letta ran it, and the agent's next message went beside it. The cancel
+    fails; the run stays queued for another look."""
+    t = await start_tracker(letta={"timeout_s": 0.5}, dispatch={"inline_timeout_s": 0.3})
+    t.svc.letta.send_async = hang
+    run = await t.submit(agent)
+    await t.client.close()
+    t2 = await start_tracker(dispatch={"lookup_after_s": 30})
+    # its look due (the dispatcher, asleep for 30 s, not told), and the note of a callback
+    await t2.svc.store.reschedule([(run["id"], clock.now() - 1, 0)])
+    t2.svc.manager.called_back.add(run["id"])
+    resp = await t2.post(f"/v1/agents/{agent}/messages/cancel", {"run_ids": [run["id"]]})
+    assert await resp.json() == {run["id"]: "failed"}
+    assert (await t2.run(run["id"]))["tracker"]["state"] == "queued"
+    assert "cancel_too_soon" in await kinds(t2, run["id"])
+    assert not t2.svc.manager.called_back and not sim.received
+
+
 async def test_a_send_cut_off_by_a_crash_is_looked_up_only_once_it_could_have_landed(
         start_tracker, sim, agent):
     """A Letta slow to take the message creates its run after a quick restart: looked up at

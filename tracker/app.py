@@ -49,11 +49,10 @@ def show_first_key(key: str) -> None:
     print(f"first start: created admin API key (shown once): {key}", flush=True)
 
 
-def create_app(cfg: Config, show_key: Callable[[str], None] | None = show_first_key
-               ) -> web.Application:
+def create_app(cfg: Config, show_key: Callable[[str], None] | None = None) -> web.Application:
     """Build the tracker application for ``cfg`` (nothing runs until it is started);
-    ``show_key`` shows the first start's admin key (None: ``tracker demo``, whose throwaway
-    database's key its user has no use for)."""
+    ``show_key`` shows the first start's admin key (``tracker serve``: ``show_first_key``;
+    not ``tracker demo``, whose throwaway database's key its user has no use for)."""
     logs_redact.register(cfg.letta.api_key, cfg.callbacks.secret)
     metrics = Metrics()
     in_flight = InFlight()

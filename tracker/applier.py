@@ -16,7 +16,7 @@ from tracker.models import LettaCallback
 from tracker.states import Source
 from tracker.store import InboxItem, RunRecord
 
-log = logging.getLogger("tracker.callbacks")
+log = logging.getLogger("tracker.applier")
 
 #: the stored messages of a run that Letta's callback carries at most (see maybe_cut)
 CALLBACK_STORED_MESSAGES = 100
@@ -49,6 +49,7 @@ FLOOD_PER_WINDOW = int(FLOOD_PER_S * FLOOD_WINDOW_S)
 HOLD_S = 0.05
 #: seconds before the applier tries again after a storage fault
 RETRY_S = 1.0
+
 
 def maybe_cut(obs: Observation, body: LettaCallback) -> bool:
     """Whether the callback's messages may be only the run's first ones: Letta puts in its

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 
 def _serve(cfg: Config, args: argparse.Namespace) -> int:
-    from tracker.app import create_app
+    from tracker.app import create_app, show_first_key
 
     if args.host:
         cfg.server.host = args.host
@@ -47,7 +47,7 @@ def _serve(cfg: Config, args: argparse.Namespace) -> int:
     loop = event_loop(cfg.server.event_loop)
     log.info("tracker %s starting: database %s, Letta at %s, event loop %s", __version__,
              cfg.database.url, cfg.letta.base_url, type(loop).__module__.split(".")[0])
-    app = create_app(cfg)
+    app = create_app(cfg, show_key=show_first_key)
     app.on_startup.append(tune_gc)
     # run_app calls ``print`` once the port is open: after start-up, migrations included
     listening = lambda _: log.info("tracker listening on http://%s:%s",  # noqa: E731

@@ -129,7 +129,7 @@ async def serve_tracker(args: argparse.Namespace, letta_url: str,
                         tmp: str) -> AsyncIterator[tuple[str, str]]:
     """A tracker on the simulator; yields its URL and an admin key."""
     sock = listen()
-    app = create_app(demo_config(args, letta_url, sock.getsockname()[1], tmp), show_key=None)
+    app = create_app(demo_config(args, letta_url, sock.getsockname()[1], tmp))
     async with serving(app, sock) as url:
         # a --database that already has users has no first-start key: make one
         key = app[FIRST_KEY][0] if app[FIRST_KEY] else (

@@ -252,7 +252,11 @@ class Manager:
         which, if it gets no answer, looks at once (noted before the read: a send ending
         meanwhile has moved the run on by then, or finds the note)."""
         self.called_back.add(run_id)
-        run = await self.store.get_run(run_id)
+        try:
+            run = await self.store.get_run(run_id)
+        except BaseException:
+            self.called_back.discard(run_id)
+            raise
         detail = {"letta_run_id": letta_run_id, "vouched": False}
         if run is not None and run.state is State.SUBMITTING:
             await self.store.add_event(run_id, Event(Source.CALLBACK, "look_now", {
@@ -392,13 +396,18 @@ class Manager:
             return await self.store.get_run(run.id)
         finally:
             self.sending.discard(run.id)
+        called_back = run.id in self.called_back  # a note come with this look: spent with it
+        self.called_back.discard(run.id)
         if found is not None:
             return (await self.mark_submitted(claimed, found, Source.API, "found_in_letta")
                     or await self.store.get_run(run.id))
-        if claimed.needs_lookup and look_at > clock.now():
+        if claimed.needs_lookup and (look_at > clock.now() or called_back):
             # not found, but its last send got no answer and may still land at Letta: a look
             # before its time proves nothing (see Dispatcher._retry), and a cancel here let the
-            # agent's next message go first. It stays queued for that look; this cancel fails
+            # agent's next message go first; nor does one that missed a run whose callback
+            # came. It stays queued for a later look; this cancel fails
+            if called_back:
+                look_at = max(look_at, clock.now() + self.cfg.dispatch.retry_min_s)
             await self.requeue(claimed, look_at, needs_lookup=True, error=claimed.error,
                                kind="cancel_too_soon", source=Source.API)
             return await self.store.get_run(run.id)

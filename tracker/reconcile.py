@@ -113,6 +113,14 @@ async def attach_or_requeue(manager: Manager, run: RunRecord, source: str) -> bo
             # another tracker run's Letta run, matched by otid: a client that set the same
             # otids on two messages; ours is not at Letta (its callback token is nowhere)
             pass
+    if run.id in manager.called_back:
+        # its callback came meanwhile, which Letta could not vouch for (``Manager.look_now``):
+        # Letta has the run, and this look missed it; sent again, it went twice. Look again
+        await manager.requeue(run, clock.now() + manager.cfg.dispatch.retry_min_s,
+                              needs_lookup=True, error="not found in Letta, but its callback"
+                              " came: looked for again", kind="not_found_in_letta",
+                              source=source)
+        return False
     await manager.requeue(run, clock.now(), needs_lookup=False, error=None,
                           kind="not_found_in_letta", source=source)
     return False
