@@ -280,8 +280,10 @@ async def test_a_callback_letta_cannot_vouch_for_while_the_send_waits_hastens_it
     done = await t.wait_state(run["id"], "done", timeout=10)
     assert len(sim.received) == 1 and done["status"] == "completed"
     events = await (await t.get(f"/v1/runs/{run['id']}/events")).json()
-    assert {"letta_run_id": sim.received[0].run_id, "vouched": False,
-            "if": "the send gets no answer"} in [e["detail"] for e in events]
+    [noted] = [e for e in events if e["detail"] == {
+        "letta_run_id": sim.received[0].run_id, "vouched": False,
+        "if": "the send gets no answer"}]
+    assert noted["state"] == "submitting"  # the run's state as it was noted
     assert not t.svc.manager.called_back  # the note went with its send
 
 

@@ -34,9 +34,10 @@ from tracker.store import Add, Event, NewRun, RunRecord
 PAYLOADS_OF = "SELECT count(*) FROM run_payloads WHERE seq IN ({})"
 _EVENT_INTO = "INSERT INTO run_events (run_id, at, source, kind, state, status, detail)"
 EVENT_SQL = _EVENT_INTO + " VALUES (?, ?, ?, ?, ?, ?, ?)"
-#: the same, written only while the run exists (its id bound again, last)
-EVENT_IF_RUN_SQL = (_EVENT_INTO + " SELECT ?, ?, ?, ?, ?, ?, ?"
-                    " WHERE EXISTS (SELECT 1 FROM runs WHERE id = ?)")
+#: the same, written only while the run exists (its id bound again, last), with the run's
+#: state and status as they are when none is given
+EVENT_IF_RUN_SQL = (_EVENT_INTO + " SELECT ?, ?, ?, ?, coalesce(nullif(?, ''), state),"
+                    " coalesce(nullif(?, ''), status), ? FROM runs WHERE id = ?")
 
 
 def _encode(value: Any) -> Any:
