@@ -919,6 +919,27 @@ async def test_a_stranded_run_is_rescued_at_its_second_sighting_not_its_first(
     assert timeline[1:4] == ["rescued", "not_found_in_letta", "submitted"], timeline
 
 
+async def test_a_stranded_run_whose_callback_came_is_looked_up_at_once(
+        start_tracker, sim, agent, monkeypatch):
+    """Its rescue queued the look dispatch.lookup_after_s later, as for a send that may still
+    land; a callback Letta could not vouch for (``Manager.called_back``) says it has."""
+    from tracker import dispatcher
+
+    monkeypatch.setattr(dispatcher, "RESCUE_EVERY_S", 0.2)
+    t = await start_tracker(letta={"timeout_s": 0.5},
+                            dispatch={"inline_timeout_s": 0.1, "lookup_after_s": 30})
+    d, manager, letta, send = t.svc.dispatcher, t.svc.manager, t.svc.letta, t.svc.letta.send_async
+    letta.send_async = hang
+    run = await t.submit(agent)
+    [(_, sending)] = d._inflight.values()
+    letta.send_async = send
+    sending.cancel()  # stranded
+    await eventually(lambda: not d._inflight and run["id"] not in manager.sending)
+    manager.called_back.add(run["id"])
+    await t.wait_state(run["id"], "done", timeout=8)
+    assert len(sim.received) == 1 and not manager.called_back
+
+
 async def _sent_but_unanswered(start_tracker, sim, agent, text: str, **sections):
     """A run whose send timed out although Letta took it: queued again, to be looked up
     before any resend (``needs_lookup``), the next try a minute away."""
