@@ -940,6 +940,29 @@ async def test_a_stranded_run_whose_callback_came_is_looked_up_at_once(
     assert len(sim.received) == 1 and not manager.called_back
 
 
+async def test_start_up_reconcile_looks_at_once_for_a_run_whose_callback_came(
+        start_tracker, sim, agent):
+    """A run cut off mid-send is looked up dispatch.lookup_after_s after start-up, as it may
+    still land at Letta; a callback Letta could not vouch for, come as the service started
+    (``Manager.called_back``), says it has: the look goes at once."""
+    from tracker.reconcile import reconcile
+
+    t = await start_tracker(letta={"timeout_s": 0.5},
+                            dispatch={"inline_timeout_s": 0.1, "lookup_after_s": 30})
+    d, manager, letta, send = t.svc.dispatcher, t.svc.manager, t.svc.letta, t.svc.letta.send_async
+    letta.send_async = hang
+    run = await t.submit(agent)
+    [(_, sending)] = d._inflight.values()
+    letta.send_async = send
+    sending.cancel()  # cut off mid-send, as by a crash
+    await eventually(lambda: not d._inflight and run["id"] not in manager.sending)
+    manager.called_back.add(run["id"])
+    assert (await reconcile(manager, t.svc.poller))["requeued"] == 1
+    await t.wait_state(run["id"], "done", timeout=8)
+    assert len(sim.received) == 1 and not manager.called_back
+    assert "cut_off" in await kinds(t, run["id"])
+
+
 async def _sent_but_unanswered(start_tracker, sim, agent, text: str, **sections):
     """A run whose send timed out although Letta took it: queued again, to be looked up
     before any resend (``needs_lookup``), the next try a minute away."""

@@ -76,12 +76,10 @@ class Dispatcher:
         # seen orphaned twice, RESCUE_EVERY_S apart: not a claim whose send is just starting
         for run_id in orphans.keys() & self._suspects:
             # its send may have got no answer, and may still land: looked up no sooner than
-            # a send that got none (see _retry), unless its callback came: Letta has it
-            settle = 0.0 if run_id in self.manager.called_back else \
-                self.cfg.dispatch.lookup_after_s
-            self.manager.called_back.discard(run_id)
-            await self.manager.requeue(orphans[run_id], clock.now() + settle, needs_lookup=True,
-                                       error="stranded while submitting", kind="rescued")
+            # a send that got none (see _retry), unless its callback came
+            await self.manager.requeue(orphans[run_id], self.manager.look_at(run_id),
+                                       needs_lookup=True, error="stranded while submitting",
+                                       kind="rescued")
         self._suspects = orphans.keys() - self._suspects
 
     async def _sleep(self, wakeup: asyncio.Event, drained: bool) -> None:

@@ -266,6 +266,15 @@ class Manager:
         if run is not None and _awaits_look(run):
             await self._look_now(run, detail)
 
+    def look_at(self, run_id: str) -> float:
+        """When to look up a run whose send may still be landing at Letta: no sooner than
+        dispatch.lookup_after_s, unless its callback came (``called_back``: the note is
+        spent), which shows Letta has it."""
+        if run_id in self.called_back:
+            self.called_back.discard(run_id)
+            return clock.now()
+        return clock.now() + self.cfg.dispatch.lookup_after_s
+
     async def _pause_after_cancel(self, run: RunRecord, obs: Observation) -> RunRecord:
         """A pause's callback come after Letta took a cancel of the run: Letta sends a run
         one callback, so this one left before the cancel, which Letta applied to the paused

@@ -130,14 +130,13 @@ async def reconcile(manager: Manager, poller: Poller) -> dict[str, int]:
     """On start-up: queue runs cut off mid-send to be looked up at Letta (the dispatcher
     looks, then attaches or sends them), and check every submitted run at once."""
     counts = {"requeued": 0, "checked": 0}
-    settle = manager.cfg.dispatch.lookup_after_s
     for run in await manager.store.in_states((State.SUBMITTING,)):
         if run.id in manager.sending:
             continue  # a submit since start-up, sending it now: not cut off
         # cut off mid-send: a Letta slow to take it may create it after a quick restart, so
         # a look now could miss it and send it again; looked up as a send that got no
-        # answer is, no sooner than dispatch.lookup_after_s
-        await manager.requeue(run, clock.now() + settle, needs_lookup=True,
+        # answer is, no sooner than dispatch.lookup_after_s (unless its callback came)
+        await manager.requeue(run, manager.look_at(run.id), needs_lookup=True,
                               error="cut off mid-send", kind="cut_off", source=Source.RECONCILE)
         counts["requeued"] += 1
     counts["checked"] = await poller.sweep()
