@@ -880,6 +880,19 @@ async def test_a_slow_submit_is_not_rescued_as_stranded(start_tracker, sim, agen
     assert "rescued" not in await kinds(t, run["id"])
 
 
+async def _stranded(t, agent: str) -> dict:
+    """A run left `submitting` with no send of ours behind it: its send dies before Letta got
+    anything (a fault that hit both its write and its requeue leaves it so, and a crash)."""
+    d, letta, send = t.svc.dispatcher, t.svc.letta, t.svc.letta.send_async
+    letta.send_async = hang
+    run = await t.submit(agent)
+    [(_, sending)] = d._inflight.values()
+    letta.send_async = send
+    sending.cancel()
+    await eventually(lambda: not d._inflight and run["id"] not in t.svc.manager.sending)
+    return run
+
+
 async def test_a_stranded_run_is_rescued_at_its_second_sighting_not_its_first(
         start_tracker, sim, agent, monkeypatch):
     """A run `submitting` with no send of ours behind it may be a claim whose send is just
@@ -889,14 +902,8 @@ async def test_a_stranded_run_is_rescued_at_its_second_sighting_not_its_first(
 
     monkeypatch.setattr(dispatcher, "RESCUE_EVERY_S", 0.2)
     t = await start_tracker(letta={"timeout_s": 0.5}, dispatch={"inline_timeout_s": 0.1})
-    d, store, manager = t.svc.dispatcher, t.svc.store, t.svc.manager
-    letta, send = t.svc.letta, t.svc.letta.send_async
-    letta.send_async = hang
-    run = await t.submit(agent)
-    [(_, sending)] = d._inflight.values()
-    letta.send_async = send
-    sending.cancel()  # the send dies before Letta got anything: the run is stranded
-    await eventually(lambda: not d._inflight and run["id"] not in manager.sending)
+    store, manager = t.svc.store, t.svc.manager
+    run = await _stranded(t, agent)
     sightings, rescued_at = [], []
     in_states, requeue = store.in_states, manager.requeue
 
@@ -928,13 +935,8 @@ async def test_a_stranded_run_whose_callback_came_is_looked_up_at_once(
     monkeypatch.setattr(dispatcher, "RESCUE_EVERY_S", 0.2)
     t = await start_tracker(letta={"timeout_s": 0.5},
                             dispatch={"inline_timeout_s": 0.1, "lookup_after_s": 30})
-    d, manager, letta, send = t.svc.dispatcher, t.svc.manager, t.svc.letta, t.svc.letta.send_async
-    letta.send_async = hang
-    run = await t.submit(agent)
-    [(_, sending)] = d._inflight.values()
-    letta.send_async = send
-    sending.cancel()  # stranded
-    await eventually(lambda: not d._inflight and run["id"] not in manager.sending)
+    manager = t.svc.manager
+    run = await _stranded(t, agent)
     manager.called_back.add(run["id"])
     await t.wait_state(run["id"], "done", timeout=8)
     assert len(sim.received) == 1 and not manager.called_back
@@ -949,13 +951,8 @@ async def test_start_up_reconcile_looks_at_once_for_a_run_whose_callback_came(
 
     t = await start_tracker(letta={"timeout_s": 0.5},
                             dispatch={"inline_timeout_s": 0.1, "lookup_after_s": 30})
-    d, manager, letta, send = t.svc.dispatcher, t.svc.manager, t.svc.letta, t.svc.letta.send_async
-    letta.send_async = hang
-    run = await t.submit(agent)
-    [(_, sending)] = d._inflight.values()
-    letta.send_async = send
-    sending.cancel()  # cut off mid-send, as by a crash
-    await eventually(lambda: not d._inflight and run["id"] not in manager.sending)
+    manager = t.svc.manager
+    run = await _stranded(t, agent)  # cut off mid-send, as by a crash
     manager.called_back.add(run["id"])
     assert (await reconcile(manager, t.svc.poller))["requeued"] == 1
     await t.wait_state(run["id"], "done", timeout=8)
