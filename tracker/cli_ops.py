@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import sqlite3
 import sys
 from collections.abc import Callable
-from contextlib import closing
 from pathlib import Path
 
 from tracker.retention import cutoff, parse_age
@@ -97,8 +95,7 @@ async def backup(store: Store, args: argparse.Namespace) -> int:
     # written beside the target and renamed into place, so PATH is never a partial copy
     partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
     try:
-        await store.backup(str(partial))
-        looked_up = _look_up_before_sending(partial)
+        looked_up = await store.backup(str(partial))
         version, runs = await _verify(partial)
         os.replace(partial, target)
     finally:
@@ -110,16 +107,6 @@ async def backup(store: Store, args: argparse.Namespace) -> int:
               " restore looks for at Letta before sending (the service may send them after"
               " this copy)" if looked_up else ""))
     return 0
-
-
-def _look_up_before_sending(copy: Path) -> int:
-    """Mark the copy's queued runs as maybe sent (``needs_lookup``), as a send that got no
-    answer is: restored, each is looked for at Letta before it is sent. The live service
-    goes on sending them after the copy is taken, and a restore sent every one of those a
-    second time. Returns how many."""
-    with closing(sqlite3.connect(copy)) as db, db:
-        return db.execute("UPDATE runs SET needs_lookup = 1 WHERE state = 'queued'"
-                          " AND needs_lookup = 0").rowcount
 
 
 def _size(n: int) -> str:

@@ -575,9 +575,17 @@ class SQLiteDB:
 
         return await self._write(write)
 
-    async def backup(self, path: str) -> None:
-        """A consistent copy of the live database (SQLite's online backup API)."""
+    async def backup(self, path: str) -> int:
+        """A consistent copy of the live database (SQLite's online backup API), its queued
+        runs marked as maybe sent (``needs_lookup``), as a send that got no answer is:
+        restored, each is looked for at Letta before it is sent. The live service goes on
+        sending them after the copy is taken, and a restore sent every one of those a second
+        time. Returns how many were marked."""
         assert self._r is not None
         create_private(path)
         async with aiosqlite.connect(path) as target:
             await self._r.backup(target)
+            marked = await target.execute("UPDATE runs SET needs_lookup = 1"
+                                          " WHERE state = 'queued' AND needs_lookup = 0")
+            await target.commit()
+            return marked.rowcount

@@ -258,7 +258,9 @@ class Store(Protocol):
 
     # operations
     async def prune(self, before: str, batch: int, dry_run: bool = False) -> dict[str, int]: ...
-    async def backup(self, path: str) -> None: ...
+    #: a consistent copy, its queued runs marked to be looked for at Letta before they are
+    #: sent (the live service may send them after it); returns how many were marked
+    async def backup(self, path: str) -> int: ...
 
 
 def open_store(url: str, synchronous: str = "NORMAL", checkpoints: bool = True) -> Store:
