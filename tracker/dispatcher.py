@@ -147,10 +147,9 @@ class Dispatcher:
                 return None
             letta_run = await self.letta.send_async(run.agent_id, self._body(run))
         except LettaUnavailable as e:
-            # a send (not a look) that got no answer may still be landing at Letta, unless its
-            # callback came: then Letta has it
+            # a send (not a look) that got no answer may still be landing at Letta
             await self._retry(run, e, landing=e.sent and not e.answered
-                              and not run.needs_lookup and run.id not in self.manager.called_back)
+                              and not run.needs_lookup)
             return None
         except (LettaError, NotFound) as e:
             return await self.manager.reject(run, e.status, e.detail)
@@ -206,8 +205,8 @@ class Dispatcher:
         if landing:
             # a Letta slow enough to time us out (its workers or database saturated) may
             # create the run after we gave up: a look sooner would miss it, and send the
-            # message a second time
-            delay = max(delay, self.cfg.dispatch.lookup_after_s)
+            # message a second time (unless its callback came: ``Manager.look_at``)
+            delay = max(delay, self.manager.look_at(run.id) - clock.now())
         log.warning("Letta unavailable, run requeued in %.1fs: %s", delay, e,
                     extra={"run_id": run.id, "agent_id": run.agent_id})
         # once a send may have reached Letta, every later try must look before resending

@@ -164,7 +164,7 @@ class Manager:
         #: poller leaves them to the applier
         self.callback_filed: set[str] = set()
         #: runs being sent whose callback came, but which Letta could not vouch for: if the
-        #: send gets no answer, the look for the run need not wait (``Dispatcher._retry``)
+        #: send gets no answer, the look for the run need not wait (``look_at``)
         self.called_back: set[str] = set()
         self.on_applied: Callable[[RunRecord, str], None] | None = None  # metrics hook
 
