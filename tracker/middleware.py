@@ -9,7 +9,7 @@ from contextvars import ContextVar
 
 from aiohttp import web
 
-from tracker.errors import TrackerError, Unauthorized, error_body
+from tracker.errors import LettaUnavailable, TrackerError, Unauthorized, error_body
 from tracker.serialize import json_response
 
 log = logging.getLogger("tracker.api")
@@ -45,7 +45,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except TrackerError as e:
         if e.status >= 500:
-            log.error("%s %s: %s", request.method, request.path, e)
+            # Letta down or erring is Letta's outage, answered as designed (the caller tries
+            # again, the run is looked up later): a warning; the tracker's own fault (its
+            # database) is an error
+            level = logging.WARNING if isinstance(e, LettaUnavailable) else logging.ERROR
+            log.log(level, "%s %s: %s", request.method, request.path, e)
         return _json_error(e.status, e.detail)
     except web.HTTPException as e:
         if e.status < 400:
