@@ -282,6 +282,32 @@ async def test_while_attempts_cannot_be_recorded_the_delivery_is_held_back_longe
     assert 3 <= len(rx.seen) <= 6, len(rx.seen)
 
 
+async def test_a_hold_whose_delivery_went_meanwhile_is_forgotten(
+        store, user, serve, relays, tmp_path, monkeypatch):
+    """A delivery held back (its attempt unrecorded) that is not attempted again (pruned with
+    its run) kept its entry in memory for as long as the service ran. It goes a longest
+    pause after its hold ended."""
+    from tracker.errors import Unavailable
+
+    for name, value in (("ERROR_PAUSE_S", 0.1), ("HELD_MAX_S", 0.3), ("IDLE_S", 0.1)):
+        monkeypatch.setattr(relay_module, name, value)
+    rx = Receiver(Reply(200))
+    await final_run(store, user, await serve(rx))
+
+    async def failing(*args, **kwargs):
+        raise Unavailable("database write failed: disk full")
+
+    monkeypatch.setattr(store, "record_attempt", failing)
+    relay = await relays(cfg_with(tmp_path), store)
+    await eventually(lambda: relay._held)
+
+    async def none_due(*args, **kwargs):  # the delivery pruned with its run
+        return []
+
+    monkeypatch.setattr(store, "due_deliveries", none_due)
+    await eventually(lambda: not relay._held, timeout=3)
+
+
 async def test_slow_receiver_times_out_and_is_retried(store, user, serve, relays, tmp_path):
     rx = Receiver(Reply(delay=1.0), Reply())
     run = await final_run(store, user, await serve(rx))

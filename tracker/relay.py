@@ -157,12 +157,20 @@ class Relay:
     async def _idle_for(self) -> float:
         nxt = await self.store.next_delivery_due()
         now = clock.now()
+        self._forget_old_holds(now)
         held = min((at for at, _ in self._held.values() if at > now), default=math.inf)
         if nxt is None or nxt <= now:
             # nothing pending, or all that is due waits for a slot (a finishing attempt, or a
             # new delivery, sets the wakeup) or is held back
             return min(held - now, IDLE_S)
         return min(nxt - now, held - now, IDLE_S)
+
+    def _forget_old_holds(self, now: float) -> None:
+        # a hold is dropped when its delivery's attempt is recorded; one whose delivery went
+        # meanwhile (pruned with its run) would stay for good: none is still needed a longest
+        # pause after it ended (the delivery is then held anew, from the shortest pause)
+        for d_id in [d_id for d_id, (at, _) in self._held.items() if at + HELD_MAX_S < now]:
+            del self._held[d_id]
 
     async def _send(self, d: Delivery) -> None:
         try:
