@@ -100,6 +100,20 @@ class Tracker:
         return await self.client.get(path, params=params or None,
                                      headers=self._headers(key, None))
 
+    async def raw_status(self, method: str, path: str, headers: dict[str, bytes],
+                         body: bytes = b"") -> int:
+        """The status of a request written byte for byte (aiohttp's client refuses header
+        bytes that are not UTF-8)."""
+        url = self.client.make_url("/")
+        reader, writer = await asyncio.open_connection(url.host, url.port)
+        lines = [f"{method} {path} HTTP/1.1".encode(), f"Host: {url.host}".encode(),
+                 f"Content-Length: {len(body)}".encode(), b"Connection: close",
+                 *(name.encode() + b": " + value for name, value in headers.items())]
+        writer.write(b"\r\n".join(lines) + b"\r\n\r\n" + body)
+        status = int((await reader.readline()).split()[1])
+        writer.close()
+        return status
+
     async def submit(self, agent_id: str, text: str = "hi", **body: Any) -> dict:
         resp = await self.post(f"/v1/agents/{agent_id}/messages/async",
                                {"messages": [{"role": "user", "content": text}], **body})

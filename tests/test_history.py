@@ -46,6 +46,8 @@ async def test_no_key_bad_key_revoked_key(start_tracker, sim):
     t = await start_tracker()
     assert (await t.client.get("/v1/runs")).status == 401
     assert (await t.get("/v1/runs", key="tk_nope")).status == 401
+    # a key whose bytes are not UTF-8 is refused as any unknown key (it was a 500)
+    assert await t.raw_status("GET", "/v1/runs", {"Authorization": b"Bearer tk_\xff"}) == 401
     key = await user_key(t, "carol")
     assert (await t.get("/v1/runs", key=key)).status == 200
     [listed] = [k for k in await t.svc.store.list_keys() if k.user_name == "carol"]
@@ -79,6 +81,7 @@ async def test_filters_and_letta_list_semantics(start_tracker, sim):
     assert await ids(state="done", agent_id=a2) == [failed["id"]]
     assert await ids(completed_via="callback", agent_id=a2) == [failed["id"]]
     assert await ids(callback_missed="true") == []
+    assert len(await ids(background="true")) == 4 and await ids(background="false") == []
     assert len(await ids(created_after="2020-01-01T00:00:00Z")) == 4
     assert await ids(created_before="2020-01-01T00:00:00Z") == []
     assert await ids(agent_id="agent-00000000-0000-4000-8000-000000000000") == []

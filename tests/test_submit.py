@@ -166,6 +166,25 @@ async def test_letta_4xx_fails_the_run_and_reaches_the_submitter(start_tracker, 
     [run] = await (await t.get("/v1/runs")).json()
     assert run["status"] == "failed" and run["tracker"]["state"] == "rejected"
     assert run["tracker"]["error_code"] == 404 and run["tracker"]["error"] == "Agent not found"
+    # never at Letta, so Letta never said: shown as background, as every async run is, and
+    # listed as it is shown (the filter missed it)
+    assert run["background"] is True
+    listed = await (await t.get("/v1/runs", background="true")).json()
+    assert [r["id"] for r in listed] == [run["id"]]
+    assert await (await t.get("/v1/runs", background="false")).json() == []
+
+
+async def test_an_idempotency_key_not_utf8_or_too_long_is_refused(start_tracker, sim, agent):
+    """Stored and shown as text, such a key failed at the insert: a 500."""
+    t = await start_tracker()
+    path = f"/v1/agents/{agent}/messages/async"
+    body = json.dumps({"input": "x"}).encode()
+    auth = {"Authorization": f"Bearer {t.key}".encode(), "Content-Type": b"application/json"}
+    for key in (b"k-\xff", b"k" * 256):
+        assert await t.raw_status("POST", path, {**auth, "Idempotency-Key": key}, body) == 422
+    resp = await t.post(path, {"input": "x"}, headers={"Idempotency-Key": "k" * 255})
+    assert resp.status == 200, await resp.text()
+    assert len(sim.received) == 1
 
 
 async def test_letta_down_then_back_nothing_lost_nothing_doubled(start_tracker, sim, agent):

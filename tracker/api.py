@@ -84,7 +84,7 @@ async def submit(request: web.Request) -> web.Response:
     body = await parsing.read_json(request, svc.cfg.server.max_body_bytes)
     parsing.validate(AsyncMessageRequest, body)
     _check_callback_url(body, svc.cfg.relay.allow_private)
-    key = request.headers.get("Idempotency-Key") or None
+    key = parsing.idempotency_key(request)
     run, created = await svc.manager.submit(_user(request), agent_id, body, key)
     if created:
         request.app[METRICS].submitted()

@@ -15,7 +15,9 @@ KEY_PREFIX = "tk_"
 
 def hash_key(key: str) -> str:
     """Keys are 256 random bits, so a plain SHA-256 is as good as a slow hash here."""
-    return hashlib.sha256(key.encode()).hexdigest()
+    # a header's bytes that are not UTF-8 come as lone surrogates: hashed as they came, such
+    # a key matches none (a 401), where encoding it strictly raised (a 500)
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def new_webhook_secret() -> str:

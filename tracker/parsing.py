@@ -24,6 +24,8 @@ class UnsupportedMediaType(TrackerError):
 #: deeper JSON than this is refused: no honest request needs it, and validating or hashing it
 #: would recurse past Python's stack
 MAX_DEPTH = 64
+#: the longest Idempotency-Key taken (a UUID is 36; Stripe's limit is 255)
+IDEMPOTENCY_KEY_MAX = 255
 
 
 class _NonFinite(ValueError):
@@ -142,6 +144,19 @@ def run_id(request: web.Request) -> str:
     if not _RUN_RE.match(value):
         raise BadRequest(f"INVALID_ARGUMENT: Invalid run ID format: {value}."
                          " Expected format: 'run-<uuid4>'")
+    return value
+
+
+def idempotency_key(request: web.Request) -> str | None:
+    """The ``Idempotency-Key`` header, or None; 422 when it is longer than
+    ``IDEMPOTENCY_KEY_MAX`` or its bytes are not UTF-8 (it is stored and shown as text)."""
+    value = request.headers.get("Idempotency-Key") or None
+    if value is None:
+        return None
+    if len(value) > IDEMPOTENCY_KEY_MAX or _holds_lone_surrogate(value):
+        raise Invalid([{"loc": ["header", "Idempotency-Key"], "type": "invalid_header",
+                        "msg": f"Idempotency-Key must be UTF-8 text of at most"
+                               f" {IDEMPOTENCY_KEY_MAX} characters"}])
     return value
 
 

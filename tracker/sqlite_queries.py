@@ -122,7 +122,9 @@ def _filters(flt: RunFilter) -> tuple[list[str], list[Any]]:
         # the same text as the partial index runs_active, so SQLite can use it
         where.append(("" if flt.active else "NOT ") + "status IN ('created', 'running')")
     if flt.background is not None:
-        where.append("background = ?")
+        # NULL until Letta's answer says (a queued run, one refused or cancelled before it
+        # was sent), and shown as true (serialize.run_out): filtered as it is shown
+        where.append("coalesce(background, 1) = ?")
         params.append(int(flt.background))
     if flt.callback_missed is not None:
         # missed: Letta's callback never told us; the poller or reconcile did (runs_missed)
