@@ -76,6 +76,58 @@ async def test_submit_wait_json_has_the_messages(tracker, url, agent):
     assert replies == [REPLY]
 
 
+async def test_the_clients_messages_are_every_page_of_them(start_tracker, sim, agent,
+                                                             monkeypatch):
+    """``submit --wait`` printed the first page's 100 messages only: a long run's reply,
+    its last message, was left out."""
+    from tests.test_completion import _long_result
+    from tracker import api_client
+
+    sim.set_faults(callback_drop=1.0)  # a poll reads the result whole
+    t = await start_tracker(polling={"grace_s": 1.0})
+    run = await t.submit(agent, "[[delay=0.1]] a long one")
+    letta_id = (await t.run(run["id"]))["tracker"]["letta_run_id"]
+    await eventually(lambda: sim.store.get(letta_id).status == "completed")
+    messages = _long_result(sim, letta_id, 150)
+    await t.wait_state(run["id"], "done")
+    monkeypatch.setattr(api_client, "MESSAGES_PAGE", 40)  # several pages, the last short
+    url = str(t.client.make_url("/")).rstrip("/")
+    async with api_client.TrackerClient(url, t.key) as client:
+        got = await client.messages(run["id"])
+    assert len(got) == len(messages) == 152
+    assert got[-1]["content"] == messages[-1]["content"] == REPLY
+
+
+async def test_waiting_outlasts_a_tracker_that_cannot_answer_for_a_moment(
+        tracker, url, agent, monkeypatch):
+    """A look that failed while the run went on (the tracker restarting, a 503) ended
+    ``submit --wait`` with exit 1, "ended otherwise"; it is waited out. A refusal is not."""
+    from tracker import cli_client
+    from tracker.api_client import ApiError, TrackerClient
+
+    monkeypatch.setattr(cli_client, "POLL_EVERY", 0.05)
+    async with TrackerClient(url, tracker.key) as client:
+        run = await client.submit(agent, "[[delay=0.5]] hi")
+        real, failures = client.run, []
+
+        async def flaky(run_id):
+            if len(failures) < 3:
+                failures.append(run_id)
+                raise ApiError("no tracker at ... (is `tracker serve` running?)", passing=True)
+            return await real(run_id)
+
+        client.run = flaky
+        done = await cli_client.follow(client, run, timeout=10, quiet=True)
+        assert done["tracker"]["state"] == "done" and len(failures) == 3
+
+        async def refused(run_id):
+            raise ApiError("401 Unauthorized — the API key was refused")
+
+        client.run = refused
+        with pytest.raises(ApiError, match="401"):
+            await cli_client.follow(client, run, timeout=10, quiet=True)
+
+
 async def test_runs_list_table_and_json(tracker, url, agent):
     run = await tracker.submit(agent)
     await tracker.wait_state(run["id"], "done")

@@ -199,6 +199,25 @@ def test_keys_create_refuses_a_role_other_than_the_users(tmp_path: Path):
     assert rows == [("bob", 0, 1), ("root", 1, 2)]
 
 
+def test_a_key_is_revoked_by_its_prefix_as_listed(tmp_path: Path):
+    """``keys list`` shows a prefix cut with an ellipsis; pasted into ``keys revoke`` as
+    shown, it matched no key. A miss, and a rotation for no such user, are errors on stderr."""
+    db = tmp_path / "k.db"
+    assert run_cli(db, "db", "migrate").returncode == 0
+    assert run_cli(db, "keys", "create", "bob").returncode == 0
+    listed = run_cli(db, "keys", "list").stdout
+    [shown] = [w for w in listed.split() if w.startswith("tk_")]
+    assert shown.endswith("…")
+    missed = run_cli(db, "keys", "revoke", "tk_nothing")
+    assert missed.returncode == 1 and missed.stdout == ""
+    assert "no active key matches 'tk_nothing'" in missed.stderr
+    done = run_cli(db, "keys", "revoke", shown)
+    assert done.returncode == 0 and "revoked 1 key(s)" in done.stdout
+    nobody = run_cli(db, "keys", "rotate-webhook-secret", "nobody")
+    assert nobody.returncode == 1 and nobody.stdout == ""
+    assert "no user named 'nobody'" in nobody.stderr
+
+
 def test_a_database_url_that_is_not_sqlite_is_a_config_error(db: Path):
     done = run_cli(db, "db", "status")
     assert done.returncode == 0

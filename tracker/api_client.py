@@ -12,7 +12,17 @@ from tracker.errors import TrackerError
 
 
 class ApiError(TrackerError):
-    """The tracker answered with an error, or could not be reached; ``detail`` is one line."""
+    """The tracker answered with an error, or could not be reached; ``detail`` is one line.
+    ``passing``: asking again later may well work (unreachable, no answer in time, a 5xx:
+    a restart, a moment's database fault)."""
+
+    def __init__(self, detail: str, passing: bool = False) -> None:
+        super().__init__(detail)
+        self.passing = passing
+
+
+#: a page of a run's messages, read until one comes back shorter (the API's largest)
+MESSAGES_PAGE = 1000
 
 
 class TrackerClient:
@@ -45,14 +55,17 @@ class TrackerClient:
                 text = await resp.text()
                 if resp.status >= 400 and not any_status:
                     raise ApiError(error_line(resp.status, resp.reason or "", text,
-                                              self._key_from))
+                                              self._key_from), passing=resp.status >= 500)
                 return json.loads(text)
         except aiohttp.ClientConnectorError:
-            raise ApiError(f"no tracker at {self.url} (is `tracker serve` running?)") from None
+            raise ApiError(f"no tracker at {self.url} (is `tracker serve` running?)",
+                           passing=True) from None
         except TimeoutError:
-            raise ApiError(f"the tracker at {self.url} did not answer in time") from None
+            raise ApiError(f"the tracker at {self.url} did not answer in time",
+                           passing=True) from None
         except aiohttp.ClientError as e:
-            raise ApiError(f"cannot talk to the tracker at {self.url}: {e}") from None
+            raise ApiError(f"cannot talk to the tracker at {self.url}: {e}",
+                           passing=True) from None
         except ValueError:
             if any_status:
                 return None
@@ -98,8 +111,17 @@ class TrackerClient:
                         " no \"tracker\" object): is this Letta's URL?")
 
     async def messages(self, run_id: str) -> list[dict]:
-        """The run's result messages, oldest first."""
-        return await self.call("GET", f"/v1/runs/{run_id}/messages", params={"order": "asc"})
+        """The run's result messages, oldest first: all of them, page after page (a long
+        run's reply, its last message, was past the first page's 100)."""
+        messages: list[dict] = []
+        while True:
+            params: dict[str, Any] = {"order": "asc", "limit": MESSAGES_PAGE}
+            if messages:  # a page never ends inside a group of messages sharing an id
+                params["after"] = messages[-1]["id"]
+            page = await self.call("GET", f"/v1/runs/{run_id}/messages", params=params)
+            messages += page
+            if len(page) < MESSAGES_PAGE:
+                return messages
 
 
 def error_line(status: int, reason: str, text: str, key_from: str | None = None) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 
 from rich.text import Text
 
-from tracker.api_client import TrackerClient
+from tracker.api_client import ApiError, TrackerClient
 from tracker.cli_args import add_config_option, bounded
 from tracker.cli_render import (
     completed,
@@ -80,19 +80,30 @@ async def follow(client: TrackerClient, run: dict, timeout: float,
     or ``timeout`` seconds pass; the run as last seen."""
     loop = asyncio.get_running_loop()
     started = loop.time()
+    trouble: ApiError | None = None
     with status_line(quiet) as show:
         while run["tracker"]["state"] not in SETTLED:
             elapsed = loop.time() - started
             if elapsed >= timeout:
                 break
-            show(progress(run), f"  {elapsed:.0f}s")
+            show(progress(run, trouble), f"  {elapsed:.0f}s")
             await asyncio.sleep(min(POLL_EVERY, timeout - elapsed))
-            run = await client.run(run["id"])
+            try:
+                run, trouble = await client.run(run["id"]), None
+            except ApiError as e:
+                # the tracker restarting, or a moment's fault: the run goes on meanwhile
+                # (ending here said it had ended otherwise, exit 1); waited out to --timeout
+                if not e.passing:
+                    raise
+                trouble = e
     return run
 
 
-def progress(run: dict) -> str:
-    """The status line's text for the run as last seen."""
+def progress(run: dict, trouble: ApiError | None = None) -> str:
+    """The status line's text for the run as last seen (``trouble``: why the last look
+    failed)."""
+    if trouble is not None:
+        return f"{run['id']}  {shorten(str(trouble), 90)}; still waiting"
     if run["tracker"]["state"] == State.CONFIRMING:
         # polling.cancel_confirm_s (30 s) at least, and until Letta's step has ended
         return f"{run['id']}  confirming the cancel with Letta (its step may still complete)"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Callable
 
 from rich.console import Console
@@ -32,7 +33,7 @@ async def keys_create(store: Store, args: argparse.Namespace) -> int:
 async def keys_rotate_webhook_secret(store: Store, args: argparse.Namespace) -> int:
     user = await store.user_by_name(args.name)
     if user is None:
-        print(f"no user named {args.name!r}")
+        print(f"tracker: no user named {args.name!r}", file=sys.stderr)
         return 1
     secret = await rotate_secret(store, user.id)
     print(f"new webhook signing secret of {user.name!r}; deliveries carry signatures with both"
@@ -53,9 +54,13 @@ async def keys_list(store: Store, args: argparse.Namespace) -> int:
 
 
 async def keys_revoke(store: Store, args: argparse.Namespace) -> int:
-    n = await store.revoke_key(args.key)
-    print(f"revoked {n} key(s)" if n else f"no active key matches {args.key!r}")
-    return 0 if n else 1
+    # `keys list` shows a prefix as "tk_AbCdEfG…": pasted as shown, it is the prefix
+    n = await store.revoke_key(args.key.removesuffix("…"))
+    if not n:
+        print(f"tracker: no active key matches {args.key!r}", file=sys.stderr)
+        return 1
+    print(f"revoked {n} key(s)")
+    return 0
 
 
 async def db_status(store: Store, args: argparse.Namespace) -> int:
