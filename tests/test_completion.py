@@ -1271,6 +1271,32 @@ async def test_a_loop_ended_by_an_error_is_restarted_and_healthz_says_so_meanwhi
     assert (await t.client.get("/healthz")).status == 200
 
 
+async def test_a_callback_that_fails_to_apply_leaves_its_run_to_polling_and_stops_no_other(
+        start_tracker, sim, agent, caplog):
+    """An error the applier did not expect, on one callback, left that callback first in the
+    inbox: every round failed on it again, and no later callback was applied. It is dropped
+    as a missed callback is, and its run polled."""
+    t = await start_tracker()
+    manager = t.svc.manager
+    real, failed = manager.apply_remote, []
+
+    async def failing_for_the_first(run, obs, source):
+        if source == "callback" and run.id in (failed or [run.id]):
+            failed.append(run.id)  # every time: a bug on that body, say
+            raise TypeError("unsupported operand type(s)")
+        return await real(run, obs, source)
+
+    manager.apply_remote = failing_for_the_first
+    first = await t.submit(agent, "first")
+    done = await t.wait_state(first["id"], "done")
+    assert set(failed) == {first["id"]} and done["tracker"]["completed_via"] == "poll"
+    second = await t.submit(agent, "second")
+    done = await t.wait_state(second["id"], "done")
+    assert done["tracker"]["completed_via"] == "callback"
+    assert "could not be applied: its run is polled instead" in caplog.text
+    assert not t.svc.stopped
+
+
 async def test_a_restored_backup_sends_no_queued_run_a_second_time(start_tracker, sim, agent,
                                                                    tmp_path):
     """The live service goes on sending the runs a backup holds as queued: restored, it sent

@@ -237,4 +237,15 @@ class Applier:
         except TrackerError as e:
             log.warning("callback for run %s not applied: %s", run.id, e,
                         extra={"run_id": run.id, "agent_id": run.agent_id})
+        except Exception:
+            # one this code fails on (a bug, a body no Letta sent yet) must not stop all the
+            # others: the inbox is read oldest first, and it came first again every round,
+            # for ever. Dropped as a missed callback is: its run is polled at once
+            log.exception("callback for run %s could not be applied: its run is polled"
+                          " instead", run.id, extra={"run_id": run.id, "agent_id": run.agent_id})
+            try:
+                await self.store.reschedule([(run.id, clock.now(), run.poll_count)])
+            except Unavailable:
+                return False  # kept, and tried again
+            self.manager.poll_wakeup.set()
         return True
