@@ -489,6 +489,64 @@ async def test_a_pause_reported_after_its_cancel_neither_pauses_nor_holds_the_la
     assert (await t.wait_state(behind["id"], "done"))["status"] == "completed"
 
 
+async def test_a_pause_seen_before_a_cancel_and_recorded_after_it_holds_no_lane(
+        start_tracker, sim, agent):
+    """A poll read the run, then Letta's pause; the user's cancel was taken (Letta cancelled
+    the paused run) and recorded; then the poll's pause, read before the cancel, was applied:
+    the run recorded paused, never looked at again, its agent's lane held."""
+    from tracker.manager import Observation
+    from tracker.states import Source
+
+    sim.set_faults(callback_drop=1.0)
+    t = await start_tracker(polling={"grace_s": 30})  # no poll of its own meanwhile
+    run = await t.submit(agent, "[[approval]] do it")
+    letta_id = run["tracker"]["letta_run_id"]
+    await eventually(lambda: sim.store.get(letta_id).stop_reason == "requires_approval")
+    manager = t.svc.manager
+    read = await t.svc.store.get_run(run["id"])  # the poll's read of the run, and of Letta's
+    seen = Observation.from_run(await manager.letta.get_run(letta_id))
+    resp = await t.post(f"/v1/agents/{agent}/messages/cancel", {"run_ids": [run["id"]]})
+    assert await resp.json() == {run["id"]: "cancelled"}
+    await manager.apply_remote(read, seen, Source.POLL)
+    sim.set_faults(callback_drop=0.0)
+    behind = await t.submit(agent, "next")
+    final = await t.wait_state(run["id"], "done")
+    assert (final["status"], final["stop_reason"]) == ("cancelled", "cancelled")
+    assert (await t.wait_state(behind["id"], "done"))["status"] == "completed"
+
+
+async def test_a_cancel_whose_run_paused_meanwhile_releases_the_pause(start_tracker, sim,
+                                                                      agent):
+    """The cancel read the run as running; its pause was recorded before Letta took the
+    cancel, which Letta applied to the paused run. The cancel's note, for a running run,
+    missed: the run stayed paused, its agent's lane held, though Letta had cancelled it."""
+    sim.set_faults(callback_drop=1.0)
+    t = await start_tracker(polling={"grace_s": 30})
+    run = await t.submit(agent, "[[approval]] do it")
+    letta_id = run["tracker"]["letta_run_id"]
+    await eventually(lambda: sim.store.get(letta_id).stop_reason == "requires_approval")
+    manager = t.svc.manager
+    read = await t.svc.store.get_run(run["id"])
+    real_cancel = manager.letta.cancel
+
+    async def paused_first(agent_id, run_ids):  # the pause recorded while the cancel goes
+        from tracker.manager import Observation
+        from tracker.states import Source
+
+        seen = Observation.from_run(await manager.letta.get_run(letta_id))
+        assert (await manager.apply_remote(read, seen, Source.POLL)).state == "paused"
+        return await real_cancel(agent_id, run_ids)
+
+    manager.letta.cancel = paused_first
+    resp = await t.post(f"/v1/agents/{agent}/messages/cancel", {"run_ids": [run["id"]]})
+    assert await resp.json() == {run["id"]: "cancelled"}
+    final = await t.run(run["id"])
+    assert (final["tracker"]["state"], final["status"]) == ("done", "cancelled")
+    sim.set_faults(callback_drop=0.0)
+    behind = await t.submit(agent, "next")
+    assert (await t.wait_state(behind["id"], "done"))["status"] == "completed"
+
+
 async def test_a_cancelled_answer_is_final_only_once_its_step_has_ended(start_tracker, sim,
                                                                           agent):
     """An answer's first step runs under the paused run's step (letta_agent_v3.py), so the

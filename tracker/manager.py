@@ -227,8 +227,13 @@ class Manager:
                       {"status": obs.status, "stop_reason": obs.stop_reason,
                        **({"letta_callback_error": obs.callback_error}
                           if obs.callback_error else {})})
-        updated = await self.store.transition(run.id, target, expect, fields, event,
-                                              relay=target in REPORTED)
+        # a pause seen before a cancel Letta took, recorded after it (its read of the run
+        # predates the cancel): Letta cancelled the paused run, so recorded paused, the run was
+        # never looked at again and its lane stayed held. Not recorded; the cancel's poll tells
+        racing_cancel = target is State.PAUSED and run.status != Status.CANCELLED
+        updated = await self.store.transition(
+            run.id, target, expect, fields, event, relay=target in REPORTED,
+            unless_status=Status.CANCELLED if racing_cancel else None)
         if updated is None:
             updated = await self._settled(run, obs, source, fields)
         else:
@@ -460,11 +465,22 @@ class Manager:
             # confirmed by the next observation (callback or a poll soon); Letta's status
             # as Letta answered (see _pause_after_cancel)
             taken = {"status": Status.CANCELLED} if out[ref] == "cancelled" else {}
-            await self.store.transition(run.id, None, WATCHED, {"next_check_at": soon, **taken},
-                                        Event(Source.API, "cancel_requested",
-                                              {"letta": out[ref]}))
+            moved = await self.store.transition(run.id, None, WATCHED,
+                                                {"next_check_at": soon, **taken},
+                                                Event(Source.API, "cancel_requested",
+                                                      {"letta": out[ref]}))
+            if moved is None and taken:
+                await self._paused_meanwhile(run.id)
         self.poll_wakeup.set()
         return out
+
+    async def _paused_meanwhile(self, run_id: str) -> None:
+        """A run this cancel read as running, whose pause was recorded before Letta took the
+        cancel: Letta cancelled the paused run, so its agent waits no more. Left paused, it
+        was never looked at again and its agent's lane stayed held."""
+        run = await self.store.get_run(run_id)
+        if run is not None and run.state is State.PAUSED:
+            await self._release_pause(run)
 
     # --- recording what happened at Letta ----------------------------------------------
 

@@ -207,23 +207,27 @@ class SQLiteStore(RunReads, CallbackInbox, Accounts, Deliveries, GroupCommit):
 
     async def transition(self, run_id: str, to: State | None, expect: Iterable[State],
                          fields: dict[str, Any], event: Event | None,
-                         relay: bool = False) -> RunRecord | None:
-        """Compare-and-set: update the run only if its state is in ``expect``; append the
-        event, and the relay's outbox row when ``relay``, in the same transaction."""
+                         relay: bool = False,
+                         unless_status: str | None = None) -> RunRecord | None:
+        """Compare-and-set: update the run only if its state is in ``expect`` (and its status
+        is not ``unless_status``); append the event, and the relay's outbox row when
+        ``relay``, in the same transaction."""
         expect = tuple(expect)
         sets = dict(fields, **({"state": to} if to else {}))
         payload = {k: _encode(sets.pop(k)) for k in PAYLOAD_COLS if k in sets}
         assign = ", ".join(f"{k} = {k} + ?" if isinstance(v, Add) else f"{k} = ?"
                            for k, v in sets.items())
         values = [v.n if isinstance(v, Add) else _encode(v) for v in sets.values()]
-        sql = (f"UPDATE runs SET {assign} WHERE id = ? AND state IN ({marks(len(expect))}) "
-               f"RETURNING {SUMMARY_COLS}")  # no request or result: nobody reads them here
+        unless = " AND status IS NOT ?" if unless_status else ""
+        sql = (f"UPDATE runs SET {assign} WHERE id = ? AND state IN ({marks(len(expect))})"
+               f"{unless} RETURNING {SUMMARY_COLS}")  # no request or result: none reads them
         payload_sql = (f"UPDATE run_payloads SET {', '.join(f'{k} = ?' for k in payload)}"
                        " WHERE seq = ?")
 
         def op(db: sqlite3.Connection, batch: Batch) -> RunRecord | None:
             try:
-                rows = db.execute(sql, (*values, run_id, *expect)).fetchall()
+                rows = db.execute(sql, (*values, run_id, *expect,
+                                        *((unless_status,) if unless_status else ()))).fetchall()
             except sqlite3.IntegrityError:
                 raise Conflict("that Letta run belongs to another tracker run") from None
             if not rows:
