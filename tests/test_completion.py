@@ -173,6 +173,33 @@ async def test_forged_callbacks_are_refused(start_tracker, sim, agent):
         assert now["status"] == "completed" and now["tracker"]["state"] == "done"
 
 
+async def test_a_cancel_reported_before_the_submits_answer_still_gets_a_deadline(
+        start_tracker, sim, agent):
+    """A cancelled callback come before Letta's answer to the send moved the run to
+    confirming; the answer then recorded no deadline, and a cancel's confirmation stops
+    waiting for a step Letta lost (a restart) only past the deadline: it waited for ever,
+    the agent's lane held."""
+    from tracker.states import State
+
+    t = await start_tracker(polling={"cancel_confirm_s": 30})
+    manager, store = t.svc.manager, t.svc.store
+    original = manager.mark_submitted
+
+    async def cancelled_first(run, letta_run, *args, **kwargs):
+        await manager.letta.cancel(run.agent_id, [letta_run["id"]])
+
+        async def confirming() -> bool:
+            return (await store.get_run(run.id)).state is State.CONFIRMING
+
+        await eventually(confirming)  # the cancelled callback, applied
+        return await original(run, letta_run, *args, **kwargs)
+
+    manager.mark_submitted = cancelled_first
+    run = await t.submit(agent, "[[delay=2]] hi")
+    stored = await store.get_run(run["id"])
+    assert stored.state is State.CONFIRMING and stored.deadline_at is not None
+
+
 async def test_callback_before_the_submit_is_recorded(start_tracker, sim, agent):
     t = await start_tracker()
     sim.set_faults(run_duration_s=(0.0, 0.0), callback_lag_s=0.0)

@@ -499,10 +499,12 @@ class Manager:
                                            _changed(run, fields), Event(source, kind,
                                                          {"letta_run_id": letta_run["id"]}))
         if done is None:
-            # a callback got here first and already moved the run on: keep what it recorded
+            # a callback got here first and already moved the run on: keep what it recorded,
+            # but for the deadline, which a cancel it reported needs (its confirmation stops
+            # waiting for a step Letta lost only past the deadline: without one, never)
             await self.store.transition(run.id, None, tuple(State), {
-                "submitted_at": fields["submitted_at"]}, Event(source, kind, {
-                    "letta_run_id": letta_run["id"], "after": "callback"}))
+                "submitted_at": fields["submitted_at"], "deadline_at": fields["deadline_at"]},
+                Event(source, kind, {"letta_run_id": letta_run["id"], "after": "callback"}))
         # wake the poller only if it would otherwise look too late: not when it sleeps until
         # before this run's first check, nor while it works (it reads what is due next after)
         if fields["next_check_at"] < self.poll_wake_before:
