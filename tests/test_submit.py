@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import eventually, record_commits
-from tracker.errors import LettaUnavailable
+from tracker.errors import LettaUnavailable, Unavailable
 from tracker.letta import LettaClient
 from tracker.letta_request import RUN_ID_PATTERN
 from tracker.manager import new_run_id
@@ -185,6 +185,31 @@ async def test_an_idempotency_key_not_utf8_or_too_long_is_refused(start_tracker,
     resp = await t.post(path, {"input": "x"}, headers={"Idempotency-Key": "k" * 255})
     assert resp.status == 200, await resp.text()
     assert len(sim.received) == 1
+
+
+async def test_a_submit_whose_send_could_not_be_recorded_is_answered_as_stored(
+        start_tracker, sim, agent):
+    """Letta erred, and recording that failed too (the database): the client got a 503 for a
+    run committed and, for all the client knows, at Letta, and a client that retries 5xx
+    (Letta's SDKs do) sent the message a second time. The submit answers the run as stored;
+    the rescue of stranded runs sends it once the database works."""
+    t = await start_tracker()
+    manager = t.svc.manager
+    original = manager.requeue
+
+    async def failing(*args, **kwargs):
+        raise Unavailable("database write failed: disk I/O error")
+
+    manager.requeue = failing
+    sim.set_faults(api_5xx_rate=1.0)
+    resp = await t.post(f"/v1/agents/{agent}/messages/async", {"input": "once"})
+    assert resp.status == 200, await resp.text()
+    run = await resp.json()
+    assert run["tracker"]["state"] == "submitting"
+    manager.requeue = original
+    sim.set_faults(api_5xx_rate=0.0)
+    done = await t.wait_state(run["id"], "done", timeout=20)
+    assert done["status"] == "completed" and len(sim.received) == 1
 
 
 async def test_letta_down_then_back_nothing_lost_nothing_doubled(start_tracker, sim, agent):

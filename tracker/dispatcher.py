@@ -13,7 +13,7 @@ import random
 
 from tracker import clock
 from tracker.config import Config
-from tracker.errors import LettaError, LettaUnavailable, NotFound
+from tracker.errors import LettaError, LettaUnavailable, NotFound, Unavailable
 from tracker.letta import LettaClient
 from tracker.manager import Manager
 from tracker.reconcile import attach_or_requeue
@@ -128,8 +128,20 @@ class Dispatcher:
         mine = self._spawn(run)
         # shielded: a slow Letta must not cancel the send; the client gets the run as it is
         done, _ = await asyncio.wait({mine}, timeout=self.cfg.dispatch.inline_timeout_s)
-        recorded = mine.result() if mine in done else None
-        return recorded or await self.store.get_run(run.id) or run
+        recorded = None
+        if mine in done and not mine.cancelled():
+            if mine.exception() is None:
+                recorded = mine.result()
+            else:
+                # the run is committed, and may be at Letta, but the send's outcome could not
+                # be recorded (the database failing): answered with an error, the client would
+                # send it again, a second run. The rescue of stranded runs sees to this one
+                log.warning("run %s: its send's outcome was not recorded (%s); answered as"
+                            " stored", run.id, mine.exception(), extra={"run_id": run.id})
+        try:
+            return recorded or await self.store.get_run(run.id) or run
+        except Unavailable:
+            return run
 
     async def send(self, run: RunRecord) -> RunRecord | None:
         """Send one claimed run to Letta and record Letta's answer; returns the run as
