@@ -226,6 +226,44 @@ async def test_letta_down_then_back_nothing_lost_nothing_doubled(start_tracker, 
     assert max(sim.otid_counts().values()) == 1
 
 
+async def test_a_proxys_404_while_letta_restarts_loses_no_run_and_refuses_no_message(
+        start_tracker, sim, agent, aiohttp_server):
+    """Behind a proxy (Traefik, say), a Letta restarting has no route for a moment: the proxy
+    answers 404 with its own page. Taken as Letta's "not found", every run polled then was
+    given up as lost and every message sent refused. Letta's own 404 is FastAPI's JSON."""
+    import aiohttp
+
+    down = [False]
+
+    async def proxy(request: web.Request) -> web.Response:
+        if down[0]:
+            return web.Response(status=404, text="404 page not found")
+        async with aiohttp.ClientSession() as session, session.request(
+                request.method, sim.url + request.path_qs, data=await request.read(),
+                headers={k: v for k, v in request.headers.items() if k != "Host"}) as resp:
+            return web.Response(status=resp.status, body=await resp.read(),
+                                content_type=resp.content_type)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", proxy)
+    front = await aiohttp_server(app)
+    sim.set_faults(callback_drop=1.0)  # polls learn the outcome
+    t = await start_tracker(letta={"base_url": str(front.make_url("")).rstrip("/")})
+    polled = await t.submit(agent, "[[delay=0.8]] polled while the route is gone")
+    down[0] = True
+    other = sim.create_agent("other")["id"]  # its lane free: sent now
+    refused = await t.post(f"/v1/agents/{other}/messages/async", {"input": "sent meanwhile"})
+    assert refused.status == 200, await refused.text()
+    sent = await refused.json()
+    assert sent["tracker"]["state"] == "queued" and "404" in sent["tracker"]["error"]
+    await asyncio.sleep(1.0)  # polls meet the proxy's 404
+    down[0] = False
+    for run in (polled, sent):
+        done = await t.wait_state(run["id"], "done", timeout=15)
+        assert done["status"] == "completed", done
+    assert len(sim.received) == 2 and max(sim.otid_counts().values()) == 1
+
+
 async def test_5xx_and_429_are_retried_without_doubling(start_tracker, sim, agent):
     t = await start_tracker()
     sim.set_faults(api_5xx_rate=1.0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from datetime import UTC, datetime
+from textwrap import shorten
 from typing import Any
 
 from tracker import clock
@@ -26,6 +27,15 @@ def _decode(raw: bytes) -> Any:
         return json.loads(raw) if raw else None
     except ValueError:
         return {"detail": raw.decode(errors="replace")}
+
+
+def _lettas(raw: bytes) -> bool:
+    """Whether an error's body is Letta's own: JSON with a ``detail`` (FastAPI's shape)."""
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return False
+    return isinstance(data, dict) and "detail" in data
 
 
 def _beyond(run: dict, last: dict, ascending: bool) -> bool:
@@ -89,6 +99,13 @@ class LettaClient:
         data = _decode(answer.body)
         if answer.status < 300:
             return data
+        if answer.status == 404 and not _lettas(answer.body):
+            # not Letta's "not found" (always FastAPI's JSON detail): a proxy's page for a
+            # Letta it has no route to now (a restart behind Traefik, say). Taken as Letta's,
+            # every run polled meanwhile was given up as lost and every message sent refused
+            raise LettaUnavailable(f"Letta's address answered 404 not as Letta does: "
+                                   f"{shorten(answer.body.decode(errors='replace'), 120)}",
+                                   sent=True, answered=False)
         detail = data.get("detail", data) if isinstance(data, dict) else data
         retry_after = answer.headers.get("retry-after")
         # refused at the door, before any work: a 429, or a 401 for our key (a rotation, a
