@@ -262,24 +262,32 @@ async def test_a_name_whose_lookup_hangs_holds_none_of_the_loops_threads(
     assert time.monotonic() - started < 0.5
 
 
-async def test_while_attempts_cannot_be_recorded_the_delivery_is_held_back_longer_each_time(
+async def test_an_attempt_that_cannot_be_recorded_is_not_made_again(
         store, user, serve, relays, tmp_path, monkeypatch):
-    """With the store failing, an attempt goes unrecorded and the delivery stays due: it was
-    sent again every ERROR_PAUSE_S, for as long as the database failed, never counted
-    against its schedule. Held back in memory, doubling, it is sent a few times at most."""
+    """With the store failing, an attempt went unrecorded and the delivery stayed due: it was
+    sent again (each time after the receiver's 2xx), and once the store worked, the attempt
+    recorded was an "internal error", counted against the schedule. The receiver's answer is
+    kept and recorded once the store works; nothing is sent again meanwhile."""
     from tracker.errors import Unavailable
 
     monkeypatch.setattr(relay_module, "ERROR_PAUSE_S", 0.1)
     rx = Receiver(Reply(200))
-    await final_run(store, user, await serve(rx))
+    run = await final_run(store, user, await serve(rx))
+    real, failures = store.record_attempt, []
 
     async def failing(*args, **kwargs):
-        raise Unavailable("database write failed: disk full")
+        if len(failures) < 3:
+            failures.append(args)
+            raise Unavailable("database write failed: disk full")
+        return await real(*args, **kwargs)
 
     monkeypatch.setattr(store, "record_attempt", failing)
     await relays(cfg_with(tmp_path), store)
-    await asyncio.sleep(2.0)  # held 0.1, 0.2, 0.4, 0.8 s: 5 POSTs; every 0.1 s was ~20
-    assert 3 <= len(rx.seen) <= 6, len(rx.seen)
+    d = await eventually(lambda: finished(store, run.id), timeout=5)
+    assert len(failures) == 3 and len(rx.seen) == 1
+    assert d.state == "delivered" and [a["status_code"] for a in d.attempt_log] == [200]
+    [(body,)] = await store._read("SELECT body FROM deliveries WHERE id = ?", (d.id,))
+    assert body is not None  # the message sent, kept with the attempt's record
 
 
 async def test_a_hold_whose_delivery_went_meanwhile_is_forgotten(

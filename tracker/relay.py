@@ -8,7 +8,6 @@ again on the next start with the same ``webhook-id``, so receivers can drop the 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -61,6 +60,9 @@ class Relay:
         #: deliveries whose last attempt could not be recorded (the database failing): id ->
         #: (not before, the pause that set it); in memory, as nothing else can be written
         self._held: dict[str, tuple[float, float]] = {}
+        #: those attempts' outcomes, times and bodies, recorded when their deliveries come due
+        #: again
+        self._unrecorded: dict[str, tuple[Outcome, str, bytes | None]] = {}
         #: where the last loop's read stopped short of the end of what is due; the next one
         #: goes on from there, so a backlog longer than a loop's pages is crossed, not a wall
         self._sweep: Delivery | None = None
@@ -171,26 +173,34 @@ class Relay:
         # pause after it ended (the delivery is then held anew, from the shortest pause)
         for d_id in [d_id for d_id, (at, _) in self._held.items() if at + HELD_MAX_S < now]:
             del self._held[d_id]
+            self._unrecorded.pop(d_id, None)
 
     async def _send(self, d: Delivery) -> None:
+        """One attempt at ``d``: check, sign, POST; record it, then schedule the next or
+        finish. An attempt whose outcome could not be recorded (the store failing) is not
+        made again: its outcome is recorded when the delivery next comes due."""
+        kept = self._unrecorded.pop(d.id, None)
+        outcome, at, body = kept if kept else (None, clock.iso(), None)
+        d.body = d.body or body  # the message that attempt sent, kept with its record
+        if outcome is None:
+            try:
+                outcome = await self._attempt(d)
+            except Exception as e:
+                log.exception("delivery %s: attempt failed unexpectedly", d.id)
+                # counted as an attempt, on the schedule: a fault that repeats (a bug, a URL
+                # the checks let by) must not retry the delivery forever, holding its slot
+                outcome = Outcome(error=f"internal error: {e!r}")
         try:
-            await self.deliver(d)
+            await self._record(d, outcome, at)
         except Exception as e:
-            log.exception("delivery %s: attempt failed unexpectedly", d.id)
-            # counted as an attempt, on the schedule: a fault that repeats (a bug, a URL the
-            # checks let by) must not retry the delivery forever, holding its slot
-            with contextlib.suppress(Exception):
-                await self._record(d, Outcome(error=f"internal error: {e!r}"), clock.iso())
-                return
-            # the store failing too, its attempts go uncounted: held back, longer each time,
-            # the receiver is not sent it every few seconds (and its slot is free meanwhile)
+            # the receiver's answer (a 2xx, say) kept: sent again, or recorded as failed, it
+            # would be told twice, or the delivery end failed though delivered. Held back,
+            # longer each time, while the store fails
+            log.warning("delivery %s: attempt %d's outcome not recorded (%s); recorded when it"
+                        " comes due again", d.id, d.attempts + 1, e, extra={"run_id": d.run_id})
+            self._unrecorded[d.id] = (outcome, at, d.body)
             pause = min(2 * self._held.get(d.id, (0.0, ERROR_PAUSE_S / 2))[1], HELD_MAX_S)
             self._held[d.id] = (clock.now() + pause, pause)
-
-    async def deliver(self, d: Delivery) -> None:
-        """One attempt at ``d``: check, sign, POST; record it, then schedule the next or finish."""
-        at = clock.iso()
-        await self._record(d, await self._attempt(d), at)
 
     async def _record(self, d: Delivery, outcome: Outcome, at: str) -> None:
         state, next_at = next_step(d.attempts + 1, outcome, self.r.retry_schedule_s, clock.now())
