@@ -1324,6 +1324,22 @@ async def test_a_callback_that_fails_to_apply_leaves_its_run_to_polling_and_stop
     assert not t.svc.stopped
 
 
+async def test_a_failed_start_up_reconcile_is_logged_and_the_service_goes_on(
+        start_tracker, sim, agent, monkeypatch, caplog):
+    """Start-up's reconcile failing (the database busy, a bug) was swallowed without a word:
+    the runs it would have settled waited for their next poll, and nothing said why."""
+    from tracker import app as app_module
+
+    async def failing(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(app_module, "reconcile", failing)
+    t = await start_tracker()
+    assert "reconcile after start failed" in caplog.text and "a bug" in caplog.text
+    run = await t.submit(agent, "sent all the same")
+    assert (await t.wait_state(run["id"], "done"))["status"] == "completed"
+
+
 async def test_a_restored_backup_sends_no_queued_run_a_second_time(start_tracker, sim, agent,
                                                                    tmp_path):
     """The live service goes on sending the runs a backup holds as queued: restored, it sent

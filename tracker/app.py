@@ -221,8 +221,13 @@ async def _supervised(svc: Services, name: str, loop: Callable[[], Coroutine]) -
 
 async def _reconcile_then_run(svc: Services) -> None:
     """Heal what a crash left half-done before sending anything new."""
-    with contextlib.suppress(Exception):
+    try:
         counts = await reconcile(svc.manager, svc.poller)
         if any(counts.values()):
             log.info("reconciled after start: %s", counts)
+    except Exception:
+        # not fatal (runs left submitting are rescued by the dispatcher, the rest polled when
+        # due), but the runs that ended while the service was down wait for their next poll
+        log.exception("reconcile after start failed; the runs it would have settled are"
+                      " left to the dispatcher's rescue and the poller")
     await _supervised(svc, "dispatcher", svc.dispatcher.run)
