@@ -218,6 +218,8 @@ class Relay:
         except RefusedDestination as e:
             return Outcome(error=str(e), final=True)
         gone = Outcome(error="the run or its user's webhook secret is gone", final=True)
+        if d.body is None and d.attempts:
+            d.body = await self.store.delivery_body(d.id)
         if d.body is None:
             # the first attempt's body, kept with its record: every attempt under this
             # webhook-id sends the same message, though the run has moved on since

@@ -34,11 +34,19 @@ class Deliveries(SQLiteDB):
         if after is not None:  # its rowid never changes, even if the row did since
             key = " AND (next_attempt_at, rowid) > (?, (SELECT rowid FROM deliveries WHERE id = ?))"
             params = (now, after.next_attempt_at, after.id)
+        # without their bodies (up to a run's 100 messages each): a loop reads pages of rows
+        # it mostly does not claim (their destination or user at its limit), and the body of
+        # the one it claims is read then (``delivery_body``)
         rows = await self._read(
-            f"SELECT {DELIVERY_COLS}, body FROM deliveries WHERE state = 'pending'"
+            f"SELECT {DELIVERY_COLS} FROM deliveries WHERE state = 'pending'"
             f" AND next_attempt_at <= ?{key} ORDER BY next_attempt_at, rowid LIMIT ?",
             (*params, limit))
         return [Delivery(**dict(r)) for r in rows]
+
+    async def delivery_body(self, delivery_id: str) -> bytes | None:
+        """What the delivery's first attempt sent (None before it: see migration V8)."""
+        rows = await self._lookup("SELECT body FROM deliveries WHERE id = ?", (delivery_id,))
+        return rows[0][0] if rows else None
 
     async def next_delivery_due(self) -> float | None:
         rows = await self._read(
