@@ -67,12 +67,18 @@ class Relay:
         #: goes on from there, so a backlog longer than a loop's pages is crossed, not a wall
         self._sweep: Delivery | None = None
         self._loop_task: asyncio.Task | None = None
+        self._resolver: GuardedResolver | None = None
         self.on_outcome: Callable[[str], None] | None = None  # metrics hook
 
     async def start(self) -> None:
         """Open the relay's own HTTP session, whose resolver enforces the SSRF guard."""
+        # a thread per attempt slot: a lookup never waits for one that another attempt's
+        # hung name holds (with 4, one user's hung names held them all, and every other
+        # user's lookups waited, their attempts timing out)
+        self._resolver = GuardedResolver(self.r.allow_private, self._dns,
+                                         threads=self.r.concurrency)
         connector = aiohttp.TCPConnector(
-            resolver=GuardedResolver(self.r.allow_private, self._dns),
+            resolver=self._resolver,
             limit=self.r.concurrency, limit_per_host=self.r.per_destination)
         self._session = aiohttp.ClientSession(
             connector=connector, timeout=aiohttp.ClientTimeout(total=self.r.timeout_s),
@@ -264,6 +270,9 @@ class Relay:
         if self._session:
             await self._session.close()
             self._session = None
+        if self._resolver is not None:  # the connector closes only a resolver it made
+            await self._resolver.close()
+            self._resolver = None
 
 
 def _ms(started: float) -> float:

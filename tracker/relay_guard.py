@@ -109,12 +109,17 @@ def destination(url: str) -> str:
         return url
 
 
+#: the threads a resolver looks names up on, unless told (the relay: one per attempt slot)
+LOOKUP_THREADS = 4
+
+
 class GuardedResolver(AbstractResolver):
     """A resolver that refuses a name if any of its addresses is forbidden."""
 
-    def __init__(self, allow_private: bool, inner: AbstractResolver | None = None) -> None:
+    def __init__(self, allow_private: bool, inner: AbstractResolver | None = None,
+                 threads: int = LOOKUP_THREADS) -> None:
         self.allow_private = allow_private
-        self._lookups = None if inner else _OwnLookups(LOOKUP_THREADS)
+        self._lookups = None if inner else _OwnLookups(threads)
         # ThreadedResolver calls its loop's getaddrinfo and getnameinfo, and nothing else
         self._inner = inner or ThreadedResolver(self._lookups)  # type: ignore[arg-type]
 
@@ -133,10 +138,6 @@ class GuardedResolver(AbstractResolver):
         await self._inner.close()
         if self._lookups is not None:
             self._lookups.close()
-
-
-#: the threads the relay looks names up on
-LOOKUP_THREADS = 4
 
 
 class _OwnLookups:
