@@ -1035,9 +1035,12 @@ async def test_cancel_of_a_queued_run_that_never_went_cancels_it_here(start_trac
     assert len(sim.received) == 1
 
 
-async def test_a_refused_look_at_letta_is_tried_again_not_a_rejection(start_tracker, sim, agent):
-    """Letta refusing the look (a 401 as keys rotate, say) says nothing about the run, which
-    may be at Letta: it is looked for again later, never rejected for it (nor sent twice)."""
+@pytest.mark.parametrize("refusal", [LettaError(401, "Unauthorized"), NotFound("Not Found")])
+async def test_a_refused_look_at_letta_is_tried_again_not_a_rejection(start_tracker, sim, agent,
+                                                                       refusal):
+    """Letta refusing the look (a 401 as keys rotate, say; a 404 from its listing, which
+    rejected the run though it may be at Letta) says nothing about the run: it is looked for
+    again later, never rejected for it (nor sent twice)."""
     t = await start_tracker(letta={"timeout_s": 0.3}, dispatch={
         "inline_timeout_s": 0.2, "retry_min_s": 0.2, "retry_max_s": 0.2})
     letta, original = t.svc.letta, t.svc.letta.agent_runs
@@ -1047,7 +1050,7 @@ async def test_a_refused_look_at_letta_is_tried_again_not_a_rejection(start_trac
         if not refused:
             refused.append(1)
             sim.set_faults(answer_time_s=(0.0, 0.0))
-            raise LettaError(401, "Unauthorized")
+            raise refusal
         return await original(*args, **kwargs)
 
     letta.agent_runs = refuse_once

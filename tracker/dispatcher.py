@@ -172,11 +172,11 @@ class Dispatcher:
 
     async def _look_up(self, run: RunRecord) -> None:
         """Found at Letta: attached; not found: requeued, the loop sends it next. A refused
-        look (a 401, a 400) says nothing of the run, which may be at Letta: look again later,
-        never reject it for that."""
+        look (a 401, a 400, a 404 of Letta's listing) says nothing of the run, which may be at
+        Letta: look again later, never reject it for that."""
         try:
             await attach_or_requeue(self.manager, run, Source.DISPATCH)
-        except LettaError as e:
+        except (LettaError, NotFound) as e:
             await self._retry(run, LettaUnavailable(f"looking for the run at Letta: {e}"))
 
     async def _submitted(self, run: RunRecord, letta_run: dict) -> RunRecord | None:
