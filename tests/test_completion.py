@@ -6,6 +6,7 @@ import asyncio
 import base64
 import contextlib
 import hmac
+import json
 import sqlite3
 import uuid
 from types import SimpleNamespace
@@ -559,6 +560,29 @@ def _long_result(sim, letta_id: str, extra: int) -> list[dict]:
                   content=f"step {i}") for i in range(extra)]
     letta_run.messages = [first, *steps, answer]
     return letta_run.messages
+
+
+async def test_a_callback_past_its_own_limit_is_refused_on_the_services_port(
+        start_tracker, sim, agent):
+    """The service's port takes bodies up to the larger of server.max_body_bytes and
+    callbacks.max_body_bytes: with the first the larger, callbacks past their own documented
+    limit were taken there (a worker's port refused them)."""
+    t = await start_tracker(server={"max_body_bytes": 4 * 2**20},
+                            callbacks={"max_body_bytes": 2**20})
+    run = await t.submit(agent, "[[delay=5]] x")
+    url = f"/callbacks/letta/{t.svc.signer.token(run['id'])}"
+    big = {"run_id": run["tracker"]["letta_run_id"], "status": "completed",
+           "pad": "x" * (2 * 2**20)}
+    resp = await t.client.post(url, json=big)
+    assert resp.status == 413
+    chunked = await t.client.post(url, data=_chunks(json.dumps(big).encode()),
+                                  headers={"Content-Type": "application/json"})
+    assert chunked.status == 413
+
+
+async def _chunks(data: bytes):
+    for i in range(0, len(data), 65536):
+        yield data[i:i + 65536]
 
 
 async def test_a_callback_larger_than_a_submit_may_be_is_taken(start_tracker, sim, agent):

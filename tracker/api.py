@@ -216,7 +216,8 @@ async def stats(request: web.Request) -> web.Response:
 
 async def letta_callback(request: web.Request) -> web.Response:
     svc = _svc(request)
-    run_id = await callbacks.receive(request, svc.signer, svc.store, svc.letta, svc.applier)
+    run_id = await callbacks.receive(request, svc.signer, svc.store, svc.letta, svc.applier,
+                                     svc.cfg.callbacks.max_body_bytes)
     return callbacks.accepted(run_id)
 
 

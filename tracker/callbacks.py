@@ -106,7 +106,7 @@ class Filing(Protocol):
 
 
 async def receive(request: web.Request, signer: CallbackSigner, store: Store,
-                  letta: LettaClient, filing: Filing) -> str:
+                  letta: LettaClient, filing: Filing, limit: int | None = None) -> str:
     """Check one Letta callback and commit it to the inbox, and return its run's id; the
     handler then answers 200.
     Letta waits at most 5 s and never retries, so nothing else happens on its path (but for
@@ -115,7 +115,14 @@ async def receive(request: web.Request, signer: CallbackSigner, store: Store,
     run_id = signer.run_id(request.match_info["token"])
     filing.receiving += 1
     try:
+        # ``limit``: callbacks.max_body_bytes, where the app's own limit is another's (the
+        # service's port takes submits too); checked inline, on Letta's 5 s path
+        if limit is not None and (request.content_length or 0) > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit,
+                                                actual_size=request.content_length)
         raw = await request.read()
+        if limit is not None and len(raw) > limit:  # sent chunked: no length said
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(raw))
         body = parse_callback(raw, LettaCallbackShape)
         verdict = await store.accept_callback(run_id, body.run_id, raw)
         if verdict == Verdict.UNVERIFIED:
