@@ -268,6 +268,35 @@ async def test_a_worker_that_dies_is_restarted(workers_tracker, agent):
     assert done["tracker"]["completed_via"] == "callback"
 
 
+async def test_a_worker_slow_to_exit_holds_up_nothing(workers_tracker, agent):
+    """A worker gone (its pipe closed) was joined on the event loop, for up to a second:
+    every request and callback of the service waited meanwhile."""
+    import time
+
+    t = await workers_tracker(1)
+    pool = t.app[WORKERS]
+    [w] = pool._workers.values()
+    join = w.process.join
+
+    def slow_join(timeout=None):
+        time.sleep(0.8)  # a worker whose exit takes a while after its pipe closed
+        return join(timeout)
+
+    w.process.join = slow_join
+    gaps, last = [], time.monotonic()
+    os.kill(w.process.pid, signal.SIGKILL)
+    for _ in range(60):
+        await asyncio.sleep(0.02)
+        now = time.monotonic()
+        gaps.append(now - last)
+        last = now
+    assert max(gaps) < 0.4, max(gaps)
+    await eventually(lambda: pool.pids() not in ([w.process.pid], []), timeout=15)
+    await eventually(lambda: 0 in t.svc.applier.remote)  # restarted, and reporting
+    run = await t.submit(agent)
+    assert (await t.wait_state(run["id"], "done"))["tracker"]["completed_via"] == "callback"
+
+
 async def test_a_restart_that_fails_does_not_start_a_second_restart(workers_tracker,
                                                                       monkeypatch):
     """A restarted worker that cannot listen (its port taken meanwhile) ends; that end must

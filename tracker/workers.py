@@ -60,6 +60,7 @@ class Workers:
         self._ctx = multiprocessing.get_context("spawn")  # never fork a running event loop
         self._workers: dict[int, _Worker] = {}
         self._restarts: set[asyncio.Task] = set()
+        self._exits: set[asyncio.Task] = set()  # workers gone, being reaped (``_exited``)
         self._failures: dict[int, int] = {}  # failures in a row, by worker
         self._stopping = False
 
@@ -115,9 +116,19 @@ class Workers:
         asyncio.get_running_loop().remove_reader(w.conn.fileno())
         w.conn.close()
         self.applier.remote.pop(w.index, None)
-        w.process.join(1.0)  # its pipe is closed: it is exiting, if not gone already
         # what it filed and had not reported yet waits in the inbox: the applier's next pass
         self.applier.wakeup.set()
+        if self._stopping:
+            return  # nothing to start again, and nobody waits to hear why it ended
+        task = asyncio.create_task(self._exited(w))
+        self._exits.add(task)
+        task.add_done_callback(self._exits.discard)
+
+    async def _exited(self, w: _Worker) -> None:
+        """Once its process is reaped: say why it could not start, or start it again."""
+        # its pipe is closed: it is exiting, if not gone already. Waited for off the loop (a
+        # join here held every request and callback up to a second)
+        await asyncio.get_running_loop().run_in_executor(None, w.process.join, 1.0)
         if not w.ready.done():
             w.ready.set_exception(WorkerFailed(
                 f"callback worker {w.index} exited with code {w.process.exitcode} before "
@@ -152,9 +163,10 @@ class Workers:
         """Stop every worker: each answers the callbacks it has taken, then exits (SIGTERM);
         one that does not within ``STOP_S`` is killed."""
         self._stopping = True
-        for task in self._restarts:
+        tasks = [*self._exits, *self._restarts]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._restarts, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         workers = [w for w in self._workers.values() if w.process.is_alive()]
         for w in workers:
             w.process.terminate()
