@@ -1248,7 +1248,7 @@ async def test_the_poller_lists_lettas_active_runs_only_when_that_costs_fewer_ca
             return self.active
 
     class Store:
-        async def reschedule(self, checks):
+        async def reschedule(self, checks, seen=None):
             pass
 
     letta = Letta()

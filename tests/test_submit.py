@@ -610,6 +610,30 @@ async def test_a_cancel_whose_run_paused_meanwhile_releases_the_pause(start_trac
     assert (await t.wait_state(behind["id"], "done"))["status"] == "completed"
 
 
+async def test_a_poll_read_before_a_cancel_leaves_the_cancels_look_soon(start_tracker, sim,
+                                                                        agent):
+    """A poll read the run, and Letta's, before the user's cancel was taken, and recorded what
+    it saw after the cancel: the run's status back to running and its next look a backoff away
+    (up to polling.max_interval_s, 300 s), the agent's lane held meanwhile when the cancel's
+    callback was missed. What the cancel recorded stands."""
+    import dataclasses
+
+    from tracker import clock
+
+    sim.set_faults(callback_drop=1.0)
+    t = await start_tracker(polling={"grace_s": 30, "max_interval_s": 300})
+    run = await t.submit(agent, "[[delay=2]] cancelled while a poll looks")
+    store, poller = t.svc.store, t.svc.poller
+    read = dataclasses.replace(await store.get_run(run["id"]), poll_count=20)  # a long run's
+    resp = await t.post(f"/v1/agents/{agent}/messages/cancel", {"run_ids": [run["id"]]})
+    assert await resp.json() == {run["id"]: "cancelled"}
+    await poller._still_active(read, {"status": "running"})  # the poll's late record
+    await poller._reschedule_active([read])
+    stored = await store.get_run(run["id"])
+    assert stored.status == "cancelled" and stored.next_check_at < clock.now() + 5
+    await t.wait_state(run["id"], "done", timeout=15)
+
+
 async def test_a_cancelled_answer_is_final_only_once_its_step_has_ended(start_tracker, sim,
                                                                           agent):
     """An answer's first step runs under the paused run's step (letta_agent_v3.py), so the

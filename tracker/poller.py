@@ -22,7 +22,7 @@ from tracker.config import Config
 from tracker.errors import LettaError, LettaUnavailable, NotFound
 from tracker.letta import PAGE, LettaClient
 from tracker.manager import Manager, Observation
-from tracker.states import LETTA_ACTIVE, WATCHED, Source, State
+from tracker.states import LETTA_ACTIVE, WATCHED, Source, State, Status
 from tracker.store import Add, Event, RunRecord
 
 log = logging.getLogger("tracker.poller")
@@ -149,9 +149,10 @@ class Poller:
         after ``min_interval_s`` in case that callback fails to apply."""
         filed = self.manager.callback_filed
         later = clock.now() + self.p.min_interval_s
-        waiting = [(r.id, later, r.poll_count) for r in due if r.id in filed]
+        waiting = [r for r in due if r.id in filed]
         if waiting:
-            await self.store.reschedule(waiting)
+            await self.store.reschedule([(r.id, later, r.poll_count) for r in waiting],
+                                        seen=[r.next_check_at for r in waiting])
         return [r for r in due if r.id not in filed]
 
     async def _triage(self, due: list[RunRecord], sweeping: bool = False
@@ -220,7 +221,8 @@ class Poller:
             await self.manager.mark_lost(run, f"Letta no longer knows run {run.letta_run_id}")
         except LettaUnavailable as e:
             self._back_off(e)
-            await self.store.reschedule([(run.id, self._paused_until, run.poll_count)])
+            await self.store.reschedule([(run.id, self._paused_until, run.poll_count)],
+                                        seen=[run.next_check_at])
         except Exception as e:
             # Letta refusing this look (a 400, a 401 as keys rotate), or a fault recording
             # it: looked at again later, as the backoff says, not at once (unrescheduled, the
@@ -268,7 +270,8 @@ class Poller:
     async def _look_later(self, run: RunRecord) -> None:
         """Look at the run again when the backoff says."""
         nxt = self._next(run)
-        await self.store.reschedule([(run.id, nxt["next_check_at"], nxt["poll_count"])])
+        await self.store.reschedule([(run.id, nxt["next_check_at"], nxt["poll_count"])],
+                                    seen=[run.next_check_at])
 
     def _confirm_at(self, run: RunRecord) -> float:
         """Next look at a run still watched after a finished poll (a cancel to confirm)."""
@@ -295,16 +298,21 @@ class Poller:
 
     async def _wait_for_callback(self, run: RunRecord) -> None:
         await self.store.reschedule([(run.id, clock.now() + self.p.callback_wait_s,
-                                      run.poll_count)])
+                                      run.poll_count)], seen=[run.next_check_at])
 
     async def _still_active(self, run: RunRecord, letta_run: dict) -> None:
         fields = {"status": letta_run.get("status"), **self._next(run)}
+        # a cancel recorded since this poll read the run (its status, its "look soon") is
+        # newer than what this poll saw, and kept: overwritten, the cancel's look waited a
+        # backoff (up to polling.max_interval_s), the agent's lane held
+        unless = None if run.status == Status.CANCELLED else Status.CANCELLED
         stuck = run.state is State.SUBMITTED and clock.now() > (run.deadline_at or float("inf"))
         if stuck:
             fields["next_check_at"] = clock.now() + self.p.max_interval_s
             await self.store.transition(run.id, State.STUCK, (State.SUBMITTED,), fields,
                                         Event(Source.POLL, "stuck", {"deadline_s":
-                                                                     self.p.deadline_s}))
+                                                                     self.p.deadline_s}),
+                                        unless_status=unless)
             # Letta may still be at work on it (a long run) or have lost it (a restart): only
             # a cancel tells, so the run keeps its agent's lane until it ends or is cancelled
             log.warning("run stuck past its deadline (%gs): still polled; it holds its agent's"
@@ -313,7 +321,8 @@ class Poller:
             return
         await self.store.transition(run.id, None, WATCHED, fields,
                                     Event(Source.POLL, "still_active",
-                                          {"status": letta_run.get("status")}))
+                                          {"status": letta_run.get("status")}),
+                                    unless_status=unless)
 
     async def _reschedule_active(self, runs: list[RunRecord]) -> None:
         past = [r for r in runs if r.state is State.SUBMITTED
@@ -322,7 +331,7 @@ class Poller:
             await self._still_active(r, {"status": r.status})
         rest = [r for r in runs if r not in past]
         await self.store.reschedule([(r.id, self._next(r)["next_check_at"], r.poll_count + 1)
-                                     for r in rest])
+                                     for r in rest], seen=[r.next_check_at for r in rest])
 
     def _next(self, run: RunRecord) -> dict:
         """Next check: exponential backoff with jitter, capped; stuck runs at the cap."""

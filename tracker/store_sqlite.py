@@ -264,12 +264,21 @@ class SQLiteStore(RunReads, CallbackInbox, Accounts, Deliveries, GroupCommit):
         row = _event_row(run_id, event, event.state or "", event.status or "")
         await self._write(lambda db: db.execute(EVENT_IF_RUN_SQL, (*row, run_id)))
 
-    async def reschedule(self, checks: Sequence[tuple[str, float, int]]) -> None:
-        """Set (next_check_at, poll_count) for many watched runs at once."""
-        if checks:
-            await self._write(lambda db: db.executemany(
-                "UPDATE runs SET next_check_at = ?, poll_count = ? WHERE id = ?",
-                [(at, count, run_id) for run_id, at, count in checks]))
+    async def reschedule(self, checks: Sequence[tuple[str, float, int]],
+                         seen: Sequence[float | None] | None = None) -> None:
+        """Set (next_check_at, poll_count) for many watched runs at once; with ``seen``, only
+        where next_check_at is still as the caller read it."""
+        if not checks:
+            return
+        if seen is None:
+            sql, rows = ("UPDATE runs SET next_check_at = ?, poll_count = ? WHERE id = ?",
+                         [(at, count, run_id) for run_id, at, count in checks])
+        else:
+            sql = ("UPDATE runs SET next_check_at = ?, poll_count = ? WHERE id = ?"
+                   " AND next_check_at IS ?")
+            rows = [(at, count, run_id, was)
+                    for (run_id, at, count), was in zip(checks, seen, strict=True)]
+        await self._write(lambda db: db.executemany(sql, rows))
 
     # --- operations ------------------------------------------------------------------------
 
