@@ -239,11 +239,8 @@ async def test_one_users_hung_receivers_do_not_hold_every_slot(store, user, serv
     assert time.monotonic() - started < 1.0  # ~3 s behind alice's 20 hung attempts
 
 
-async def test_one_users_hung_names_hold_no_other_users_lookup(
-        store, user, serve, relays, tmp_path, monkeypatch):
-    """The relay looked names up on 4 threads, and a user may have 8 attempts in flight:
-    one user's callback_urls on names whose server never answers held every thread, and
-    another user's lookup waited behind them, its attempt timing out."""
+async def hung_names(store, user, monkeypatch) -> None:
+    """8 deliveries of ``user``'s to names whose server never answers (each lookup 3 s)."""
     real = socket.getaddrinfo
 
     def tarpit(host, *args, **kwargs):
@@ -255,6 +252,14 @@ async def test_one_users_hung_names_hold_no_other_users_lookup(
     monkeypatch.setattr(socket, "getaddrinfo", tarpit)
     for i in range(8):
         await final_run(store, user, f"http://h{i}.tarpit.test/hook")
+
+
+async def test_one_users_hung_names_hold_no_other_users_lookup(
+        store, user, serve, relays, tmp_path, monkeypatch):
+    """The relay looked names up on 4 threads, and a user may have 8 attempts in flight:
+    one user's callback_urls on names whose server never answers held every thread, and
+    another user's lookup waited behind them, its attempt timing out."""
+    await hung_names(store, user, monkeypatch)
     bob = await store.create_user("bob", False, new_webhook_secret())
     url = (await serve(Receiver())).replace("127.0.0.1", "localhost")  # a name to look up
     run = await final_run(store, bob, url)
@@ -269,17 +274,7 @@ async def test_a_name_whose_lookup_hangs_holds_none_of_the_loops_threads(
     """Looked up on the loop's default executor, a callback_url's name whose server never
     answers held a thread for the C library's whole timeout: a few such deliveries took
     every thread, and the lookup of Letta's host (and the checkpointer's syncs) waited."""
-    real = socket.getaddrinfo
-
-    def tarpit(host, *args, **kwargs):
-        if str(host).endswith(".tarpit.test"):
-            time.sleep(3)  # a name server that never answers
-            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
-        return real(host, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", tarpit)
-    for i in range(8):
-        await final_run(store, user, f"http://h{i}.tarpit.test/hook")
+    await hung_names(store, user, monkeypatch)
     await relays(cfg_with(tmp_path, timeout_s=1.0, retry_schedule_s=[0, 0.5, 0.5]), store)
     await asyncio.sleep(1.5)  # the first attempts timed out; their lookups still run
     started = time.monotonic()
