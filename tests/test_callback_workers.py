@@ -130,6 +130,34 @@ async def test_a_worker_answers_on_while_its_report_waits_for_a_full_pipe():
 
 # --- the applier hears the workers' reports -------------------------------------------------
 
+def test_two_reports_never_share_the_pipe_at_once():
+    """The last report, sent at the worker's stop, could meet one still being sent from its
+    thread: two writers on one pipe, and two large reports interleaved."""
+    import threading
+    import time
+
+    from tracker.callback_worker import Reporter
+
+    class Pipe:
+        writing, overlapped, sent = 0, False, 0
+
+        def send(self, report):
+            self.writing += 1
+            self.overlapped |= self.writing > 1
+            time.sleep(0.05)  # a large report, the service slow to read it
+            self.writing -= 1
+            self.sent += 1
+
+    pipe = Pipe()
+    reporter = Reporter(0, pipe)
+    threads = [threading.Thread(target=reporter._post, args=(("report",),)) for _ in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert pipe.sent == 4 and not pipe.overlapped
+
+
 async def test_workers_reports_hold_the_applier_and_mark_runs_filed(start_tracker):
     t = await start_tracker()
     applier = t.svc.applier

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import signal
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -49,6 +50,9 @@ class Reporter:
         self.tally = Tally()
         self.gone = False  # the service's end of the pipe closed
         self._filed = asyncio.Event()
+        # one writer on the pipe at a time: the last report, sent at the worker's stop, may
+        # meet a report still being sent from its thread, and two large ones interleaved
+        self._sending = threading.Lock()
 
     def received(self, run_id: str) -> None:
         self.filed.append(run_id)
@@ -92,7 +96,8 @@ class Reporter:
         if self.gone:
             return
         try:
-            self.conn.send(report)
+            with self._sending:
+                self.conn.send(report)
         except OSError:  # the pipe broken: the service is gone
             # what this worker files, the service applies when it starts again
             self.gone = True
