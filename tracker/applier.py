@@ -218,8 +218,7 @@ class Applier:
             log.warning("callback for run %s: its messages may be cut short and Letta did not"
                         " give them all (%s): polled instead", run.id, e,
                         extra={"run_id": run.id, "agent_id": run.agent_id})
-            await self.store.reschedule([(run.id, clock.now(), run.poll_count)])
-            self.manager.poll_wakeup.set()
+            await self.manager.poll_now(run)
             return False
 
     async def _apply_one(self, item: InboxItem, run: RunRecord | None) -> bool:
@@ -244,8 +243,7 @@ class Applier:
             log.exception("callback for run %s could not be applied: its run is polled"
                           " instead", run.id, extra={"run_id": run.id, "agent_id": run.agent_id})
             try:
-                await self.store.reschedule([(run.id, clock.now(), run.poll_count)])
+                await self.manager.poll_now(run)
             except Unavailable:
                 return False  # kept, and tried again
-            self.manager.poll_wakeup.set()
         return True

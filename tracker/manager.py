@@ -288,9 +288,13 @@ class Manager:
         await self.store.add_event(run.id, Event(Source.CALLBACK, "ignored", {
             "status": obs.status, "stop_reason": obs.stop_reason, "state": run.state,
             "why": "sent before the cancel Letta took"}))
+        await self.poll_now(run)
+        return run
+
+    async def poll_now(self, run: RunRecord) -> None:
+        """Have the poller look at ``run`` at once (what a callback could not tell)."""
         await self.store.reschedule([(run.id, clock.now(), run.poll_count)])
         self.poll_wakeup.set()
-        return run
 
     def confirmed(self, run: RunRecord, source: str) -> bool:
         """A cancelled outcome is final once a poll sees it after the confirm window (and,
