@@ -125,6 +125,13 @@ def _awaits_look(run: RunRecord) -> bool:
     return run.state is State.QUEUED and run.needs_lookup
 
 
+def cancelled_since(run: RunRecord) -> str | None:
+    """The status guard (``Store.transition``'s ``unless_status``) for recording what was
+    seen from ``run``, as read: a cancel recorded since that read is newer than what was seen,
+    and stands. None when the read already showed the cancel."""
+    return None if run.status == Status.CANCELLED else Status.CANCELLED
+
+
 def new_run_id() -> str:
     """``run-`` and a UUID of version 4's form (Letta's run id pattern) whose first 48 bits
     are the time in milliseconds and the other 74 random: ids of later milliseconds sort
@@ -230,10 +237,9 @@ class Manager:
         # a pause seen before a cancel Letta took, recorded after it (its read of the run
         # predates the cancel): Letta cancelled the paused run, so recorded paused, the run was
         # never looked at again and its lane stayed held. Not recorded; the cancel's poll tells
-        racing_cancel = target is State.PAUSED and run.status != Status.CANCELLED
         updated = await self.store.transition(
             run.id, target, expect, fields, event, relay=target in REPORTED,
-            unless_status=Status.CANCELLED if racing_cancel else None)
+            unless_status=cancelled_since(run) if target is State.PAUSED else None)
         if updated is None:
             updated = await self._settled(run, obs, source, fields)
         else:

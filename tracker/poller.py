@@ -21,8 +21,8 @@ from tracker import clock
 from tracker.config import Config
 from tracker.errors import LettaError, LettaUnavailable, NotFound
 from tracker.letta import PAGE, LettaClient
-from tracker.manager import Manager, Observation
-from tracker.states import LETTA_ACTIVE, WATCHED, Source, State, Status
+from tracker.manager import Manager, Observation, cancelled_since
+from tracker.states import LETTA_ACTIVE, WATCHED, Source, State
 from tracker.store import Add, Event, RunRecord
 
 log = logging.getLogger("tracker.poller")
@@ -305,7 +305,7 @@ class Poller:
         # a cancel recorded since this poll read the run (its status, its "look soon") is
         # newer than what this poll saw, and kept: overwritten, the cancel's look waited a
         # backoff (up to polling.max_interval_s), the agent's lane held
-        unless = None if run.status == Status.CANCELLED else Status.CANCELLED
+        unless = cancelled_since(run)
         stuck = run.state is State.SUBMITTED and clock.now() > (run.deadline_at or float("inf"))
         if stuck:
             fields["next_check_at"] = clock.now() + self.p.max_interval_s
