@@ -25,7 +25,7 @@ from tracker.errors import (
 )
 from tracker.letta import LettaClient
 from tracker.models import LettaCallback, LettaCallbackShape
-from tracker.parsing import MAX_DEPTH, loads
+from tracker.parsing import MAX_DEPTH, loads, within
 from tracker.reconcile import names_token
 from tracker.store import Store, Verdict
 
@@ -117,12 +117,11 @@ async def receive(request: web.Request, signer: CallbackSigner, store: Store,
     try:
         # ``limit``: callbacks.max_body_bytes, where the app's own limit is another's (the
         # service's port takes submits too); checked inline, on Letta's 5 s path
-        if limit is not None and (request.content_length or 0) > limit:
-            raise web.HTTPRequestEntityTooLarge(max_size=limit,
-                                                actual_size=request.content_length)
+        if limit is not None:
+            within(limit, request.content_length)
         raw = await request.read()
-        if limit is not None and len(raw) > limit:  # sent chunked: no length said
-            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(raw))
+        if limit is not None:
+            within(limit, len(raw))  # sent chunked: no length said
         body = parse_callback(raw, LettaCallbackShape)
         verdict = await store.accept_callback(run_id, body.run_id, raw)
         if verdict == Verdict.UNVERIFIED:

@@ -104,16 +104,20 @@ def errors_of(e: ValidationError, where: str) -> list[dict]:
             for err in e.errors(include_url=False, include_context=False, include_input=False)]
 
 
+def within(limit: int, size: int | None) -> None:
+    """413 when a body's ``size`` (its declared length, or what was read) is past ``limit``."""
+    if (size or 0) > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
+
+
 async def read_json(request: web.Request, limit: int, optional: bool = False) -> Any:
     """The body as JSON: 413 past ``limit`` bytes, 415 for a non-JSON content type, 400 when
     malformed."""
     # media types are case-insensitive (RFC 9110)
     ctype = request.headers.get("Content-Type", "application/json").split(";")[0].strip().lower()
-    if (request.content_length or 0) > limit:
-        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
+    within(limit, request.content_length)
     raw = await request.read()
-    if len(raw) > limit:  # sent chunked: no length said
-        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(raw))
+    within(limit, len(raw))  # sent chunked: no length said
     if optional and not raw.strip():
         return None
     if ctype and ctype != "application/json" and not ctype.endswith("+json"):
