@@ -13,6 +13,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import aiohttp
 from aiohttp.abc import AbstractResolver
@@ -57,12 +58,9 @@ class Relay:
         self._finished_during_read: set[str] = set()
         self._busy: Counter[str] = Counter()
         self._users: Counter[str] = Counter()  # attempts in flight per user
-        #: deliveries whose last attempt could not be recorded (the database failing): id ->
-        #: (not before, the pause that set it); in memory, as nothing else can be written
-        self._held: dict[str, tuple[float, float]] = {}
-        #: those attempts' outcomes, times and bodies, recorded when their deliveries come due
-        #: again
-        self._unrecorded: dict[str, tuple[Outcome, str, bytes | None]] = {}
+        #: deliveries whose last attempt could not be recorded (the database failing), held
+        #: back with that attempt; in memory, as nothing else can be written
+        self._held: dict[str, _Held] = {}
         #: where the last loop's read stopped short of the end of what is due; the next one
         #: goes on from there, so a backlog longer than a loop's pages is crossed, not a wall
         self._sweep: Delivery | None = None
@@ -141,7 +139,7 @@ class Relay:
             if (d.id not in self._inflight and d.id not in self._finished_during_read
                     and self._busy[dest] < self.r.per_destination
                     and self._users[d.user_id] < self.r.per_user
-                    and self._held.get(d.id, (0.0,))[0] <= clock.now()):
+                    and (d.id not in self._held or self._held[d.id].until <= clock.now())):
                 self._start(d, dest)
 
     def _start(self, d: Delivery, dest: str) -> None:
@@ -166,7 +164,7 @@ class Relay:
         nxt = await self.store.next_delivery_due()
         now = clock.now()
         self._forget_old_holds(now)
-        held = min((at for at, _ in self._held.values() if at > now), default=math.inf)
+        held = min((h.until for h in self._held.values() if h.until > now), default=math.inf)
         if nxt is None or nxt <= now:
             # nothing pending, or all that is due waits for a slot (a finishing attempt, or a
             # new delivery, sets the wakeup) or is held back
@@ -177,18 +175,19 @@ class Relay:
         # a hold is dropped when its delivery's attempt is recorded; one whose delivery went
         # meanwhile (pruned with its run) would stay for good: none is still needed a longest
         # pause after it ended (the delivery is then held anew, from the shortest pause)
-        for d_id in [d_id for d_id, (at, _) in self._held.items() if at + HELD_MAX_S < now]:
+        for d_id in [d_id for d_id, h in self._held.items() if h.until + HELD_MAX_S < now]:
             del self._held[d_id]
-            self._unrecorded.pop(d_id, None)
 
     async def _send(self, d: Delivery) -> None:
         """One attempt at ``d``: check, sign, POST; record it, then schedule the next or
         finish. An attempt whose outcome could not be recorded (the store failing) is not
         made again: its outcome is recorded when the delivery next comes due."""
-        kept = self._unrecorded.pop(d.id, None)
-        outcome, at, body = kept if kept else (None, clock.iso(), None)
-        d.body = d.body or body  # the message that attempt sent, kept with its record
-        if outcome is None:
+        held = self._held.get(d.id)
+        if held:
+            outcome, at = held.outcome, held.at
+            d.body = d.body or held.body  # the message that attempt sent, kept with its record
+        else:
+            at = clock.iso()
             try:
                 outcome = await self._attempt(d)
             except Exception as e:
@@ -204,9 +203,8 @@ class Relay:
             # longer each time, while the store fails
             log.warning("delivery %s: attempt %d's outcome not recorded (%s); recorded when it"
                         " comes due again", d.id, d.attempts + 1, e, extra={"run_id": d.run_id})
-            self._unrecorded[d.id] = (outcome, at, d.body)
-            pause = min(2 * self._held.get(d.id, (0.0, ERROR_PAUSE_S / 2))[1], HELD_MAX_S)
-            self._held[d.id] = (clock.now() + pause, pause)
+            pause = min(2 * held.pause if held else ERROR_PAUSE_S, HELD_MAX_S)
+            self._held[d.id] = _Held(clock.now() + pause, pause, outcome, at, d.body)
 
     async def _record(self, d: Delivery, outcome: Outcome, at: str) -> None:
         state, next_at = next_step(d.attempts + 1, outcome, self.r.retry_schedule_s, clock.now())
@@ -273,6 +271,17 @@ class Relay:
         if self._resolver is not None:  # the connector closes only a resolver it made
             await self._resolver.close()
             self._resolver = None
+
+
+@dataclass
+class _Held:
+    """A delivery held back, with the attempt whose outcome could not be recorded."""
+
+    until: float  # not attempted again before
+    pause: float  # the pause that set ``until``: the next is twice as long
+    outcome: Outcome
+    at: str  # when the attempt was made
+    body: bytes | None  # what it sent
 
 
 def _ms(started: float) -> float:
