@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from tracker import auth
 from tracker.config import Config, load_config
 from tracker.store import open_store
 
@@ -52,6 +53,12 @@ def record_commits(store) -> list[tuple[int, bool]]:
 
     store._commit_batch = counted
     return commits
+
+
+async def user_key(t: Tracker, name: str, admin: bool = False) -> str:
+    """A new user's API key on the tracker under test."""
+    _, key = await auth.create_key(t.svc.store, name, admin)
+    return key
 
 
 async def eventually(check: Callable[[], Any], timeout: float = 10.0, every: float = 0.05):

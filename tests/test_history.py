@@ -8,16 +8,10 @@ import uuid
 from openapi_spec_validator import validate as validate_openapi
 
 from tests import samples
-from tests.conftest import eventually
+from tests.conftest import eventually, user_key
 from tests.test_letta_request import walk
-from tracker import auth
 from tracker import manager as manager_module
 from tracker.serialize import json_response
-
-
-async def user_key(t, name: str, admin: bool = False) -> str:
-    _, key = await auth.create_key(t.svc.store, name, admin)
-    return key
 
 
 async def test_users_see_only_their_own_runs(start_tracker, sim, agent):

@@ -668,8 +668,8 @@ async def test_the_address_dialled_is_the_address_checked(store, user, serve, re
 
 
 @pytest.mark.parametrize("address", [
-    "127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "100.64.0.1", "169.254.10.10",
-    "::1", "fe80::1", "fc00::1", "::ffff:127.0.0.1", "2002:7f00:1::1", "240.0.0.1",
+    "127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "100.64.0.1",
+    "::1", "fc00::1", "::ffff:127.0.0.1", "2002:7f00:1::1", "240.0.0.1",
 ])
 def test_private_addresses_are_refused_unless_allowed(address):
     assert refusal(address, allow_private=False)
@@ -677,8 +677,12 @@ def test_private_addresses_are_refused_unless_allowed(address):
 
 
 @pytest.mark.parametrize("address", ["169.254.169.254", "fd00:ec2::254", "0.0.0.0", "::",
-                                     "224.0.0.1", "ff02::1"])
-def test_metadata_unspecified_and_multicast_are_always_refused(address):
+                                     "224.0.0.1", "ff02::1",
+                                     # link-local, where the metadata services live (AWS ECS's
+                                     # task credentials at 169.254.170.2)
+                                     "169.254.170.2", "169.254.10.10", "fe80::1",
+                                     "::ffff:169.254.170.2"])
+def test_metadata_unspecified_multicast_and_link_local_are_always_refused(address):
     assert refusal(address, allow_private=True)
 
 

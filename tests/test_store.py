@@ -234,6 +234,51 @@ async def test_an_answer_sent_inline_also_waits_for_letta_to_end_the_pause(store
     assert (await store.get_run(first.id)).state is State.DONE
 
 
+async def test_only_the_user_whose_run_paused_answers_ahead_of_the_queue(store):
+    """Another user's approval would decide the pausing user's tool calls: it neither goes
+    ahead of the pause (inserted, nor claimed later) nor ends it; the pausing user's does."""
+    first = await submit(store, user="user-a")
+    await store.claim(serial=True, now=clock.now())
+    await store.transition(first.id, State.PAUSED, (State.SUBMITTING,), {}, None)
+    assert await store.paused_by(A1) == {"user-a"}
+    theirs, _ = await store.submit(new_run(kind="answer", user="user-b"), Event("api", "submit"),
+                                   claim=False)
+    assert theirs.state is State.QUEUED
+    assert await store.claim(serial=True, now=clock.now()) == []
+    own = await submit(store, kind="answer", user="user-a")
+    [claimed] = await store.claim(serial=True, now=clock.now())
+    assert claimed.id == own.id
+    # were the other user's answer ever recorded taken, it still would not end the pause
+    await store.transition(theirs.id, State.DONE, (State.QUEUED,), {"status": "completed"},
+                           None)
+    assert (await store.get_run(first.id)).state is State.PAUSED
+    await store.transition(own.id, State.DONE, (State.SUBMITTING,), {"status": "completed"},
+                           None)
+    assert (await store.get_run(first.id)).state is State.DONE
+
+
+async def test_a_later_write_to_a_finished_answer_ends_no_later_pause(store):
+    """An answer ends the pause it answered once, as it ends: written again later (its send's
+    late answer recorded against it), it ended the pause of a message sent after it."""
+    first = await submit(store)
+    await store.claim(serial=True, now=clock.now())
+    await store.transition(first.id, State.PAUSED, (State.SUBMITTING,), {}, None)
+    later = await submit(store)
+    answer = await submit(store, kind="answer")
+    await store.claim(serial=True, now=clock.now())
+    # its callback, applied before the send's answer, ends it and the pause
+    await store.transition(answer.id, State.DONE, (State.SUBMITTING,), {"status": "completed"},
+                           None)
+    assert (await store.get_run(first.id)).state is State.DONE
+    [sent] = await store.claim(serial=True, now=clock.now())
+    assert sent.id == later.id
+    await store.transition(later.id, State.PAUSED, (State.SUBMITTING,), {}, None)
+    # the send's answer, late, recorded against the finished answer
+    assert await store.transition(answer.id, None, tuple(State),
+                                  {"letta_run_id": "run-letta-answer"}, None) is not None
+    assert (await store.get_run(later.id)).state is State.PAUSED
+
+
 async def test_parallel_claims_everything_due(store):
     runs = [await submit(store) for _ in range(3)]
     claimed = await store.claim(serial=False, now=clock.now())

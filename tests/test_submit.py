@@ -15,11 +15,12 @@ from contextlib import closing
 import pytest
 from aiohttp import web
 
-from tests.conftest import eventually, record_commits
+from tests.conftest import eventually, record_commits, user_key
 from tracker.errors import LettaUnavailable, Unavailable
 from tracker.letta import LettaClient
 from tracker.letta_request import RUN_ID_PATTERN
 from tracker.manager import new_run_id
+from tracker.models import MAX_CANCEL_RUN_IDS
 
 FULL_BODY = {
     "messages": [
@@ -149,12 +150,48 @@ async def test_refusals_record_and_send_nothing(start_tracker, sim, agent):
                                    headers={"Authorization": f"Bearer {t.key}",
                                             "Content-Type": "application/json"})
         assert resp.status == 400, raw
-    resp = await t.post("/v1/agents/not-an-agent/messages/async", {"input": "x"})
-    assert resp.status == 422
-    assert (await resp.json())["detail"][0]["loc"] == ["path", "agent_id"]
+    # an id with a newline after it (%0A) matched the pattern's `$`: a lane of its own
+    for bad in ("not-an-agent", f"{agent}%0A"):
+        resp = await t.post(f"/v1/agents/{bad}/messages/async", {"input": "x"})
+        assert resp.status == 422, bad
+        assert (await resp.json())["detail"][0]["loc"] == ["path", "agent_id"]
+    assert (await t.get(f"/v1/runs/run-{uuid.uuid4()}%0A")).status == 400
     assert sim.received == []
     listing = await (await t.get("/v1/runs")).json()
     assert listing == []
+
+
+async def test_a_chunked_body_past_the_limit_is_refused_before_its_end(start_tracker, agent):
+    """A body sent chunked (no length said) was read whole before its size was checked, and
+    the app reads up to the callbacks' 64 MiB: a client held that much a connection before
+    its 413. It is refused as soon as what came is past server.max_body_bytes."""
+    t = await start_tracker(server={"max_body_bytes": 2**20})
+    url = t.client.make_url("/")
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    writer.write(f"POST /v1/agents/{agent}/messages/async HTTP/1.1\r\nHost: {url.host}\r\n"
+                 f"Authorization: Bearer {t.key}\r\nContent-Type: application/json\r\n"
+                 "Transfer-Encoding: chunked\r\n\r\n".encode())
+    chunk = b"x" * 65536
+    for _ in range(20):  # 1.25 MiB, and the body's end never sent
+        writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+    await writer.drain()
+    try:
+        status = await asyncio.wait_for(reader.readline(), 5)
+    finally:
+        writer.close()
+    assert status.startswith(b"HTTP/1.1 413"), status
+
+
+async def test_a_cancel_names_at_most_so_many_runs(start_tracker, agent):
+    """Each run named is looked up on its own: a 1 MiB body of empty ids held the event loop
+    (every request, every callback) for seconds."""
+    t = await start_tracker()
+    resp = await t.post(f"/v1/agents/{agent}/messages/cancel",
+                        {"run_ids": [""] * (MAX_CANCEL_RUN_IDS + 1)})
+    assert resp.status == 422 and (await resp.json())["detail"][0]["loc"] == ["body", "run_ids"]
+    resp = await t.post(f"/v1/agents/{agent}/messages/cancel",
+                        {"run_ids": [""] * MAX_CANCEL_RUN_IDS})
+    assert resp.status == 200 and await resp.json() == {"": "failed"}
 
 
 async def test_letta_4xx_fails_the_run_and_reaches_the_submitter(start_tracker, sim):
@@ -531,6 +568,29 @@ async def test_an_approval_letta_fails_as_of_other_tool_calls_leaves_the_pause(
     assert (await t.wait_state(right["id"], "done"))["status"] == "completed"
     after = await t.wait_state(waiting["id"], "done")
     assert (after["status"], after["stop_reason"]) == ("completed", "end_turn")
+    assert (await t.run(paused["id"]))["tracker"]["state"] == "done"
+
+
+async def test_only_the_user_whose_run_paused_can_answer_it(start_tracker, sim, agent):
+    """Bob's approval of Alice's paused tool call went ahead of the queue to Letta: it decided
+    Alice's tool call (or, naming another call, Letta's refusal told Bob Alice's call ids),
+    and ended her run's pause. It is refused; Alice's answer goes."""
+    t = await start_tracker()
+    alice, bob = await user_key(t, "alice"), await user_key(t, "bob")
+    paused = await (await t.post(f"/v1/agents/{agent}/messages/async",
+                                 {"input": "[[approval]] do it"}, key=alice)).json()
+    await t.wait_state(paused["id"], "paused")
+    call_id = await asked_call_id(t, paused["id"])
+    approval = {"messages": [{"type": "approval", "approvals": [
+        {"type": "approval", "approve": True, "tool_call_id": call_id}]}]}
+    resp = await t.post(f"/v1/agents/{agent}/messages/async", approval, key=bob)
+    assert resp.status == 409, await resp.text()
+    assert "another user's run" in (await resp.json())["detail"]
+    assert len(sim.received) == 1
+    assert (await t.run(paused["id"]))["tracker"]["state"] == "paused"
+    resp = await t.post(f"/v1/agents/{agent}/messages/async", approval, key=alice)
+    assert resp.status == 200, await resp.text()
+    await t.wait_state((await resp.json())["id"], "done")
     assert (await t.run(paused["id"]))["tracker"]["state"] == "done"
 
 

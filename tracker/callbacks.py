@@ -25,7 +25,7 @@ from tracker.errors import (
 )
 from tracker.letta import LettaClient
 from tracker.models import LettaCallback, LettaCallbackShape
-from tracker.parsing import MAX_DEPTH, loads, within
+from tracker.parsing import MAX_DEPTH, loads, read_body
 from tracker.reconcile import names_token
 from tracker.store import Store, Verdict
 
@@ -117,11 +117,7 @@ async def receive(request: web.Request, signer: CallbackSigner, store: Store,
     try:
         # ``limit``: callbacks.max_body_bytes, where the app's own limit is another's (the
         # service's port takes submits too); checked inline, on Letta's 5 s path
-        if limit is not None:
-            within(limit, request.content_length)
-        raw = await request.read()
-        if limit is not None:
-            within(limit, len(raw))  # sent chunked: no length said
+        raw = await (request.read() if limit is None else read_body(request, limit))
         body = parse_callback(raw, LettaCallbackShape)
         verdict = await store.accept_callback(run_id, body.run_id, raw)
         if verdict == Verdict.UNVERIFIED:

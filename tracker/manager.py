@@ -183,9 +183,11 @@ class Manager:
         # compared only when the key was used before: a submit without one is never a retry
         digest = request_hash(agent_id, body) if idempotency_key else None
         forwarded = ensure_otids(body)
+        kind = "answer" if answers_pause(forwarded) else "message"
+        if kind == "answer":
+            await self._own_pause(user, agent_id)
         config = {k: forwarded.get(k, v) for k, v in REQUEST_CONFIG_DEFAULTS.items()}
-        new = NewRun(id=new_run_id(), user_id=user.id, agent_id=agent_id,
-                     kind="answer" if answers_pause(forwarded) else "message",
+        new = NewRun(id=new_run_id(), user_id=user.id, agent_id=agent_id, kind=kind,
                      request=forwarded, request_config=config,
                      callback_url=forwarded.get("callback_url"),
                      idempotency_key=idempotency_key, request_hash=digest)
@@ -208,6 +210,16 @@ class Manager:
             # follows, and one line per submit is enough
             log.info("run queued", extra={"run_id": run.id, "agent_id": agent_id})
         return run, created
+
+    async def _own_pause(self, user: User, agent_id: str) -> None:
+        """An approval or tool return answers the pause of the user's own run: another user's
+        would decide that user's pending tool calls (or, refused by Letta, learn their ids
+        from its error). Refused here; one sent as a pause began waits behind it instead
+        (the store lets only the pausing user's answers by)."""
+        users = await self.store.paused_by(agent_id)
+        if users and user.id not in users:
+            raise Conflict(f"agent {agent_id} is paused for an approval of another user's run;"
+                           " only that user can answer it (or cancel it)")
 
     # --- what Letta told us ----------------------------------------------------------------
 
@@ -385,7 +397,7 @@ class Manager:
     async def _cancel_targets(self, scope: str | None, agent_id: str,
                               run_ids: list[str] | None) -> dict[str, RunRecord | None]:
         if run_ids is not None:
-            return {r: await self.store.get_run(r, scope) for r in run_ids}
+            return {r: await self.store.get_run(r, scope) for r in dict.fromkeys(run_ids)}
         live = [s.value for s in (State.QUEUED, State.SUBMITTING, *WATCHED, State.PAUSED)]
         # every one, oldest first: a backlog of more than a page behind a stuck run must
         # not leave out that run, the one holding the lane (the oldest)

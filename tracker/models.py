@@ -132,11 +132,16 @@ class LettaCallback(LettaCallbackShape):
     metadata: CallbackMetadata | None = None  # type: ignore[assignment]
 
 
+#: most run_ids one cancel names (Letta sets none; a client cancelling more sends several)
+MAX_CANCEL_RUN_IDS = 1000
+
+
 class CancelRequest(BaseModel):
     """Letta's cancel body: the runs to cancel, or none for all the agent's active runs.
     Other keys are ignored, as Letta's model ignores them."""
 
-    run_ids: list[str] | None = None
+    #: bounded: each is looked up on its own (a 1 MiB body of empty ids held the loop seconds)
+    run_ids: list[str] | None = Field(None, max_length=MAX_CANCEL_RUN_IDS)
 
 
 #: more agent_ids than this are refused: each agent (with several statuses, each agent and

@@ -110,14 +110,30 @@ def within(limit: int, size: int | None) -> None:
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
 
 
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The body, 413 past ``limit`` bytes: at once when its declared length is; sent chunked
+    (no length said), as soon as what came is. The app's own limit (``client_max_size``) is
+    the largest of the routes' (a callback's, 64 MiB): read whole first, a chunked submit
+    was held to that, 64 MiB a connection, before its 413."""
+    within(limit, request.content_length)
+    if request.content_length is not None:
+        raw = await request.read()
+        within(limit, len(raw))  # its length said, but gzipped: what it unpacks to
+        return raw
+    chunks, size = [], 0
+    async for chunk in request.content.iter_any():  # unpacked, when gzipped
+        size += len(chunk)
+        within(limit, size)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def read_json(request: web.Request, limit: int, optional: bool = False) -> Any:
     """The body as JSON: 413 past ``limit`` bytes, 415 for a non-JSON content type, 400 when
     malformed."""
     # media types are case-insensitive (RFC 9110)
     ctype = request.headers.get("Content-Type", "application/json").split(";")[0].strip().lower()
-    within(limit, request.content_length)
-    raw = await request.read()
-    within(limit, len(raw))  # sent chunked: no length said
+    raw = await read_body(request, limit)
     if optional and not raw.strip():
         return None
     if ctype and ctype != "application/json" and not ctype.endswith("+json"):
@@ -135,7 +151,7 @@ def validate(model: type[M], data: Any, where: str = "body") -> M:
 def agent_id(request: web.Request) -> str:
     """The path's agent id, 422 when it is not ``agent-<uuid4>`` (as Letta answers)."""
     value = request.match_info["agent_id"]
-    if not _AGENT_RE.match(value):
+    if not _AGENT_RE.fullmatch(value):
         raise Invalid([{"loc": ["path", "agent_id"], "type": "string_pattern_mismatch",
                         "msg": f"String should match pattern '{AGENT_ID_PATTERN}'"}])
     return value
@@ -145,7 +161,7 @@ def run_id(request: web.Request) -> str:
     """The path's run id (ours or Letta's), 400 when it is not ``run-<uuid4>``, with Letta's
     words: a client sees what Letta would tell it, not a 404 for an id that cannot exist."""
     value = request.match_info["run_id"]
-    if not _RUN_RE.match(value):
+    if not _RUN_RE.fullmatch(value):
         raise BadRequest(f"INVALID_ARGUMENT: Invalid run ID format: {value}."
                          " Expected format: 'run-<uuid4>'")
     return value

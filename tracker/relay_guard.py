@@ -42,8 +42,10 @@ def refusal(address: str, allow_private: bool) -> str | None:
         ip = _unwrap(ipaddress.ip_address(address))
     except ValueError:
         return f"unparsable address {address!r}"
-    # never useful to a webhook, and the metadata service hands out credentials
-    if ip in METADATA or ip.is_multicast or ip.is_unspecified:
+    # never useful to a webhook, and the metadata service hands out credentials; link-local
+    # is where such services live (AWS ECS's task credentials at 169.254.170.2, Oracle's at
+    # 192.0.0.192 aside), so allow_private (for receivers on a private network) leaves it out
+    if ip in METADATA or ip.is_multicast or ip.is_unspecified or ip.is_link_local:
         return f"address {ip} is never allowed"
     if allow_private or (ip.is_global and not ip.is_reserved):
         return None

@@ -26,7 +26,7 @@ _AGENT_ID = re.compile(AGENT_ID_PATTERN)
 
 def agent_id_errors(agent_id: str) -> list[ErrorItem]:
     """The path error for a malformed agent id, if any."""
-    return [] if _AGENT_ID.match(agent_id) else [agent_id_mismatch(agent_id)]
+    return [] if _AGENT_ID.fullmatch(agent_id) else [agent_id_mismatch(agent_id)]
 
 
 async def json_body(request: web.Request, *, required: bool = True) -> tuple[Any, list[ErrorItem]]:

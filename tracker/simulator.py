@@ -167,7 +167,7 @@ class Simulator:
 
     def lookup_run(self, run_id: str) -> SimRun:
         """The run, or Letta's 400 (malformed id) / 404 (unknown)."""
-        if not _RUN_ID.match(run_id):
+        if not _RUN_ID.fullmatch(run_id):
             raise invalid_run_id(run_id)
         run = self.store.get(run_id)
         if run is None:

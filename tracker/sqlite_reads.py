@@ -47,6 +47,13 @@ class RunReads(SQLiteDB):
             f"SELECT {SUMMARY_COLS} FROM runs WHERE id IN ({marks(len(ids))})", ids)
         return {run.id: run for run in as_runs(rows)}
 
+    async def paused_by(self, agent_id: str) -> set[str]:
+        """The users whose runs of the agent are paused for an approval."""
+        live, states = live_runs((State.PAUSED,))
+        rows = await self._read(f"SELECT user_id FROM {live} AND agent_id = ?",
+                                (*states, agent_id))
+        return {r[0] for r in rows}
+
     async def _find(self, cols_from: str, run_id: str, user_id: str | None
                     ) -> list[sqlite3.Row]:
         """``SELECT {cols_from}`` the run with that tracker or Letta id (and user)."""

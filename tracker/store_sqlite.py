@@ -26,7 +26,7 @@ from tracker.sqlite_queries import (
     marks,
 )
 from tracker.sqlite_reads import RunReads
-from tracker.states import FINAL, LANE_BUSY, Source, State, ends_pause
+from tracker.states import ANSWERED, FINAL, LANE_BUSY, Source, State, ends_pause
 from tracker.store import Add, Event, NewRun, RunRecord
 
 #: the payloads of the runs whose seqs a subquery selects (prune's counts: they are deleted
@@ -135,14 +135,14 @@ class SQLiteStore(RunReads, CallbackInbox, Accounts, Deliveries, GroupCommit):
         if parallel:
             return True
         live, states = live_runs((*LANE_BUSY, State.PAUSED))
-        held = {r[0] for r in db.execute(
-            f"SELECT state FROM {live} AND agent_id = ?", (*states, new.agent_id))}
-        if held - {State.PAUSED} or (held and new.kind != "answer"):
+        held = db.execute(f"SELECT state, user_id FROM {live} AND agent_id = ?",
+                          (*states, new.agent_id)).fetchall()
+        if held and not _answers(new.kind, new.user_id, held):
             return False
-        ahead = "AND kind = 'answer'" if held else ""
+        ahead, args = ("AND kind = 'answer' AND user_id = ?", (new.user_id,)) if held else ("", ())
         earlier = db.execute(
             f"SELECT 1 FROM runs WHERE state = 'queued' AND agent_id = ? {ahead} LIMIT 1",
-            (new.agent_id,)).fetchall()
+            (new.agent_id, *args)).fetchall()
         return not earlier
 
     def _answer_pause(self, db: sqlite3.Connection, answer: RunRecord, source: str) -> None:
@@ -153,10 +153,11 @@ class SQLiteStore(RunReads, CallbackInbox, Accounts, Deliveries, GroupCommit):
         now: retention counts from now, not from the pause (a pause longer than keep_days
         was pruned as it ended)."""
         now = clock.iso()
+        # only its own user's pause: another's answer never goes ahead of it (_answers)
         rows = db.execute(
             "UPDATE runs SET state = 'done', recorded_at = ? WHERE agent_id = ?"
-            " AND state = 'paused' AND seq < ? RETURNING id, status",
-            (now, answer.agent_id, answer.seq)).fetchall()
+            " AND state = 'paused' AND user_id = ? AND seq < ? RETURNING id, status",
+            (now, answer.agent_id, answer.user_id, answer.seq)).fetchall()
         for run_id, status in rows:
             self._add_event(db, run_id, Event(source, "answered", {"by": answer.id}),
                             State.DONE, status, now)
@@ -179,25 +180,26 @@ class SQLiteStore(RunReads, CallbackInbox, Accounts, Deliveries, GroupCommit):
         busy_states = (*LANE_BUSY, State.PAUSED)
         agent_sql = " AND agent_id = ?" if agent_id else ""
         agent_arg = (agent_id,) if agent_id else ()
-        lanes: dict[str, set[str]] = {}
+        lanes: dict[str, list[tuple[str, str]]] = {}
         heads = dict(db.execute(
             "SELECT agent_id, min(seq) FROM runs WHERE state = 'queued'" + agent_sql
             + " GROUP BY agent_id", agent_arg))
         if not heads:
             return []
         live, states = live_runs(busy_states)
-        for a, st in db.execute(
-            f"SELECT agent_id, state FROM {live}" + agent_sql, (*states, *agent_arg)
+        for a, st, user in db.execute(
+            f"SELECT agent_id, state, user_id FROM {live}" + agent_sql, (*states, *agent_arg)
         ):
-            lanes.setdefault(a, set()).add(st)
+            lanes.setdefault(a, []).append((st, user))
         ids = []
         for agent, seq in heads.items():
-            held = lanes.get(agent, set())
-            if held - {State.PAUSED}:
+            held = lanes.get(agent, [])
+            if any(st != State.PAUSED for st, _ in held):
                 continue
             where = "agent_id = ? AND state = 'queued'"
-            where += " AND kind = 'answer'" if held else " AND seq = ?"
-            args = (agent,) if held else (agent, seq)
+            # paused: the oldest answer by the user whose run paused goes ahead (_answers)
+            where += " AND kind = 'answer' AND user_id = ?" if held else " AND seq = ?"
+            args = (agent, held[0][1]) if held else (agent, seq)
             rows = db.execute(
                 f"SELECT id, next_check_at FROM runs WHERE {where} ORDER BY seq LIMIT 1",
                 args).fetchall()
@@ -224,7 +226,15 @@ class SQLiteStore(RunReads, CallbackInbox, Accounts, Deliveries, GroupCommit):
         payload_sql = (f"UPDATE run_payloads SET {', '.join(f'{k} = ?' for k in payload)}"
                        " WHERE seq = ?")
 
+        # an answer ends the pause it answers as it comes to an end (ANSWERED), not again on a
+        # later write to it (a late send's answer recorded against it, an overwrite): by then
+        # a later message may have paused the agent, which this answer never saw
+        from_answered = bool(ANSWERED.intersection(expect))
+
         def op(db: sqlite3.Connection, batch: Batch) -> RunRecord | None:
+            was = from_answered and db.execute(
+                "SELECT state FROM runs WHERE id = ? AND kind = 'answer'", (run_id,)).fetchone()
+            ended = bool(was) and was[0] in ANSWERED
             try:
                 rows = db.execute(sql, (*values, run_id, *expect,
                                         *((unless_status,) if unless_status else ()))).fetchall()
@@ -233,7 +243,8 @@ class SQLiteStore(RunReads, CallbackInbox, Accounts, Deliveries, GroupCommit):
             if not rows:
                 return None
             run = as_run(rows[0])
-            if run.kind == "answer" and ends_pause(run.state, run.status, run.metadata):
+            if run.kind == "answer" and not ended \
+                    and ends_pause(run.state, run.status, run.metadata):
                 self._answer_pause(db, run, event.source if event else Source.DISPATCH)
             if payload:
                 db.execute(payload_sql, (*payload.values(), run.seq))
@@ -350,3 +361,10 @@ class SQLiteStore(RunReads, CallbackInbox, Accounts, Deliveries, GroupCommit):
         ):
             deleted[table] = db.execute(sql, ids).rowcount
         return deleted
+
+
+def _answers(kind: str, user_id: str, held: list) -> bool:
+    """Whether a run may go ahead of its agent's live runs (``held``, of (state, user_id)):
+    only an answer to a pause, by the user whose run paused. Another user's approval would
+    decide (or learn, from Letta's refusal naming them) that user's pending tool calls."""
+    return kind == "answer" and all(st == State.PAUSED and user == user_id for st, user in held)
