@@ -284,12 +284,19 @@ async def test_a_worker_refuses_what_the_service_refuses(workers_tracker):
 
 
 async def test_a_worker_that_dies_is_restarted(workers_tracker, agent):
+    """And /healthz is degraded, naming it, until it is back (callbacks to its port may find
+    no worker meanwhile)."""
     t = await workers_tracker(1)
     [pid] = t.app[WORKERS].pids()
     os.kill(pid, signal.SIGKILL)
+    await eventually(lambda: t.svc.stopped)
+    resp = await t.client.get("/healthz")
+    assert resp.status == 503 and (await resp.json())["stopped"] == ["callback-worker-0"]
     await eventually(lambda: t.app[WORKERS].pids() not in ([pid], []), timeout=15)
     [new] = t.app[WORKERS].pids()
     assert alive(new) and not alive(pid)
+    await eventually(lambda: not t.svc.stopped)  # once it listens
+    assert (await t.client.get("/healthz")).status == 200
     await eventually(lambda: 0 in t.svc.applier.remote)  # it reports again
     run = await t.submit(agent)
     done = await t.wait_state(run["id"], "done")
@@ -375,6 +382,24 @@ async def test_what_a_dying_worker_filed_is_applied_without_waiting_for_another(
     os.kill(pid, signal.SIGKILL)
     done = await t.wait_state(run["id"], "done", timeout=3)
     assert done["tracker"]["completed_via"] == "callback"
+
+
+async def test_a_worker_ended_while_the_service_stops_is_not_started_again(
+        workers_tracker, monkeypatch):
+    """A SIGTERM to the whole process group (systemd's default) ends the workers as the
+    service begins its stop; while it waited for its requests in flight, each was started
+    again, "exited; restarting it" logged as an error."""
+    from tracker import workers as workers_module
+
+    monkeypatch.setattr(workers_module, "RESTART_S", 0.05)
+    t = await workers_tracker(1)
+    [w] = t.app[WORKERS]._workers.values()
+    await t.app.shutdown()  # the stop's start: on_shutdown, before the requests' wait
+    os.kill(w.process.pid, signal.SIGTERM)
+    await eventually(lambda: w.conn.closed)  # its end seen
+    await asyncio.sleep(1.0)
+    named = [p for p in multiprocessing.active_children() if p.name == "tracker-callbacks-0"]
+    assert named == [] and not t.app[WORKERS]._restarts
 
 
 async def test_stopping_the_tracker_stops_its_workers(workers_tracker):

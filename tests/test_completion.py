@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import eventually
 from tracker import clock
 from tracker.callbacks import CallbackSigner
-from tracker.errors import LettaError, LettaUnavailable, NotFound
+from tracker.errors import LettaError, LettaUnavailable, NotFound, Unavailable
 from tracker.reconcile import find_in_letta
 from tracker.sim_shapes import callback_json, utcnow
 from tracker.states import WATCHED, State
@@ -1322,6 +1322,26 @@ async def test_a_loop_ended_by_an_error_is_restarted_and_healthz_says_so_meanwhi
     assert "callback-applier stopped by an error" in caplog.text
     run = await t.submit(agent, "applied once the applier is back")
     assert (await t.wait_state(run["id"], "done"))["tracker"]["completed_via"] == "callback"
+    assert (await t.client.get("/healthz")).status == 200
+
+
+async def test_healthz_sees_the_database_take_writes_again_on_an_idle_service(start_tracker,
+                                                                              monkeypatch):
+    """A failed write (a full disk, a lock held past the busy timeout) marked the store
+    unwritable until a write succeeded: an idle service writes nothing, so /healthz said 503
+    for good, and a balancer that sends traffic only to a healthy service never sent any."""
+    from tracker import sqlite_db
+
+    monkeypatch.setattr(sqlite_db, "WRITE_RETEST_S", 0.0)
+    t = await start_tracker()
+    store = t.svc.store
+    store._db.execute("PRAGMA query_only = 1")  # writes fail, as on a full disk
+    with pytest.raises(Unavailable):
+        await store._write(lambda db: db.execute(
+            "INSERT OR REPLACE INTO settings (key, value) VALUES ('x', 'y')"))
+    resp = await t.client.get("/healthz")
+    assert resp.status == 503 and (await resp.json())["database"] is False
+    store._db.execute("PRAGMA query_only = 0")
     assert (await t.client.get("/healthz")).status == 200
 
 

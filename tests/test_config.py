@@ -10,6 +10,7 @@ from tracker import logs_redact
 from tracker.cli import build_parser
 from tracker.cli_client import tracker_url
 from tracker.config import SECRET_MIN, load_config
+from tracker.config import warnings as config_warnings
 from tracker.errors import ConfigError
 
 
@@ -123,3 +124,61 @@ def test_example_config_is_the_defaults():
     """config.example.toml lists every key with its default: it loads, and equals them."""
     example = Path(__file__).resolve().parents[1] / "config.example.toml"
     assert load_config(example, environ={}) == load_config(None, environ={})
+
+
+@pytest.mark.parametrize(("toml", "key"), [
+    ("[relay]\nretry_schedule_s = [0, nan]\n", "relay.retry_schedule_s.1"),
+    ("[retention]\nkeep_days = inf\n", "retention.keep_days"),
+    ("[polling]\nmax_interval_s = inf\n", "polling.max_interval_s"),
+])
+def test_inf_and_nan_are_refused(tmp_path, toml: str, key: str):
+    """TOML writes them: a nan passed every bound (``min`` of [0, nan] is 0), and an inf
+    keep_days overflowed the retention's date at each of its rounds."""
+    path = tmp_path / "cfg.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError) as e:
+        load_config(path, environ={})
+    assert f"invalid config key {key!r}" in e.value.detail
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///"])
+def test_a_database_url_without_a_path_is_refused(url: str):
+    """``sqlite:///$DB`` with DB unset ran on a database in memory: every run and key lost at
+    each restart, a new admin key printed each time."""
+    assert "has no path" in refused(DATABASE__URL=url)
+    assert load_config(None, environ={"TRACKER_DATABASE__URL": "sqlite:///:memory:"})
+
+
+def test_an_unreadable_config_file_is_one_line_not_a_traceback(tmp_path):
+    for path, says in ((tmp_path, "cannot read config file"),
+                       (tmp_path / "latin1.toml", "is not UTF-8 text")):
+        if path != tmp_path:
+            path.write_bytes(b"[server]\nhost = \"caf\xe9\"\n")
+        with pytest.raises(ConfigError) as e:
+            load_config(path, environ={})
+        assert says in e.value.detail, e.value.detail
+
+
+def test_workers_past_the_last_port_are_refused():
+    assert "server.port + 1" in refused(SERVER__PORT="65535", CALLBACKS__WORKERS="2",
+                                        DATABASE__URL="sqlite:///x.db")
+
+
+@pytest.mark.parametrize(("env", "says"), [
+    ({"AUTH__REQUIRED": "false", "SERVER__HOST": "0.0.0.0"}, "acts as an admin"),
+    ({"SERVER__HOST": "0.0.0.0"}, "only a Letta on this machine can reach"),
+    ({"SERVER__HOST": "::"}, "only a Letta on this machine can reach"),
+])
+def test_start_up_warns_of_a_configuration_likely_not_meant(env: dict[str, str], says: str):
+    cfg = load_config(None, environ={f"TRACKER_{k}": v for k, v in env.items()})
+    assert any(says in w for w in config_warnings(cfg)), config_warnings(cfg)
+
+
+@pytest.mark.parametrize("env", [
+    {},  # 127.0.0.1, auth required
+    {"AUTH__REQUIRED": "false"},  # on loopback only
+    {"SERVER__HOST": "0.0.0.0", "SERVER__PUBLIC_URL": "http://tracker.internal:8080"},
+])
+def test_no_warning_for_what_is_meant(env: dict[str, str]):
+    cfg = load_config(None, environ={f"TRACKER_{k}": v for k, v in env.items()})
+    assert config_warnings(cfg) == []

@@ -49,6 +49,7 @@ async def test_no_key_bad_key_revoked_key(start_tracker, sim):
     assert (await t.get("/v1/runs", key=key)).status == 401
     # public routes need no key
     assert (await t.client.get("/healthz")).status == 200
+    assert (await t.client.head("/healthz")).status == 200  # a probe may send HEAD
     assert (await t.client.get("/openapi.json")).status == 200
 
 

@@ -224,8 +224,8 @@ async def letta_callback(request: web.Request) -> web.Response:
 async def healthz(request: web.Request) -> web.Response:
     svc = _svc(request)
     try:
-        # reachable for reads, and the last write did not fail (full disk, read-only file)
-        ok = await svc.store.ping() and svc.store.writable
+        # reachable for reads, and takes writes (full disk, read-only file)
+        ok = await svc.store.ping()
     except TrackerError:
         ok = False
     body: dict[str, Any] = {"status": "ok" if ok and not svc.stopped else "degraded",
@@ -284,7 +284,10 @@ ROUTES: list[Route] = [
 
 def add_routes(app: web.Application) -> None:
     for r in ROUTES:
-        app.router.add_route(r.method, r.path, r.handler)
+        if r.method == "GET":  # and HEAD, as HTTP asks (a probe may send one to /healthz)
+            app.router.add_get(r.path, r.handler)
+        else:
+            app.router.add_route(r.method, r.path, r.handler)
 
 
 def is_public(path: str) -> bool:

@@ -74,6 +74,7 @@ def create_app(cfg: Config, show_key: Callable[[str], None] | None = None) -> we
         _workers_ctx,  # before anything is sent: Letta may call back on the workers' port
         _background_ctx,
     ]))
+    app.on_shutdown.append(_workers_stopping)
     return app
 
 
@@ -168,12 +169,20 @@ async def _services_ctx(app: web.Application, cfg: Config) -> AsyncIterator[None
     yield
 
 
+async def _workers_stopping(app: web.Application) -> None:
+    """At the stop's start (before the requests in flight are waited for): a worker ending
+    from now on is not started again (``Workers.stopping``)."""
+    if WORKERS in app:
+        app[WORKERS].stopping()
+
+
 async def _workers_ctx(app: web.Application) -> AsyncIterator[None]:
     svc = app[SERVICES]
     if not svc.cfg.callbacks.workers:
         yield
         return
-    workers = app[WORKERS] = Workers(svc.cfg, svc.signer.secret, svc.applier, app[METRICS])
+    workers = app[WORKERS] = Workers(svc.cfg, svc.signer.secret, svc.applier, app[METRICS],
+                                     down=svc.stopped)
     await workers.start()
     yield
     await workers.stop()

@@ -18,6 +18,7 @@ from aiohttp import web
 from tracker import __version__, logs
 from tracker.cli_args import add_config_option, bounded
 from tracker.config import Config, checked, load_config, url_host
+from tracker.config import warnings as config_warnings
 from tracker.errors import ConfigError, TrackerError, Unavailable
 
 if TYPE_CHECKING:
@@ -47,6 +48,8 @@ def _serve(cfg: Config, args: argparse.Namespace) -> int:
     loop = event_loop(cfg.server.event_loop)
     log.info("tracker %s starting: database %s, Letta at %s, event loop %s", __version__,
              cfg.database.url, cfg.letta.base_url, type(loop).__module__.split(".")[0])
+    for warning in config_warnings(cfg):
+        log.warning("%s", warning)
     app = create_app(cfg, show_key=show_first_key)
     app.on_startup.append(tune_gc)
     # run_app calls ``print`` once the port is open: after start-up, migrations included
@@ -151,12 +154,18 @@ def _with_store(fn: Callable, creates: bool = False,
     def run(cfg: Config, args: argparse.Namespace) -> int:
         from tracker.store import open_store
 
+        # the store's own lines: a migration's progress (v6 takes minutes on a large
+        # history), a slow checkpoint; and the CLI's warnings go through the log's redactor
+        logs.setup(cfg.logging.level, cfg.logging.format)
+
         async def go() -> int:
             store = open_store(cfg.database.url, cfg.database.synchronous)
             path = getattr(store, "path", ":memory:")
             args.created = creates and path != ":memory:" and not os.path.exists(path)
-            await store.open(creates)
             try:
+                # in the try: an open failing once its reader's thread ran left that thread,
+                # no daemon, keeping the process from exiting
+                await store.open(creates)
                 if not any_schema:
                     await _current_schema(store)
                 return await fn(store, args) or 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import tomllib
@@ -30,7 +31,9 @@ SECRET_MIN = 16
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # TOML writes inf and nan: neither is a duration, a count or a schedule (a nan passed
+    # every bound, and an inf keep_days overflowed the retention's date at each round)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def http_url(v: str, userinfo: str = "must not carry a user name or password") -> str:
@@ -110,6 +113,11 @@ class DatabaseConfig(Section):
     def _sqlite_url(cls, v: str) -> str:
         if not v.startswith("sqlite://"):
             raise ValueError("must be sqlite:///PATH (or sqlite:///:memory:), the only store")
+        # an empty path (``sqlite:///$DB`` with DB unset) opened a database in memory: runs,
+        # keys and all gone at every restart. In memory only when said so
+        if not v.removeprefix("sqlite://").removeprefix("/"):
+            raise ValueError("has no path: sqlite:///PATH (sqlite:///:memory: for a database"
+                             " in memory, gone when the process ends)")
         return v
 
 
@@ -234,6 +242,9 @@ class Config(Section):
         if not self.callbacks.port and not self.server.port:
             raise ValueError("callbacks.port is needed with callbacks.workers when "
                              "server.port is 0 (any free port)")
+        if self.callback_port() > 65535:
+            raise ValueError("callbacks.port is needed with callbacks.workers when server.port"
+                             " is 65535: the workers' port would be server.port + 1")
         if self.callback_port() == self.server.port:
             raise ValueError("callbacks.port must differ from server.port: the callback "
                              "workers listen on a port of their own")
@@ -288,6 +299,34 @@ def _first_error(err: ValidationError, origin: str) -> ConfigError:
                        f" {e['msg'].removeprefix('Value error, ')}")
 
 
+#: hosts that mean every interface: no address another machine could reach
+WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def warnings(cfg: Config) -> list[str]:
+    """What the service should say at start-up of a configuration it runs with but which is
+    likely not what was meant."""
+    out = []
+    if not cfg.auth.required and not _loopback(cfg.server.host):
+        out.append(f"auth.required = false while listening on {cfg.server.host!r}: anyone who"
+                   " reaches the port acts as an admin")
+    if (urlsplit(cfg.callback_base()).hostname or "") in WILDCARD_HOSTS:
+        out.append(f"Letta is handed callback URLs at {cfg.callback_base()}, which only a"
+                   " Letta on this machine can reach: set server.public_url (and"
+                   " callbacks.public_url with callback workers) to the address Letta reaches"
+                   " this service at; until then outcomes are learnt by polling")
+    return out
+
+
 def checked(cfg: Config, origin: str = "command line") -> Config:
     """``cfg`` checked again as a whole, after changes made to it key by key."""
     try:
@@ -303,9 +342,13 @@ def load_config(path: str | Path | None = None, environ: dict[str, str] | None =
     if path:
         origin = str(path)
         try:
-            data = tomllib.loads(Path(path).read_text())
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
+        except OSError as e:  # not readable by this user, a directory
+            raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {path} is not UTF-8 text: {e}") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
     _apply_env(data, dict(os.environ if environ is None else environ))

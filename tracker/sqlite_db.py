@@ -24,11 +24,17 @@ from typing import Any
 
 import aiosqlite
 
+from tracker import clock
 from tracker.errors import Unavailable
 from tracker.migrations import LATEST, MIGRATIONS
 from tracker.service_lock import ServiceLock
 
 log = logging.getLogger("tracker.store")
+
+#: seconds after a failed write before /healthz tries one of its own (``ping``): a small
+#: write may go where the one that failed did not (a full disk's last free pages), so not at
+#: once, while a client's retries still meet the fault
+WRITE_RETEST_S = 5.0
 
 
 class MalformedJSON(Unavailable):
@@ -236,6 +242,7 @@ class SQLiteDB:
         self._ck_frames = -1  # the WAL's frames at the last checkpoint's end
         self._file: int | None = None  # the database file, for _sync_database
         self.writable = True  # False from a failed write until the next one succeeds
+        self._failed_at = 0.0  # when a write last failed (monotonic; see ping)
         self.flooding: Callable[[], bool] = lambda: False  # set by the service (Store)
         self.alone: Callable[[], bool] = lambda: False  # likewise
         self._service_lock: ServiceLock | None = None
@@ -449,6 +456,7 @@ class SQLiteDB:
                 if isinstance(e, sqlite3.IntegrityError):
                     raise
                 self.writable = False
+                self._failed_at = time.monotonic()
                 raise Unavailable(f"database write failed: {e}") from e
             self.writable = True
             return result
@@ -518,7 +526,18 @@ class SQLiteDB:
         return await self._read(sql, params)
 
     async def ping(self) -> bool:
-        return bool(await self._read("SELECT 1"))
+        """Whether the database answers reads and takes writes. Some time after a failed
+        write (a full disk, a lock held past the busy timeout: ``WRITE_RETEST_S``), whether
+        a write goes now: an idle service writes nothing else, so /healthz said 503 until
+        traffic came, and a balancer that sends traffic only to a healthy service never
+        sent it."""
+        if not await self._read("SELECT 1"):
+            return False
+        if not self.writable and time.monotonic() - self._failed_at >= WRITE_RETEST_S:
+            await self._write(lambda db: db.execute(
+                "INSERT OR REPLACE INTO settings (key, value) VALUES ('health_write', ?)",
+                (clock.iso(),)))
+        return self.writable
 
     async def schema_version(self) -> int:
         return (await self._read("PRAGMA user_version"))[0][0]

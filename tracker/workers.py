@@ -52,8 +52,12 @@ class _Worker:
 class Workers:
     """Starts ``cfg.callbacks.workers`` callback workers and keeps them running."""
 
-    def __init__(self, cfg: Config, secret: str, applier: Applier, metrics: Metrics) -> None:
+    def __init__(self, cfg: Config, secret: str, applier: Applier, metrics: Metrics,
+                 down: set[str] | None = None) -> None:
         self.cfg = cfg
+        #: the workers gone and not started again yet, by name (the service's ``stopped``:
+        #: /healthz is degraded meanwhile, as callbacks to their port may find none)
+        self.down = set() if down is None else down
         self.secret = secret
         self.applier = applier
         self.metrics = metrics
@@ -140,6 +144,7 @@ class Workers:
             return
         log.error("callback worker %d exited with code %s; restarting it", w.index,
                   w.process.exitcode)
+        self.down.add(_name(w.index))
         task = asyncio.create_task(self._restart(w))
         self._restarts.add(task)
         task.add_done_callback(self._restarts.discard)
@@ -148,21 +153,30 @@ class Workers:
         i = dead.index
         if asyncio.get_running_loop().time() - dead.started > STABLE_S:
             self._failures[i] = 0
-        while not self._stopping:
+        while True:
             delay = min(RESTART_S * 2 ** self._failures.get(i, 0), RESTART_MAX_S)
             self._failures[i] = self._failures.get(i, 0) + 1
             await asyncio.sleep(delay)
+            if self._stopping:  # the service began to stop meanwhile
+                return
             try:
                 await self._start(i)
                 log.info("callback worker %d restarted", i)
+                self.down.discard(_name(i))
                 return
             except WorkerFailed as e:
                 log.error("%s", e.detail)
 
+    def stopping(self) -> None:
+        """The service is stopping: a worker that ends from now on is not started again.
+        A SIGTERM to the whole process group (systemd's default, ``timeout``'s) ends the
+        workers first, and each was started again during the service's stop."""
+        self._stopping = True
+
     async def stop(self) -> None:
         """Stop every worker: each answers the callbacks it has taken, then exits (SIGTERM);
         one that does not within ``STOP_S`` is killed."""
-        self._stopping = True
+        self.stopping()
         tasks = [*self._exits, *self._restarts]
         for task in tasks:
             task.cancel()
@@ -185,3 +199,7 @@ class Workers:
     def pids(self) -> list[int]:
         """The workers' process ids (for tests and the log)."""
         return [w.process.pid for w in self._workers.values() if w.process.pid is not None]
+
+
+def _name(index: int) -> str:
+    return f"callback-worker-{index}"
