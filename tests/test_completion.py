@@ -253,7 +253,11 @@ async def test_stuck_run_is_flagged_and_can_be_cancelled(start_tracker, sim, age
     polls = stuck["tracker"]["poll_count"]
     behind = await t.submit(agent, "next")  # Letta may yet be at work: the lane is held
     await asyncio.sleep(1.5)
-    assert (await t.run(run["id"]))["tracker"]["poll_count"] > polls
+    polled = (await t.run(run["id"]))["tracker"]["poll_count"]
+    assert polled > polls
+    # a poll that finds Letta's status as it was adds no event: one a poll (288 a day at
+    # polling.max_interval_s) filled the timeline of a run stuck for good
+    assert (await kinds(t, run["id"])).count("still_active") < polled - 1
     assert (await t.run(behind["id"]))["tracker"]["state"] == "queued" and len(sim.received) == 1
     resp = await t.post(f"/v1/agents/{agent}/messages/cancel", {"run_ids": [run["id"]]})
     assert await resp.json() == {run["id"]: "cancelled"}
@@ -281,6 +285,36 @@ async def test_cancelled_then_overwritten_settles_on_completed(start_tracker, si
     assert final["status"] == "completed" and final["stop_reason"] == "end_turn"
     timeline = await kinds(t, run["id"])
     assert "cancel_seen" in timeline and "completed" in timeline
+
+
+async def test_two_reports_that_read_the_run_cancelled_overwrite_it_once(
+        start_tracker, sim, agent):
+    """A callback and a poll that both read the run cancelled before either recorded
+    Letta's overwrite to completed each recorded it: two `overwritten` events, and two
+    deliveries to the user's callback_url, each with its own webhook id."""
+    from tracker.manager import Observation
+
+    t = await start_tracker()
+    run = await t.submit(agent, "hi")
+    await t.wait_state(run["id"], "done")
+    store, manager = t.svc.store, t.svc.manager
+    await store.transition(run["id"], None, (State.DONE,), {"status": "cancelled"}, None)
+    stale = await store.get_run(run["id"])
+    obs = Observation(letta_run_id=stale.letta_run_id, status="completed",
+                      stop_reason="end_turn")
+    first = await manager._settled(stale, obs, "callback", {})
+    assert first.status == "completed"
+    real_get = store.get_run
+    store.get_run = lambda *a, **k: _as_read(stale)  # the second read the run before it
+    try:
+        await manager._settled(stale, obs, "poll", {})
+    finally:
+        store.get_run = real_get
+    assert (await kinds(t, run["id"])).count("overwritten") == 1
+
+
+async def _as_read(run):
+    return run
 
 
 async def test_a_cancel_polled_within_the_confirm_window_is_not_final(

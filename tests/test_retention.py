@@ -168,7 +168,9 @@ async def test_prune_seeks_the_finish_time_index_batch_after_batch(store, monkey
     assert all([await store.get_run(r) for r in waiting])
     plans = {sql: " | ".join(row[3] for row in store._db.execute(f"EXPLAIN QUERY PLAN {sql}"))
              for sql in statements if sql.startswith(("SELECT", "DELETE"))}
-    assert not [p for p in plans.values() if "SCAN" in p], plans
+    # the counts left at zero are found by a scan, once a prune: their table has a row a
+    # user, agent, state and outcome, not a run
+    assert [p for p in plans.values() if "SCAN" in p] == ["SCAN run_counts"], plans
     # the batches' selections (the others count the payloads going with them)
     selections = {sql: p for sql, p in plans.items() if sql.startswith("SELECT recorded_at")}
     assert len(selections) == 4, plans  # 2 + 2 + 1 runs, then none

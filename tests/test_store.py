@@ -372,6 +372,9 @@ async def test_prune_removes_old_finished_runs_only(store):
     removed = await store.prune("2021-01-01T00:00:00.000000Z", 10)
     assert removed["runs"] == 1 and removed["run_events"] == 2
     assert await store.get_run(old.id) is None and await store.get_run(live.id) is not None
+    # the counts left at zero go too (kept, agents made and dropped grew them for good)
+    counts = await store._read("SELECT state, n FROM run_counts")
+    assert [tuple(r) for r in counts] == [("queued", 1)]
 
 
 async def test_backup_is_a_consistent_copy(tmp_path, store):
@@ -752,6 +755,27 @@ async def test_a_write_blocked_by_another_process_waits_off_the_loop(store, othe
     await submit(store)  # and the next write is back on the loop
 
 
+async def test_writes_failed_together_by_a_held_lock_all_fail_at_once(store, other,
+                                                                       monkeypatch):
+    """A group commit that met the database locked past the busy timeout ran each of its
+    writes again alone, each waiting its own timeout: the k-th caller answered after k+1 of
+    them, and once the lock went the writes whose callers had given up were committed
+    (their submits then sent, as the clients retried). The lock is the database's, not one
+    write's: every write of the batch fails with it."""
+    from tracker import sqlite_db
+
+    monkeypatch.setattr(sqlite_db, "BUSY_TIMEOUT_MS", 200)
+    other.execute("BEGIN IMMEDIATE")
+    loop = asyncio.get_running_loop()
+    # let go well after the batch's failure (a lone first write's timeout, then the batch's)
+    loop.call_later(0.9, other.execute, "COMMIT")
+    writes = [store.submit(new_run(), Event("api", "submit")) for _ in range(6)]
+    outcomes = await asyncio.gather(*writes, return_exceptions=True)
+    assert all(isinstance(o, Unavailable) for o in outcomes), outcomes
+    await asyncio.sleep(0.5)  # past the lock's end: nothing of theirs committed after it
+    assert await store.list_runs(RunFilter(limit=10)) == []
+
+
 async def test_background_queries_never_scan_a_big_history(tmp_path):
     """On a table that is almost all finished runs, with statistics as after ANALYZE, the
     dispatcher's and poller's queries still read only live runs (never `SCAN runs`)."""
@@ -877,6 +901,33 @@ async def test_wal_starts_over_under_steady_writes(tmp_path, monkeypatch):
     finally:
         await s.close()
     assert len(salts) >= 3
+
+
+async def test_a_checkpoint_failing_outside_sqlite_is_tried_again(tmp_path, monkeypatch,
+                                                                 caplog):
+    """The database file's fdatasync failing (a full disk, EIO: an OSError, no SQLite
+    error) ended the checkpoints for good, and the WAL grew for the rest of the process."""
+    from tracker import sqlite_db
+
+    monkeypatch.setattr(sqlite_db, "CHECKPOINT_EVERY_S", 0.02)
+    s = open_store(f"sqlite:///{tmp_path / 'ck.db'}")
+    await s.open()
+    rounds = []
+    real = s._checkpoint
+
+    async def checkpoint():
+        rounds.append(1)
+        if len(rounds) == 1:
+            raise OSError(28, "No space left on device")
+        await real()
+
+    s._checkpoint = checkpoint
+    try:
+        await eventually(lambda: len(rounds) >= 3)
+        assert not s._checkpointer.done()
+    finally:
+        await s.close()
+    assert "WAL checkpoint failed" in caplog.text
 
 
 async def test_a_flood_of_writes_is_not_held_until_its_wal_is_long(tmp_path, monkeypatch):

@@ -348,7 +348,9 @@ class Manager:
             updated = await self.store.transition(
                 run.id, State.DONE, (State.DONE,), {**fields, "status": obs.status},
                 Event(source, "overwritten", {"status": obs.status, "was": current.status}),
-                relay=True)
+                # two reports (a callback, a poll) that both read it cancelled: one overwrite,
+                # one delivery (two, each its own webhook id, were two outcomes to the user)
+                relay=True, unless_status=obs.status)
             if updated:
                 # counted already, as cancelled: a run is one outcome in the metrics, and a
                 # counter cannot take the first back (the timeline tells of the overwrite)

@@ -319,9 +319,13 @@ class Poller:
                         " lane, messages queued behind it wait: cancel it to let them go",
                         self.p.deadline_s, extra={"run_id": run.id, "agent_id": run.agent_id})
             return
+        # an event only when Letta's status moved (created to running, say): one each poll
+        # of a run stuck for good added 288 a day to its timeline, kept while it lives
+        moved = letta_run.get("status") != run.status
         await self.store.transition(run.id, None, WATCHED, fields,
                                     Event(Source.POLL, "still_active",
-                                          {"status": letta_run.get("status")}),
+                                          {"status": letta_run.get("status")})
+                                    if moved else None,
                                     unless_status=unless)
 
     async def _reschedule_active(self, runs: list[RunRecord]) -> None:

@@ -18,6 +18,18 @@ GATHER_TURNS = 3
 GATHER_ENOUGH = 32
 
 
+#: SQLite's primary result codes that are the database's state, whatever the write:
+#: BUSY, LOCKED, READONLY, IOERR, CORRUPT, FULL, CANTOPEN
+_DATABASE_FAULTS = frozenset({5, 6, 8, 10, 11, 13, 14})
+
+
+def _the_databases(e: BaseException) -> bool:
+    """Whether a batch's failure is the database's (any write would have failed alike)."""
+    cause = e.__cause__ if isinstance(e.__cause__, sqlite3.Error) else e
+    code = getattr(cause, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in _DATABASE_FAULTS
+
+
 @dataclass
 class Batch:
     """What the operations of one group commit leave to be written at its end."""
@@ -91,7 +103,16 @@ class GroupCommit(SQLiteDB):
                 for _, fut in batch:
                     fut.cancel()
                 raise
-            except BaseException:
+            except BaseException as e:
+                if _the_databases(e):
+                    # the database's fault, not one write's (locked past the busy timeout, a
+                    # full disk): each alone waited its own busy timeout, the k-th caller
+                    # answered after k+1 of them, and writes whose callers had given up
+                    # were committed (their submits sent) once the lock went
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(e)
+                    continue
                 # nothing of the batch was committed: run each alone, so only a bad one fails
                 for op, fut in batch:
                     await self._commit_alone(op, fut)

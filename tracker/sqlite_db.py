@@ -331,8 +331,14 @@ class SQLiteDB:
     async def _checkpoints(self) -> None:
         while True:
             await asyncio.sleep(CHECKPOINT_EVERY_S)
-            with contextlib.suppress(sqlite3.Error):
+            try:
                 await self._checkpoint()
+            except sqlite3.Error:
+                pass  # busy, or the disk: the next round tries again
+            except Exception:
+                # an fdatasync's OSError (a full disk, EIO) ended the task: with SQLite's own
+                # checkpoints off, nothing checkpointed again and the WAL grew for good
+                log.exception("WAL checkpoint failed; trying again in %gs", CHECKPOINT_EVERY_S)
 
     async def _checkpoint(self) -> None:
         """Copy the WAL into the database beside the writes, pass after pass while frames

@@ -306,6 +306,11 @@ class SQLiteStore(RunReads, CallbackInbox, Accounts, Deliveries, GroupCommit):
             deleted, key = await self._write(
                 lambda db, after=key: self._prune_batch(db, before, after, batch), slow=True)
             if not deleted:
+                # the counts left at zero (every run of a user's agent in some state gone or
+                # moved on): with agents made and dropped, one per end user say, they were
+                # kept for good, and /v1/stats and /metrics read them all
+                await self._write(lambda db: db.execute("DELETE FROM run_counts WHERE n = 0"),
+                                  slow=True)
                 return totals
             for table, n in deleted.items():
                 totals[table] += n
