@@ -323,7 +323,8 @@ def warnings(cfg: Config) -> list[str]:
         out.append(f"Letta is handed callback URLs at {cfg.callback_base()}, which only a"
                    " Letta on this machine can reach: set server.public_url (and"
                    " callbacks.public_url with callback workers) to the address Letta reaches"
-                   " this service at; until then outcomes are learnt by polling")
+                   " this service at (a Letta elsewhere never calls back: its runs' outcomes"
+                   " are learnt by polling)")
     return out
 
 
