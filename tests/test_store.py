@@ -257,6 +257,22 @@ async def test_only_the_user_whose_run_paused_answers_ahead_of_the_queue(store):
     assert (await store.get_run(first.id)).state is State.DONE
 
 
+async def test_with_parallel_dispatch_another_users_answer_waits_out_the_pause(store):
+    """No lanes, but an answer by another user still never goes to a paused agent: neither
+    claimed as it is inserted nor by the dispatcher's claim, until the pause ends."""
+    first = await submit(store, user="user-a")
+    await store.transition(first.id, State.PAUSED, (State.QUEUED,), {}, None)
+    theirs, _ = await store.submit(new_run(kind="answer", user="user-b"), Event("api", "submit"),
+                                   claim=True)
+    assert theirs.state is State.QUEUED
+    message, _ = await store.submit(new_run(user="user-b"), Event("api", "submit"), claim=True)
+    assert message.state is State.SUBMITTING  # messages go as ever (Letta refuses them)
+    assert await store.claim(serial=False, now=clock.now()) == []
+    await store.transition(first.id, State.DONE, (State.PAUSED,), {}, None)
+    [claimed] = await store.claim(serial=False, now=clock.now())
+    assert claimed.id == theirs.id
+
+
 async def test_a_later_write_to_a_finished_answer_ends_no_later_pause(store):
     """An answer ends the pause it answered once, as it ends: written again later (its send's
     late answer recorded against it), it ended the pause of a message sent after it."""

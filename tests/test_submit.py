@@ -588,10 +588,20 @@ async def test_only_the_user_whose_run_paused_can_answer_it(start_tracker, sim, 
     assert "another user's run" in (await resp.json())["detail"]
     assert len(sim.received) == 1
     assert (await t.run(paused["id"]))["tracker"]["state"] == "paused"
-    resp = await t.post(f"/v1/agents/{agent}/messages/async", approval, key=alice)
+    resp = await t.post(f"/v1/agents/{agent}/messages/async", approval, key=alice,
+                        headers={"Idempotency-Key": "alice-approves"})
     assert resp.status == 200, await resp.text()
-    await t.wait_state((await resp.json())["id"], "done")
+    answered = (await resp.json())["id"]
+    await t.wait_state(answered, "done")
     assert (await t.run(paused["id"]))["tracker"]["state"] == "done"
+    # Bob's run pauses next; Alice's client, its first answer lost, retries the same request:
+    # it answers the run it made, not a 409 for Bob's pause
+    bobs = await (await t.post(f"/v1/agents/{agent}/messages/async",
+                               {"input": "[[approval]] mine"}, key=bob)).json()
+    await t.wait_state(bobs["id"], "paused")
+    resp = await t.post(f"/v1/agents/{agent}/messages/async", approval, key=alice,
+                        headers={"Idempotency-Key": "alice-approves"})
+    assert resp.status == 200 and (await resp.json())["id"] == answered
 
 
 async def test_a_pause_reported_after_its_cancel_neither_pauses_nor_holds_the_lane(

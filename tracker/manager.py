@@ -184,7 +184,8 @@ class Manager:
         digest = request_hash(agent_id, body) if idempotency_key else None
         forwarded = ensure_otids(body)
         kind = "answer" if answers_pause(forwarded) else "message"
-        if kind == "answer":
+        if kind == "answer" and not (idempotency_key and await self.store.run_by_key(
+                user.id, idempotency_key)):  # a retry answers its first run (store.submit)
             await self._own_pause(user, agent_id)
         config = {k: forwarded.get(k, v) for k, v in REQUEST_CONFIG_DEFAULTS.items()}
         new = NewRun(id=new_run_id(), user_id=user.id, agent_id=agent_id, kind=kind,
@@ -214,8 +215,8 @@ class Manager:
     async def _own_pause(self, user: User, agent_id: str) -> None:
         """An approval or tool return answers the pause of the user's own run: another user's
         would decide that user's pending tool calls (or, refused by Letta, learn their ids
-        from its error). Refused here; one sent as a pause began waits behind it instead
-        (the store lets only the pausing user's answers by)."""
+        from its error). Refused here; one sent as a pause began waits it out instead (the
+        store lets no answer by another user's pause, in either dispatch mode)."""
         users = await self.store.paused_by(agent_id)
         if users and user.id not in users:
             raise Conflict(f"agent {agent_id} is paused for an approval of another user's run;"

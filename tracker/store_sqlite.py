@@ -89,17 +89,21 @@ class SQLiteStore(RunReads, CallbackInbox, Accounts, Deliveries, GroupCommit):
             # (and one set of dirtied index pages) serves many submits
             run = await self._batched(op)
         except sqlite3.IntegrityError:
-            if not new.idempotency_key:
+            first = new.idempotency_key and await self.run_by_key(new.user_id,
+                                                                  new.idempotency_key)
+            if not first:
                 raise
-            rows = await self._read(
-                f"SELECT {FULL_COLS} FROM {WITH_PAYLOAD}"
-                " WHERE user_id = ? AND idempotency_key = ?",
-                (new.user_id, new.idempotency_key),
-            )
-            return as_run(rows[0]), False
+            return first, False
         # built inside the transaction: nothing awaits between its commit and the caller's
         # send, so a claimed run is never seen `submitting` with no send of ours behind it
         return run, True
+
+    async def run_by_key(self, user_id: str, idempotency_key: str) -> RunRecord | None:
+        """The user's run submitted with that Idempotency-Key, whole."""
+        rows = await self._read(f"SELECT {FULL_COLS} FROM {WITH_PAYLOAD}"
+                                " WHERE user_id = ? AND idempotency_key = ?",
+                                (user_id, idempotency_key))
+        return as_run(rows[0]) if rows else None
 
     async def claim(self, serial: bool, now: float, agent_id: str | None = None,
                     limit: int = 100) -> list[RunRecord]:
@@ -132,8 +136,9 @@ class SQLiteStore(RunReads, CallbackInbox, Accounts, Deliveries, GroupCommit):
     def _lane_free(self, db: sqlite3.Connection, new: NewRun, parallel: bool) -> bool:
         """Whether a run about to be inserted may go at once: parallel lanes always; a serial
         lane when nothing of its agent is in flight or queued (a pause lets only answers by)."""
-        if parallel:
-            return True
+        if parallel:  # no lanes, but an answer waits out another user's pause (_answers)
+            return new.kind != "answer" or not db.execute(
+                _OTHERS_PAUSE, (new.agent_id, new.user_id)).fetchall()
         live, states = live_runs((*LANE_BUSY, State.PAUSED))
         held = db.execute(f"SELECT state, user_id FROM {live} AND agent_id = ?",
                           (*states, new.agent_id)).fetchall()
@@ -165,7 +170,8 @@ class SQLiteStore(RunReads, CallbackInbox, Accounts, Deliveries, GroupCommit):
     def _due_queued(self, db: sqlite3.Connection, now: float, agent_id: str | None,
                     limit: int) -> list[str]:
         sql = ("SELECT id FROM runs INDEXED BY runs_queue"
-               " WHERE state = 'queued' AND next_check_at <= ?")
+               " WHERE state = 'queued' AND next_check_at <= ?"
+               f" AND NOT (kind = 'answer' AND EXISTS ({_OTHERS_PAUSE_OF_ROW}))")
         params: list[Any] = [now]
         if agent_id:
             sql += " AND agent_id = ?"
@@ -366,6 +372,13 @@ class SQLiteStore(RunReads, CallbackInbox, Accounts, Deliveries, GroupCommit):
         ):
             deleted[table] = db.execute(sql, ids).rowcount
         return deleted
+
+
+#: whether another user's run of the agent is paused (an answer waits it out: _answers)
+_OTHERS_PAUSE = ("SELECT 1 FROM runs WHERE agent_id = ?"
+                 " AND state = 'paused' AND user_id != ? LIMIT 1")
+_OTHERS_PAUSE_OF_ROW = ("SELECT 1 FROM runs AS p WHERE p.agent_id = runs.agent_id"
+                        " AND p.state = 'paused' AND p.user_id != runs.user_id")
 
 
 def _answers(kind: str, user_id: str, held: list) -> bool:
