@@ -303,6 +303,30 @@ async def test_a_worker_that_dies_is_restarted(workers_tracker, agent):
     assert done["tracker"]["completed_via"] == "callback"
 
 
+async def test_a_restart_the_system_refuses_is_tried_again(workers_tracker, monkeypatch):
+    """Making the worker's pipe or process can fail (EMFILE, EAGAIN): the restart caught only
+    a worker's own failure to start, so that ended it silently, the worker never back and
+    /healthz degraded for good."""
+    from tracker import workers as workers_module
+
+    monkeypatch.setattr(workers_module, "RESTART_S", 0.05)
+    t = await workers_tracker(1)
+    pool = t.app[WORKERS]
+    [pid] = pool.pids()
+    real, tries = pool._start, []
+
+    async def start(index):
+        tries.append(index)
+        if len(tries) == 1:
+            raise OSError(24, "Too many open files")
+        await real(index)
+
+    pool._start = start
+    os.kill(pid, signal.SIGKILL)
+    await eventually(lambda: len(tries) >= 2 and not t.svc.stopped, timeout=15)
+    assert pool.pids() != [pid] and alive(pool.pids()[0])
+
+
 async def test_a_worker_slow_to_exit_holds_up_nothing(workers_tracker, agent):
     """A worker gone (its pipe closed) was joined on the event loop, for up to a second:
     every request and callback of the service waited meanwhile."""

@@ -18,9 +18,10 @@ GATHER_TURNS = 3
 GATHER_ENOUGH = 32
 
 
-#: SQLite's primary result codes that are the database's state, whatever the write:
-#: BUSY, LOCKED, READONLY, IOERR, CORRUPT, FULL, CANTOPEN
-_DATABASE_FAULTS = frozenset({5, 6, 8, 10, 11, 13, 14})
+#: SQLite's primary result codes that are the database's state, whatever the write, and met
+#: after the busy timeout's wait: BUSY, LOCKED. Not FULL: a batch's many pages may not fit
+#: where each of its writes alone would (a large callback's among small ones)
+_DATABASE_FAULTS = frozenset({5, 6})
 
 
 def _the_databases(e: BaseException) -> bool:
@@ -105,8 +106,8 @@ class GroupCommit(SQLiteDB):
                 raise
             except BaseException as e:
                 if _the_databases(e):
-                    # the database's fault, not one write's (locked past the busy timeout, a
-                    # full disk): each alone waited its own busy timeout, the k-th caller
+                    # the database's fault, not one write's (locked past the busy timeout):
+                    # each alone waited its own busy timeout, the k-th caller
                     # answered after k+1 of them, and writes whose callers had given up
                     # were committed (their submits sent) once the lock went
                     for _, fut in batch:

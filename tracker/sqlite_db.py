@@ -329,16 +329,25 @@ class SQLiteDB:
         self._checkpointer = asyncio.create_task(self._checkpoints())
 
     async def _checkpoints(self) -> None:
+        failing = False
         while True:
             await asyncio.sleep(CHECKPOINT_EVERY_S)
             try:
                 await self._checkpoint()
             except sqlite3.Error:
-                pass  # busy, or the disk: the next round tries again
+                continue  # busy, or the disk: the next round tries again
             except Exception:
                 # an fdatasync's OSError (a full disk, EIO) ended the task: with SQLite's own
-                # checkpoints off, nothing checkpointed again and the WAL grew for good
-                log.exception("WAL checkpoint failed; trying again in %gs", CHECKPOINT_EVERY_S)
+                # checkpoints off, nothing checkpointed again and the WAL grew for good.
+                # Logged once until a round succeeds (rounds come 4 a second)
+                if not failing:
+                    log.exception("WAL checkpoint failed; trying again every %gs",
+                                  CHECKPOINT_EVERY_S)
+                failing = True
+                continue
+            if failing:
+                log.info("WAL checkpoints succeed again")
+            failing = False
 
     async def _checkpoint(self) -> None:
         """Copy the WAL into the database beside the writes, pass after pass while frames
@@ -540,6 +549,9 @@ class SQLiteDB:
         if not await self._read("SELECT 1"):
             return False
         if not self.writable and time.monotonic() - self._failed_at >= WRITE_RETEST_S:
+            # one probe at a time: those coming meanwhile (no key needed) see the last answer
+            # instead of queueing writes, each up to the busy timeout, ahead of real ones
+            self._failed_at = time.monotonic()
             await self._write(lambda db: db.execute(
                 "INSERT OR REPLACE INTO settings (key, value) VALUES ('health_write', ?)",
                 (clock.iso(),)))

@@ -166,6 +166,8 @@ class Workers:
                 return
             except WorkerFailed as e:
                 log.error("%s", e.detail)
+            except Exception:  # the pipe or the process not made (EMFILE, EAGAIN): again
+                log.exception("callback worker %d could not be started", i)
 
     def stopping(self) -> None:
         """The service is stopping: a worker that ends from now on is not started again.
