@@ -146,6 +146,44 @@ async def test_an_answer_without_a_length_ends_with_its_connection():
     assert srv.connections == 2
 
 
+async def test_a_request_says_it_takes_no_encoding():
+    """Without Accept-Encoding any is acceptable (RFC 9110), and a proxy may gzip what this
+    client does not unpack."""
+    async def echo(request: bytes, n: int) -> bytes:
+        return b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+
+    async with RawServer(echo) as srv:
+        pool = HttpPool(srv.url)
+        await pool.request("GET", "/x")
+        await pool.close()
+    assert b"\r\nAccept-Encoding: identity\r\n" in srv.requests[0]
+
+
+async def test_an_answer_without_a_length_cut_by_a_reset_is_an_error():
+    """A body that ends with its connection, cut short by a reset (not closed): it was taken
+    whole, a truncated body read as the answer."""
+    import socket
+    import struct
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b'HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n{"cut": ')
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # a reset, not a close
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    pool = HttpPool(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    try:
+        with pytest.raises(TransportError):
+            await pool.request("GET", "/x")
+    finally:
+        await pool.close()
+        server.close()
+
+
 async def test_an_interim_answer_is_skipped():
     async def with_continue(request: bytes, n: int) -> bytes:
         return b"HTTP/1.1 100 Continue\r\n\r\n" + ok(b"{}")

@@ -266,6 +266,38 @@ def test_a_4xx_with_retry_after_is_letta_unavailable_for_that_long():
     assert refused.value.status == 409
 
 
+@pytest.mark.parametrize("header, wait", [("0", 1.0), ("Thu, 01 Jan 1970 00:00:00 GMT", 1.0),
+                                          ("9" * 400, 600.0),
+                                          ("Fri, 31 Dec 9999 23:59:59 GMT", 600.0)],
+                         ids=["zero", "past date", "huge", "far date"])
+def test_retry_after_is_kept_within_bounds(header: str, wait: float):
+    """0 (or a past date) had the run sent again as fast as Letta answered; a far one paused
+    the poller, every run's polling with it, until a restart."""
+    with pytest.raises(LettaUnavailable) as e:
+        LettaClient._answered(Answer(429, {"retry-after": header}, b'{"detail": "slow"}'))
+    assert e.value.retry_after == wait
+
+
+@pytest.mark.parametrize("status", [301, 307, 308, 408, 425])
+def test_a_redirect_or_request_timeout_is_not_a_refusal(status: int):
+    """A proxy redirecting http to https, a server's parting 408 read as the answer to the
+    request just written: neither processed the request, and each rejected the message."""
+    answer = Answer(status, {"location": "https://letta.example/v1/x"}, b"")
+    with pytest.raises(LettaUnavailable) as e:
+        LettaClient._answered(answer)
+    assert e.value.sent is False
+
+
+@pytest.mark.parametrize("body", [b"", b"<html>ok</html>", b"\x1f\x8b\x08\x00gzipped"])
+def test_a_2xx_that_is_not_json_is_not_an_answer(body: bytes):
+    """A proxy's page, a gzipped body or nothing was returned as data: a send's answer was
+    read as a run without an id, a listing as a dict whose keys were runs."""
+    with pytest.raises(LettaUnavailable) as e:
+        LettaClient._answered(Answer(200, {}, body))
+    assert (e.value.sent, e.value.answered) == (True, False)
+    assert LettaClient._answered(Answer(200, {}, b'{"id": "run-1"}')) == {"id": "run-1"}
+
+
 @pytest.mark.parametrize("committed", [True, False], ids=["committed", "not committed"])
 async def test_a_database_lock_at_submit_is_retried_not_rejected(start_tracker, sim, agent,
                                                                  committed):
@@ -333,3 +365,24 @@ async def test_the_run_messages_cursors_bound_the_sequence_whatever_the_order(si
     assert await page(order="desc", after=ids[0], before=ids[3]) == [ids[2], ids[1]]
     assert await page(order="asc", after=ids[0], limit="2") == [ids[1], ids[2]]
     assert await page(order="asc", before=ids[3]) == ids[:3]
+
+
+async def test_a_messages_cursor_that_does_not_move_ends_the_paging(aiohttp_server, small_pages):
+    """A Letta (or proxy) that ignores `after` answers the same full page each time: the
+    paging went on for ever, its list growing."""
+    asked = []
+
+    async def messages(request: web.Request) -> web.Response:
+        asked.append(request.query.get("after"))
+        return web.json_response([{"id": f"message-{i}"} for i in range(PAGE)])
+
+    app = web.Application()
+    app.router.add_get("/v1/runs/{run_id}/messages", messages)
+    server = await aiohttp_server(app)
+    client = LettaClient(str(server.make_url("")).rstrip("/"))
+    await client.start()
+    try:
+        got = await asyncio.wait_for(client.run_messages("run-1"), 5)
+    finally:
+        await client.close()
+    assert len(asked) == 2 and len(got) == 2 * PAGE

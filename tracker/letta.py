@@ -17,16 +17,26 @@ TERMINAL_FILTER = [("statuses", "completed"), ("statuses", "failed"), ("statuses
 PAGE = 1000
 #: statuses a gateway in front of Letta answers with, on its own (see _answered)
 GATEWAY = frozenset({502, 503, 504})
+#: statuses that say the request was not processed, to be made again as it was: a redirect
+#: (a proxy sending http to https: followed by nobody here), Request Timeout (a server's
+#: parting 408 on an idle connection, read as the answer to the request just written), Too
+#: Early. Refusals, they rejected every message for good
+NOT_PROCESSED = frozenset({*range(300, 400), 408, 425})
+#: a Retry-After is kept within these (seconds): 0, or a date in the past, had runs sent
+#: again as fast as Letta answered, and a far one (a year, a 400-digit number) paused the
+#: poller, every run's polling with it, until a restart
+RETRY_AFTER_MIN_S, RETRY_AFTER_MAX_S = 1.0, 600.0
 #: the sort key of Letta's run listings, for a run without created_at (none seen)
 _NEVER = datetime.min.replace(tzinfo=UTC)
 
 
-def _decode(raw: bytes) -> Any:
+def _decode(raw: bytes) -> tuple[Any, bool]:
+    """The body's JSON, and whether it was JSON (else its text as FastAPI's ``detail``)."""
     # not orjson: it reads an integer past 64 bits as a float, silently
     try:
-        return json.loads(raw) if raw else None
+        return (json.loads(raw), True) if raw else (None, False)
     except ValueError:
-        return {"detail": raw.decode(errors="replace")}
+        return {"detail": raw.decode(errors="replace")}, False
 
 
 def _lettas(raw: bytes) -> bool:
@@ -96,9 +106,20 @@ class LettaClient:
 
     @staticmethod
     def _answered(answer: Answer) -> Any:
-        data = _decode(answer.body)
+        data, is_json = _decode(answer.body)
         if answer.status < 300:
+            if not is_json:
+                # a proxy's page (HTML, or gzipped) or nothing: not Letta's answer, whose
+                # every 2xx is JSON. Returned as data, a send's was read as a run without an id
+                text = shorten(answer.body.decode(errors="replace"), 120)
+                raise LettaUnavailable(f"Letta's address answered {answer.status} without"
+                                       f" JSON: {text!r}", sent=True, answered=False)
             return data
+        if answer.status in NOT_PROCESSED:
+            where = answer.headers.get("location")
+            raise LettaUnavailable(f"Letta's address answered {answer.status}"
+                                   + (f" (to {where}; check letta.base_url)" if where else ""),
+                                   sent=False)
         if answer.status == 404 and not _lettas(answer.body):
             # not Letta's "not found" (always FastAPI's JSON detail): a proxy's page for a
             # Letta it has no route to now (a restart behind Traefik, say). Taken as Letta's,
@@ -116,6 +137,8 @@ class LettaClient:
             # Letta's 409 for a database lock or deadlock, met anywhere in the request,
             # perhaps after the run was committed
             wait = clock.parse_retry_after(retry_after, clock.now())
+            if wait is not None:
+                wait = min(max(wait, RETRY_AFTER_MIN_S), RETRY_AFTER_MAX_S)
             # a 502, 503 or 504 is often a gateway's, answering for a Letta still at work on
             # the request (its own timeout shorter than ours): no answer from Letta itself
             raise LettaUnavailable(f"Letta answered {answer.status}: {detail}", wait,
@@ -196,8 +219,8 @@ class LettaClient:
             # dropped from a page that holds its call (to_letta_messages_from_list): a full
             # page of rows lists from half as many messages on (each dropped row's call lists
             # one at least). Shorter than that, the page was the last
-            if len(page) < PAGE // 2:
-                return out
+            if len(page) < PAGE // 2 or page[-1]["id"] == after:
+                return out  # (the second: a cursor that did not move, paged for ever)
             after = page[-1]["id"]
 
     async def has_messages(self, run_id: str) -> bool:

@@ -98,9 +98,9 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         if self.pending is None or self.pending.done():
             return
-        if self._head_done and not self._framed:
+        if self._head_done and not self._framed and exc is None:
             self._finish(keep_alive=False)  # a body without a length ends with the connection
-        else:
+        else:  # a reset mid-body too: the body was cut short, not ended
             self._fail("Letta closed the connection" + (f": {exc}" if exc else ""))
 
     # --- httptools' callbacks -----------------------------------------------------------
@@ -152,8 +152,10 @@ class HttpPool:
         self._ssl = (ssl_context or ssl.create_default_context()) if url.scheme == "https" \
             else None
         self._prefix = url.path.rstrip("/")
+        # Accept-Encoding said: none means any to HTTP, and a proxy may then gzip what this
+        # client does not unpack
         fixed = {"Host": url.netloc.rpartition("@")[2], "User-Agent": f"tracker/{__version__}",
-                 **(headers or {})}
+                 "Accept-Encoding": "identity", **(headers or {})}
         self._fixed = "".join(f"{k}: {v}\r\n" for k, v in fixed.items()).encode("latin-1")
         self._timeout_s = timeout_s
         self._slots = asyncio.Semaphore(limit)
