@@ -331,15 +331,7 @@ async def test_a_page_letta_lists_short_of_its_stored_rows_is_not_the_last(aioht
         shown = [r for i, r in enumerate(page) if not (i and int(r[-1]) % 2)]
         return web.json_response([{"id": r} for r in shown])
 
-    app = web.Application()
-    app.router.add_get("/v1/runs/{run_id}/messages", messages)
-    server = await aiohttp_server(app)
-    client = LettaClient(str(server.make_url("")).rstrip("/"))
-    await client.start()
-    try:
-        got = [m["id"] for m in await client.run_messages("run-1")]
-    finally:
-        await client.close()
+    got = [m["id"] for m in await messages_from(aiohttp_server, messages)]
     # each page's rows but the returns whose calls it holds: pages 0-2, 3-5, 5-7, 7-9, 9
     assert got == [f"message-{i}" for i in (0, 2, 3, 4, 5, 6, 7, 8, 9)]
 
@@ -376,13 +368,18 @@ async def test_a_messages_cursor_that_does_not_move_ends_the_paging(aiohttp_serv
         asked.append(request.query.get("after"))
         return web.json_response([{"id": f"message-{i}"} for i in range(PAGE)])
 
+    got = await messages_from(aiohttp_server, messages)
+    assert len(asked) == 2 and len(got) == 2 * PAGE
+
+
+async def messages_from(aiohttp_server, handler) -> list[dict]:
+    """``LettaClient.run_messages`` of a Letta whose messages route is ``handler``."""
     app = web.Application()
-    app.router.add_get("/v1/runs/{run_id}/messages", messages)
+    app.router.add_get("/v1/runs/{run_id}/messages", handler)
     server = await aiohttp_server(app)
     client = LettaClient(str(server.make_url("")).rstrip("/"))
     await client.start()
     try:
-        got = await asyncio.wait_for(client.run_messages("run-1"), 5)
+        return await asyncio.wait_for(client.run_messages("run-1"), 5)
     finally:
         await client.close()
-    assert len(asked) == 2 and len(got) == 2 * PAGE
