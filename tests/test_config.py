@@ -182,3 +182,13 @@ def test_start_up_warns_of_a_configuration_likely_not_meant(env: dict[str, str],
 def test_no_warning_for_what_is_meant(env: dict[str, str]):
     cfg = load_config(None, environ={f"TRACKER_{k}": v for k, v in env.items()})
     assert config_warnings(cfg) == []
+
+
+def test_an_environment_name_with_one_underscore_after_its_section_is_refused():
+    """TRACKER_POLLING_GRACE_S (one underscore) was ignored in silence, the default in force;
+    the CLI's own names (TRACKER_URL, TRACKER_API_KEY) are left alone."""
+    assert refused(POLLING_GRACE_S="5") == (
+        "environment variable TRACKER_POLLING_GRACE_S: a section and its key are joined by two"
+        " underscores: TRACKER_POLLING__GRACE_S")
+    assert load_config(None, environ={"TRACKER_URL": "http://x", "TRACKER_API_KEY": "tk_x",
+                                      "TRACKER_SHARED_DIR": "/x"})

@@ -278,6 +278,17 @@ def test_retry_after_is_kept_within_bounds(header: str, wait: float):
     assert e.value.retry_after == wait
 
 
+@pytest.mark.parametrize("body, answered", [(b'{"detail": "boom"}', True),
+                                            (b"<html>500 Internal Server Error</html>", False)],
+                         ids=["letta's", "a proxy's"])
+def test_a_5xx_is_lettas_answer_only_in_lettas_words(body: bytes, answered: bool):
+    """A proxy's own 500 page counted as Letta's answer: the run was looked up after a second,
+    where Letta, still at work on the request behind the proxy, may create it later."""
+    with pytest.raises(LettaUnavailable) as e:
+        LettaClient._answered(Answer(500, {}, body))
+    assert (e.value.sent, e.value.answered) == (True, answered)
+
+
 @pytest.mark.parametrize("status", [301, 307, 308, 408, 425])
 def test_a_redirect_or_request_timeout_is_not_a_refusal(status: int):
     """A proxy redirecting http to https, a server's parting 408 read as the answer to the

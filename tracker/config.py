@@ -283,7 +283,18 @@ def _env_value(raw: str) -> Any:
 
 def _apply_env(data: dict[str, Any], environ: dict[str, str]) -> None:
     for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX) or "__" not in name:
+        if not name.startswith(ENV_PREFIX):
+            continue
+        if "__" not in name:
+            # a section's name and one underscore (TRACKER_POLLING_GRACE_S) was ignored in
+            # silence; other TRACKER_ names (TRACKER_URL, TRACKER_API_KEY) are the CLI's
+            section = next((sec for sec in Config.model_fields
+                            if name[len(ENV_PREFIX):].lower().startswith(sec + "_")), None)
+            if section:
+                rest = name[len(ENV_PREFIX) + len(section) + 1:]
+                raise ConfigError(f"environment variable {name}: a section and its key are"
+                                  f" joined by two underscores: {ENV_PREFIX}"
+                                  f"{section.upper()}__{rest}")
             continue
         section, _, key = name[len(ENV_PREFIX) :].lower().partition("__")
         value = raw if key in ("api_key", "secret", "url", "base_url") else _env_value(raw)

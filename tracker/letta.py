@@ -140,9 +140,11 @@ class LettaClient:
             if wait is not None:
                 wait = min(max(wait, RETRY_AFTER_MIN_S), RETRY_AFTER_MAX_S)
             # a 502, 503 or 504 is often a gateway's, answering for a Letta still at work on
-            # the request (its own timeout shorter than ours): no answer from Letta itself
+            # the request (its own timeout shorter than ours): no answer from Letta itself;
+            # nor is any error whose body is not Letta's JSON (a proxy's HTML 500 page)
             raise LettaUnavailable(f"Letta answered {answer.status}: {detail}", wait,
-                                   sent=not refused, answered=answer.status not in GATEWAY)
+                                   sent=not refused,
+                                   answered=answer.status not in GATEWAY and _lettas(answer.body))
         if answer.status == 404:
             raise NotFound(detail)
         raise LettaError(answer.status, detail)
