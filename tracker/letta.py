@@ -39,13 +39,15 @@ def _decode(raw: bytes) -> tuple[Any, bool]:
         return {"detail": raw.decode(errors="replace")}, False
 
 
-def _lettas(raw: bytes) -> bool:
-    """Whether an error's body is Letta's own: JSON with a ``detail`` (FastAPI's shape)."""
-    try:
-        data = json.loads(raw)
-    except ValueError:
-        return False
-    return isinstance(data, dict) and "detail" in data
+def _lettas(data: Any, is_json: bool) -> bool:
+    """Whether an error's body (as ``_decode`` read it) is Letta's own: JSON with a
+    ``detail`` (FastAPI's shape)."""
+    return is_json and isinstance(data, dict) and "detail" in data
+
+
+def _excerpt(raw: bytes) -> str:
+    """The start of a body that is not Letta's, for the error that tells of it."""
+    return shorten(raw.decode(errors="replace"), 120)
 
 
 def _beyond(run: dict, last: dict, ascending: bool) -> bool:
@@ -111,22 +113,22 @@ class LettaClient:
             if not is_json:
                 # a proxy's page (HTML, or gzipped) or nothing: not Letta's answer, whose
                 # every 2xx is JSON. Returned as data, a send's was read as a run without an id
-                text = shorten(answer.body.decode(errors="replace"), 120)
                 raise LettaUnavailable(f"Letta's address answered {answer.status} without"
-                                       f" JSON: {text!r}", sent=True, answered=False)
+                                       f" JSON: {_excerpt(answer.body)!r}", sent=True,
+                                       answered=False)
             return data
         if answer.status in NOT_PROCESSED:
             where = answer.headers.get("location")
             raise LettaUnavailable(f"Letta's address answered {answer.status}"
                                    + (f" (to {where}; check letta.base_url)" if where else ""),
                                    sent=False)
-        if answer.status == 404 and not _lettas(answer.body):
+        lettas = _lettas(data, is_json)
+        if answer.status == 404 and not lettas:
             # not Letta's "not found" (always FastAPI's JSON detail): a proxy's page for a
             # Letta it has no route to now (a restart behind Traefik, say). Taken as Letta's,
             # every run polled meanwhile was given up as lost and every message sent refused
             raise LettaUnavailable(f"Letta's address answered 404 not as Letta does: "
-                                   f"{shorten(answer.body.decode(errors='replace'), 120)}",
-                                   sent=True, answered=False)
+                                   f"{_excerpt(answer.body)}", sent=True, answered=False)
         detail = data.get("detail", data) if isinstance(data, dict) else data
         retry_after = answer.headers.get("retry-after")
         # refused at the door, before any work: a 429, or a 401 for our key (a rotation, a
@@ -144,7 +146,7 @@ class LettaClient:
             # nor is any error whose body is not Letta's JSON (a proxy's HTML 500 page)
             raise LettaUnavailable(f"Letta answered {answer.status}: {detail}", wait,
                                    sent=not refused,
-                                   answered=answer.status not in GATEWAY and _lettas(answer.body))
+                                   answered=answer.status not in GATEWAY and lettas)
         if answer.status == 404:
             raise NotFound(detail)
         raise LettaError(answer.status, detail)

@@ -138,7 +138,7 @@ class SQLiteStore(RunReads, CallbackInbox, Accounts, Deliveries, GroupCommit):
         lane when nothing of its agent is in flight or queued (a pause lets only answers by)."""
         if parallel:  # no lanes, but an answer waits out another user's pause (_answers)
             return new.kind != "answer" or not db.execute(
-                _OTHERS_PAUSE, (new.agent_id, new.user_id)).fetchall()
+                _OTHERS_PAUSE_OF_NEW, (new.agent_id, new.user_id)).fetchall()
         live, states = live_runs((*LANE_BUSY, State.PAUSED))
         held = db.execute(f"SELECT state, user_id FROM {live} AND agent_id = ?",
                           (*states, new.agent_id)).fetchall()
@@ -374,11 +374,12 @@ class SQLiteStore(RunReads, CallbackInbox, Accounts, Deliveries, GroupCommit):
         return deleted
 
 
-#: whether another user's run of the agent is paused (an answer waits it out: _answers)
-_OTHERS_PAUSE = ("SELECT 1 FROM runs WHERE agent_id = ?"
-                 " AND state = 'paused' AND user_id != ? LIMIT 1")
-_OTHERS_PAUSE_OF_ROW = ("SELECT 1 FROM runs AS p WHERE p.agent_id = runs.agent_id"
-                        " AND p.state = 'paused' AND p.user_id != runs.user_id")
+#: whether another user's run of the agent is paused (an answer waits it out: _answers), for
+#: a run about to be inserted (its agent and user as parameters) or for a row of ``runs``
+_OTHERS_PAUSE = ("SELECT 1 FROM runs AS p WHERE p.agent_id = {agent}"
+                 " AND p.state = 'paused' AND p.user_id != {user} LIMIT 1")
+_OTHERS_PAUSE_OF_NEW = _OTHERS_PAUSE.format(agent="?", user="?")
+_OTHERS_PAUSE_OF_ROW = _OTHERS_PAUSE.format(agent="runs.agent_id", user="runs.user_id")
 
 
 def _answers(kind: str, user_id: str, held: list) -> bool:
